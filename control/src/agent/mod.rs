@@ -1,0 +1,451 @@
+//! The per-node agent: owns the store, runs the state source, reconciles the dataplane
+//! with the store, and serves the local API. The one place where control meets
+//! mechanism: everything it decides comes from [`crate::reconcile`] and
+//! [`crate::ipam`]; everything it changes goes through `meshd_dataplane`.
+
+mod handlers;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use meshd_dataplane::{
+    ebpf::SocketPrograms,
+    overlay::{self, KernelVxlan, VXLAN_OVERHEAD},
+    proxy::Proxy,
+};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::watch,
+};
+
+use crate::{
+    ipam,
+    model::{BlockClaim, Endpoint, Key, Network, Node, Object},
+    reconcile::{self, Dataplane, Op},
+    source::{push, Replica, Snapshot},
+    store::Store,
+    Error, Result,
+};
+
+/// A peer not heard from for this long is shown as unreachable.
+pub const ALIVE_WINDOW: Duration = Duration::from_secs(5);
+
+/// How long attach waits for this node's overlay and address block.
+pub const ATTACH_WAIT: Duration = Duration::from_secs(10);
+
+/// The agent's configuration, from `meshd`'s flags.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This node's unique name.
+    pub node_name: String,
+    /// This node's underlay address: VTEP, and where peers reach its control port.
+    pub advertise_addr: Ipv4Addr,
+    /// Control-plane addresses of members to join through.
+    pub join: Vec<SocketAddr>,
+    /// Port of the control plane (state exchange).
+    pub control_port: u16,
+    /// Where the store is persisted.
+    pub state_dir: PathBuf,
+    /// Path of the local API socket.
+    pub api_socket: PathBuf,
+    /// cgroup v2 directory the socket programs attach to.
+    pub cgroup: PathBuf,
+    /// Leave links and entries in place on shutdown.
+    pub keep_datapath: bool,
+}
+
+impl AgentConfig {
+    /// Checks what can be checked before anything starts.
+    pub fn validate(&self) -> Result<()> {
+        handlers::check_name("node", &self.node_name)?;
+        if self.advertise_addr.is_unspecified() {
+            return Err(Error::invalid("--advertise-addr must be this node's own address, not 0.0.0.0"));
+        }
+        Ok(())
+    }
+}
+
+/// What the store side of the agent tracks (guarded by one sync mutex: held briefly,
+/// never across an await).
+#[derive(Default)]
+struct Cluster {
+    store: Store,
+    /// When each peer last completed an exchange with us (time our snapshot was taken).
+    last_exchange: HashMap<String, Instant>,
+    /// When this node made each of its not-yet-confirmed block claims, by store key.
+    claimed_at: HashMap<String, Instant>,
+    /// Addresses handed out by an attach in progress, not yet in the store.
+    reserved: HashSet<Ipv4Addr>,
+}
+
+/// What the dataplane side tracks (guarded by an async mutex: held across netlink calls).
+#[derive(Default)]
+struct Plane {
+    applied: Dataplane,
+    proxy: Proxy,
+    /// The last error of each failing operation, shown by `meshctl status`.
+    errors: BTreeMap<String, String>,
+}
+
+/// One node's agent.
+pub struct Agent {
+    cfg: AgentConfig,
+    mtu: u32,
+    overlay: KernelVxlan,
+    programs: Mutex<Option<SocketPrograms>>,
+    cluster: Mutex<Cluster>,
+    plane: tokio::sync::Mutex<Plane>,
+    changes: watch::Sender<u64>,
+    started: Instant,
+}
+
+impl Agent {
+    /// Loads the persisted store, loads the kernel programs and prepares the agent.
+    pub async fn new(cfg: AgentConfig) -> Result<Arc<Agent>> {
+        cfg.validate()?;
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|e| Error::io(format!("creating --state-dir {}", cfg.state_dir.display()), e))?;
+        let mut store = load_store(&cfg)?;
+        let node = Node { name: cfg.node_name.clone(), addr: cfg.advertise_addr };
+        store.put(&cfg.node_name, Object::Node(node));
+        let mtu = overlay::underlay_mtu(cfg.advertise_addr).await? - VXLAN_OVERHEAD;
+        let programs = SocketPrograms::attach(cfg.cgroup.clone())?;
+        let agent = Agent {
+            overlay: KernelVxlan { local_vtep: cfg.advertise_addr },
+            mtu,
+            programs: Mutex::new(Some(programs)),
+            cluster: Mutex::new(Cluster { store, ..Default::default() }),
+            plane: Default::default(),
+            changes: watch::channel(0).0,
+            started: Instant::now(),
+            cfg,
+        };
+        Ok(Arc::new(agent))
+    }
+
+    /// Serves the control port and the API and keeps the dataplane reconciled, until
+    /// `shutdown` resolves; then cleans up.
+    pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        let control_addr = SocketAddr::from((self.cfg.advertise_addr, self.cfg.control_port));
+        let control = TcpListener::bind(control_addr)
+            .await
+            .map_err(|e| Error::io(format!("listening on control port {control_addr} (is another meshd running here?)"), e))?;
+        let api = bind_api_socket(&self.cfg.api_socket).await?;
+        tracing::info!(node = %self.cfg.node_name, %control_addr, api = %self.cfg.api_socket.display(), "meshd running");
+
+        let replica: Arc<dyn Replica> = self.clone();
+        let tasks = [
+            tokio::spawn(push::serve(control, replica.clone())),
+            tokio::spawn(push::push_loop(replica)),
+            tokio::spawn(self.clone().reconcile_loop()),
+            tokio::spawn(handlers::serve_api(api, self.clone())),
+        ];
+        shutdown.await;
+        tracing::info!("shutting down");
+        for task in &tasks {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(&self.cfg.api_socket);
+        self.teardown().await;
+        Ok(())
+    }
+
+    async fn teardown(&self) {
+        let mut plane = self.plane.lock().await;
+        let applied = std::mem::take(&mut plane.applied);
+        for (proto, port) in applied.listeners.keys() {
+            plane.proxy.unpublish(*proto, *port);
+        }
+        if self.cfg.keep_datapath {
+            tracing::info!("keeping overlay links and entries (--keep-datapath)");
+        } else {
+            for host_if in applied.local_tasks.keys() {
+                log_failure("removing task link", self.overlay.detach_task(host_if).await);
+            }
+            for vni in applied.overlays.keys() {
+                log_failure("removing overlay", self.overlay.remove_network(*vni).await);
+            }
+        }
+        // Dropping the programs closes their links: the cgroup hooks detach.
+        drop(self.programs.lock().expect("programs lock").take());
+    }
+
+    fn cluster(&self) -> MutexGuard<'_, Cluster> {
+        self.cluster.lock().expect("cluster lock poisoned")
+    }
+
+    /// Signals a local store change to the reconciler and the state source.
+    fn changed(&self) {
+        self.changes.send_modify(|g| *g += 1);
+    }
+
+    /// Applies `f` to the store; signals a change if it returns true.
+    fn write(&self, f: impl FnOnce(&mut Store, &str) -> bool) -> bool {
+        let out = f(&mut self.cluster().store, &self.cfg.node_name);
+        if out {
+            self.changed();
+        }
+        out
+    }
+
+    async fn reconcile_loop(self: Arc<Self>) {
+        let mut changes = self.changes.subscribe();
+        loop {
+            self.reconcile().await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+        }
+    }
+
+    /// Brings this node's own addresses and the dataplane in line with the store.
+    async fn reconcile(&self) {
+        self.ensure_node_addresses();
+        let store = self.cluster().store.clone();
+        let want = reconcile::desired(&store, &self.cfg.node_name, self.mtu);
+        let mut plane = self.plane.lock().await;
+        for op in reconcile::plan(&plane.applied, &want) {
+            let key = op_key(&op);
+            match self.apply(&mut plane, &op).await {
+                Ok(()) => {
+                    plane.applied.record(&op);
+                    plane.errors.remove(&key);
+                }
+                Err(error) => {
+                    let message = error.to_string();
+                    if plane.errors.get(&key) != Some(&message) {
+                        tracing::warn!(op = %key, %message, "dataplane operation failed; will retry");
+                    }
+                    if let (Op::EnsureTask(link), meshd_dataplane::Error::NoNetns { .. }) = (&op, &error) {
+                        self.forget_vanished_task(&link.host_if);
+                    }
+                    plane.errors.insert(key, message);
+                }
+            }
+        }
+        drop(plane);
+        if let Err(error) = save_store(&self.cfg, &store) {
+            tracing::warn!(%error, "could not persist the store");
+        }
+    }
+
+    async fn apply(&self, plane: &mut Plane, op: &Op) -> meshd_dataplane::Result<()> {
+        match op {
+            Op::EnsureOverlay(spec) => self.overlay.ensure_network(spec).await,
+            Op::RemoveOverlay(vni) => self.overlay.remove_network(*vni).await,
+            Op::AddPeer(peer) => self.overlay.add_peer(peer).await,
+            Op::RemovePeer(peer) => self.overlay.remove_peer(peer).await,
+            Op::EnsureTask(link) => self.overlay.attach_task(link).await,
+            Op::DetachTask(host_if) => self.overlay.detach_task(host_if).await,
+            Op::Listen { proto, port, backends } => plane.proxy.publish(*proto, *port, backends.clone()).await,
+            Op::Unlisten { proto, port } => {
+                plane.proxy.unpublish(*proto, *port);
+                Ok(())
+            }
+        }
+    }
+
+    /// A local task whose namespace disappeared is no task any more.
+    fn forget_vanished_task(&self, host_if: &str) {
+        self.write(|store, me| {
+            let gone: Vec<_> = store
+                .endpoints()
+                .filter(|e| e.node == me && e.host_if.as_deref() == Some(host_if))
+                .map(|e| Key::endpoint(&e.id))
+                .collect();
+            gone.iter().fold(false, |changed, key| store.delete(me, key) | changed)
+        });
+    }
+
+    /// Gives this node an address on every network it does not have one on yet.
+    fn ensure_node_addresses(&self) {
+        let me = self.cfg.node_name.clone();
+        let networks: Vec<Network> = self.cluster().store.networks().cloned().collect();
+        for net in networks {
+            let id = Endpoint::node_id(&me, &net.name);
+            if self.cluster().store.get(&Key::endpoint(&id)).is_some() {
+                continue;
+            }
+            if let Ok(Some(ip)) = self.allocate(&net) {
+                let endpoint = Endpoint {
+                    id,
+                    service: None,
+                    network: net.name.clone(),
+                    node: me.clone(),
+                    ip,
+                    mac: ipam::mac_for_ip(ip),
+                    vtep: self.cfg.advertise_addr,
+                    host_if: None,
+                    netns: None,
+                };
+                self.write(|store, me| store.put(me, Object::Endpoint(endpoint)));
+                self.cluster().reserved.remove(&ip);
+            }
+        }
+    }
+
+    /// Reserves a free address on `net` from a confirmed block of this node's, claiming
+    /// a new block when needed. `Ok(None)`: a claim is waiting for confirmation.
+    fn allocate(&self, net: &Network) -> Result<Option<Ipv4Addr>> {
+        let me = &self.cfg.node_name;
+        let mut cluster = self.cluster();
+        let now = Instant::now();
+        let alive: Vec<Instant> = cluster
+            .store
+            .nodes()
+            .filter(|n| &n.name != me)
+            .filter_map(|n| cluster.last_exchange.get(&n.name).copied())
+            .filter(|t| now.duration_since(*t) < ALIVE_WINDOW)
+            .collect();
+        let confirmed = |key: &str, cluster: &Cluster| match cluster.claimed_at.get(key) {
+            None => true,
+            Some(at) => alive.iter().all(|seen| seen >= at),
+        };
+        let mine: Vec<&BlockClaim> =
+            cluster.store.claims().filter(|c| c.network == net.name && &c.node == me).collect();
+        let owned: Vec<u32> =
+            mine.iter().filter(|c| confirmed(&Key::block(&c.network, c.index), &cluster)).map(|c| c.index).collect();
+        let pending = owned.len() < mine.len();
+        let used: HashSet<Ipv4Addr> = cluster
+            .store
+            .endpoints()
+            .filter(|e| e.network == net.name)
+            .map(|e| e.ip)
+            .chain(cluster.reserved.iter().copied())
+            .collect();
+        if let Some(ip) = ipam::allocate(net.subnet, &owned, &used) {
+            cluster.reserved.insert(ip);
+            return Ok(Some(ip));
+        }
+        if pending {
+            return Ok(None);
+        }
+        let claimed: HashSet<u32> = cluster.store.claims().filter(|c| c.network == net.name).map(|c| c.index).collect();
+        let Some(index) = ipam::next_free_block(me, ipam::block_count(net.subnet), &claimed) else {
+            return Err(Error::invalid(format!(
+                "network {} ({}) has no free addresses left; detach tasks or create a network with a larger subnet",
+                net.name, net.subnet
+            )));
+        };
+        let claim = BlockClaim { network: net.name.clone(), index, node: me.clone() };
+        cluster.claimed_at.insert(Key::block(&net.name, index), now);
+        cluster.store.put_claim(claim);
+        drop(cluster);
+        self.changed();
+        Ok(None)
+    }
+}
+
+impl Replica for Agent {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot { node: self.cfg.node_name.clone(), store: self.cluster().store.clone() }
+    }
+
+    fn absorb(&self, theirs: Snapshot, sent_at: Instant) {
+        if theirs.node == self.cfg.node_name {
+            return;
+        }
+        let mut cluster = self.cluster();
+        let seen = cluster.last_exchange.entry(theirs.node).or_insert(sent_at);
+        *seen = (*seen).max(sent_at);
+        let changed = cluster.store.merge(&theirs.store);
+        drop(cluster);
+        if changed {
+            self.changed();
+        }
+    }
+
+    fn peers(&self) -> Vec<SocketAddr> {
+        let cluster = self.cluster();
+        let own = SocketAddr::from((self.cfg.advertise_addr, self.cfg.control_port));
+        let mut peers: Vec<SocketAddr> = cluster
+            .store
+            .nodes()
+            .map(|n| SocketAddr::from((n.addr, self.cfg.control_port)))
+            .chain(self.cfg.join.iter().copied())
+            .filter(|a| *a != own)
+            .collect();
+        peers.sort();
+        peers.dedup();
+        peers
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+fn op_key(op: &Op) -> String {
+    match op {
+        Op::EnsureOverlay(s) => format!("overlay {}", s.vni),
+        Op::RemoveOverlay(vni) => format!("overlay {vni}"),
+        Op::AddPeer(p) | Op::RemovePeer(p) => format!("peer {} on {}", p.ip, p.vni),
+        Op::EnsureTask(l) => format!("task link {}", l.host_if),
+        Op::DetachTask(h) => format!("task link {h}"),
+        Op::Listen { proto, port, .. } | Op::Unlisten { proto, port } => format!("published port {port}/{proto}"),
+    }
+}
+
+fn log_failure(what: &str, result: meshd_dataplane::Result<()>) {
+    if let Err(error) = result {
+        tracing::warn!(%error, "{what}");
+    }
+}
+
+fn state_file(cfg: &AgentConfig) -> PathBuf {
+    cfg.state_dir.join("store.json")
+}
+
+fn load_store(cfg: &AgentConfig) -> Result<Store> {
+    let path = state_file(cfg);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            Error::invalid(format!("{} is not a meshd store ({e}); move it away to start with an empty one", path.display()))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Store::default()),
+        Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+    }
+}
+
+fn save_store(cfg: &AgentConfig, store: &Store) -> Result<()> {
+    let path = state_file(cfg);
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec(store).expect("stores always serialize");
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("replacing {}", path.display()), e))
+}
+
+async fn bind_api_socket(path: &std::path::Path) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(Error::invalid(format!(
+                "another meshd already serves {}; stop it or pass another --api-socket",
+                path.display()
+            )));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path).map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(format!("chmod 0600 {}", path.display()), e))?;
+    Ok(listener)
+}
+
+impl Agent {
+    fn programs_status(&self) -> Vec<meshd_dataplane::ebpf::ProgramStatus> {
+        match self.programs.lock().expect("programs lock").as_ref().map(SocketPrograms::status) {
+            Some(Ok(status)) => status,
+            Some(Err(error)) => {
+                tracing::warn!(%error, "reading program status");
+                Vec::new()
+            }
+            None => Vec::new(),
+        }
+    }
+}

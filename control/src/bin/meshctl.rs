@@ -1,0 +1,223 @@
+//! `meshctl`: the command line for the local meshd.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use meshd_control::{
+    api::{call, Request, Response, DEFAULT_SOCKET},
+    model::EndpointMode,
+    spec::{PortSpec, PublishedSpec},
+};
+use serde_json::Value;
+
+/// meshctl — manage networks, services, tasks and published ports through the local meshd.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// The local meshd's API socket.
+    #[arg(long, global = true, env = "MESHD_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Output format of listings.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage overlay networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Manage services.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Make an existing network namespace a task of SERVICE.
+    Attach {
+        /// The service.
+        service: String,
+        /// Path of the network namespace, e.g. /run/netns/web1.
+        #[arg(long)]
+        netns: String,
+        /// Task name [default: SERVICE.<random>].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Remove a task from its service and its interface from the namespace.
+    Detach {
+        /// The task name.
+        task: String,
+    },
+    /// Answer PUBLISHED on every node and forward to TARGET on a task of SERVICE.
+    Publish {
+        /// PUBLISHED:TARGET[/tcp|/udp], e.g. 3000:80.
+        #[arg(value_parser = clap::value_parser!(String))]
+        spec: String,
+        /// The service.
+        service: String,
+    },
+    /// Stop answering a published port.
+    Unpublish {
+        /// PUBLISHED[/tcp|/udp], e.g. 3000.
+        port: String,
+        /// The service it is published for (checked when given).
+        service: Option<String>,
+    },
+    /// Manage nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Show this node's agent: programs, overlays, published ports, errors.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum NetworkCmd {
+    /// Create an overlay network.
+    Create {
+        /// Its name.
+        name: String,
+        /// Its IPv4 subnet, e.g. 10.0.0.0/24.
+        #[arg(long)]
+        subnet: String,
+    },
+    /// List networks.
+    Ls,
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceCmd {
+    /// Create a service on a network.
+    Create {
+        /// Its name.
+        name: String,
+        /// The network its tasks attach to.
+        #[arg(long)]
+        network: String,
+        /// vip (one virtual IP) or dnsrr (DNS round-robin).
+        #[arg(long, default_value = "vip")]
+        endpoint_mode: String,
+    },
+    /// List services.
+    Ls,
+    /// List a service's tasks.
+    Ps {
+        /// The service.
+        name: String,
+    },
+    /// Show a service in full (JSON).
+    Inspect {
+        /// The service.
+        name: String,
+    },
+    /// Remove a service, its published ports and its tasks.
+    Rm {
+        /// The service.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCmd {
+    /// List the cluster's nodes.
+    Ls,
+}
+
+fn request(command: Command) -> Result<Request, String> {
+    Ok(match command {
+        Command::Network(NetworkCmd::Create { name, subnet }) => Request::NetworkCreate { name, subnet },
+        Command::Network(NetworkCmd::Ls) => Request::NetworkLs,
+        Command::Service(ServiceCmd::Create { name, network, endpoint_mode }) => {
+            Request::ServiceCreate { name, network, endpoint_mode: endpoint_mode.parse::<EndpointMode>()? }
+        }
+        Command::Service(ServiceCmd::Ls) => Request::ServiceLs,
+        Command::Service(ServiceCmd::Ps { name }) => Request::ServicePs { name },
+        Command::Service(ServiceCmd::Inspect { name }) => Request::ServiceInspect { name },
+        Command::Service(ServiceCmd::Rm { name }) => Request::ServiceRm { name },
+        Command::Attach { service, netns, name } => Request::Attach { service, netns, name },
+        Command::Detach { task } => Request::Detach { name: task },
+        Command::Publish { spec, service } => Request::Publish { spec: spec.parse::<PortSpec>()?, service },
+        Command::Unpublish { port, service } => {
+            let spec: PublishedSpec = port.parse()?;
+            Request::Unpublish { published: spec.published, proto: spec.proto, service }
+        }
+        Command::Node(NodeCmd::Ls) => Request::NodeLs,
+        Command::Status => Request::Status,
+    })
+}
+
+/// Renders rows of JSON objects as an aligned table with the given columns.
+fn table(rows: &Value, columns: &[&str]) -> String {
+    let cell = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        Value::Array(a) => a.iter().map(|x| x.as_str().map(str::to_owned).unwrap_or_else(|| x.to_string())).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    };
+    let mut grid = vec![columns.iter().map(|c| c.to_uppercase()).collect::<Vec<_>>()];
+    for row in rows.as_array().into_iter().flatten() {
+        grid.push(columns.iter().map(|c| cell(&row[*c])).collect());
+    }
+    let widths: Vec<usize> = (0..columns.len()).map(|i| grid.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    grid.iter()
+        .map(|r| {
+            r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_owned()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn render(request: &Request, result: &Value, format: Format) -> String {
+    if format == Format::Json {
+        return serde_json::to_string_pretty(result).expect("JSON values serialize");
+    }
+    match request {
+        Request::NetworkLs => table(result, &["name", "subnet", "vni", "tasks"]),
+        Request::ServiceLs => table(result, &["name", "network", "endpoint_mode", "tasks", "published"]),
+        Request::ServicePs { .. } => table(result, &["task", "node", "ip", "mac"]),
+        Request::NodeLs => table(result, &["name", "addr", "state", "last_seen_secs_ago"]),
+        Request::NetworkCreate { .. } => format!("network {} created (subnet {}, vni {})", result["name"].as_str().unwrap_or("?"), cell_str(&result["subnet"]), result["vni"]),
+        Request::ServiceCreate { name, .. } => format!("service {name} created"),
+        Request::ServiceRm { name } => format!("service {name} removed"),
+        Request::Attach { .. } => format!("task {} attached with {} on node {}", cell_str(&result["id"]), cell_str(&result["ip"]), cell_str(&result["node"])),
+        Request::Detach { name } => format!("task {name} detached"),
+        Request::Publish { spec, service } => format!("published {}:{}/{} for service {service} on every node", spec.published, spec.target, spec.proto),
+        Request::Unpublish { published, proto, .. } => format!("unpublished {published}/{proto}"),
+        Request::ServiceInspect { .. } | Request::Status => serde_json::to_string_pretty(result).expect("JSON values serialize"),
+    }
+}
+
+fn cell_str(v: &Value) -> String {
+    v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let request = match request(cli.command) {
+        Ok(r) => r,
+        Err(message) => {
+            eprintln!("meshctl: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    match call(&cli.socket, &request).await {
+        Ok(Response::Ok { ok }) => {
+            println!("{}", render(&request, &ok, cli.format));
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Err { error }) => {
+            eprintln!("meshctl: {error}");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("meshctl: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! meshd's control side: the cluster model and its replicated store, the state
+//! sources that fill it, the reconciler that turns it into dataplane operations, and
+//! the local API that `meshctl` talks to. Control decides; it never opens a netlink
+//! socket or a data socket itself — `meshd_dataplane` does.
+
+pub mod agent;
+pub mod api;
+pub mod ipam;
+pub mod model;
+pub mod reconcile;
+pub mod source;
+pub mod spec;
+pub mod store;
+
+/// Everything control can fail at. Messages name the object and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request cannot be carried out as asked.
+    #[error("{0}")]
+    Invalid(String),
+    /// A file or socket operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The dataplane refused.
+    #[error(transparent)]
+    Dataplane(#[from] meshd_dataplane::Error),
+}
+
+impl Error {
+    /// An [`Error::Invalid`] with this message.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::Invalid(message.into())
+    }
+
+    /// An [`Error::Io`] for `what`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io { what: what.into(), source }
+    }
+}
+
+/// Control's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,193 @@
+//! The cluster model: plain data for networks, services, published ports, endpoints,
+//! nodes and address-block claims. No I/O here; the store replicates these values and
+//! the reconciler turns them into dataplane operations.
+
+use std::{fmt, net::Ipv4Addr, str::FromStr};
+
+use ipnet::Ipv4Net;
+use meshd_dataplane::{overlay::MacAddr, proxy::Proto};
+use serde::{Deserialize, Serialize};
+
+/// A VXLAN network identifier.
+pub type Vni = u32;
+
+/// First VNI handed to overlay networks (Docker starts at 4096 as well).
+pub const FIRST_VNI: Vni = 4096;
+
+/// An overlay network: one L2 segment spanning every node, carried in VXLAN.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    /// Name users refer to it by.
+    pub name: String,
+    /// The address range of its tasks.
+    pub subnet: Ipv4Net,
+    /// Its VXLAN network identifier.
+    pub vni: Vni,
+}
+
+/// How a service's name resolves and where its traffic is balanced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    /// One virtual IP in front of all tasks.
+    #[default]
+    Vip,
+    /// DNS round-robin over the task IPs.
+    Dnsrr,
+}
+
+impl FromStr for EndpointMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "vip" => Ok(Self::Vip),
+            "dnsrr" => Ok(Self::Dnsrr),
+            other => Err(format!("unknown endpoint mode {other:?}: use vip or dnsrr")),
+        }
+    }
+}
+
+impl fmt::Display for EndpointMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Vip => "vip",
+            Self::Dnsrr => "dnsrr",
+        })
+    }
+}
+
+/// A service: a named set of tasks on one network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    /// Name users and DNS refer to it by.
+    pub name: String,
+    /// The network its tasks attach to.
+    pub network: String,
+    /// How its name resolves.
+    pub endpoint_mode: EndpointMode,
+}
+
+/// A port answered on every node and forwarded to one task of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPort {
+    /// The port every node listens on.
+    pub published: u16,
+    /// The port the tasks listen on.
+    pub target: u16,
+    /// Transport protocol.
+    pub proto: Proto,
+    /// The service whose tasks receive the traffic.
+    pub service: String,
+}
+
+/// An address on an overlay network: a task of a service, or a node's own interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// Unique name: the task name, or `node:<node>:<network>` for a node's address.
+    pub id: String,
+    /// The service it is a task of; `None` for a node's own address.
+    pub service: Option<String>,
+    /// The network it lives on.
+    pub network: String,
+    /// The node that hosts it.
+    pub node: String,
+    /// Its overlay address.
+    pub ip: Ipv4Addr,
+    /// Its MAC address on the overlay.
+    pub mac: MacAddr,
+    /// The underlay address of its node, where VXLAN packets for it go.
+    pub vtep: Ipv4Addr,
+    /// Host-side interface name (tasks only).
+    pub host_if: Option<String>,
+    /// Network namespace path of the task (tasks only).
+    pub netns: Option<String>,
+}
+
+impl Endpoint {
+    /// The id of a node's own address on a network.
+    pub fn node_id(node: &str, network: &str) -> String {
+        format!("node:{node}:{network}")
+    }
+}
+
+/// A member of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// Its unique name.
+    pub name: String,
+    /// Its underlay address: VTEP and control-plane address.
+    pub addr: Ipv4Addr,
+}
+
+/// A node's claim on a block of a network's addresses (see [`crate::ipam`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockClaim {
+    /// The network.
+    pub network: String,
+    /// Index of the block inside the subnet.
+    pub index: u32,
+    /// The owner.
+    pub node: String,
+}
+
+/// Every kind of object the store replicates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Object {
+    /// See [`Network`].
+    Network(Network),
+    /// See [`Service`].
+    Service(Service),
+    /// See [`PublishedPort`].
+    Published(PublishedPort),
+    /// See [`Endpoint`].
+    Endpoint(Endpoint),
+    /// See [`Node`].
+    Node(Node),
+    /// See [`BlockClaim`].
+    Block(BlockClaim),
+}
+
+impl Object {
+    /// The store key this object lives under.
+    pub fn key(&self) -> String {
+        match self {
+            Object::Network(n) => Key::network(&n.name),
+            Object::Service(s) => Key::service(&s.name),
+            Object::Published(p) => Key::published(p.proto, p.published),
+            Object::Endpoint(e) => Key::endpoint(&e.id),
+            Object::Node(n) => Key::node(&n.name),
+            Object::Block(b) => Key::block(&b.network, b.index),
+        }
+    }
+}
+
+/// Builders of store keys; the prefix before `/` is the object kind.
+pub struct Key;
+
+impl Key {
+    /// Key of a network.
+    pub fn network(name: &str) -> String {
+        format!("network/{name}")
+    }
+    /// Key of a service.
+    pub fn service(name: &str) -> String {
+        format!("service/{name}")
+    }
+    /// Key of a published port.
+    pub fn published(proto: Proto, port: u16) -> String {
+        format!("published/{proto}/{port}")
+    }
+    /// Key of an endpoint.
+    pub fn endpoint(id: &str) -> String {
+        format!("endpoint/{id}")
+    }
+    /// Key of a node.
+    pub fn node(name: &str) -> String {
+        format!("node/{name}")
+    }
+    /// Key of a block claim.
+    pub fn block(network: &str, index: u32) -> String {
+        format!("block/{network}/{index}")
+    }
+}

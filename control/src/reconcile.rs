@@ -1,0 +1,278 @@
+//! The reconciler's policy: from the store, what this node's dataplane should hold
+//! ([`desired`]), and the operations that take it from what it holds to that
+//! ([`plan`]). Pure functions; the agent executes the operations.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
+
+use meshd_dataplane::{
+    overlay::{OverlaySpec, PeerSpec, TaskLink},
+    proxy::Proto,
+};
+
+use crate::{
+    ipam::mac_for_ip,
+    model::{Endpoint, Vni},
+    store::Store,
+};
+
+/// What one node's dataplane holds (or should hold).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dataplane {
+    /// Overlay networks, by VNI.
+    pub overlays: BTreeMap<Vni, OverlaySpec>,
+    /// Remote endpoints reachable through the overlays.
+    pub peers: BTreeSet<PeerSpec>,
+    /// Local tasks' interfaces, by host-side interface name.
+    pub local_tasks: BTreeMap<String, TaskLink>,
+    /// Published-port listeners and their backends.
+    pub listeners: BTreeMap<(Proto, u16), Vec<SocketAddr>>,
+}
+
+/// One change to the dataplane.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Create or complete an overlay network.
+    EnsureOverlay(OverlaySpec),
+    /// Remove an overlay network.
+    RemoveOverlay(Vni),
+    /// Program a remote endpoint.
+    AddPeer(PeerSpec),
+    /// Forget a remote endpoint.
+    RemovePeer(PeerSpec),
+    /// Create a local task's interface (if it is missing).
+    EnsureTask(TaskLink),
+    /// Remove a local task's interface.
+    DetachTask(String),
+    /// Serve a published port with these backends (or update them).
+    Listen {
+        /// Protocol.
+        proto: Proto,
+        /// Published port.
+        port: u16,
+        /// Where connections go.
+        backends: Vec<SocketAddr>,
+    },
+    /// Stop serving a published port.
+    Unlisten {
+        /// Protocol.
+        proto: Proto,
+        /// Published port.
+        port: u16,
+    },
+}
+
+/// What `node`'s dataplane should hold given the cluster `store`; overlay devices get
+/// `mtu`.
+pub fn desired(store: &Store, node: &str, mtu: u32) -> Dataplane {
+    let mut out = Dataplane::default();
+    let own = |e: &&Endpoint| e.node == node;
+    for net in store.networks() {
+        let Some(me) = store.endpoints().filter(own).find(|e| e.id == Endpoint::node_id(node, &net.name)) else {
+            continue;
+        };
+        out.overlays.insert(
+            net.vni,
+            OverlaySpec {
+                vni: net.vni,
+                node_ip: me.ip,
+                prefix_len: net.subnet.prefix_len(),
+                node_mac: mac_for_ip(me.ip),
+                mtu,
+            },
+        );
+    }
+    for ep in store.endpoints() {
+        let Some(net) = store.network(&ep.network) else { continue };
+        if ep.node == node {
+            let (Some(host_if), Some(netns), Some(overlay)) = (&ep.host_if, &ep.netns, out.overlays.get(&net.vni))
+            else {
+                continue;
+            };
+            let link = TaskLink {
+                vni: net.vni,
+                netns: netns.into(),
+                host_if: host_if.clone(),
+                ip: ep.ip,
+                prefix_len: net.subnet.prefix_len(),
+                mac: ep.mac,
+                gateway: overlay.node_ip,
+                mtu,
+            };
+            out.local_tasks.insert(host_if.clone(), link);
+        } else if out.overlays.contains_key(&net.vni) {
+            out.peers.insert(PeerSpec { vni: net.vni, ip: ep.ip, mac: ep.mac, vtep: ep.vtep });
+        }
+    }
+    for port in store.published() {
+        if store.service(&port.service).is_none() {
+            continue;
+        }
+        let mut backends: Vec<SocketAddr> =
+            store.tasks_of(&port.service).map(|t| SocketAddr::from((t.ip, port.target))).collect();
+        backends.sort();
+        out.listeners.insert((port.proto, port.published), backends);
+    }
+    out
+}
+
+/// The operations that turn `applied` into `desired`: removals first (so a re-used
+/// address or port is free again), then additions.
+pub fn plan(applied: &Dataplane, desired: &Dataplane) -> Vec<Op> {
+    let mut ops = Vec::new();
+    ops.extend(applied.peers.difference(&desired.peers).cloned().map(Op::RemovePeer));
+    for host_if in applied.local_tasks.keys() {
+        if !desired.local_tasks.contains_key(host_if) {
+            ops.push(Op::DetachTask(host_if.clone()));
+        }
+    }
+    for &(proto, port) in applied.listeners.keys() {
+        if !desired.listeners.contains_key(&(proto, port)) {
+            ops.push(Op::Unlisten { proto, port });
+        }
+    }
+    for vni in applied.overlays.keys() {
+        if !desired.overlays.contains_key(vni) {
+            ops.push(Op::RemoveOverlay(*vni));
+        }
+    }
+    for (vni, spec) in &desired.overlays {
+        if applied.overlays.get(vni) != Some(spec) {
+            ops.push(Op::EnsureOverlay(spec.clone()));
+        }
+    }
+    ops.extend(desired.peers.difference(&applied.peers).cloned().map(Op::AddPeer));
+    for (host_if, link) in &desired.local_tasks {
+        if applied.local_tasks.get(host_if) != Some(link) {
+            ops.push(Op::EnsureTask(link.clone()));
+        }
+    }
+    for (&(proto, port), backends) in &desired.listeners {
+        if applied.listeners.get(&(proto, port)) != Some(backends) {
+            ops.push(Op::Listen { proto, port, backends: backends.clone() });
+        }
+    }
+    ops
+}
+
+impl Dataplane {
+    /// Records that `op` was applied.
+    pub fn record(&mut self, op: &Op) {
+        match op {
+            Op::EnsureOverlay(spec) => {
+                self.overlays.insert(spec.vni, spec.clone());
+            }
+            Op::RemoveOverlay(vni) => {
+                self.overlays.remove(vni);
+            }
+            Op::AddPeer(peer) => {
+                self.peers.insert(peer.clone());
+            }
+            Op::RemovePeer(peer) => {
+                self.peers.remove(peer);
+            }
+            Op::EnsureTask(link) => {
+                self.local_tasks.insert(link.host_if.clone(), link.clone());
+            }
+            Op::DetachTask(host_if) => {
+                self.local_tasks.remove(host_if);
+            }
+            Op::Listen { proto, port, backends } => {
+                self.listeners.insert((*proto, *port), backends.clone());
+            }
+            Op::Unlisten { proto, port } => {
+                self.listeners.remove(&(*proto, *port));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::model::{EndpointMode, Network, Object, PublishedPort, Service};
+
+    fn endpoint(id: &str, service: Option<&str>, node: &str, ip: [u8; 4]) -> Object {
+        let ip = Ipv4Addr::from(ip);
+        Object::Endpoint(Endpoint {
+            id: id.into(),
+            service: service.map(Into::into),
+            network: "backend".into(),
+            node: node.into(),
+            ip,
+            mac: mac_for_ip(ip),
+            vtep: Ipv4Addr::new(198, 18, 0, if node == "n1" { 11 } else { 12 }),
+            host_if: service.map(|_| format!("mv{id}")),
+            netns: service.map(|_| format!("/run/netns/{id}")),
+        })
+    }
+
+    fn cluster() -> Store {
+        let mut s = Store::default();
+        s.put("n1", Object::Network(Network { name: "backend".into(), subnet: "10.0.0.0/24".parse().unwrap(), vni: 4096 }));
+        s.put(
+            "n1",
+            Object::Service(Service { name: "web".into(), network: "backend".into(), endpoint_mode: EndpointMode::Vip }),
+        );
+        s.put("n1", endpoint(&Endpoint::node_id("n1", "backend"), None, "n1", [10, 0, 0, 1]));
+        s.put("n2", endpoint(&Endpoint::node_id("n2", "backend"), None, "n2", [10, 0, 0, 17]));
+        s.put("n2", endpoint("web.1", Some("web"), "n2", [10, 0, 0, 18]));
+        s.put("n1", endpoint("web.2", Some("web"), "n1", [10, 0, 0, 2]));
+        s.put("n1", Object::Published(PublishedPort { published: 3000, target: 80, proto: Proto::Tcp, service: "web".into() }));
+        s
+    }
+
+    #[test]
+    fn desired_has_remote_peers_local_tasks_and_all_backends() {
+        let d = desired(&cluster(), "n1", 1450);
+        assert_eq!(d.overlays[&4096].node_ip, Ipv4Addr::new(10, 0, 0, 1));
+        let peer_ips: Vec<_> = d.peers.iter().map(|p| p.ip).collect();
+        assert_eq!(peer_ips, [Ipv4Addr::new(10, 0, 0, 17), Ipv4Addr::new(10, 0, 0, 18)]);
+        assert_eq!(d.local_tasks.keys().collect::<Vec<_>>(), ["mvweb.2"]);
+        assert_eq!(d.local_tasks["mvweb.2"].gateway, Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(
+            d.listeners[&(Proto::Tcp, 3000)],
+            vec!["10.0.0.2:80".parse().unwrap(), "10.0.0.18:80".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn a_node_without_its_own_address_programs_no_overlay() {
+        let d = desired(&cluster(), "n3", 1450);
+        assert!(d.overlays.is_empty());
+        assert!(d.peers.is_empty());
+        assert_eq!(d.listeners.len(), 1);
+    }
+
+    #[test]
+    fn plan_from_empty_builds_overlay_before_peers_and_converges() {
+        let want = desired(&cluster(), "n1", 1450);
+        let ops = plan(&Dataplane::default(), &want);
+        let first_peer = ops.iter().position(|o| matches!(o, Op::AddPeer(_))).unwrap();
+        let overlay = ops.iter().position(|o| matches!(o, Op::EnsureOverlay(_))).unwrap();
+        assert!(overlay < first_peer);
+        let mut applied = Dataplane::default();
+        for op in &ops {
+            applied.record(op);
+        }
+        assert_eq!(applied, want);
+        assert!(plan(&applied, &want).is_empty());
+    }
+
+    #[test]
+    fn unpublish_and_detach_become_removals() {
+        let mut store = cluster();
+        let applied = desired(&store, "n1", 1450);
+        store.delete("n1", "published/tcp/3000");
+        store.delete("n1", "endpoint/web.2");
+        store.delete("n2", "endpoint/web.1");
+        let ops = plan(&applied, &desired(&store, "n1", 1450));
+        assert!(ops.contains(&Op::Unlisten { proto: Proto::Tcp, port: 3000 }));
+        assert!(ops.contains(&Op::DetachTask("mvweb.2".into())));
+        assert!(ops.iter().any(|o| matches!(o, Op::RemovePeer(p) if p.ip == Ipv4Addr::new(10, 0, 0, 18))));
+    }
+}

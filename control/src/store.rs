@@ -1,0 +1,241 @@
+//! The replicated cluster store: a map from key to the latest version of an object
+//! (or a tombstone). Merging two stores keeps, per key, the entry with the higher
+//! [`Version`], so any two nodes that have seen the same entries hold the same store,
+//! whatever the order they saw them in. Pure data; the state sources move it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{BlockClaim, Endpoint, Network, Node, Object, PublishedPort, Service};
+
+/// A Lamport timestamp made total by the writer's name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Version {
+    /// Lamport counter.
+    pub counter: u64,
+    /// The node that wrote it; breaks ties deterministically.
+    pub node: String,
+}
+
+/// One key's latest state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// When and by whom it was written.
+    pub version: Version,
+    /// The object, or `None` for a deletion (tombstone).
+    pub value: Option<Object>,
+}
+
+/// The whole replicated state of the cluster as one node knows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Store {
+    entries: BTreeMap<String, Entry>,
+    /// Highest counter seen; the next local write uses one more.
+    clock: u64,
+}
+
+impl Store {
+    /// Writes `object` as `node`, returning whether anything changed.
+    pub fn put(&mut self, node: &str, object: Object) -> bool {
+        let key = object.key();
+        if self.get(&key) == Some(&object) {
+            return false;
+        }
+        self.write(node, key, Some(object));
+        true
+    }
+
+    /// Writes a block claim. Claims all carry counter 0, so when two nodes claim the
+    /// same block concurrently, the merge keeps the claim of the greater node name on
+    /// every node: a deterministic winner without coordination.
+    pub fn put_claim(&mut self, claim: BlockClaim) {
+        let key = Object::Block(claim.clone()).key();
+        let version = Version { counter: 0, node: claim.node.clone() };
+        self.merge_entry(key, Entry { version, value: Some(Object::Block(claim)) });
+    }
+
+    /// Deletes `key` as `node`, leaving a tombstone; returns whether it existed.
+    pub fn delete(&mut self, node: &str, key: &str) -> bool {
+        if self.get(key).is_none() {
+            return false;
+        }
+        self.write(node, key.to_owned(), None);
+        true
+    }
+
+    fn write(&mut self, node: &str, key: String, value: Option<Object>) {
+        self.clock += 1;
+        let version = Version { counter: self.clock, node: node.to_owned() };
+        self.entries.insert(key, Entry { version, value });
+    }
+
+    /// Merges another node's store into this one; returns whether anything changed.
+    pub fn merge(&mut self, other: &Store) -> bool {
+        let mut changed = false;
+        for (key, entry) in &other.entries {
+            changed |= self.merge_entry(key.clone(), entry.clone());
+        }
+        self.clock = self.clock.max(other.clock);
+        changed
+    }
+
+    fn merge_entry(&mut self, key: String, entry: Entry) -> bool {
+        self.clock = self.clock.max(entry.version.counter);
+        match self.entries.get(&key) {
+            Some(mine) if mine.version >= entry.version => false,
+            _ => {
+                self.entries.insert(key, entry);
+                true
+            }
+        }
+    }
+
+    /// The live object under `key`.
+    pub fn get(&self, key: &str) -> Option<&Object> {
+        self.entries.get(key).and_then(|e| e.value.as_ref())
+    }
+
+    /// All live objects.
+    pub fn objects(&self) -> impl Iterator<Item = &Object> {
+        self.entries.values().filter_map(|e| e.value.as_ref())
+    }
+
+    /// Live networks, by name.
+    pub fn networks(&self) -> impl Iterator<Item = &Network> {
+        self.objects().filter_map(|o| match o {
+            Object::Network(n) => Some(n),
+            _ => None,
+        })
+    }
+
+    /// Live services, by name.
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.objects().filter_map(|o| match o {
+            Object::Service(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    /// Live published ports.
+    pub fn published(&self) -> impl Iterator<Item = &PublishedPort> {
+        self.objects().filter_map(|o| match o {
+            Object::Published(p) => Some(p),
+            _ => None,
+        })
+    }
+
+    /// Live endpoints, by id.
+    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.objects().filter_map(|o| match o {
+            Object::Endpoint(e) => Some(e),
+            _ => None,
+        })
+    }
+
+    /// Live nodes, by name.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.objects().filter_map(|o| match o {
+            Object::Node(n) => Some(n),
+            _ => None,
+        })
+    }
+
+    /// Live block claims.
+    pub fn claims(&self) -> impl Iterator<Item = &BlockClaim> {
+        self.objects().filter_map(|o| match o {
+            Object::Block(b) => Some(b),
+            _ => None,
+        })
+    }
+
+    /// The network named `name`.
+    pub fn network(&self, name: &str) -> Option<&Network> {
+        match self.get(&crate::model::Key::network(name)) {
+            Some(Object::Network(n)) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The service named `name`.
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        match self.get(&crate::model::Key::service(name)) {
+            Some(Object::Service(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The task endpoints of service `name`.
+    pub fn tasks_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Endpoint> + 'a {
+        self.endpoints().filter(move |e| e.service.as_deref() == Some(service))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{EndpointMode, Key};
+
+    fn service(name: &str, network: &str) -> Object {
+        Object::Service(Service {
+            name: name.into(),
+            network: network.into(),
+            endpoint_mode: EndpointMode::Vip,
+        })
+    }
+
+    #[test]
+    fn merge_converges_whatever_the_order() {
+        let mut a = Store::default();
+        let mut b = Store::default();
+        a.put("a", service("web", "front"));
+        b.put("b", service("web", "back"));
+        b.put("b", service("db", "back"));
+        let mut ab = a.clone();
+        ab.merge(&b);
+        let mut ba = b.clone();
+        ba.merge(&a);
+        assert_eq!(ab.entries, ba.entries);
+    }
+
+    #[test]
+    fn later_write_wins_and_tombstones_replicate() {
+        let mut a = Store::default();
+        a.put("a", service("web", "front"));
+        let mut b = Store::default();
+        b.merge(&a);
+        assert!(b.delete("b", &Key::service("web")));
+        assert!(a.merge(&b));
+        assert!(a.service("web").is_none());
+        // Merging the older state back changes nothing.
+        let old = {
+            let mut s = Store::default();
+            s.put("a", service("web", "front"));
+            s
+        };
+        assert!(!a.merge(&old));
+        assert!(a.service("web").is_none());
+    }
+
+    #[test]
+    fn rewriting_the_same_value_is_not_a_change() {
+        let mut a = Store::default();
+        assert!(a.put("a", service("web", "front")));
+        assert!(!a.put("a", service("web", "front")));
+    }
+
+    #[test]
+    fn concurrent_block_claims_resolve_to_the_same_owner_everywhere() {
+        let claim = |node: &str| BlockClaim { network: "n".into(), index: 0, node: node.into() };
+        let mut a = Store::default();
+        let mut b = Store::default();
+        a.put_claim(claim("node-a"));
+        b.put_claim(claim("node-b"));
+        let a_before = a.clone();
+        a.merge(&b);
+        b.merge(&a_before);
+        let owner = |s: &Store| s.claims().next().map(|c| c.node.clone());
+        assert_eq!(owner(&a), Some("node-b".into()));
+        assert_eq!(owner(&b), Some("node-b".into()));
+    }
+}

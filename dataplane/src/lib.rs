@@ -1,0 +1,12 @@
+//! meshd's dataplane: the mechanisms that make the cluster's decisions real on one
+//! node. It owns kernel objects (VXLAN devices, bridges, veths, eBPF programs) and
+//! sockets (the published-port proxy). It knows nothing about where the decisions come
+//! from: the control crate tells it what to program.
+
+pub mod ebpf;
+mod error;
+pub mod lb;
+pub mod overlay;
+pub mod proxy;
+
+pub use error::{Error, Result};

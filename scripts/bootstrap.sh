@@ -5,7 +5,7 @@ set -euo pipefail
 
 APT_PACKAGES=(
   llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
-  iproute2 bridge-utils iputils-ping procps psmisc
+  iproute2 bridge-utils iputils-ping procps psmisc util-linux bpftool
   iperf3 wrk dnsutils dnsperf curl netcat-openbsd socat
   haproxy dnsmasq
 )

@@ -1,1 +1,509 @@
+//! The netns cluster harness: a whole meshd cluster on one machine, built from real
+//! network namespaces, real veths and a real Linux bridge, running the real `meshd`
+//! and `meshctl` binaries.
+//!
+//! Topology (see DESIGN.md): an underlay switch namespace with a bridge; node *i* at
+//! `198.18.0.(10+i)/24`; an external client at `198.18.0.100`; containers are further
+//! namespaces attached with `meshctl attach`, each running `meshd-testsrv`. Every
+//! object carries a prefix unique to the test (`mt<pid>x<n>`); [`Cluster`] removes
+//! them on drop — also after a failed assertion — and [`clean_leftovers`] removes
+//! those of runs that were killed.
 
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+/// Directory holding the state dirs, sockets and logs of harness clusters.
+pub const RUN_DIR: &str = "/tmp/meshd-harness";
+
+/// The underlay address of node `i` (1-based).
+pub fn node_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 10 + i as u8)
+}
+
+/// The external client's underlay address.
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+
+/// Polls `probe` every 20 ms until it returns `Some`, or fails after `timeout` with
+/// `what` and the last state `probe` reported.
+pub fn poll<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe() {
+            Ok(value) => return Ok(value),
+            Err(error) if Instant::now() >= deadline => {
+                return Err(error.context(format!("{what}: not true after {timeout:?}")))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Where the project's binaries are: next to the running executable, or one level up
+/// (integration tests run from `target/<profile>/deps`).
+pub fn bin_path(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    let mut dir = exe.parent();
+    for _ in 0..2 {
+        let Some(d) = dir else { break };
+        let candidate = d.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        dir = d.parent();
+    }
+    bail!("binary {name} not found next to {}; build it first: `cargo build --workspace --bins`", exe.display())
+}
+
+/// Runs a command and fails with its stderr if it fails.
+pub fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}; install it with `make bootstrap`"))?;
+    if !out.status.success() {
+        bail!("`{program} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `f` on a thread that has entered the network namespace at `netns`.
+pub fn in_netns<T: Send + 'static>(netns: &Path, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let file = fs::File::open(netns).with_context(|| format!("opening namespace {}", netns.display()))?;
+    std::thread::spawn(move || {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map(|()| f())
+    })
+    .join()
+    .map_err(|_| anyhow!("thread in {} panicked", netns.display()))?
+    .with_context(|| format!("entering namespace {}", netns.display()))
+}
+
+/// Fetches `http://addr/` from inside `netns` and returns the body.
+pub fn http_get(netns: &Path, addr: SocketAddr) -> Result<String> {
+    in_netns(netns, move || -> std::io::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        match response.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.trim().to_owned()),
+            _ => Err(std::io::Error::other(format!("bad response {response:?}"))),
+        }
+    })?
+    .with_context(|| format!("GET http://{addr}/"))
+}
+
+/// Whether a TCP connect to `addr` from inside `netns` is refused right away.
+pub fn refused(netns: &Path, addr: SocketAddr) -> Result<bool> {
+    in_netns(netns, move || match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => true,
+        _ => false,
+    })
+}
+
+fn netns_path(name: &str) -> PathBuf {
+    PathBuf::from("/run/netns").join(name)
+}
+
+/// The cgroup2 mount point, from /proc/mounts.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(2) == Some(&"cgroup2"))
+        .and_then(|f| f.get(1).map(PathBuf::from))
+        .ok_or_else(|| anyhow!("no cgroup2 mount in /proc/mounts; mount one: `mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified`"))
+}
+
+/// One node: a namespace on the underlay running a real meshd.
+pub struct Node {
+    /// 1-based index.
+    pub index: usize,
+    /// Node name (`n1`, ...).
+    pub name: String,
+    /// Namespace name.
+    pub ns: String,
+    /// Underlay address.
+    pub addr: Ipv4Addr,
+    /// meshd's API socket.
+    pub socket: PathBuf,
+    /// meshd's state dir.
+    pub state_dir: PathBuf,
+    /// The node's cgroup v2 directory.
+    pub cgroup: PathBuf,
+    /// meshd's log file.
+    pub log: PathBuf,
+    meshd: Option<Child>,
+}
+
+impl Node {
+    /// Path of the node's namespace.
+    pub fn netns(&self) -> PathBuf {
+        netns_path(&self.ns)
+    }
+}
+
+/// A container: a namespace made a task with `meshctl attach`, serving HTTP on :80.
+pub struct Container {
+    /// Task name.
+    pub task: String,
+    /// Namespace name.
+    pub ns: String,
+    /// The node it runs on (1-based).
+    pub node: usize,
+    /// Its overlay address.
+    pub ip: Ipv4Addr,
+    server: Option<Child>,
+}
+
+impl Container {
+    /// Path of its namespace.
+    pub fn netns(&self) -> PathBuf {
+        netns_path(&self.ns)
+    }
+}
+
+static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
+
+/// A whole cluster in namespaces. Dropping it removes everything it created.
+pub struct Cluster {
+    /// Unique prefix of every object.
+    pub prefix: String,
+    /// The nodes, `nodes[0]` is `n1`.
+    pub nodes: Vec<Node>,
+    /// The containers attached so far.
+    pub containers: Vec<Container>,
+    /// Working directory (state, sockets, logs).
+    pub dir: PathBuf,
+    meshd: PathBuf,
+    meshctl: PathBuf,
+    testsrv: PathBuf,
+}
+
+fn must_be_root() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the netns cluster needs root (namespaces, veths, eBPF); run the tests as root");
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// Builds the underlay with `n` nodes and the external client, and starts meshd on
+    /// every node (all joining through `n1`).
+    pub fn start(n: usize) -> Result<Cluster> {
+        Self::start_with_prefix(n, &format!("mt{}x{}", std::process::id(), CLUSTERS.fetch_add(1, Ordering::Relaxed)))
+    }
+
+    /// Like [`Cluster::start`] with a chosen prefix (the demo uses a fixed one).
+    pub fn start_with_prefix(n: usize, prefix: &str) -> Result<Cluster> {
+        must_be_root()?;
+        clean_leftovers();
+        let dir = PathBuf::from(RUN_DIR).join(prefix);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let mut cluster = Cluster {
+            prefix: prefix.to_owned(),
+            nodes: Vec::new(),
+            containers: Vec::new(),
+            dir,
+            meshd: bin_path("meshd")?,
+            meshctl: bin_path("meshctl")?,
+            testsrv: bin_path("meshd-testsrv")?,
+        };
+        cluster.build_underlay(n)?;
+        for i in 1..=n {
+            cluster.start_node(i)?;
+        }
+        for node in &cluster.nodes {
+            let socket = node.socket.clone();
+            let meshctl = cluster.meshctl.clone();
+            poll(&format!("meshd on {} answers", node.name), Duration::from_secs(20), || {
+                let out = Command::new(&meshctl).arg("--socket").arg(&socket).arg("status").output()?;
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(anyhow!("{}", String::from_utf8_lossy(&out.stderr)))
+                }
+            })
+            .with_context(|| format!("meshd log:\n{}", fs::read_to_string(&node.log).unwrap_or_default()))?;
+        }
+        Ok(cluster)
+    }
+
+    fn switch_ns(&self) -> String {
+        format!("{}-sw", self.prefix)
+    }
+
+    /// Name of the external client's namespace.
+    pub fn client_ns(&self) -> String {
+        format!("{}-ext", self.prefix)
+    }
+
+    /// Path of the external client's namespace.
+    pub fn client_netns(&self) -> PathBuf {
+        netns_path(&self.client_ns())
+    }
+
+    fn build_underlay(&mut self, n: usize) -> Result<()> {
+        let sw = self.switch_ns();
+        sh("ip", &["netns", "add", &sw])?;
+        sh("ip", &["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        sh("ip", &["-n", &sw, "link", "set", "br0", "up"])?;
+        sh("ip", &["-n", &sw, "link", "set", "lo", "up"])?;
+        let mut hosts: Vec<(String, String, Ipv4Addr)> =
+            (1..=n).map(|i| (format!("{}-n{i}", self.prefix), format!("n{i}"), node_addr(i))).collect();
+        hosts.push((self.client_ns(), "ext".into(), CLIENT_ADDR));
+        for (ns, port, addr) in &hosts {
+            sh("ip", &["netns", "add", ns])?;
+            sh("ip", &["-n", &sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+            sh("ip", &["-n", &sw, "link", "set", port, "master", "br0", "up"])?;
+            sh("ip", &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            sh("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
+            sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(())
+    }
+
+    fn start_node(&mut self, i: usize) -> Result<()> {
+        let name = format!("n{i}");
+        let ns = format!("{}-n{i}", self.prefix);
+        let cgroup = cgroup2_root()?.join(&ns);
+        fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let node_dir = self.dir.join(&name);
+        fs::create_dir_all(&node_dir)?;
+        let mut node = Node {
+            index: i,
+            name,
+            addr: node_addr(i),
+            socket: node_dir.join("meshd.sock"),
+            state_dir: node_dir.join("state"),
+            cgroup,
+            log: node_dir.join("meshd.log"),
+            ns,
+            meshd: None,
+        };
+        node.meshd = Some(self.spawn_meshd(&node)?);
+        self.nodes.push(node);
+        Ok(())
+    }
+
+    fn spawn_meshd(&self, node: &Node) -> Result<Child> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", node.netns().display()))
+            .arg("--")
+            .arg(&self.meshd)
+            .args(["--node-name", &node.name, "--advertise-addr", &node.addr.to_string()])
+            .arg("--state-dir")
+            .arg(&node.state_dir)
+            .arg("--api-socket")
+            .arg(&node.socket)
+            .arg("--cgroup")
+            .arg(&node.cgroup)
+            .env("RUST_LOG", std::env::var("MESHD_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if node.index != 1 {
+            cmd.args(["--join", &node_addr(1).to_string()]);
+        }
+        cmd.spawn().context("starting meshd")
+    }
+
+    /// Stops node `i`'s meshd with SIGTERM and waits for it to exit.
+    pub fn stop_node(&mut self, i: usize) -> Result<std::process::ExitStatus> {
+        let child = self.nodes[i - 1].meshd.take().ok_or_else(|| anyhow!("meshd on n{i} is not running"))?;
+        terminate(child, Duration::from_secs(10))
+    }
+
+    /// Runs the real meshctl against node `i` (1-based).
+    pub fn meshctl(&self, i: usize, args: &[&str]) -> Output {
+        Command::new(&self.meshctl)
+            .arg("--socket")
+            .arg(&self.nodes[i - 1].socket)
+            .args(args)
+            .output()
+            .expect("running meshctl")
+    }
+
+    /// Runs meshctl against node `i` and returns stdout, failing on a non-zero exit.
+    pub fn meshctl_ok(&self, i: usize, args: &[&str]) -> Result<String> {
+        let out = self.meshctl(i, args);
+        if !out.status.success() {
+            bail!("meshctl {} on n{i} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `meshctl --format json ARGS` on node `i`, parsed.
+    pub fn meshctl_json(&self, i: usize, args: &[&str]) -> Result<serde_json::Value> {
+        let mut full = vec!["--format", "json"];
+        full.extend_from_slice(args);
+        Ok(serde_json::from_str(&self.meshctl_ok(i, &full)?)?)
+    }
+
+    /// Waits until node `i` knows service `name` (state travels between nodes).
+    pub fn wait_for_service(&self, i: usize, name: &str) -> Result<()> {
+        poll(&format!("n{i} knows service {name}"), Duration::from_secs(10), || {
+            self.meshctl_ok(i, &["service", "ps", name]).map(drop)
+        })
+    }
+
+    /// Creates a container namespace on node `node`, attaches it to `service` as task
+    /// `task` with the real meshctl, and starts the test HTTP server on port 80 in it.
+    pub fn add_container(&mut self, node: usize, service: &str, task: &str) -> Result<&Container> {
+        self.add_task(node, service, task, 80)
+    }
+
+    /// Like [`Cluster::add_container`], with the test server on `port`.
+    pub fn add_task(&mut self, node: usize, service: &str, task: &str, port: u16) -> Result<&Container> {
+        self.wait_for_service(node, service)?;
+        let ns = format!("{}-c{}", self.prefix, self.containers.len() + 1);
+        sh("ip", &["netns", "add", &ns])?;
+        let path = netns_path(&ns);
+        let mut container = Container { task: task.into(), ns, node, ip: Ipv4Addr::UNSPECIFIED, server: None };
+        let attached = self.meshctl_json(node, &["attach", service, "--netns", &path.to_string_lossy(), "--name", task])?;
+        container.ip = attached["ip"].as_str().ok_or_else(|| anyhow!("attach returned no ip: {attached}"))?.parse()?;
+        let server = Command::new("nsenter")
+            .arg(format!("--net={}", path.display()))
+            .arg("--")
+            .arg(&self.testsrv)
+            .args(["--name", task, "--listen", &format!("0.0.0.0:{port}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()?;
+        fs::write(self.nodes[node - 1].cgroup.join("cgroup.procs"), server.id().to_string())?;
+        container.server = Some(server);
+        let addr = SocketAddr::from((container.ip, port));
+        poll(&format!("{task} serves HTTP"), Duration::from_secs(10), || {
+            let body = http_get(&path, addr)?;
+            if body == task {
+                Ok(())
+            } else {
+                Err(anyhow!("answered {body:?}"))
+            }
+        })?;
+        self.containers.push(container);
+        Ok(self.containers.last().expect("just pushed"))
+    }
+}
+
+fn terminate(mut child: Child, grace: Duration) -> Result<std::process::ExitStatus> {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let status = child.wait()?;
+            bail!("process {pid} ignored SIGTERM for {grace:?} and was killed ({status})");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for container in &mut self.containers {
+            if let Some(mut server) = container.server.take() {
+                let _ = server.kill();
+                let _ = server.wait();
+            }
+        }
+        for node in &mut self.nodes {
+            if let Some(child) = node.meshd.take() {
+                if let Err(error) = terminate(child, Duration::from_secs(10)) {
+                    eprintln!("harness: {error}");
+                }
+            }
+        }
+        remove_prefix(&self.prefix);
+    }
+}
+
+/// Removes every namespace, cgroup and run directory carrying `prefix`, ending the
+/// processes inside those namespaces first (all started by a harness run).
+pub fn remove_prefix(prefix: &str) {
+    let names: Vec<String> = fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&format!("{prefix}-")))
+        .collect();
+    for ns in &names {
+        if let Ok(pids) = sh("ip", &["netns", "pids", ns]) {
+            for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+    // Containers first, so their veths go before the nodes' bridges.
+    for ns in names.iter().filter(|n| n.contains("-c")).chain(names.iter().filter(|n| !n.contains("-c"))) {
+        let _ = sh("ip", &["netns", "del", ns]);
+    }
+    if let Ok(root) = cgroup2_root() {
+        for entry in fs::read_dir(&root).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("{prefix}-")) {
+                // Killed processes leave the cgroup once reaped; retry briefly.
+                let _ = poll("cgroup empties", Duration::from_secs(2), || Ok(fs::remove_dir(entry.path())?));
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(PathBuf::from(RUN_DIR).join(prefix));
+}
+
+/// Removes what harness runs that were killed left behind: objects whose prefix names
+/// a process that no longer exists.
+pub fn clean_leftovers() {
+    let mut prefixes: Vec<String> = fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|n| n.split_once('-').map(|(p, _)| p.to_owned()))
+        .chain(fs::read_dir(RUN_DIR).into_iter().flatten().flatten().filter_map(|e| e.file_name().into_string().ok()))
+        .filter(|p| harness_owner(p).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()))
+        .collect();
+    prefixes.sort();
+    prefixes.dedup();
+    for prefix in prefixes {
+        remove_prefix(&prefix);
+    }
+}
+
+/// The pid encoded in a harness prefix `mt<pid>x<n>`.
+fn harness_owner(prefix: &str) -> Option<u32> {
+    let rest = prefix.strip_prefix("mt")?;
+    let (pid, n) = rest.split_once('x')?;
+    n.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_pid_is_read_from_the_prefix_only() {
+        assert_eq!(harness_owner("mt1234x0"), Some(1234));
+        assert_eq!(harness_owner("mtdemo"), None);
+        assert_eq!(harness_owner("other"), None);
+        assert_eq!(harness_owner("mt12x"), None);
+    }
+}

@@ -1,0 +1,109 @@
+//! `make demo`: a three-node meshd cluster in network namespaces, with services
+//! `mvcapp` (5 tasks) and `mysql` (1 task on 3306), `meshctl publish 3000:80 mvcapp`,
+//! and a handful of requests from an external client landing on different tasks.
+//! Everything is torn down on exit or Ctrl-C.
+
+use std::{
+    io::IsTerminal,
+    net::SocketAddr,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use anyhow::{bail, Result};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use meshd_tests::{http_get, node_addr, remove_prefix, Cluster, CLIENT_ADDR};
+
+const PREFIX: &str = "meshdemo";
+
+fn step(text: &str) {
+    println!("\n\x1b[1m==> {text}\x1b[0m");
+}
+
+fn show(cluster: &Cluster, node: usize, args: &[&str]) -> Result<()> {
+    println!("$ meshctl {}   # on n{node}", args.join(" "));
+    print!("{}", cluster.meshctl_ok(node, args)?);
+    Ok(())
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: i32) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Fails once Ctrl-C was pressed, so `?` unwinds into the cluster's teardown.
+fn check_stop() -> Result<()> {
+    if STOP.load(Ordering::SeqCst) {
+        bail!("interrupted; cluster torn down");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(signal, &action)? };
+    }
+    remove_prefix(PREFIX);
+
+    step("starting 3 meshd nodes on the underlay 198.18.0.0/24 (namespaces meshdemo-n1..n3)");
+    let mut cluster = Cluster::start_with_prefix(3, PREFIX)?;
+    show(&cluster, 1, &["node", "ls"])?;
+    check_stop()?;
+
+    step("creating overlay network `backend` and services `mvcapp`, `mysql`");
+    show(&cluster, 1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
+    show(&cluster, 1, &["service", "create", "mvcapp", "--network", "backend"])?;
+    show(&cluster, 1, &["service", "create", "mysql", "--network", "backend"])?;
+
+    step("attaching 5 mvcapp tasks on n2 and n3, and a mysql task (TCP 3306) on n3");
+    for (node, task) in [(2, "mvcapp.1"), (3, "mvcapp.2"), (2, "mvcapp.3"), (3, "mvcapp.4"), (2, "mvcapp.5")] {
+        let c = cluster.add_container(node, "mvcapp", task)?;
+        println!("  {task:<9} on n{node}  {}", c.ip);
+    }
+    let mysql = cluster.add_task(3, "mysql", "mysql.1", 3306)?.ip;
+    println!("  mysql.1   on n3  {mysql}:3306");
+    check_stop()?;
+    show(&cluster, 1, &["service", "ps", "mvcapp"])?;
+
+    step("publishing: meshctl publish 3000:80 mvcapp");
+    show(&cluster, 1, &["publish", "3000:80", "mvcapp"])?;
+    let client = cluster.client_netns();
+    for i in 1..=3 {
+        meshd_tests::poll("port 3000 answers", Duration::from_secs(10), || {
+            http_get(&client, SocketAddr::from((node_addr(i), 3000))).map(drop)
+        })?;
+    }
+
+    check_stop()?;
+    step(&format!("requests from the external client {CLIENT_ADDR} to port 3000 of every node"));
+    for i in 1..=3 {
+        let mut answers = Vec::new();
+        for _ in 0..5 {
+            answers.push(http_get(&client, SocketAddr::from((node_addr(i), 3000)))?);
+        }
+        println!("  curl http://{}:3000/  x5  ->  {}", node_addr(i), answers.join(" "));
+    }
+    show(&cluster, 2, &["service", "ls"])?;
+
+    let meshctl = meshd_tests::bin_path("meshctl")?;
+    step("try it yourself");
+    println!("  sudo ip netns exec {PREFIX}-ext curl -s http://198.18.0.12:3000/");
+    println!("  sudo {} --socket {} service ps mvcapp", meshctl.display(), cluster.nodes[0].socket.display());
+    println!("  sudo {} --socket {} node ls", meshctl.display(), cluster.nodes[2].socket.display());
+    println!("  sudo {} --socket {} status", meshctl.display(), cluster.nodes[1].socket.display());
+
+    if std::io::stdin().is_terminal() && std::env::var_os("CI").is_none() {
+        println!("\nThe cluster runs until you press Ctrl-C.");
+        while !STOP.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    step("tearing down");
+    drop(cluster);
+    println!("done");
+    Ok(())
+}
+

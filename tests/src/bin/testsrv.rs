@@ -1,0 +1,71 @@
+//! `meshd-testsrv`: the tiny server that plays a task in tests, benchmarks and the
+//! demo. HTTP/1.1 (keep-alive, so load generators measure the path, not the handshake)
+//! answering every request with its task name, on `--listen ADDR` (default 0.0.0.0:80).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+/// Index just past the end of the first request head in `buf`, if complete.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+fn wants_close(head: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(head).to_ascii_lowercase();
+    let http10 = text.lines().next().is_some_and(|l| l.trim_end().ends_with("http/1.0"));
+    text.contains("connection: close") || http10 && !text.contains("connection: keep-alive")
+}
+
+async fn serve(mut stream: TcpStream, body: Arc<String>) -> std::io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(end) = head_end(&buf) {
+            let close = wants_close(&buf[..end]);
+            buf.drain(..end);
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{}",
+                body.len(),
+                if close { "Connection: close\r\n" } else { "" },
+                body
+            );
+            stream.write_all(response.as_bytes()).await?;
+            if close {
+                return Ok(());
+            }
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > 64 * 1024 {
+            return Ok(()); // not HTTP; drop it
+        }
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut name = String::from("task");
+    let mut listen: SocketAddr = "0.0.0.0:80".parse()?;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--name" => name = args.next().ok_or_else(|| anyhow::anyhow!("--name needs a value"))?,
+            "--listen" => listen = args.next().ok_or_else(|| anyhow::anyhow!("--listen needs a value"))?.parse()?,
+            other => anyhow::bail!("unknown argument {other:?}; usage: meshd-testsrv [--name TASK] [--listen ADDR]"),
+        }
+    }
+    let body = Arc::new(format!("{name}\n"));
+    let listener = TcpListener::bind(listen).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(serve(stream, body.clone()));
+    }
+}

@@ -31,9 +31,7 @@ pub fn block_addresses(subnet: Ipv4Net, index: u32) -> impl Iterator<Item = Ipv4
     let size = 1u32 << (32 - block_prefix(subnet));
     let first = u32::from(subnet.network()) + index * size;
     let (net, bcast) = (subnet.network(), subnet.broadcast());
-    (first..first + size)
-        .map(Ipv4Addr::from)
-        .filter(move |ip| *ip != net && *ip != bcast)
+    (first..first + size).map(Ipv4Addr::from).filter(move |ip| *ip != net && *ip != bcast)
 }
 
 /// FNV-1a: a hash that stays the same across builds and platforms.
@@ -50,10 +48,7 @@ pub fn next_free_block(node: &str, blocks: u32, claimed: &HashSet<u32>) -> Optio
 
 /// The first address of `owned` blocks (in the order given) that is not in `used`.
 pub fn allocate(subnet: Ipv4Net, owned: &[u32], used: &HashSet<Ipv4Addr>) -> Option<Ipv4Addr> {
-    owned
-        .iter()
-        .flat_map(|&b| block_addresses(subnet, b))
-        .find(|ip| !used.contains(ip))
+    owned.iter().flat_map(|&b| block_addresses(subnet, b)).find(|ip| !used.contains(ip))
 }
 
 /// The MAC address of an overlay address: `02:42` followed by the IPv4 bytes, as Docker
@@ -101,8 +96,8 @@ mod tests {
     #[test]
     fn allocate_takes_the_first_unused_address_of_owned_blocks() {
         let subnet = net("10.0.0.0/24");
-        let used: HashSet<_> = [Ipv4Addr::new(10, 0, 0, 17)].into();
-        assert_eq!(allocate(subnet, &[1], &used), Some(Ipv4Addr::new(10, 0, 0, 18)));
+        let used: HashSet<_> = [Ipv4Addr::new(10, 0, 0, 16)].into();
+        assert_eq!(allocate(subnet, &[1], &used), Some(Ipv4Addr::new(10, 0, 0, 17)));
         let full: HashSet<_> = block_addresses(subnet, 1).collect();
         assert_eq!(allocate(subnet, &[1], &full), None);
     }

@@ -70,7 +70,8 @@ pub fn desired(store: &Store, node: &str, mtu: u32) -> Dataplane {
     let mut out = Dataplane::default();
     let own = |e: &&Endpoint| e.node == node;
     for net in store.networks() {
-        let Some(me) = store.endpoints().filter(own).find(|e| e.id == Endpoint::node_id(node, &net.name)) else {
+        let Some(me) = store.endpoints().filter(own).find(|e| e.id == Endpoint::node_id(node, &net.name))
+        else {
             continue;
         };
         out.overlays.insert(
@@ -87,7 +88,8 @@ pub fn desired(store: &Store, node: &str, mtu: u32) -> Dataplane {
     for ep in store.endpoints() {
         let Some(net) = store.network(&ep.network) else { continue };
         if ep.node == node {
-            let (Some(host_if), Some(netns), Some(overlay)) = (&ep.host_if, &ep.netns, out.overlays.get(&net.vni))
+            let (Some(host_if), Some(netns), Some(overlay)) =
+                (&ep.host_if, &ep.netns, out.overlays.get(&net.vni))
             else {
                 continue;
             };
@@ -213,16 +215,35 @@ mod tests {
 
     fn cluster() -> Store {
         let mut s = Store::default();
-        s.put("n1", Object::Network(Network { name: "backend".into(), subnet: "10.0.0.0/24".parse().unwrap(), vni: 4096 }));
         s.put(
             "n1",
-            Object::Service(Service { name: "web".into(), network: "backend".into(), endpoint_mode: EndpointMode::Vip }),
+            Object::Network(Network {
+                name: "backend".into(),
+                subnet: "10.0.0.0/24".parse().unwrap(),
+                vni: 4096,
+            }),
+        );
+        s.put(
+            "n1",
+            Object::Service(Service {
+                name: "web".into(),
+                network: "backend".into(),
+                endpoint_mode: EndpointMode::Vip,
+            }),
         );
         s.put("n1", endpoint(&Endpoint::node_id("n1", "backend"), None, "n1", [10, 0, 0, 1]));
         s.put("n2", endpoint(&Endpoint::node_id("n2", "backend"), None, "n2", [10, 0, 0, 17]));
         s.put("n2", endpoint("web.1", Some("web"), "n2", [10, 0, 0, 18]));
         s.put("n1", endpoint("web.2", Some("web"), "n1", [10, 0, 0, 2]));
-        s.put("n1", Object::Published(PublishedPort { published: 3000, target: 80, proto: Proto::Tcp, service: "web".into() }));
+        s.put(
+            "n1",
+            Object::Published(PublishedPort {
+                published: 3000,
+                target: 80,
+                proto: Proto::Tcp,
+                service: "web".into(),
+            }),
+        );
         s
     }
 

@@ -27,9 +27,9 @@ pub struct PublishedSpec {
 
 fn parse_port(s: &str, what: &str, spec: &str) -> Result<u16, String> {
     match s.parse::<u16>() {
-        Ok(0) | Err(_) => Err(format!(
-            "invalid port spec {spec:?}: {what} port {s:?} is not a number from 1 to 65535"
-        )),
+        Ok(0) | Err(_) => {
+            Err(format!("invalid port spec {spec:?}: {what} port {s:?} is not a number from 1 to 65535"))
+        }
         Ok(p) => Ok(p),
     }
 }
@@ -39,9 +39,7 @@ fn split_proto(spec: &str) -> Result<(&str, Proto), String> {
         None => Ok((spec, Proto::Tcp)),
         Some((ports, "tcp")) => Ok((ports, Proto::Tcp)),
         Some((ports, "udp")) => Ok((ports, Proto::Udp)),
-        Some((_, other)) => {
-            Err(format!("invalid port spec {spec:?}: protocol {other:?} is not tcp or udp"))
-        }
+        Some((_, other)) => Err(format!("invalid port spec {spec:?}: protocol {other:?} is not tcp or udp")),
     }
 }
 

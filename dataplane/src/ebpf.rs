@@ -42,7 +42,8 @@ impl SocketPrograms {
     pub fn attach(cgroup: PathBuf) -> Result<Self> {
         let ebpf_err = |message: String| Error::Ebpf { program: CONNECT4, message };
         let dir = File::open(&cgroup).map_err(|source| Error::Cgroup { path: cgroup.clone(), source })?;
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| ebpf_err(format!("loading the object: {}", chain(&e))))?;
+        let mut ebpf =
+            Ebpf::load(OBJECT).map_err(|e| ebpf_err(format!("loading the object: {}", chain(&e))))?;
         let program: &mut CgroupSockAddr = ebpf
             .program_mut(CONNECT4)
             .ok_or_else(|| ebpf_err("missing from the object".into()))?

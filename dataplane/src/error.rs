@@ -21,7 +21,9 @@ pub enum Error {
         source: io::Error,
     },
     /// A published port could not be bound.
-    #[error("cannot listen on {addr}: {source}; another process holds the port — stop it or publish another port")]
+    #[error(
+        "cannot listen on {addr}: {source}; another process holds the port — stop it or publish another port"
+    )]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -30,7 +32,9 @@ pub enum Error {
         source: io::Error,
     },
     /// The network namespace handed to attach does not exist.
-    #[error("network namespace {path:?} does not exist; create it (`ip netns add NAME`) and pass /run/netns/NAME")]
+    #[error(
+        "network namespace {path:?} does not exist; create it (`ip netns add NAME`) and pass /run/netns/NAME"
+    )]
     NoNetns {
         /// The path given.
         path: PathBuf,

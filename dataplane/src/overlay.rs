@@ -147,8 +147,19 @@ impl KernelVxlan {
             run(
                 "ip",
                 &[
-                    "link", "add", &vx, "type", "vxlan", "id", &vni, "local", &local, "dstport", &port,
-                    "nolearning", "proxy",
+                    "link",
+                    "add",
+                    &vx,
+                    "type",
+                    "vxlan",
+                    "id",
+                    &vni,
+                    "local",
+                    &local,
+                    "dstport",
+                    &port,
+                    "nolearning",
+                    "proxy",
                 ],
             )
             .await?;
@@ -208,12 +219,17 @@ impl KernelVxlan {
         let peer = format!("{}p", task.host_if);
         let mtu = task.mtu.to_string();
         let netns = task.netns.to_string_lossy();
-        run("ip", &["link", "add", &task.host_if, "mtu", &mtu, "type", "veth", "peer", "name", &peer]).await?;
+        run("ip", &["link", "add", &task.host_if, "mtu", &mtu, "type", "veth", "peer", "name", &peer])
+            .await?;
         run("ip", &["link", "set", &peer, "netns", &netns]).await?;
         let mac = task.mac.to_string();
         let addr = format!("{}/{}", task.ip, task.prefix_len);
         let gateway = task.gateway.to_string();
-        in_netns(&task.netns, &["ip", "link", "set", &peer, "name", "eth0", "address", &mac, "mtu", &mtu, "up"]).await?;
+        in_netns(
+            &task.netns,
+            &["ip", "link", "set", &peer, "name", "eth0", "address", &mac, "mtu", &mtu, "up"],
+        )
+        .await?;
         in_netns(&task.netns, &["ip", "addr", "add", &addr, "dev", "eth0"]).await?;
         in_netns(&task.netns, &["ip", "link", "set", "lo", "up"]).await?;
         in_netns(&task.netns, &["ip", "route", "replace", "default", "via", &gateway, "dev", "eth0"]).await?;
@@ -288,7 +304,9 @@ async fn run(program: &str, args: &[&str]) -> Result<()> {
 async fn run_absent_ok(program: &str, args: &[&str]) -> Result<()> {
     match run(program, args).await {
         Err(Error::Netlink { stderr, .. })
-            if stderr.contains("No such file") || stderr.contains("Cannot find device") || stderr.contains("not found") =>
+            if stderr.contains("No such file")
+                || stderr.contains("Cannot find device")
+                || stderr.contains("not found") =>
         {
             Ok(())
         }

@@ -83,7 +83,8 @@ impl Proxy {
         let backends: Backends = Arc::new(RwLock::new(backends.into()));
         let task = match proto {
             Proto::Tcp => {
-                let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+                let listener =
+                    TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
                 tokio::spawn(serve_tcp(listener, backends.clone()))
             }
             Proto::Udp => {
@@ -177,7 +178,12 @@ async fn serve_udp(socket: Arc<UdpSocket>, backends: Backends) {
                 match open_udp_flow(backend).await {
                     Ok(upstream) => {
                         flows.lock().insert(client, upstream.clone());
-                        tokio::spawn(relay_udp_replies(socket.clone(), upstream.clone(), client, flows.clone()));
+                        tokio::spawn(relay_udp_replies(
+                            socket.clone(),
+                            upstream.clone(),
+                            client,
+                            flows.clone(),
+                        ));
                         upstream
                     }
                     Err(error) => {

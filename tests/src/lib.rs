@@ -61,7 +61,10 @@ pub fn bin_path(name: &str) -> Result<PathBuf> {
         }
         dir = d.parent();
     }
-    bail!("binary {name} not found next to {}; build it first: `cargo build --workspace --bins`", exe.display())
+    bail!(
+        "binary {name} not found next to {}; build it first: `cargo build --workspace --bins`",
+        exe.display()
+    )
 }
 
 /// Runs a command and fails with its stderr if it fails.
@@ -105,9 +108,11 @@ pub fn http_get(netns: &Path, addr: SocketAddr) -> Result<String> {
 
 /// Whether a TCP connect to `addr` from inside `netns` is refused right away.
 pub fn refused(netns: &Path, addr: SocketAddr) -> Result<bool> {
-    in_netns(netns, move || match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => true,
-        _ => false,
+    in_netns(netns, move || {
+        matches!(
+            TcpStream::connect_timeout(&addr, Duration::from_secs(1)),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
     })
 }
 
@@ -202,7 +207,10 @@ impl Cluster {
     /// Builds the underlay with `n` nodes and the external client, and starts meshd on
     /// every node (all joining through `n1`).
     pub fn start(n: usize) -> Result<Cluster> {
-        Self::start_with_prefix(n, &format!("mt{}x{}", std::process::id(), CLUSTERS.fetch_add(1, Ordering::Relaxed)))
+        Self::start_with_prefix(
+            n,
+            &format!("mt{}x{}", std::process::id(), CLUSTERS.fetch_add(1, Ordering::Relaxed)),
+        )
     }
 
     /// Like [`Cluster::start`] with a chosen prefix (the demo uses a fixed one).
@@ -341,7 +349,11 @@ impl Cluster {
     pub fn meshctl_ok(&self, i: usize, args: &[&str]) -> Result<String> {
         let out = self.meshctl(i, args);
         if !out.status.success() {
-            bail!("meshctl {} on n{i} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "meshctl {} on n{i} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -372,9 +384,12 @@ impl Cluster {
         let ns = format!("{}-c{}", self.prefix, self.containers.len() + 1);
         sh("ip", &["netns", "add", &ns])?;
         let path = netns_path(&ns);
-        let mut container = Container { task: task.into(), ns, node, ip: Ipv4Addr::UNSPECIFIED, server: None };
-        let attached = self.meshctl_json(node, &["attach", service, "--netns", &path.to_string_lossy(), "--name", task])?;
-        container.ip = attached["ip"].as_str().ok_or_else(|| anyhow!("attach returned no ip: {attached}"))?.parse()?;
+        let mut container =
+            Container { task: task.into(), ns, node, ip: Ipv4Addr::UNSPECIFIED, server: None };
+        let attached = self
+            .meshctl_json(node, &["attach", service, "--netns", &path.to_string_lossy(), "--name", task])?;
+        container.ip =
+            attached["ip"].as_str().ok_or_else(|| anyhow!("attach returned no ip: {attached}"))?.parse()?;
         let server = Command::new("nsenter")
             .arg(format!("--net={}", path.display()))
             .arg("--")
@@ -448,7 +463,10 @@ pub fn remove_prefix(prefix: &str) {
     for ns in &names {
         if let Ok(pids) = sh("ip", &["netns", "pids", ns]) {
             for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }
@@ -477,7 +495,13 @@ pub fn clean_leftovers() {
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
         .filter_map(|n| n.split_once('-').map(|(p, _)| p.to_owned()))
-        .chain(fs::read_dir(RUN_DIR).into_iter().flatten().flatten().filter_map(|e| e.file_name().into_string().ok()))
+        .chain(
+            fs::read_dir(RUN_DIR)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok()),
+        )
         .filter(|p| harness_owner(p).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()))
         .collect();
     prefixes.sort();

@@ -20,7 +20,12 @@ fn published_port_answers_on_every_node_and_reaches_every_task() -> Result<()> {
 
     // Task addresses are unique.
     let ips: BTreeSet<_> = cluster.containers.iter().map(|c| c.ip).collect();
-    assert_eq!(ips.len(), 5, "duplicate task IPs: {:?}", cluster.containers.iter().map(|c| c.ip).collect::<Vec<_>>());
+    assert_eq!(
+        ips.len(),
+        5,
+        "duplicate task IPs: {:?}",
+        cluster.containers.iter().map(|c| c.ip).collect::<Vec<_>>()
+    );
 
     cluster.meshctl_ok(1, &["publish", "3000:80", "mvcapp"])?;
     let client = cluster.client_netns();
@@ -55,7 +60,9 @@ fn published_port_answers_on_every_node_and_reaches_every_task() -> Result<()> {
     cluster.meshctl_ok(1, &["unpublish", "3000", "mvcapp"])?;
     for i in 1..=3 {
         poll(&format!("n{i} refuses port 3000"), Duration::from_secs(1), || {
-            refused(&client, SocketAddr::from((node_addr(i), 3000)))?.then_some(()).ok_or_else(|| anyhow!("still accepts"))
+            refused(&client, SocketAddr::from((node_addr(i), 3000)))?
+                .then_some(())
+                .ok_or_else(|| anyhow!("still accepts"))
         })?;
     }
     Ok(())
@@ -78,7 +85,9 @@ fn status_shows_the_loaded_program_and_sigterm_removes_what_meshd_programmed() -
     cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
     let task_ns = cluster.add_container(1, "web", "web.1")?.netns();
     let node_ns = cluster.nodes[0].netns();
-    let links = |ns: &std::path::Path| meshd_tests::sh("nsenter", &[&format!("--net={}", ns.display()), "--", "ip", "-o", "link"]);
+    let links = |ns: &std::path::Path| {
+        meshd_tests::sh("nsenter", &[&format!("--net={}", ns.display()), "--", "ip", "-o", "link"])
+    };
     assert!(links(&node_ns)?.contains("mvx4096"), "VXLAN device exists while meshd runs");
 
     // The program sees connect() calls made from the node's cgroup: run one from a

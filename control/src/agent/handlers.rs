@@ -51,7 +51,9 @@ async fn serve_one(stream: UnixStream, agent: &Agent) -> std::io::Result<()> {
             Ok(ok) => Response::Ok { ok },
             Err(error) => Response::Err { error: error.to_string() },
         },
-        Err(error) => Response::Err { error: format!("malformed request ({error}); use a meshctl of the same version") },
+        Err(error) => {
+            Response::Err { error: format!("malformed request ({error}); use a meshctl of the same version") }
+        }
     };
     let mut out = serde_json::to_vec(&response).expect("responses always serialize");
     out.push(b'\n');
@@ -61,7 +63,10 @@ async fn serve_one(stream: UnixStream, agent: &Agent) -> std::io::Result<()> {
 /// Checks a user-chosen name: DNS-label-like, so it works as a hostname later.
 pub(super) fn check_name(kind: &str, name: &str) -> Result<()> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.';
-    if name.is_empty() || name.len() > 63 || !name.starts_with(|c: char| c.is_ascii_alphanumeric()) || !name.chars().all(ok_char)
+    if name.is_empty()
+        || name.len() > 63
+        || !name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        || !name.chars().all(ok_char)
     {
         return Err(Error::invalid(format!(
             "invalid {kind} name {name:?}: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
@@ -75,7 +80,9 @@ impl Agent {
         match request {
             Request::NetworkCreate { name, subnet } => self.network_create(name, &subnet),
             Request::NetworkLs => Ok(self.network_ls()),
-            Request::ServiceCreate { name, network, endpoint_mode } => self.service_create(name, network, endpoint_mode),
+            Request::ServiceCreate { name, network, endpoint_mode } => {
+                self.service_create(name, network, endpoint_mode)
+            }
             Request::ServiceLs => Ok(self.service_ls()),
             Request::ServicePs { name } => self.service_ps(&name),
             Request::ServiceInspect { name } => self.service_inspect(&name),
@@ -83,7 +90,9 @@ impl Agent {
             Request::Attach { service, netns, name } => self.attach(&service, &netns, name).await,
             Request::Detach { name } => self.detach(&name).await,
             Request::Publish { spec, service } => self.publish(spec, &service).await,
-            Request::Unpublish { published, proto, service } => self.unpublish(published, proto, service).await,
+            Request::Unpublish { published, proto, service } => {
+                self.unpublish(published, proto, service).await
+            }
             Request::NodeLs => Ok(self.node_ls()),
             Request::Status => Ok(self.status().await),
         }
@@ -92,10 +101,14 @@ impl Agent {
     fn network_create(&self, name: String, subnet: &str) -> Result<Value> {
         check_name("network", &name)?;
         let subnet: Ipv4Net = subnet.parse().map_err(|_| {
-            Error::invalid(format!("invalid subnet {subnet:?} for network {name}: use an IPv4 CIDR such as 10.0.0.0/24"))
+            Error::invalid(format!(
+                "invalid subnet {subnet:?} for network {name}: use an IPv4 CIDR such as 10.0.0.0/24"
+            ))
         })?;
         if subnet.prefix_len() > 30 {
-            return Err(Error::invalid(format!("subnet {subnet} of network {name} is too small: use /30 or larger")));
+            return Err(Error::invalid(format!(
+                "subnet {subnet} of network {name} is too small: use /30 or larger"
+            )));
         }
         let subnet = subnet.trunc();
         let mut cluster = self.cluster();
@@ -103,7 +116,9 @@ impl Agent {
         if store.network(&name).is_some() {
             return Err(Error::invalid(format!("network {name} already exists; pick another name")));
         }
-        if let Some(other) = store.networks().find(|n| n.subnet.contains(&subnet) || subnet.contains(&n.subnet)) {
+        if let Some(other) =
+            store.networks().find(|n| n.subnet.contains(&subnet) || subnet.contains(&n.subnet))
+        {
             return Err(Error::invalid(format!(
                 "subnet {subnet} overlaps network {} ({}); pick a subnet that does not overlap",
                 other.name, other.subnet
@@ -141,7 +156,9 @@ impl Agent {
             )));
         }
         if store.service(&name).is_some() {
-            return Err(Error::invalid(format!("service {name} already exists; pick another name or `meshctl service rm {name}`")));
+            return Err(Error::invalid(format!(
+                "service {name} already exists; pick another name or `meshctl service rm {name}`"
+            )));
         }
         let service = Service { name, network, endpoint_mode };
         store.put(&self.cfg.node_name, Object::Service(service.clone()));
@@ -193,7 +210,9 @@ impl Agent {
         let store = &cluster.store;
         let service = store.service(name).ok_or_else(|| Self::unknown_service(name))?;
         let ports: Vec<&PublishedPort> = store.published().filter(|p| p.service == name).collect();
-        Ok(json!({ "service": service, "network": store.network(&service.network), "published": ports, "tasks": tasks }))
+        Ok(
+            json!({ "service": service, "network": store.network(&service.network), "published": ports, "tasks": tasks }),
+        )
     }
 
     async fn service_rm(&self, name: &str) -> Result<Value> {
@@ -203,7 +222,9 @@ impl Agent {
             store.service(name).ok_or_else(|| Self::unknown_service(name))?;
             let me = self.cfg.node_name.clone();
             let mut keys = vec![Key::service(name)];
-            keys.extend(store.published().filter(|p| p.service == name).map(|p| Key::published(p.proto, p.published)));
+            keys.extend(
+                store.published().filter(|p| p.service == name).map(|p| Key::published(p.proto, p.published)),
+            );
             keys.extend(store.tasks_of(name).map(|t| Key::endpoint(&t.id)));
             for key in &keys {
                 store.delete(&me, key);
@@ -220,7 +241,10 @@ impl Agent {
             let store = &cluster.store;
             let svc = store.service(service).ok_or_else(|| Self::unknown_service(service))?;
             store.network(&svc.network).cloned().ok_or_else(|| {
-                Error::invalid(format!("network {} of service {service} does not exist; recreate it", svc.network))
+                Error::invalid(format!(
+                    "network {} of service {service} does not exist; recreate it",
+                    svc.network
+                ))
             })?
         };
         let netns_path = Path::new(netns);
@@ -229,14 +253,24 @@ impl Agent {
         }
         let task = match name {
             Some(task) => task,
-            None => format!("{service}.{:06x}", std::collections::hash_map::RandomState::new().build_hasher().finish() & 0xff_ffff),
+            None => format!(
+                "{service}.{:06x}",
+                std::collections::hash_map::RandomState::new().build_hasher().finish() & 0xff_ffff
+            ),
         };
         check_name("task", &task)?;
         let taken = |agent: &Agent| agent.cluster().store.get(&Key::endpoint(&task)).is_some();
         if taken(self) {
-            return Err(Error::invalid(format!("task {task} already exists; pick another --name or detach it first")));
+            return Err(Error::invalid(format!(
+                "task {task} already exists; pick another --name or detach it first"
+            )));
         }
-        if self.cluster().store.endpoints().any(|e| e.netns.as_deref() == Some(netns) && e.node == self.cfg.node_name) {
+        if self
+            .cluster()
+            .store
+            .endpoints()
+            .any(|e| e.netns.as_deref() == Some(netns) && e.node == self.cfg.node_name)
+        {
             return Err(Error::invalid(format!("namespace {netns} is already a task; detach it first")));
         }
 
@@ -338,14 +372,21 @@ impl Agent {
             let cluster = self.cluster();
             let store = &cluster.store;
             store.service(service).ok_or_else(|| Self::unknown_service(service))?;
-            if let Some(p) = store.published().find(|p| p.published == spec.published && p.proto == spec.proto) {
+            if let Some(p) =
+                store.published().find(|p| p.published == spec.published && p.proto == spec.proto)
+            {
                 return Err(Error::invalid(format!(
                     "port {}/{} is already published for service {}; unpublish it first (`meshctl unpublish {} {}`)",
                     p.published, p.proto, p.service, p.published, p.service
                 )));
             };
         }
-        let port = PublishedPort { published: spec.published, target: spec.target, proto: spec.proto, service: service.into() };
+        let port = PublishedPort {
+            published: spec.published,
+            target: spec.target,
+            proto: spec.proto,
+            service: service.into(),
+        };
         // Bind here first: a port held by another process is refused with nothing written.
         let mut plane = self.plane.lock().await;
         plane.proxy.publish(spec.proto, spec.published, Vec::new()).await?;
@@ -360,11 +401,9 @@ impl Agent {
         let key = Key::published(proto, published);
         let port = match self.cluster().store.get(&key) {
             Some(Object::Published(p)) => p.clone(),
-            _ => {
-                return Err(Error::invalid(format!(
-                    "port {published}/{proto} is not published; list published ports with `meshctl service ls`"
-                )))
-            }
+            _ => return Err(Error::invalid(format!(
+                "port {published}/{proto} is not published; list published ports with `meshctl service ls`"
+            ))),
         };
         if let Some(service) = service.filter(|s| *s != port.service) {
             return Err(Error::invalid(format!(
@@ -388,7 +427,9 @@ impl Agent {
                     ("self", Some(0.0))
                 } else {
                     match cluster.last_exchange.get(&n.name) {
-                        Some(t) if now.duration_since(*t) < ALIVE_WINDOW => ("alive", Some(now.duration_since(*t).as_secs_f64())),
+                        Some(t) if now.duration_since(*t) < ALIVE_WINDOW => {
+                            ("alive", Some(now.duration_since(*t).as_secs_f64()))
+                        }
                         Some(t) => ("unreachable", Some(now.duration_since(*t).as_secs_f64())),
                         None => ("unreachable", None),
                     }
@@ -403,10 +444,15 @@ impl Agent {
         let (networks, services, endpoints) = {
             let cluster = self.cluster();
             let s = &cluster.store;
-            (s.networks().count(), s.services().count(), s.endpoints().filter(|e| e.service.is_some()).count())
+            (
+                s.networks().count(),
+                s.services().count(),
+                s.endpoints().filter(|e| e.service.is_some()).count(),
+            )
         };
         let plane = self.plane.lock().await;
-        let mut served: Vec<String> = plane.proxy.ports().map(|(proto, port)| format!("{port}/{proto}")).collect();
+        let mut served: Vec<String> =
+            plane.proxy.ports().map(|(proto, port)| format!("{port}/{proto}")).collect();
         served.sort();
         json!({
             "node": self.cfg.node_name,

@@ -108,7 +108,8 @@ impl Agent {
     /// Loads the persisted store, loads the kernel programs and prepares the agent.
     pub async fn new(cfg: AgentConfig) -> Result<Arc<Agent>> {
         cfg.validate()?;
-        std::fs::create_dir_all(&cfg.state_dir).map_err(|e| Error::io(format!("creating --state-dir {}", cfg.state_dir.display()), e))?;
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(|e| Error::io(format!("creating --state-dir {}", cfg.state_dir.display()), e))?;
         let mut store = load_store(&cfg)?;
         let node = Node { name: cfg.node_name.clone(), addr: cfg.advertise_addr };
         store.put(&cfg.node_name, Object::Node(node));
@@ -131,9 +132,9 @@ impl Agent {
     /// `shutdown` resolves; then cleans up.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         let control_addr = SocketAddr::from((self.cfg.advertise_addr, self.cfg.control_port));
-        let control = TcpListener::bind(control_addr)
-            .await
-            .map_err(|e| Error::io(format!("listening on control port {control_addr} (is another meshd running here?)"), e))?;
+        let control = TcpListener::bind(control_addr).await.map_err(|e| {
+            Error::io(format!("listening on control port {control_addr} (is another meshd running here?)"), e)
+        })?;
         let api = bind_api_socket(&self.cfg.api_socket).await?;
         tracing::info!(node = %self.cfg.node_name, %control_addr, api = %self.cfg.api_socket.display(), "meshd running");
 
@@ -239,7 +240,9 @@ impl Agent {
             Op::RemovePeer(peer) => self.overlay.remove_peer(peer).await,
             Op::EnsureTask(link) => self.overlay.attach_task(link).await,
             Op::DetachTask(host_if) => self.overlay.detach_task(host_if).await,
-            Op::Listen { proto, port, backends } => plane.proxy.publish(*proto, *port, backends.clone()).await,
+            Op::Listen { proto, port, backends } => {
+                plane.proxy.publish(*proto, *port, backends.clone()).await
+            }
             Op::Unlisten { proto, port } => {
                 plane.proxy.unpublish(*proto, *port);
                 Ok(())
@@ -305,8 +308,11 @@ impl Agent {
         };
         let mine: Vec<&BlockClaim> =
             cluster.store.claims().filter(|c| c.network == net.name && &c.node == me).collect();
-        let owned: Vec<u32> =
-            mine.iter().filter(|c| confirmed(&Key::block(&c.network, c.index), &cluster)).map(|c| c.index).collect();
+        let owned: Vec<u32> = mine
+            .iter()
+            .filter(|c| confirmed(&Key::block(&c.network, c.index), &cluster))
+            .map(|c| c.index)
+            .collect();
         let pending = owned.len() < mine.len();
         let used: HashSet<Ipv4Addr> = cluster
             .store
@@ -322,7 +328,8 @@ impl Agent {
         if pending {
             return Ok(None);
         }
-        let claimed: HashSet<u32> = cluster.store.claims().filter(|c| c.network == net.name).map(|c| c.index).collect();
+        let claimed: HashSet<u32> =
+            cluster.store.claims().filter(|c| c.network == net.name).map(|c| c.index).collect();
         let Some(index) = ipam::next_free_block(me, ipam::block_count(net.subnet), &claimed) else {
             return Err(Error::invalid(format!(
                 "network {} ({}) has no free addresses left; detach tasks or create a network with a larger subnet",
@@ -384,7 +391,9 @@ fn op_key(op: &Op) -> String {
         Op::AddPeer(p) | Op::RemovePeer(p) => format!("peer {} on {}", p.ip, p.vni),
         Op::EnsureTask(l) => format!("task link {}", l.host_if),
         Op::DetachTask(h) => format!("task link {h}"),
-        Op::Listen { proto, port, .. } | Op::Unlisten { proto, port } => format!("published port {port}/{proto}"),
+        Op::Listen { proto, port, .. } | Op::Unlisten { proto, port } => {
+            format!("published port {port}/{proto}")
+        }
     }
 }
 
@@ -402,7 +411,10 @@ fn load_store(cfg: &AgentConfig) -> Result<Store> {
     let path = state_file(cfg);
     match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-            Error::invalid(format!("{} is not a meshd store ({e}); move it away to start with an empty one", path.display()))
+            Error::invalid(format!(
+                "{} is not a meshd store ({e}); move it away to start with an empty one",
+                path.display()
+            ))
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Store::default()),
         Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
@@ -431,7 +443,8 @@ async fn bind_api_socket(path: &std::path::Path) -> Result<UnixListener> {
         }
         let _ = std::fs::remove_file(path);
     }
-    let listener = UnixListener::bind(path).map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
+    let listener =
+        UnixListener::bind(path).map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::io(format!("chmod 0600 {}", path.display()), e))?;
     Ok(listener)

@@ -156,17 +156,28 @@ fn table(rows: &Value, columns: &[&str]) -> String {
     let cell = |v: &Value| match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
-        Value::Array(a) => a.iter().map(|x| x.as_str().map(str::to_owned).unwrap_or_else(|| x.to_string())).collect::<Vec<_>>().join(","),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_owned).unwrap_or_else(|| x.to_string()))
+            .collect::<Vec<_>>()
+            .join(","),
         other => other.to_string(),
     };
     let mut grid = vec![columns.iter().map(|c| c.to_uppercase()).collect::<Vec<_>>()];
     for row in rows.as_array().into_iter().flatten() {
         grid.push(columns.iter().map(|c| cell(&row[*c])).collect());
     }
-    let widths: Vec<usize> = (0..columns.len()).map(|i| grid.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> =
+        (0..columns.len()).map(|i| grid.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
     grid.iter()
         .map(|r| {
-            r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_owned()
+            r.iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_owned()
         })
         .collect::<Vec<_>>()
         .join("\n")
@@ -181,14 +192,29 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
         Request::ServiceLs => table(result, &["name", "network", "endpoint_mode", "tasks", "published"]),
         Request::ServicePs { .. } => table(result, &["task", "node", "ip", "mac"]),
         Request::NodeLs => table(result, &["name", "addr", "state", "last_seen_secs_ago"]),
-        Request::NetworkCreate { .. } => format!("network {} created (subnet {}, vni {})", result["name"].as_str().unwrap_or("?"), cell_str(&result["subnet"]), result["vni"]),
+        Request::NetworkCreate { .. } => format!(
+            "network {} created (subnet {}, vni {})",
+            result["name"].as_str().unwrap_or("?"),
+            cell_str(&result["subnet"]),
+            result["vni"]
+        ),
         Request::ServiceCreate { name, .. } => format!("service {name} created"),
         Request::ServiceRm { name } => format!("service {name} removed"),
-        Request::Attach { .. } => format!("task {} attached with {} on node {}", cell_str(&result["id"]), cell_str(&result["ip"]), cell_str(&result["node"])),
+        Request::Attach { .. } => format!(
+            "task {} attached with {} on node {}",
+            cell_str(&result["id"]),
+            cell_str(&result["ip"]),
+            cell_str(&result["node"])
+        ),
         Request::Detach { name } => format!("task {name} detached"),
-        Request::Publish { spec, service } => format!("published {}:{}/{} for service {service} on every node", spec.published, spec.target, spec.proto),
+        Request::Publish { spec, service } => format!(
+            "published {}:{}/{} for service {service} on every node",
+            spec.published, spec.target, spec.proto
+        ),
         Request::Unpublish { published, proto, .. } => format!("unpublished {published}/{proto}"),
-        Request::ServiceInspect { .. } | Request::Status => serde_json::to_string_pretty(result).expect("JSON values serialize"),
+        Request::ServiceInspect { .. } | Request::Status => {
+            serde_json::to_string_pretty(result).expect("JSON values serialize")
+        }
     }
 }
 

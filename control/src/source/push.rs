@@ -111,9 +111,10 @@ pub async fn push_loop(replica: Arc<dyn Replica>) {
         let rounds = replica.peers().into_iter().map(|peer| {
             let replica = replica.clone();
             async move {
-                if let Err(error) = timeout(EXCHANGE_TIMEOUT, exchange(peer, &*replica)).await.unwrap_or_else(|_| {
-                    Err(FrameError::Io(std::io::ErrorKind::TimedOut.into()))
-                }) {
+                if let Err(error) = timeout(EXCHANGE_TIMEOUT, exchange(peer, &*replica))
+                    .await
+                    .unwrap_or_else(|_| Err(FrameError::Io(std::io::ErrorKind::TimedOut.into())))
+                {
                     tracing::debug!(%peer, %error, "push failed");
                 }
             }
@@ -134,7 +135,9 @@ async fn exchange(peer: SocketAddr, replica: &dyn Replica) -> Result<(), FrameEr
 }
 
 /// Runs futures concurrently and waits for all (a tiny join_all, to avoid a crate).
-async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(futures: impl Iterator<Item = F>) {
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) {
     let handles: Vec<_> = futures.map(tokio::spawn).collect();
     for handle in handles {
         let _ = handle.await;

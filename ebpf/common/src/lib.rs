@@ -50,10 +50,7 @@ mod tests {
 
     #[test]
     fn sums_per_cpu_counters() {
-        let cpus = [
-            SockStats { seen: 3, rewritten: 1 },
-            SockStats { seen: 4, rewritten: 0 },
-        ];
+        let cpus = [SockStats { seen: 3, rewritten: 1 }, SockStats { seen: 4, rewritten: 0 }];
         assert_eq!(SockStats::sum(&cpus), SockStats { seen: 7, rewritten: 1 });
     }
 

@@ -11,8 +11,8 @@ use std::{
 };
 
 use anyhow::{bail, Result};
-use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use meshd_tests::{http_get, node_addr, remove_prefix, Cluster, CLIENT_ADDR};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
 const PREFIX: &str = "meshdemo";
 
@@ -59,7 +59,8 @@ fn main() -> Result<()> {
     show(&cluster, 1, &["service", "create", "mysql", "--network", "backend"])?;
 
     step("attaching 5 mvcapp tasks on n2 and n3, and a mysql task (TCP 3306) on n3");
-    for (node, task) in [(2, "mvcapp.1"), (3, "mvcapp.2"), (2, "mvcapp.3"), (3, "mvcapp.4"), (2, "mvcapp.5")] {
+    for (node, task) in [(2, "mvcapp.1"), (3, "mvcapp.2"), (2, "mvcapp.3"), (3, "mvcapp.4"), (2, "mvcapp.5")]
+    {
         let c = cluster.add_container(node, "mvcapp", task)?;
         println!("  {task:<9} on n{node}  {}", c.ip);
     }
@@ -106,4 +107,3 @@ fn main() -> Result<()> {
     println!("done");
     Ok(())
 }
-

@@ -58,8 +58,12 @@ async fn main() -> anyhow::Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--name" => name = args.next().ok_or_else(|| anyhow::anyhow!("--name needs a value"))?,
-            "--listen" => listen = args.next().ok_or_else(|| anyhow::anyhow!("--listen needs a value"))?.parse()?,
-            other => anyhow::bail!("unknown argument {other:?}; usage: meshd-testsrv [--name TASK] [--listen ADDR]"),
+            "--listen" => {
+                listen = args.next().ok_or_else(|| anyhow::anyhow!("--listen needs a value"))?.parse()?
+            }
+            other => anyhow::bail!(
+                "unknown argument {other:?}; usage: meshd-testsrv [--name TASK] [--listen ADDR]"
+            ),
         }
     }
     let body = Arc::new(format!("{name}\n"));

@@ -1,1 +1,120 @@
+//! Helpers shared by meshd's macro benchmarks: running load generators inside test
+//! namespaces and writing the side-by-side markdown table.
 
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+/// One measured row: what ran, and its numbers.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// Benchmark group, e.g. "HTTP via published port".
+    pub group: String,
+    /// The path measured, e.g. "meshd proxy".
+    pub path: String,
+    /// The main figure (higher is better).
+    pub value: f64,
+    /// Its unit.
+    pub unit: String,
+    /// A secondary figure, e.g. mean latency.
+    pub detail: String,
+    /// Whether this row is the group's baseline.
+    pub baseline: bool,
+}
+
+/// Renders rows as a markdown table with each row's ratio to its group's baseline.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut out =
+        String::from("| benchmark | path | result | ratio to baseline | detail |\n|---|---|---|---|---|\n");
+    for row in rows {
+        let base = rows.iter().find(|r| r.group == row.group && r.baseline).map(|r| r.value);
+        let ratio = match base {
+            Some(b) if b > 0.0 => format!("{:.2}×", row.value / b),
+            _ => "-".into(),
+        };
+        let path = if row.baseline { format!("{} (baseline)", row.path) } else { row.path.clone() };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} {} | {} | {} |",
+            row.group, path, row.value, row.unit, ratio, row.detail
+        );
+    }
+    out
+}
+
+/// Runs `program args` inside namespace `ns` and returns stdout.
+pub fn in_ns(ns: &str, program: &str, args: &[&str]) -> Result<String> {
+    let mut full = vec!["netns", "exec", ns, program];
+    full.extend_from_slice(args);
+    meshd_tests::sh("ip", &full)
+        .with_context(|| format!("{program} in {ns}; install it with `make bootstrap`"))
+}
+
+/// wrk's requests per second and mean latency from its text output.
+pub fn parse_wrk(out: &str) -> Result<(f64, String)> {
+    let rps = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .ok_or_else(|| anyhow!("no Requests/sec in wrk output:\n{out}"))?;
+    let latency = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("Latency"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("?")
+        .to_owned();
+    if out.contains("Non-2xx") || out.contains("Socket errors") {
+        bail!("wrk saw errors:\n{out}");
+    }
+    Ok((rps, format!("mean latency {latency}")))
+}
+
+/// iperf3's received throughput in bits per second from its JSON output.
+pub fn parse_iperf3(json: &str) -> Result<f64> {
+    let v: serde_json::Value = serde_json::from_str(json).context("iperf3 JSON")?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| anyhow!("no sum_received in iperf3 output"))
+}
+
+/// Writes the table, with the command and date, where the README links it.
+pub fn write_results(path: &Path, title: &str, rows: &[Row]) -> Result<String> {
+    let date = meshd_tests::sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"])?;
+    let text = format!(
+        "## {title}\n\nMeasured with `make bench` on {} ({} cores), one run, baseline in the same run.\n\n{}",
+        date.trim(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        markdown(rows)
+    );
+    std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_are_relative_to_the_group_baseline() {
+        let row = |path: &str, value: f64, baseline: bool| Row {
+            group: "g".into(),
+            path: path.into(),
+            value,
+            unit: "req/s".into(),
+            detail: String::new(),
+            baseline,
+        };
+        let table = markdown(&[row("direct", 200.0, true), row("meshd", 150.0, false)]);
+        assert!(table.contains("| g | direct (baseline) | 200 req/s | 1.00× |"), "{table}");
+        assert!(table.contains("| g | meshd | 150 req/s | 0.75× |"), "{table}");
+    }
+
+    #[test]
+    fn parses_wrk_output() {
+        let out = "Running 5s test\n  Thread Stats   Avg      Stdev\n    Latency   1.20ms  0.3ms\nRequests/sec:  12345.67\n";
+        let (rps, detail) = parse_wrk(out).unwrap();
+        assert_eq!(rps, 12345.67);
+        assert_eq!(detail, "mean latency 1.20ms");
+        assert!(parse_wrk("nothing").is_err());
+    }
+}

@@ -25,6 +25,10 @@ use crate::{lb::RoundRobin, Error, Result};
 /// How long a connect to one backend may take before the next one is tried.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Relay buffer per direction: large enough that bulk transfers move in few syscalls
+/// (tokio's default of 8 KiB caps a relayed stream at a fraction of the link).
+pub const RELAY_BUFFER: usize = 64 * 1024;
+
 /// How long a UDP flow may stay silent before its relay socket is closed.
 pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -152,7 +156,13 @@ async fn relay_tcp(mut client: TcpStream, backends: &[SocketAddr], rr: &RoundRob
         match timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await {
             Ok(Ok(mut upstream)) => {
                 let _ = upstream.set_nodelay(true);
-                tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+                tokio::io::copy_bidirectional_with_sizes(
+                    &mut client,
+                    &mut upstream,
+                    RELAY_BUFFER,
+                    RELAY_BUFFER,
+                )
+                .await?;
                 return Ok(());
             }
             Ok(Err(error)) => tracing::debug!(%backend, %error, "backend refused; trying the next"),

@@ -401,9 +401,11 @@ impl Agent {
         let key = Key::published(proto, published);
         let port = match self.cluster().store.get(&key) {
             Some(Object::Published(p)) => p.clone(),
-            _ => return Err(Error::invalid(format!(
+            _ => {
+                return Err(Error::invalid(format!(
                 "port {published}/{proto} is not published; list published ports with `meshctl service ls`"
-            ))),
+            )))
+            }
         };
         if let Some(service) = service.filter(|s| *s != port.service) {
             return Err(Error::invalid(format!(

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod gossip;
 pub mod ipam;
 pub mod model;
 pub mod reconcile;

@@ -132,7 +132,7 @@ pub struct BlockClaim {
 
 /// Every kind of object the store replicates.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Object {
     /// See [`Network`].
     Network(Network),

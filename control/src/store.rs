@@ -80,6 +80,28 @@ impl Store {
         changed
     }
 
+    /// Merges one entry; returns whether it was newer than what this store held.
+    pub fn merge_one(&mut self, key: String, entry: Entry) -> bool {
+        self.merge_entry(key, entry)
+    }
+
+    /// The entry (live or tombstone) under `key`.
+    pub fn entry(&self, key: &str) -> Option<&Entry> {
+        self.entries.get(key)
+    }
+
+    /// Every entry, tombstones included.
+    pub fn entries(&self) -> impl Iterator<Item = (&String, &Entry)> {
+        self.entries.iter()
+    }
+
+    /// Forgets `key` if it is a tombstone (after the tombstone TTL).
+    pub fn reap(&mut self, key: &str) {
+        if self.entries.get(key).is_some_and(|e| e.value.is_none()) {
+            self.entries.remove(key);
+        }
+    }
+
     fn merge_entry(&mut self, key: String, entry: Entry) -> bool {
         self.clock = self.clock.max(entry.version.counter);
         match self.entries.get(&key) {

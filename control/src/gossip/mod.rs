@@ -1,0 +1,819 @@
+//! SWIM membership with Lifeguard's local health awareness, and dissemination of the
+//! cluster store by piggybacking — as a sans-IO state machine.
+//!
+//! [`Gossip`] never touches a socket or a clock: the driver (`crate::source::gossip`)
+//! hands it decoded packets and the current time in milliseconds and sends what it
+//! returns; the simulation benchmark drives thousands of them over a simulated network
+//! the same way.
+//!
+//! - **Failure detection** (SWIM): every probe interval a member pings the next member
+//!   of a shuffled round; no ack within the probe timeout → `k` members are asked to
+//!   ping it indirectly; no ack by the end of the interval → the member is suspected.
+//!   A suspect that does not refute (by raising its incarnation) within the suspicion
+//!   timeout is declared dead.
+//! - **Lifeguard**: a member that misses acks raises its local health multiplier,
+//!   stretching its own probe interval and timeout (it may be the slow one); the
+//!   suspicion timeout starts long and shrinks as independent suspicions confirm it.
+//! - **Dissemination**: membership changes and store entries ride on every packet,
+//!   fewest-transmitted first, each retransmitted `retransmit_mult · ⌈log10(n+1)⌉`
+//!   times; every `gossip_interval` a few random members get a gossip-only packet.
+//!   A periodic TCP push-pull of the full state repairs whatever was missed.
+
+pub mod seal;
+pub mod sim;
+pub mod wire;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::SocketAddr,
+};
+
+use rand::{rngs::SmallRng, seq::SliceRandom, SeedableRng};
+
+pub use self::wire::MemberState;
+use self::wire::{encode_within, MemberRecord, Msg, Packet, PushPull, Update};
+use crate::{
+    model::{BlockClaim, Object},
+    store::{Entry, Store},
+};
+
+/// Milliseconds on the driver's clock.
+pub type Millis = u64;
+
+/// Gossip tuning, defaults in the spirit of memberlist's LAN profile.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How often a member probes another.
+    pub probe_interval: Millis,
+    /// How long to wait for a direct ack before asking others.
+    pub probe_timeout: Millis,
+    /// How many members are asked to probe indirectly.
+    pub indirect_checks: usize,
+    /// How often gossip-only packets go out.
+    pub gossip_interval: Millis,
+    /// To how many members each gossip round goes.
+    pub gossip_fanout: usize,
+    /// Retransmissions of an update: this times ⌈log10(n+1)⌉.
+    pub retransmit_mult: u32,
+    /// Suspicion timeout: this times max(1, log10(n)) probe intervals (the minimum).
+    pub suspicion_mult: u32,
+    /// The suspicion timeout starts at this multiple of the minimum.
+    pub suspicion_max_mult: u32,
+    /// How often a full TCP push-pull runs with one random member.
+    pub push_pull_interval: Millis,
+    /// How long dead members still receive gossip (so they learn and refute).
+    pub gossip_to_dead: Millis,
+    /// How long a tombstone is kept before it is reaped.
+    pub tombstone_ttl: Millis,
+    /// Largest UDP payload before sealing.
+    pub udp_limit: usize,
+    /// Highest local health multiplier.
+    pub max_health: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            probe_interval: 1000,
+            probe_timeout: 500,
+            indirect_checks: 3,
+            gossip_interval: 200,
+            gossip_fanout: 3,
+            retransmit_mult: 4,
+            suspicion_mult: 4,
+            suspicion_max_mult: 3,
+            push_pull_interval: 30_000,
+            gossip_to_dead: 30_000,
+            tombstone_ttl: 3_600_000,
+            udp_limit: 1400 - seal::OVERHEAD,
+            max_health: 8,
+        }
+    }
+}
+
+/// What the state machine wants done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Out {
+    /// Send these encoded packet bytes (seal them first) over UDP.
+    Udp {
+        /// Destination.
+        to: SocketAddr,
+        /// Encoded [`Packet`].
+        bytes: Vec<u8>,
+    },
+    /// Run a TCP push-pull with this member.
+    PushPull {
+        /// Its address.
+        to: SocketAddr,
+        /// Whether this is our join.
+        join: bool,
+    },
+}
+
+/// A member as this node sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Name.
+    pub name: String,
+    /// Gossip address.
+    pub addr: SocketAddr,
+    /// Highest incarnation seen.
+    pub incarnation: u64,
+    /// State.
+    pub state: MemberState,
+    /// When the state last changed (driver clock).
+    pub since: Millis,
+    suspicion: Option<Suspicion>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Suspicion {
+    started: Millis,
+    confirmations: BTreeSet<String>,
+}
+
+#[derive(Clone, Debug)]
+struct Probe {
+    target: String,
+    seq: u32,
+    sent: Millis,
+    indirect_sent: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Relay {
+    requester: SocketAddr,
+    requester_seq: u32,
+    expires: Millis,
+}
+
+#[derive(Clone, Debug)]
+struct Queued {
+    update: Update,
+    transmits: u32,
+    order: u64,
+}
+
+/// Counters of the protocol's work.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// UDP packets produced.
+    pub packets_out: u64,
+    /// Encoded bytes produced (before sealing).
+    pub bytes_out: u64,
+    /// Packets handled.
+    pub packets_in: u64,
+}
+
+/// One node's gossip state.
+pub struct Gossip {
+    cfg: Config,
+    me: String,
+    addr: SocketAddr,
+    incarnation: u64,
+    epoch: u64,
+    packet_seq: u64,
+    members: BTreeMap<String, Member>,
+    store: Store,
+    tombstones_seen: HashMap<String, Millis>,
+    queue: BTreeMap<String, Queued>,
+    queue_order: u64,
+    rng: SmallRng,
+    probe: Option<Probe>,
+    probe_round: Vec<String>,
+    next_probe_at: Millis,
+    next_gossip_at: Millis,
+    next_push_pull_at: Millis,
+    next_seq: u32,
+    relays: HashMap<u32, Relay>,
+    health: u32,
+    leaving: bool,
+    changed: bool,
+    /// Work counters.
+    pub stats: Stats,
+}
+
+impl Gossip {
+    /// A node named `me` gossiping at `addr`, whose process started at `epoch` (ms
+    /// since the Unix epoch), holding `store`.
+    pub fn new(
+        cfg: Config,
+        me: String,
+        addr: SocketAddr,
+        epoch: u64,
+        store: Store,
+        seed: u64,
+        now: Millis,
+    ) -> Gossip {
+        let mut g = Gossip {
+            me,
+            addr,
+            incarnation: 0,
+            epoch,
+            packet_seq: 0,
+            members: BTreeMap::new(),
+            store,
+            tombstones_seen: HashMap::new(),
+            queue: BTreeMap::new(),
+            queue_order: 0,
+            rng: SmallRng::seed_from_u64(seed),
+            probe: None,
+            probe_round: Vec::new(),
+            next_probe_at: now,
+            next_gossip_at: now,
+            next_push_pull_at: now + cfg.push_pull_interval,
+            next_seq: 1,
+            relays: HashMap::new(),
+            health: 0,
+            leaving: false,
+            changed: false,
+            stats: Stats::default(),
+            cfg,
+        };
+        g.announce();
+        g
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.me
+    }
+
+    /// This node's incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// The replicated store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Known members (this node excluded).
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.members.values()
+    }
+
+    /// Names of members whose entries are live: this node and every alive or suspect
+    /// member. Entries of dead or departed members are suspended, not deleted.
+    pub fn live_nodes(&self) -> BTreeSet<String> {
+        let mut live: BTreeSet<String> = self
+            .members
+            .values()
+            .filter(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect))
+            .map(|m| m.name.clone())
+            .collect();
+        live.insert(self.me.clone());
+        live
+    }
+
+    /// Lifeguard's local health multiplier (0 = healthy).
+    pub fn health(&self) -> u32 {
+        self.health
+    }
+
+    /// Whether membership or the store changed since the last call.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// Learns a member without spreading the news (a simulation seeding full
+    /// membership, as if every node had just completed a push-pull).
+    pub fn learn_member(&mut self, name: &str, addr: SocketAddr, now: Millis) {
+        if name != self.me {
+            let update = Update::Alive { node: name.to_owned(), addr, incarnation: 0 };
+            self.apply_member(&update, now);
+        }
+    }
+
+    /// Drops every queued update (simulations start from a quiet cluster).
+    pub fn clear_queue(&mut self) {
+        self.queue.clear();
+    }
+
+    /// Updates waiting to be piggybacked.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn announce(&mut self) {
+        let update = Update::Alive { node: self.me.clone(), addr: self.addr, incarnation: self.incarnation };
+        self.enqueue(update);
+    }
+
+    fn enqueue(&mut self, update: Update) {
+        self.queue_order += 1;
+        let subject = update.subject();
+        self.queue.insert(subject, Queued { update, transmits: 0, order: self.queue_order });
+    }
+
+    fn record_entry(&mut self, key: String, entry: Entry, now: Millis) {
+        if entry.value.is_none() {
+            self.tombstones_seen.entry(key.clone()).or_insert(now);
+        } else {
+            self.tombstones_seen.remove(&key);
+        }
+        self.enqueue(Update::Entry { key, entry });
+        self.changed = true;
+    }
+
+    /// Writes an object locally and spreads it.
+    pub fn put(&mut self, object: Object, now: Millis) -> bool {
+        let key = object.key();
+        if !self.store.put(&self.me, object) {
+            return false;
+        }
+        let entry = self.store.entry(&key).cloned().expect("just written");
+        self.record_entry(key, entry, now);
+        true
+    }
+
+    /// Deletes a key locally (tombstone) and spreads it.
+    pub fn delete(&mut self, key: &str, now: Millis) -> bool {
+        if !self.store.delete(&self.me, key) {
+            return false;
+        }
+        let entry = self.store.entry(key).cloned().expect("just written");
+        self.record_entry(key.to_owned(), entry, now);
+        true
+    }
+
+    /// Writes a block claim (see [`Store::put_claim`]) and spreads it.
+    pub fn put_claim(&mut self, claim: BlockClaim, now: Millis) {
+        let key = Object::Block(claim.clone()).key();
+        self.store.put_claim(claim);
+        if let Some(entry) = self.store.entry(&key).cloned() {
+            self.record_entry(key, entry, now);
+        }
+    }
+
+    /// Starts joining through `seeds`.
+    pub fn join(&mut self, seeds: &[SocketAddr]) -> Vec<Out> {
+        seeds.iter().filter(|s| **s != self.addr).map(|&to| Out::PushPull { to, join: true }).collect()
+    }
+
+    /// Starts leaving: announces it and stops probing.
+    pub fn leave(&mut self, now: Millis) -> Vec<Out> {
+        self.leaving = true;
+        self.incarnation += 1;
+        self.enqueue(Update::Left { node: self.me.clone(), incarnation: self.incarnation });
+        // Tell as many members as possible right away.
+        let targets: Vec<SocketAddr> =
+            self.members.values().filter(|m| m.state == MemberState::Alive).map(|m| m.addr).collect();
+        let mut out = Vec::new();
+        for to in targets {
+            out.push(self.packet_to(to, Msg::Gossip, now));
+        }
+        out
+    }
+
+    fn cluster_size(&self) -> usize {
+        self.members.values().filter(|m| m.state != MemberState::Dead && m.state != MemberState::Left).count()
+            + 1
+    }
+
+    fn retransmit_limit(&self) -> u32 {
+        let n = self.cluster_size() as f64;
+        self.cfg.retransmit_mult * ((n + 1.0).log10().ceil() as u32).max(1)
+    }
+
+    fn suspicion_bounds(&self) -> (Millis, Millis) {
+        let n = self.cluster_size().max(1) as f64;
+        let min =
+            (self.cfg.suspicion_mult as f64 * n.log10().max(1.0) * self.cfg.probe_interval as f64) as Millis;
+        (min, min * self.cfg.suspicion_max_mult as Millis)
+    }
+
+    /// Lifeguard: the suspicion timeout shrinks from max towards min as independent
+    /// confirmations arrive (expected: `indirect_checks` of them).
+    fn suspicion_timeout(&self, confirmations: usize) -> Millis {
+        let (min, max) = self.suspicion_bounds();
+        let k = self.cfg.indirect_checks.min(self.cluster_size().saturating_sub(2));
+        if k == 0 {
+            return min;
+        }
+        let frac = ((confirmations as f64) + 1.0).ln() / ((k as f64) + 1.0).ln();
+        let timeout = max as f64 - (max - min) as f64 * frac.min(1.0);
+        (timeout as Millis).max(min)
+    }
+
+    fn next_packet(&mut self, msg: Msg) -> Packet {
+        self.packet_seq += 1;
+        Packet {
+            from: self.me.clone(),
+            from_addr: self.addr,
+            epoch: self.epoch,
+            seq: self.packet_seq,
+            msg,
+            updates: vec![],
+        }
+    }
+
+    /// Builds a packet to `to` with as many queued updates as fit.
+    fn packet_to(&mut self, to: SocketAddr, msg: Msg, _now: Millis) -> Out {
+        let packet = self.next_packet(msg);
+        let mut order: Vec<(&String, &Queued)> = self.queue.iter().collect();
+        order.sort_by_key(|(_, q)| (q.transmits, std::cmp::Reverse(q.order)));
+        let subjects: Vec<String> = order.iter().map(|(s, _)| (*s).clone()).collect();
+        let candidates: Vec<Update> = order.iter().map(|(_, q)| q.update.clone()).collect();
+        let (bytes, used) = encode_within(packet, &candidates, self.cfg.udp_limit);
+        let limit = self.retransmit_limit();
+        for i in used {
+            let subject = &subjects[i];
+            let done = match self.queue.get_mut(subject) {
+                Some(q) => {
+                    q.transmits += 1;
+                    q.transmits >= limit
+                }
+                None => false,
+            };
+            if done {
+                self.queue.remove(subject);
+            }
+        }
+        self.stats.packets_out += 1;
+        self.stats.bytes_out += bytes.len() as u64;
+        Out::Udp { to, bytes }
+    }
+
+    fn scaled(&self, interval: Millis) -> Millis {
+        interval * (self.health as Millis + 1)
+    }
+
+    /// Advances timers: probes, suspicion, gossip rounds, push-pull, reaping.
+    pub fn tick(&mut self, now: Millis) -> Vec<Out> {
+        let mut out = Vec::new();
+        if self.leaving {
+            return out;
+        }
+        self.tick_probe(now, &mut out);
+        self.tick_suspicions(now);
+        if now >= self.next_gossip_at {
+            self.next_gossip_at = now + self.cfg.gossip_interval;
+            if !self.queue.is_empty() {
+                let targets = self.gossip_targets(now);
+                for to in targets {
+                    out.push(self.packet_to(to, Msg::Gossip, now));
+                }
+            }
+        }
+        if now >= self.next_push_pull_at {
+            let n = self.cluster_size();
+            // memberlist's scaling: beyond 32 members, push-pull less often.
+            let scale = if n > 32 { ((n as f64).log2() - 5.0).ceil().max(1.0) as Millis + 1 } else { 1 };
+            self.next_push_pull_at = now + self.cfg.push_pull_interval * scale;
+            let alive: Vec<SocketAddr> =
+                self.members.values().filter(|m| m.state == MemberState::Alive).map(|m| m.addr).collect();
+            if let Some(&to) = alive.choose(&mut self.rng) {
+                out.push(Out::PushPull { to, join: false });
+            }
+        }
+        self.relays.retain(|_, r| r.expires > now);
+        self.reap(now);
+        out
+    }
+
+    fn gossip_targets(&mut self, now: Millis) -> Vec<SocketAddr> {
+        let horizon = self.cfg.gossip_to_dead;
+        let candidates: Vec<SocketAddr> = self
+            .members
+            .values()
+            .filter(|m| match m.state {
+                MemberState::Alive | MemberState::Suspect => true,
+                MemberState::Dead | MemberState::Left => now.saturating_sub(m.since) < horizon,
+            })
+            .map(|m| m.addr)
+            .collect();
+        candidates.choose_multiple(&mut self.rng, self.cfg.gossip_fanout).copied().collect()
+    }
+
+    fn tick_probe(&mut self, now: Millis, out: &mut Vec<Out>) {
+        if let Some(probe) = self.probe.clone() {
+            let target = self.members.get(&probe.target).cloned();
+            if !probe.indirect_sent && now >= probe.sent + self.scaled(self.cfg.probe_timeout) {
+                if let Some(target) = &target {
+                    let helpers: Vec<SocketAddr> = self
+                        .members
+                        .values()
+                        .filter(|m| m.state == MemberState::Alive && m.name != target.name)
+                        .map(|m| m.addr)
+                        .collect::<Vec<_>>()
+                        .choose_multiple(&mut self.rng, self.cfg.indirect_checks)
+                        .copied()
+                        .collect();
+                    for to in helpers {
+                        let msg = Msg::PingReq {
+                            seq: probe.seq,
+                            target: target.name.clone(),
+                            target_addr: target.addr,
+                        };
+                        out.push(self.packet_to(to, msg, now));
+                    }
+                }
+                if let Some(p) = self.probe.as_mut() {
+                    p.indirect_sent = true;
+                }
+            }
+            if now >= probe.sent + self.scaled(self.cfg.probe_interval) {
+                self.probe = None;
+                self.health = (self.health + 1).min(self.cfg.max_health);
+                if let Some(target) = target {
+                    self.suspect(&target.name, target.incarnation, self.me.clone(), now);
+                }
+            }
+            return;
+        }
+        if now < self.next_probe_at {
+            return;
+        }
+        self.next_probe_at = now + self.scaled(self.cfg.probe_interval);
+        let Some(target) = self.next_probe_target() else { return };
+        let seq = self.take_seq();
+        let addr = self.members[&target].addr;
+        self.probe = Some(Probe { target: target.clone(), seq, sent: now, indirect_sent: false });
+        out.push(self.packet_to(addr, Msg::Ping { seq, target }, now));
+    }
+
+    fn take_seq(&mut self) -> u32 {
+        self.next_seq = self.next_seq.wrapping_add(1).max(1);
+        self.next_seq
+    }
+
+    fn next_probe_target(&mut self) -> Option<String> {
+        loop {
+            let Some(name) = self.probe_round.pop() else {
+                let mut round: Vec<String> = self
+                    .members
+                    .values()
+                    .filter(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect))
+                    .map(|m| m.name.clone())
+                    .collect();
+                if round.is_empty() {
+                    return None;
+                }
+                round.shuffle(&mut self.rng);
+                self.probe_round = round;
+                continue;
+            };
+            if self
+                .members
+                .get(&name)
+                .is_some_and(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect))
+            {
+                return Some(name);
+            }
+        }
+    }
+
+    fn tick_suspicions(&mut self, now: Millis) {
+        let expired: Vec<(String, u64)> = self
+            .members
+            .values()
+            .filter_map(|m| {
+                let s = m.suspicion.as_ref()?;
+                (now >= s.started + self.suspicion_timeout(s.confirmations.len()))
+                    .then(|| (m.name.clone(), m.incarnation))
+            })
+            .collect();
+        for (name, incarnation) in expired {
+            self.apply(Update::Dead { node: name, incarnation }, now);
+        }
+    }
+
+    fn reap(&mut self, now: Millis) {
+        let ttl = self.cfg.tombstone_ttl;
+        let old: Vec<String> = self
+            .tombstones_seen
+            .iter()
+            .filter(|(_, seen)| now.saturating_sub(**seen) >= ttl)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in old {
+            self.tombstones_seen.remove(&key);
+            self.store.reap(&key);
+        }
+    }
+
+    fn suspect(&mut self, node: &str, incarnation: u64, from: String, now: Millis) {
+        self.apply(Update::Suspect { node: node.to_owned(), incarnation, from }, now);
+    }
+
+    /// Handles a decoded, authenticated packet.
+    pub fn handle_packet(&mut self, packet: Packet, now: Millis) -> Vec<Out> {
+        self.stats.packets_in += 1;
+        let mut out = Vec::new();
+        for update in packet.updates {
+            self.apply(update, now);
+        }
+        match packet.msg {
+            Msg::Ping { seq, target } => {
+                if target == self.me && !self.leaving {
+                    out.push(self.packet_to(packet.from_addr, Msg::Ack { seq }, now));
+                }
+            }
+            Msg::PingReq { seq, target, target_addr } => {
+                let relay_seq = self.take_seq();
+                self.relays.insert(
+                    relay_seq,
+                    Relay {
+                        requester: packet.from_addr,
+                        requester_seq: seq,
+                        expires: now + self.cfg.probe_interval,
+                    },
+                );
+                out.push(self.packet_to(target_addr, Msg::Ping { seq: relay_seq, target }, now));
+            }
+            Msg::Ack { seq } => {
+                if let Some(relay) = self.relays.remove(&seq) {
+                    out.push(self.packet_to(relay.requester, Msg::Ack { seq: relay.requester_seq }, now));
+                } else if self.probe.as_ref().is_some_and(|p| p.seq == seq) {
+                    self.probe = None;
+                    self.health = self.health.saturating_sub(1);
+                }
+            }
+            Msg::Gossip => {}
+        }
+        out
+    }
+
+    /// Applies one update; rebroadcasts it if it was news.
+    fn apply(&mut self, update: Update, now: Millis) {
+        match &update {
+            Update::Entry { key, entry } => {
+                if self.store.merge_one(key.clone(), entry.clone()) {
+                    self.record_entry(key.clone(), entry.clone(), now);
+                }
+                return;
+            }
+            Update::Alive { node, .. }
+            | Update::Suspect { node, .. }
+            | Update::Dead { node, .. }
+            | Update::Left { node, .. }
+                if *node == self.me =>
+            {
+                self.about_me(&update);
+                return;
+            }
+            _ => {}
+        }
+        if self.apply_member(&update, now) {
+            self.changed = true;
+            self.enqueue(update);
+        }
+    }
+
+    /// Someone says something about us: refute anything but "alive".
+    fn about_me(&mut self, update: &Update) {
+        let (incarnation, refute) = match update {
+            Update::Alive { incarnation, .. } => (*incarnation, false),
+            Update::Suspect { incarnation, .. } | Update::Dead { incarnation, .. } => {
+                (*incarnation, !self.leaving)
+            }
+            Update::Left { incarnation, .. } => (*incarnation, !self.leaving),
+            Update::Entry { .. } => return,
+        };
+        if refute && incarnation >= self.incarnation {
+            self.incarnation = incarnation + 1;
+            self.announce();
+        } else if incarnation > self.incarnation {
+            // An older life of ours was further along; continue from there.
+            self.incarnation = incarnation;
+            self.announce();
+        }
+    }
+
+    /// Applies a membership update; returns whether it changed anything.
+    fn apply_member(&mut self, update: &Update, now: Millis) -> bool {
+        match update {
+            Update::Alive { node, addr, incarnation } => match self.members.get_mut(node) {
+                None => {
+                    self.members.insert(
+                        node.clone(),
+                        Member {
+                            name: node.clone(),
+                            addr: *addr,
+                            incarnation: *incarnation,
+                            state: MemberState::Alive,
+                            since: now,
+                            suspicion: None,
+                        },
+                    );
+                    true
+                }
+                Some(m) => {
+                    let newer = *incarnation > m.incarnation;
+                    if newer
+                        || (*incarnation == m.incarnation && m.state == MemberState::Alive && m.addr != *addr)
+                    {
+                        if m.state != MemberState::Alive {
+                            m.since = now;
+                        }
+                        m.incarnation = *incarnation;
+                        m.addr = *addr;
+                        m.state = MemberState::Alive;
+                        m.suspicion = None;
+                        true
+                    } else {
+                        false
+                    }
+                }
+            },
+            Update::Suspect { node, incarnation, from } => {
+                let Some(m) = self.members.get_mut(node) else { return false };
+                if *incarnation < m.incarnation {
+                    return false;
+                }
+                match m.state {
+                    MemberState::Alive => {
+                        m.incarnation = *incarnation;
+                        m.state = MemberState::Suspect;
+                        m.since = now;
+                        m.suspicion = Some(Suspicion { started: now, confirmations: BTreeSet::new() });
+                        true
+                    }
+                    MemberState::Suspect if *incarnation == m.incarnation => {
+                        // Lifeguard: an independent suspicion shortens the timeout.
+                        let s = m
+                            .suspicion
+                            .get_or_insert(Suspicion { started: now, confirmations: BTreeSet::new() });
+                        *from != self.me && s.confirmations.insert(from.clone())
+                    }
+                    MemberState::Suspect => {
+                        m.incarnation = *incarnation;
+                        m.suspicion = Some(Suspicion { started: now, confirmations: BTreeSet::new() });
+                        true
+                    }
+                    MemberState::Dead | MemberState::Left => false,
+                }
+            }
+            Update::Dead { node, incarnation } | Update::Left { node, incarnation } => {
+                let state =
+                    if matches!(update, Update::Left { .. }) { MemberState::Left } else { MemberState::Dead };
+                let Some(m) = self.members.get_mut(node) else { return false };
+                if *incarnation < m.incarnation || matches!(m.state, MemberState::Dead | MemberState::Left) {
+                    return false;
+                }
+                m.incarnation = *incarnation;
+                m.state = state;
+                m.since = now;
+                m.suspicion = None;
+                if self.probe.as_ref().is_some_and(|p| p.target == *node) {
+                    self.probe = None;
+                }
+                true
+            }
+            Update::Entry { .. } => false,
+        }
+    }
+
+    /// The full state for a TCP push-pull.
+    pub fn push_pull(&self, join: bool) -> PushPull {
+        let mut members: Vec<MemberRecord> = self
+            .members
+            .values()
+            .map(|m| MemberRecord {
+                node: m.name.clone(),
+                addr: m.addr,
+                incarnation: m.incarnation,
+                state: m.state,
+            })
+            .collect();
+        members.push(MemberRecord {
+            node: self.me.clone(),
+            addr: self.addr,
+            incarnation: self.incarnation,
+            state: if self.leaving { MemberState::Left } else { MemberState::Alive },
+        });
+        PushPull { from: self.me.clone(), join, members, store: self.store.clone() }
+    }
+
+    /// Merges a peer's full state.
+    pub fn merge_push_pull(&mut self, theirs: PushPull, now: Millis) {
+        for m in theirs.members {
+            let update = match m.state {
+                MemberState::Alive => {
+                    Update::Alive { node: m.node, addr: m.addr, incarnation: m.incarnation }
+                }
+                // A suspicion learned in bulk is treated as a fresh local one.
+                MemberState::Suspect => {
+                    Update::Suspect { node: m.node, incarnation: m.incarnation, from: theirs.from.clone() }
+                }
+                MemberState::Dead => Update::Dead { node: m.node, incarnation: m.incarnation },
+                MemberState::Left => Update::Left { node: m.node, incarnation: m.incarnation },
+            };
+            self.apply(update, now);
+        }
+        for (key, entry) in theirs.store.entries() {
+            if self.store.merge_one(key.clone(), entry.clone()) {
+                // Learned in bulk: record, but leave spreading to later push-pulls.
+                if entry.value.is_none() {
+                    self.tombstones_seen.entry(key.clone()).or_insert(now);
+                }
+                self.changed = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

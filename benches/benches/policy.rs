@@ -84,8 +84,11 @@ fn benches(c: &mut Criterion) {
     c.bench_function("round_robin_pick_64_backends", |b| b.iter(|| black_box(rr.order(&backends).next())));
 
     let store = cluster(1000);
-    c.bench_function("desired_1000_tasks_50_nodes", |b| b.iter(|| black_box(desired(&store, "n1", 1450))));
-    let want = desired(&store, "n1", 1450);
+    let live = (0..50).map(|n| format!("n{n}")).collect();
+    c.bench_function("desired_1000_tasks_50_nodes", |b| {
+        b.iter(|| black_box(desired(&store, &live, "n1", 1450)))
+    });
+    let want = desired(&store, &live, "n1", 1450);
     c.bench_function("plan_from_empty_1000_tasks", |b| {
         b.iter(|| black_box(plan(&Dataplane::default(), &want)))
     });

@@ -65,8 +65,9 @@ pub enum Op {
 }
 
 /// What `node`'s dataplane should hold given the cluster `store`; overlay devices get
-/// `mtu`.
-pub fn desired(store: &Store, node: &str, mtu: u32) -> Dataplane {
+/// `mtu`. Endpoints of nodes not in `live` (dead or departed) are suspended: not
+/// programmed and not load-balanced to, but kept in the store for their return.
+pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, mtu: u32) -> Dataplane {
     let mut out = Dataplane::default();
     let own = |e: &&Endpoint| e.node == node;
     for net in store.networks() {
@@ -85,7 +86,7 @@ pub fn desired(store: &Store, node: &str, mtu: u32) -> Dataplane {
             },
         );
     }
-    for ep in store.endpoints() {
+    for ep in store.endpoints().filter(|e| live.contains(&e.node)) {
         let Some(net) = store.network(&ep.network) else { continue };
         if ep.node == node {
             let (Some(host_if), Some(netns), Some(overlay)) =
@@ -112,8 +113,11 @@ pub fn desired(store: &Store, node: &str, mtu: u32) -> Dataplane {
         if store.service(&port.service).is_none() {
             continue;
         }
-        let mut backends: Vec<SocketAddr> =
-            store.tasks_of(&port.service).map(|t| SocketAddr::from((t.ip, port.target))).collect();
+        let mut backends: Vec<SocketAddr> = store
+            .tasks_of(&port.service)
+            .filter(|t| live.contains(&t.node))
+            .map(|t| SocketAddr::from((t.ip, port.target)))
+            .collect();
         backends.sort();
         out.listeners.insert((port.proto, port.published), backends);
     }
@@ -247,9 +251,13 @@ mod tests {
         s
     }
 
+    fn all() -> BTreeSet<String> {
+        ["n1", "n2", "n3"].into_iter().map(String::from).collect()
+    }
+
     #[test]
     fn desired_has_remote_peers_local_tasks_and_all_backends() {
-        let d = desired(&cluster(), "n1", 1450);
+        let d = desired(&cluster(), &all(), "n1", 1450);
         assert_eq!(d.overlays[&4096].node_ip, Ipv4Addr::new(10, 0, 0, 1));
         let peer_ips: Vec<_> = d.peers.iter().map(|p| p.ip).collect();
         assert_eq!(peer_ips, [Ipv4Addr::new(10, 0, 0, 17), Ipv4Addr::new(10, 0, 0, 18)]);
@@ -263,7 +271,7 @@ mod tests {
 
     #[test]
     fn a_node_without_its_own_address_programs_no_overlay() {
-        let d = desired(&cluster(), "n3", 1450);
+        let d = desired(&cluster(), &all(), "n3", 1450);
         assert!(d.overlays.is_empty());
         assert!(d.peers.is_empty());
         assert_eq!(d.listeners.len(), 1);
@@ -271,7 +279,7 @@ mod tests {
 
     #[test]
     fn plan_from_empty_builds_overlay_before_peers_and_converges() {
-        let want = desired(&cluster(), "n1", 1450);
+        let want = desired(&cluster(), &all(), "n1", 1450);
         let ops = plan(&Dataplane::default(), &want);
         let first_peer = ops.iter().position(|o| matches!(o, Op::AddPeer(_))).unwrap();
         let overlay = ops.iter().position(|o| matches!(o, Op::EnsureOverlay(_))).unwrap();
@@ -285,13 +293,24 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_nodes_tasks_are_suspended_not_forgotten() {
+        let store = cluster();
+        let live: BTreeSet<String> = ["n1".to_owned()].into();
+        let d = desired(&store, &live, "n1", 1450);
+        assert!(d.peers.is_empty(), "no FDB entries towards a dead node");
+        assert_eq!(d.listeners[&(Proto::Tcp, 3000)], vec!["10.0.0.2:80".parse().unwrap()]);
+        // It comes back: everything is there again, nothing was lost.
+        assert_eq!(desired(&store, &all(), "n1", 1450).listeners[&(Proto::Tcp, 3000)].len(), 2);
+    }
+
+    #[test]
     fn unpublish_and_detach_become_removals() {
         let mut store = cluster();
-        let applied = desired(&store, "n1", 1450);
+        let applied = desired(&store, &all(), "n1", 1450);
         store.delete("n1", "published/tcp/3000");
         store.delete("n1", "endpoint/web.2");
         store.delete("n2", "endpoint/web.1");
-        let ops = plan(&applied, &desired(&store, "n1", 1450));
+        let ops = plan(&applied, &desired(&store, &all(), "n1", 1450));
         assert!(ops.contains(&Op::Unlisten { proto: Proto::Tcp, port: 3000 }));
         assert!(ops.contains(&Op::DetachTask("mvweb.2".into())));
         assert!(ops.iter().any(|o| matches!(o, Op::RemovePeer(p) if p.ip == Ipv4Addr::new(10, 0, 0, 18))));

@@ -229,6 +229,7 @@ impl Cluster {
             meshctl: bin_path("meshctl")?,
             testsrv: bin_path("meshd-testsrv")?,
         };
+        cluster.write_keyring()?;
         cluster.build_underlay(n)?;
         for i in 1..=n {
             cluster.start_node(i)?;
@@ -247,6 +248,19 @@ impl Cluster {
             .with_context(|| format!("meshd log:\n{}", fs::read_to_string(&node.log).unwrap_or_default()))?;
         }
         Ok(cluster)
+    }
+
+    /// The cluster keyring every node is started with.
+    pub fn keyring(&self) -> PathBuf {
+        self.dir.join("keyring")
+    }
+
+    fn write_keyring(&self) -> Result<()> {
+        let mut key = [0u8; 32];
+        fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        fs::write(self.keyring(), format!("# test cluster keyring\n{hex}\n"))?;
+        Ok(())
     }
 
     fn switch_ns(&self) -> String {
@@ -319,6 +333,8 @@ impl Cluster {
             .arg(&node.socket)
             .arg("--cgroup")
             .arg(&node.cgroup)
+            .arg("--keyring-file")
+            .arg(self.keyring())
             .env("RUST_LOG", std::env::var("MESHD_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

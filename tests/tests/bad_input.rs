@@ -90,7 +90,7 @@ fn bad_input_is_refused_clearly_and_changes_nothing() -> Result<()> {
         "{stderr}"
     );
 
-    // Garbage on the control port: dropped, meshd keeps serving.
+    // Garbage on the TCP gossip port: dropped, meshd keeps serving.
     in_netns(&cluster.client_netns(), || -> std::io::Result<()> {
         let addr = (node_addr(1), 7946).into();
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
@@ -105,9 +105,7 @@ fn bad_input_is_refused_clearly_and_changes_nothing() -> Result<()> {
     let log = std::fs::read_to_string(&cluster.nodes[0].log)?;
     meshd_tests::poll("meshd logs the dropped exchanges", Duration::from_secs(5), || {
         let log = std::fs::read_to_string(&cluster.nodes[0].log)?;
-        (log.matches("dropped a bad state exchange").count() >= 2)
-            .then_some(())
-            .ok_or_else(|| anyhow!("{log}"))
+        (log.matches("dropped a bad push-pull").count() >= 2).then_some(()).ok_or_else(|| anyhow!("{log}"))
     })
     .map_err(|e| e.context(log))?;
     Ok(())

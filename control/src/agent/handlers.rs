@@ -19,7 +19,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use super::{Agent, ALIVE_WINDOW, ATTACH_WAIT};
+use super::{Agent, ATTACH_WAIT};
 use crate::{
     api::{Request, Response, MAX_LINE},
     ipam,
@@ -111,8 +111,8 @@ impl Agent {
             )));
         }
         let subnet = subnet.trunc();
-        let mut cluster = self.cluster();
-        let store = &mut cluster.store;
+        let mut gossip = self.gossip();
+        let store = gossip.store();
         if store.network(&name).is_some() {
             return Err(Error::invalid(format!("network {name} already exists; pick another name")));
         }
@@ -127,15 +127,15 @@ impl Agent {
         let used: HashSet<u32> = store.networks().map(|n| n.vni).collect();
         let vni = (FIRST_VNI..).find(|v| !used.contains(v)).expect("VNIs are plentiful");
         let network = Network { name, subnet, vni };
-        store.put(&self.cfg.node_name, Object::Network(network.clone()));
-        drop(cluster);
+        gossip.put(Object::Network(network.clone()), self.shared.now());
+        drop(gossip);
         self.changed();
         Ok(json!(network))
     }
 
     fn network_ls(&self) -> Value {
-        let cluster = self.cluster();
-        let store = &cluster.store;
+        let gossip = self.gossip();
+        let store = gossip.store();
         let rows: Vec<Value> = store
             .networks()
             .map(|n| {
@@ -148,8 +148,8 @@ impl Agent {
 
     fn service_create(&self, name: String, network: String, endpoint_mode: EndpointMode) -> Result<Value> {
         check_name("service", &name)?;
-        let mut cluster = self.cluster();
-        let store = &mut cluster.store;
+        let mut gossip = self.gossip();
+        let store = gossip.store();
         if store.network(&network).is_none() {
             return Err(Error::invalid(format!(
                 "network {network} does not exist; create it with `meshctl network create {network} --subnet CIDR`"
@@ -161,15 +161,15 @@ impl Agent {
             )));
         }
         let service = Service { name, network, endpoint_mode };
-        store.put(&self.cfg.node_name, Object::Service(service.clone()));
-        drop(cluster);
+        gossip.put(Object::Service(service.clone()), self.shared.now());
+        drop(gossip);
         self.changed();
         Ok(json!(service))
     }
 
     fn service_ls(&self) -> Value {
-        let cluster = self.cluster();
-        let store = &cluster.store;
+        let gossip = self.gossip();
+        let store = gossip.store();
         let rows: Vec<Value> = store
             .services()
             .map(|s| {
@@ -194,8 +194,8 @@ impl Agent {
     }
 
     fn service_ps(&self, name: &str) -> Result<Value> {
-        let cluster = self.cluster();
-        let store = &cluster.store;
+        let gossip = self.gossip();
+        let store = gossip.store();
         store.service(name).ok_or_else(|| Self::unknown_service(name))?;
         let rows: Vec<Value> = store
             .tasks_of(name)
@@ -206,8 +206,8 @@ impl Agent {
 
     fn service_inspect(&self, name: &str) -> Result<Value> {
         let tasks = self.service_ps(name)?;
-        let cluster = self.cluster();
-        let store = &cluster.store;
+        let gossip = self.gossip();
+        let store = gossip.store();
         let service = store.service(name).ok_or_else(|| Self::unknown_service(name))?;
         let ports: Vec<&PublishedPort> = store.published().filter(|p| p.service == name).collect();
         Ok(
@@ -217,17 +217,17 @@ impl Agent {
 
     async fn service_rm(&self, name: &str) -> Result<Value> {
         {
-            let mut cluster = self.cluster();
-            let store = &mut cluster.store;
+            let mut gossip = self.gossip();
+            let store = gossip.store();
             store.service(name).ok_or_else(|| Self::unknown_service(name))?;
-            let me = self.cfg.node_name.clone();
             let mut keys = vec![Key::service(name)];
             keys.extend(
                 store.published().filter(|p| p.service == name).map(|p| Key::published(p.proto, p.published)),
             );
             keys.extend(store.tasks_of(name).map(|t| Key::endpoint(&t.id)));
+            let now = self.shared.now();
             for key in &keys {
-                store.delete(&me, key);
+                gossip.delete(key, now);
             }
         }
         self.changed();
@@ -237,8 +237,8 @@ impl Agent {
 
     async fn attach(&self, service: &str, netns: &str, name: Option<String>) -> Result<Value> {
         let network = {
-            let cluster = self.cluster();
-            let store = &cluster.store;
+            let gossip = self.gossip();
+            let store = gossip.store();
             let svc = store.service(service).ok_or_else(|| Self::unknown_service(service))?;
             store.network(&svc.network).cloned().ok_or_else(|| {
                 Error::invalid(format!(
@@ -259,15 +259,15 @@ impl Agent {
             ),
         };
         check_name("task", &task)?;
-        let taken = |agent: &Agent| agent.cluster().store.get(&Key::endpoint(&task)).is_some();
+        let taken = |agent: &Agent| agent.gossip().store().get(&Key::endpoint(&task)).is_some();
         if taken(self) {
             return Err(Error::invalid(format!(
                 "task {task} already exists; pick another --name or detach it first"
             )));
         }
         if self
-            .cluster()
-            .store
+            .gossip()
+            .store()
             .endpoints()
             .any(|e| e.netns.as_deref() == Some(netns) && e.node == self.cfg.node_name)
         {
@@ -305,7 +305,7 @@ impl Agent {
         };
         let mut plane = self.plane.lock().await;
         let attached = self.overlay.attach_task(&link).await;
-        self.cluster().reserved.remove(&ip);
+        self.alloc().reserved.remove(&ip);
         attached?;
         let endpoint = Endpoint {
             id: task.clone(),
@@ -319,7 +319,7 @@ impl Agent {
             netns: Some(netns.to_owned()),
         };
         plane.applied.record(&Op::EnsureTask(link));
-        self.write(|store, me| store.put(me, Object::Endpoint(endpoint.clone())));
+        self.write(|g, now| g.put(Object::Endpoint(endpoint.clone()), now));
         drop(plane);
         Ok(json!(endpoint))
     }
@@ -348,7 +348,7 @@ impl Agent {
     }
 
     async fn detach(&self, task: &str) -> Result<Value> {
-        let endpoint = match self.cluster().store.get(&Key::endpoint(task)) {
+        let endpoint = match self.gossip().store().get(&Key::endpoint(task)) {
             Some(Object::Endpoint(e)) if e.service.is_some() => e.clone(),
             _ => {
                 return Err(Error::invalid(format!(
@@ -362,15 +362,15 @@ impl Agent {
                 endpoint.node
             )));
         }
-        self.write(|store, me| store.delete(me, &Key::endpoint(task)));
+        self.write(|g, now| g.delete(&Key::endpoint(task), now));
         self.reconcile().await;
         Ok(json!({ "detached": task }))
     }
 
     async fn publish(&self, spec: PortSpec, service: &str) -> Result<Value> {
         {
-            let cluster = self.cluster();
-            let store = &cluster.store;
+            let gossip = self.gossip();
+            let store = gossip.store();
             store.service(service).ok_or_else(|| Self::unknown_service(service))?;
             if let Some(p) =
                 store.published().find(|p| p.published == spec.published && p.proto == spec.proto)
@@ -391,7 +391,7 @@ impl Agent {
         let mut plane = self.plane.lock().await;
         plane.proxy.publish(spec.proto, spec.published, Vec::new()).await?;
         plane.applied.record(&Op::Listen { proto: spec.proto, port: spec.published, backends: Vec::new() });
-        self.write(|store, me| store.put(me, Object::Published(port.clone())));
+        self.write(|g, now| g.put(Object::Published(port.clone()), now));
         drop(plane);
         self.reconcile().await;
         Ok(json!(port))
@@ -399,7 +399,7 @@ impl Agent {
 
     async fn unpublish(&self, published: u16, proto: Proto, service: Option<String>) -> Result<Value> {
         let key = Key::published(proto, published);
-        let port = match self.cluster().store.get(&key) {
+        let port = match self.gossip().store().get(&key) {
             Some(Object::Published(p)) => p.clone(),
             _ => {
                 return Err(Error::invalid(format!(
@@ -413,43 +413,47 @@ impl Agent {
                 port.service, port.service
             )));
         }
-        self.write(|store, me| store.delete(me, &key));
+        self.write(|g, now| g.delete(&key, now));
         self.reconcile().await;
         Ok(json!(port))
     }
 
     fn node_ls(&self) -> Value {
-        let cluster = self.cluster();
-        let now = Instant::now();
-        let rows: Vec<Value> = cluster
-            .store
-            .nodes()
-            .map(|n| {
-                let (state, seen) = if n.name == self.cfg.node_name {
-                    ("self", Some(0.0))
-                } else {
-                    match cluster.last_exchange.get(&n.name) {
-                        Some(t) if now.duration_since(*t) < ALIVE_WINDOW => {
-                            ("alive", Some(now.duration_since(*t).as_secs_f64()))
-                        }
-                        Some(t) => ("unreachable", Some(now.duration_since(*t).as_secs_f64())),
-                        None => ("unreachable", None),
-                    }
-                };
-                json!({ "name": n.name, "addr": n.addr, "state": state, "last_seen_secs_ago": seen })
+        let gossip = self.gossip();
+        let now = self.shared.now();
+        let vteps: std::collections::HashMap<&str, Ipv4Addr> =
+            gossip.store().nodes().map(|n| (n.name.as_str(), n.addr)).collect();
+        let mut rows = vec![json!({
+            "name": gossip.name(), "addr": self.cfg.advertise_addr, "state": "self",
+            "incarnation": gossip.incarnation(), "changed_secs_ago": Value::Null,
+        })];
+        rows.extend(gossip.members().map(|m| {
+            let secs = (now.saturating_sub(m.since) as f64 / 100.0).round() / 10.0;
+            json!({
+                "name": m.name,
+                "addr": vteps.get(m.name.as_str()).copied().unwrap_or_else(|| match m.addr.ip() {
+                    std::net::IpAddr::V4(v4) => v4,
+                    std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+                }),
+                "state": m.state,
+                "incarnation": m.incarnation,
+                "changed_secs_ago": secs,
             })
-            .collect();
+        }));
         json!(rows)
     }
 
     async fn status(&self) -> Value {
-        let (networks, services, endpoints) = {
-            let cluster = self.cluster();
-            let s = &cluster.store;
+        let (networks, services, endpoints, members, incarnation, health) = {
+            let gossip = self.gossip();
+            let s = gossip.store();
             (
                 s.networks().count(),
                 s.services().count(),
                 s.endpoints().filter(|e| e.service.is_some()).count(),
+                gossip.members().filter(|m| m.state == crate::gossip::MemberState::Alive).count() + 1,
+                gossip.incarnation(),
+                gossip.health(),
             )
         };
         let plane = self.plane.lock().await;
@@ -470,6 +474,13 @@ impl Agent {
             "overlays": plane.applied.overlays.len(),
             "overlay_peers": plane.applied.peers.len(),
             "published_ports": served,
+            "gossip": {
+                "alive_members": members,
+                "incarnation": incarnation,
+                "local_health": health,
+                "keys": self.shared.keyring.read().keys.len(),
+                "counters": self.shared.counters.snapshot(),
+            },
             "errors": plane.errors,
         })
     }

@@ -9,9 +9,11 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
+
+use parking_lot::{Mutex, MutexGuard};
 
 use meshd_dataplane::{
     ebpf::SocketPrograms,
@@ -19,21 +21,23 @@ use meshd_dataplane::{
     proxy::Proxy,
 };
 use tokio::{
-    net::{TcpListener, UnixListener},
+    net::{TcpListener, UdpSocket, UnixListener},
     sync::watch,
 };
 
 use crate::{
+    gossip::{self as protocol, seal::Keyring, Gossip},
     ipam,
     model::{BlockClaim, Endpoint, Key, Network, Node, Object},
     reconcile::{self, Dataplane, Op},
-    source::{push, Replica, Snapshot},
+    source::gossip::{self, Shared},
     store::Store,
     Error, Result,
 };
 
-/// A peer not heard from for this long is shown as unreachable.
-pub const ALIVE_WINDOW: Duration = Duration::from_secs(5);
+/// A block claim is used only after this long without a conflicting claim arriving:
+/// gossip reaches every node of a thousand well within it.
+pub const CLAIM_SETTLE: Duration = Duration::from_millis(1500);
 
 /// How long attach waits for this node's overlay and address block.
 pub const ATTACH_WAIT: Duration = Duration::from_secs(10);
@@ -57,6 +61,10 @@ pub struct AgentConfig {
     pub cgroup: PathBuf,
     /// Leave links and entries in place on shutdown.
     pub keep_datapath: bool,
+    /// The cluster keyring.
+    pub keyring: Keyring,
+    /// Gossip tuning.
+    pub gossip: protocol::Config,
 }
 
 impl AgentConfig {
@@ -70,14 +78,10 @@ impl AgentConfig {
     }
 }
 
-/// What the store side of the agent tracks (guarded by one sync mutex: held briefly,
-/// never across an await).
+/// This node's address bookkeeping (held briefly, never across an await).
 #[derive(Default)]
-struct Cluster {
-    store: Store,
-    /// When each peer last completed an exchange with us (time our snapshot was taken).
-    last_exchange: HashMap<String, Instant>,
-    /// When this node made each of its not-yet-confirmed block claims, by store key.
+struct Alloc {
+    /// When this node made each of its block claims, by store key.
     claimed_at: HashMap<String, Instant>,
     /// Addresses handed out by an attach in progress, not yet in the store.
     reserved: HashSet<Ipv4Addr>,
@@ -98,9 +102,9 @@ pub struct Agent {
     mtu: u32,
     overlay: KernelVxlan,
     programs: Mutex<Option<SocketPrograms>>,
-    cluster: Mutex<Cluster>,
+    shared: Arc<Shared>,
+    alloc: Mutex<Alloc>,
     plane: tokio::sync::Mutex<Plane>,
-    changes: watch::Sender<u64>,
     started: Instant,
 }
 
@@ -110,47 +114,64 @@ impl Agent {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(|e| Error::io(format!("creating --state-dir {}", cfg.state_dir.display()), e))?;
-        let mut store = load_store(&cfg)?;
+        let store = load_store(&cfg)?;
         let node = Node { name: cfg.node_name.clone(), addr: cfg.advertise_addr };
-        store.put(&cfg.node_name, Object::Node(node));
         let mtu = overlay::underlay_mtu(cfg.advertise_addr).await? - VXLAN_OVERHEAD;
         let programs = SocketPrograms::attach(cfg.cgroup.clone())?;
+        let epoch = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let gossip_addr = SocketAddr::from((cfg.advertise_addr, cfg.control_port));
+        let mut state =
+            Gossip::new(cfg.gossip.clone(), cfg.node_name.clone(), gossip_addr, epoch, store, epoch, 0);
+        state.put(Object::Node(node), 0);
+        let shared = Arc::new(Shared {
+            gossip: Mutex::new(state),
+            keyring: parking_lot::RwLock::new(cfg.keyring.clone()),
+            counters: Default::default(),
+            changes: watch::channel(0).0,
+            started: Instant::now(),
+            udp_limit: cfg.gossip.udp_limit + protocol::seal::OVERHEAD,
+        });
         let agent = Agent {
             overlay: KernelVxlan { local_vtep: cfg.advertise_addr },
             mtu,
             programs: Mutex::new(Some(programs)),
-            cluster: Mutex::new(Cluster { store, ..Default::default() }),
+            shared,
+            alloc: Mutex::default(),
             plane: Default::default(),
-            changes: watch::channel(0).0,
             started: Instant::now(),
             cfg,
         };
         Ok(Arc::new(agent))
     }
 
-    /// Serves the control port and the API and keeps the dataplane reconciled, until
-    /// `shutdown` resolves; then cleans up.
+    /// Gossips, serves the API and keeps the dataplane reconciled until `shutdown`
+    /// resolves; then leaves the cluster and cleans up.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-        let control_addr = SocketAddr::from((self.cfg.advertise_addr, self.cfg.control_port));
-        let control = TcpListener::bind(control_addr).await.map_err(|e| {
-            Error::io(format!("listening on control port {control_addr} (is another meshd running here?)"), e)
-        })?;
+        let addr = SocketAddr::from((self.cfg.advertise_addr, self.cfg.control_port));
+        let tcp = TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::io(format!("listening on TCP {addr} (is another meshd running here?)"), e))?;
+        let udp = Arc::new(
+            UdpSocket::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("binding UDP {addr} (is another meshd running here?)"), e))?,
+        );
         let api = bind_api_socket(&self.cfg.api_socket).await?;
-        tracing::info!(node = %self.cfg.node_name, %control_addr, api = %self.cfg.api_socket.display(), "meshd running");
+        tracing::info!(node = %self.cfg.node_name, %addr, api = %self.cfg.api_socket.display(), "meshd running");
 
-        let replica: Arc<dyn Replica> = self.clone();
         let tasks = [
-            tokio::spawn(push::serve(control, replica.clone())),
-            tokio::spawn(push::push_loop(replica)),
+            tokio::spawn(gossip::run(self.shared.clone(), udp.clone(), tcp, self.cfg.join.clone())),
             tokio::spawn(self.clone().reconcile_loop()),
             tokio::spawn(handlers::serve_api(api, self.clone())),
         ];
         shutdown.await;
-        tracing::info!("shutting down");
+        tracing::info!("leaving the cluster and shutting down");
+        tasks[2].abort();
+        let _ = std::fs::remove_file(&self.cfg.api_socket);
+        gossip::leave(&self.shared, &udp).await;
         for task in &tasks {
             task.abort();
         }
-        let _ = std::fs::remove_file(&self.cfg.api_socket);
         self.teardown().await;
         Ok(())
     }
@@ -172,21 +193,28 @@ impl Agent {
             }
         }
         // Dropping the programs closes their links: the cgroup hooks detach.
-        drop(self.programs.lock().expect("programs lock").take());
+        drop(self.programs.lock().take());
     }
 
-    fn cluster(&self) -> MutexGuard<'_, Cluster> {
-        self.cluster.lock().expect("cluster lock poisoned")
+    /// The gossip state (membership and the replicated store).
+    fn gossip(&self) -> MutexGuard<'_, Gossip> {
+        self.shared.gossip()
     }
 
-    /// Signals a local store change to the reconciler and the state source.
+    fn alloc(&self) -> MutexGuard<'_, Alloc> {
+        self.alloc.lock()
+    }
+
+    /// Signals a local change to the reconciler.
     fn changed(&self) {
-        self.changes.send_modify(|g| *g += 1);
+        self.shared.changes.send_modify(|g| *g += 1);
     }
 
-    /// Applies `f` to the store; signals a change if it returns true.
-    fn write(&self, f: impl FnOnce(&mut Store, &str) -> bool) -> bool {
-        let out = f(&mut self.cluster().store, &self.cfg.node_name);
+    /// Applies `f` to the gossip state (writes spread from there); signals a change if
+    /// it returns true.
+    fn write(&self, f: impl FnOnce(&mut Gossip, protocol::Millis) -> bool) -> bool {
+        let now = self.shared.now();
+        let out = f(&mut self.gossip(), now);
         if out {
             self.changed();
         }
@@ -194,7 +222,7 @@ impl Agent {
     }
 
     async fn reconcile_loop(self: Arc<Self>) {
-        let mut changes = self.changes.subscribe();
+        let mut changes = self.shared.changes.subscribe();
         loop {
             self.reconcile().await;
             let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
@@ -204,8 +232,11 @@ impl Agent {
     /// Brings this node's own addresses and the dataplane in line with the store.
     async fn reconcile(&self) {
         self.ensure_node_addresses();
-        let store = self.cluster().store.clone();
-        let want = reconcile::desired(&store, &self.cfg.node_name, self.mtu);
+        let (store, live) = {
+            let g = self.gossip();
+            (g.store().clone(), g.live_nodes())
+        };
+        let want = reconcile::desired(&store, &live, &self.cfg.node_name, self.mtu);
         let mut plane = self.plane.lock().await;
         for op in reconcile::plan(&plane.applied, &want) {
             let key = op_key(&op);
@@ -252,23 +283,25 @@ impl Agent {
 
     /// A local task whose namespace disappeared is no task any more.
     fn forget_vanished_task(&self, host_if: &str) {
-        self.write(|store, me| {
-            let gone: Vec<_> = store
+        let me = self.cfg.node_name.clone();
+        self.write(|g, now| {
+            let gone: Vec<_> = g
+                .store()
                 .endpoints()
                 .filter(|e| e.node == me && e.host_if.as_deref() == Some(host_if))
                 .map(|e| Key::endpoint(&e.id))
                 .collect();
-            gone.iter().fold(false, |changed, key| store.delete(me, key) | changed)
+            gone.iter().fold(false, |changed, key| g.delete(key, now) | changed)
         });
     }
 
     /// Gives this node an address on every network it does not have one on yet.
     fn ensure_node_addresses(&self) {
         let me = self.cfg.node_name.clone();
-        let networks: Vec<Network> = self.cluster().store.networks().cloned().collect();
+        let networks: Vec<Network> = self.gossip().store().networks().cloned().collect();
         for net in networks {
             let id = Endpoint::node_id(&me, &net.name);
-            if self.cluster().store.get(&Key::endpoint(&id)).is_some() {
+            if self.gossip().store().get(&Key::endpoint(&id)).is_some() {
                 continue;
             }
             if let Ok(Some(ip)) = self.allocate(&net) {
@@ -283,8 +316,8 @@ impl Agent {
                     host_if: None,
                     netns: None,
                 };
-                self.write(|store, me| store.put(me, Object::Endpoint(endpoint)));
-                self.cluster().reserved.remove(&ip);
+                self.write(|g, now| g.put(Object::Endpoint(endpoint), now));
+                self.alloc().reserved.remove(&ip);
             }
         }
     }
@@ -293,43 +326,36 @@ impl Agent {
     /// a new block when needed. `Ok(None)`: a claim is waiting for confirmation.
     fn allocate(&self, net: &Network) -> Result<Option<Ipv4Addr>> {
         let me = &self.cfg.node_name;
-        let mut cluster = self.cluster();
+        let mut gossip = self.gossip();
+        let mut alloc = self.alloc();
         let now = Instant::now();
-        let alive: Vec<Instant> = cluster
-            .store
-            .nodes()
-            .filter(|n| &n.name != me)
-            .filter_map(|n| cluster.last_exchange.get(&n.name).copied())
-            .filter(|t| now.duration_since(*t) < ALIVE_WINDOW)
-            .collect();
-        let confirmed = |key: &str, cluster: &Cluster| match cluster.claimed_at.get(key) {
-            None => true,
-            Some(at) => alive.iter().all(|seen| seen >= at),
+        let settled = |key: &str, alloc: &Alloc| {
+            alloc.claimed_at.get(key).is_none_or(|at| now.duration_since(*at) >= CLAIM_SETTLE)
         };
+        let store = gossip.store();
         let mine: Vec<&BlockClaim> =
-            cluster.store.claims().filter(|c| c.network == net.name && &c.node == me).collect();
+            store.claims().filter(|c| c.network == net.name && &c.node == me).collect();
         let owned: Vec<u32> = mine
             .iter()
-            .filter(|c| confirmed(&Key::block(&c.network, c.index), &cluster))
+            .filter(|c| settled(&Key::block(&c.network, c.index), &alloc))
             .map(|c| c.index)
             .collect();
         let pending = owned.len() < mine.len();
-        let used: HashSet<Ipv4Addr> = cluster
-            .store
+        let used: HashSet<Ipv4Addr> = store
             .endpoints()
             .filter(|e| e.network == net.name)
             .map(|e| e.ip)
-            .chain(cluster.reserved.iter().copied())
+            .chain(alloc.reserved.iter().copied())
             .collect();
         if let Some(ip) = ipam::allocate(net.subnet, &owned, &used) {
-            cluster.reserved.insert(ip);
+            alloc.reserved.insert(ip);
             return Ok(Some(ip));
         }
         if pending {
             return Ok(None);
         }
         let claimed: HashSet<u32> =
-            cluster.store.claims().filter(|c| c.network == net.name).map(|c| c.index).collect();
+            store.claims().filter(|c| c.network == net.name).map(|c| c.index).collect();
         let Some(index) = ipam::next_free_block(me, ipam::block_count(net.subnet), &claimed) else {
             return Err(Error::invalid(format!(
                 "network {} ({}) has no free addresses left; detach tasks or create a network with a larger subnet",
@@ -337,50 +363,11 @@ impl Agent {
             )));
         };
         let claim = BlockClaim { network: net.name.clone(), index, node: me.clone() };
-        cluster.claimed_at.insert(Key::block(&net.name, index), now);
-        cluster.store.put_claim(claim);
-        drop(cluster);
+        alloc.claimed_at.insert(Key::block(&net.name, index), now);
+        gossip.put_claim(claim, self.shared.now());
+        drop((gossip, alloc));
         self.changed();
         Ok(None)
-    }
-}
-
-impl Replica for Agent {
-    fn snapshot(&self) -> Snapshot {
-        Snapshot { node: self.cfg.node_name.clone(), store: self.cluster().store.clone() }
-    }
-
-    fn absorb(&self, theirs: Snapshot, sent_at: Instant) {
-        if theirs.node == self.cfg.node_name {
-            return;
-        }
-        let mut cluster = self.cluster();
-        let seen = cluster.last_exchange.entry(theirs.node).or_insert(sent_at);
-        *seen = (*seen).max(sent_at);
-        let changed = cluster.store.merge(&theirs.store);
-        drop(cluster);
-        if changed {
-            self.changed();
-        }
-    }
-
-    fn peers(&self) -> Vec<SocketAddr> {
-        let cluster = self.cluster();
-        let own = SocketAddr::from((self.cfg.advertise_addr, self.cfg.control_port));
-        let mut peers: Vec<SocketAddr> = cluster
-            .store
-            .nodes()
-            .map(|n| SocketAddr::from((n.addr, self.cfg.control_port)))
-            .chain(self.cfg.join.iter().copied())
-            .filter(|a| *a != own)
-            .collect();
-        peers.sort();
-        peers.dedup();
-        peers
-    }
-
-    fn changes(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
     }
 }
 
@@ -452,7 +439,7 @@ async fn bind_api_socket(path: &std::path::Path) -> Result<UnixListener> {
 
 impl Agent {
     fn programs_status(&self) -> Vec<meshd_dataplane::ebpf::ProgramStatus> {
-        match self.programs.lock().expect("programs lock").as_ref().map(SocketPrograms::status) {
+        match self.programs.lock().as_ref().map(SocketPrograms::status) {
             Some(Ok(status)) => status,
             Some(Err(error)) => {
                 tracing::warn!(%error, "reading program status");

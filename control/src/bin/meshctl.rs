@@ -191,7 +191,7 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
         Request::NetworkLs => table(result, &["name", "subnet", "vni", "tasks"]),
         Request::ServiceLs => table(result, &["name", "network", "endpoint_mode", "tasks", "published"]),
         Request::ServicePs { .. } => table(result, &["task", "node", "ip", "mac"]),
-        Request::NodeLs => table(result, &["name", "addr", "state", "last_seen_secs_ago"]),
+        Request::NodeLs => table(result, &["name", "addr", "state", "incarnation", "changed_secs_ago"]),
         Request::NetworkCreate { .. } => format!(
             "network {} created (subnet {}, vni {})",
             result["name"].as_str().unwrap_or("?"),

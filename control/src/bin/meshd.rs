@@ -10,7 +10,11 @@ use clap::Parser;
 use meshd_control::{
     agent::{Agent, AgentConfig},
     api::DEFAULT_SOCKET,
-    source::push,
+    gossip::{
+        self,
+        seal::{Key, Keyring},
+    },
+    source::gossip::PORT,
 };
 
 /// meshd — Swarm-style service networking for a cluster of Linux hosts: overlay
@@ -37,9 +41,38 @@ struct Args {
     /// cgroup v2 directory the socket programs attach to [default: the cgroup2 mount root].
     #[arg(long)]
     cgroup: Option<PathBuf>,
-    /// Port of the control plane on every node.
-    #[arg(long, default_value_t = push::PORT)]
+    /// Port of gossip (UDP) and state sync (TCP) on every node.
+    #[arg(long, default_value_t = PORT)]
     control_port: u16,
+    /// The cluster keyring: one 64-hex-digit AES-256 key per line, the first seals.
+    /// Every node needs the same file. Created with a fresh key if missing
+    /// [default: STATE_DIR/keyring].
+    #[arg(long)]
+    keyring_file: Option<PathBuf>,
+    /// SWIM probe interval, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    probe_interval_ms: u64,
+    /// How long a probe waits for a direct ack before asking others, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    probe_timeout_ms: u64,
+    /// Gossip round interval, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    gossip_interval_ms: u64,
+    /// Members each gossip round goes to.
+    #[arg(long, default_value_t = 3)]
+    gossip_fanout: usize,
+    /// Full TCP state sync with one random member every this many milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    push_pull_interval_ms: u64,
+    /// Suspicion timeout multiplier (times max(1, log10(n)) probe intervals).
+    #[arg(long, default_value_t = 4)]
+    suspicion_mult: u32,
+    /// Largest gossip UDP datagram, in bytes (state too large for it goes over TCP).
+    #[arg(long, default_value_t = 1400)]
+    udp_size: usize,
+    /// How long deletions are remembered before they are reaped, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    tombstone_ttl_secs: u64,
     /// On shutdown, leave overlay links, task interfaces and entries in place.
     #[arg(long)]
     keep_datapath: bool,
@@ -64,6 +97,38 @@ fn cgroup2_root() -> anyhow::Result<PathBuf> {
         .find(|f| f.get(2) == Some(&"cgroup2"))
         .and_then(|f| f.get(1).map(PathBuf::from))
         .context("no cgroup2 file system is mounted; mount one (`mount -t cgroup2 none /sys/fs/cgroup/unified`) or pass --cgroup")
+}
+
+/// Reads the keyring file, or creates it (mode 0600) with one fresh key.
+fn load_or_create_keyring(path: &std::path::Path) -> anyhow::Result<Keyring> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(text) => Keyring::parse(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "keyring {} is invalid: {e}; copy the cluster's keyring file here",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let ring = Keyring::single(Key::generate());
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating keyring {}", path.display()))?;
+            std::io::Write::write_all(&mut file, ring.render().as_bytes())?;
+            tracing::warn!(
+                path = %path.display(),
+                "created a new cluster keyring; copy this file to every other node before it joins"
+            );
+            Ok(ring)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading keyring {}", path.display())),
+    }
 }
 
 async fn shutdown_signal() {
@@ -101,6 +166,22 @@ async fn run() -> anyhow::Result<()> {
         Some(path) => path,
         None => cgroup2_root()?,
     };
+    let keyring_file = args.keyring_file.clone().unwrap_or_else(|| args.state_dir.join("keyring"));
+    let keyring = load_or_create_keyring(&keyring_file)?;
+    if args.udp_size < 576 || args.udp_size > 65_507 {
+        bail!("--udp-size {} is out of range: use 576 to 65507 bytes", args.udp_size);
+    }
+    let gossip = gossip::Config {
+        probe_interval: args.probe_interval_ms,
+        probe_timeout: args.probe_timeout_ms,
+        gossip_interval: args.gossip_interval_ms,
+        gossip_fanout: args.gossip_fanout,
+        push_pull_interval: args.push_pull_interval_ms,
+        suspicion_mult: args.suspicion_mult,
+        udp_limit: args.udp_size - gossip::seal::OVERHEAD,
+        tombstone_ttl: args.tombstone_ttl_secs * 1000,
+        ..gossip::Config::default()
+    };
     let cfg = AgentConfig {
         node_name: args.node_name,
         advertise_addr: args.advertise_addr,
@@ -110,6 +191,8 @@ async fn run() -> anyhow::Result<()> {
         api_socket: args.api_socket,
         cgroup,
         keep_datapath: args.keep_datapath,
+        keyring,
+        gossip,
     };
     let agent = Agent::new(cfg).await.context("starting meshd")?;
     agent.run(shutdown_signal()).await.context("running meshd")?;

@@ -7,6 +7,7 @@ use std::{
     net::SocketAddr,
 };
 
+use ipnet::Ipv4Net;
 use meshd_dataplane::{
     overlay::{OverlaySpec, PeerSpec, TaskLink},
     proxy::Proto,
@@ -29,6 +30,8 @@ pub struct Dataplane {
     pub local_tasks: BTreeMap<String, TaskLink>,
     /// Published-port listeners and their backends.
     pub listeners: BTreeMap<(Proto, u16), Vec<SocketAddr>>,
+    /// Ordered pairs of network subnets kept apart: (from, to).
+    pub isolation: BTreeSet<(Ipv4Net, Ipv4Net)>,
 }
 
 /// One change to the dataplane.
@@ -55,6 +58,10 @@ pub enum Op {
         /// Where connections go.
         backends: Vec<SocketAddr>,
     },
+    /// Keep one network's traffic out of another.
+    Isolate(Ipv4Net, Ipv4Net),
+    /// Drop an isolation rule.
+    Unisolate(Ipv4Net, Ipv4Net),
     /// Stop serving a published port.
     Unlisten {
         /// Protocol.
@@ -109,6 +116,13 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, mtu: u32) -> 
             out.peers.insert(PeerSpec { vni: net.vni, ip: ep.ip, mac: ep.mac, vtep: ep.vtep });
         }
     }
+    let subnets: Vec<Ipv4Net> =
+        store.networks().filter(|n| out.overlays.contains_key(&n.vni)).map(|n| n.subnet).collect();
+    for a in &subnets {
+        for b in subnets.iter().filter(|b| *b != a) {
+            out.isolation.insert((*a, *b));
+        }
+    }
     for port in store.published() {
         if store.service(&port.service).is_none() {
             continue;
@@ -139,6 +153,9 @@ pub fn plan(applied: &Dataplane, desired: &Dataplane) -> Vec<Op> {
             ops.push(Op::Unlisten { proto, port });
         }
     }
+    for &(a, b) in applied.isolation.difference(&desired.isolation) {
+        ops.push(Op::Unisolate(a, b));
+    }
     for vni in applied.overlays.keys() {
         if !desired.overlays.contains_key(vni) {
             ops.push(Op::RemoveOverlay(*vni));
@@ -148,6 +165,9 @@ pub fn plan(applied: &Dataplane, desired: &Dataplane) -> Vec<Op> {
         if applied.overlays.get(vni) != Some(spec) {
             ops.push(Op::EnsureOverlay(spec.clone()));
         }
+    }
+    for &(a, b) in desired.isolation.difference(&applied.isolation) {
+        ops.push(Op::Isolate(a, b));
     }
     ops.extend(desired.peers.difference(&applied.peers).cloned().map(Op::AddPeer));
     for (host_if, link) in &desired.local_tasks {
@@ -190,6 +210,12 @@ impl Dataplane {
             }
             Op::Unlisten { proto, port } => {
                 self.listeners.remove(&(*proto, *port));
+            }
+            Op::Isolate(a, b) => {
+                self.isolation.insert((*a, *b));
+            }
+            Op::Unisolate(a, b) => {
+                self.isolation.remove(&(*a, *b));
             }
         }
     }

@@ -15,6 +15,7 @@ use std::{
     str::FromStr,
 };
 
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
@@ -22,6 +23,9 @@ use crate::{Error, Result};
 
 /// The IANA VXLAN port.
 pub const VXLAN_PORT: u16 = 4789;
+
+/// Priority of the policy-routing rules that isolate networks from each other.
+const ISOLATION_PRIORITY: &str = "1000";
 
 /// Bytes VXLAN adds on an IPv4 underlay (outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8).
 pub const VXLAN_OVERHEAD: u32 = 50;
@@ -178,6 +182,24 @@ impl KernelVxlan {
             }
         }
         Ok(())
+    }
+
+    /// Keeps traffic from `from` (one overlay network's subnet) out of `to` (another's),
+    /// even where the node forwards packets between its bridges: a policy-routing rule
+    /// answers such packets with ICMP "prohibited". Idempotent.
+    pub async fn isolate(&self, from: Ipv4Net, to: Ipv4Net) -> Result<()> {
+        let (from, to) = (from.to_string(), to.to_string());
+        let rule = ["from", from.as_str(), "to", to.as_str(), "priority", ISOLATION_PRIORITY, "prohibit"];
+        // `ip rule add` would add a duplicate; remove any previous copy first.
+        let _ = run("ip", &[&["rule", "del"][..], &rule].concat()).await;
+        run("ip", &[&["rule", "add"][..], &rule].concat()).await
+    }
+
+    /// Removes an isolation rule.
+    pub async fn unisolate(&self, from: Ipv4Net, to: Ipv4Net) -> Result<()> {
+        let (from, to) = (from.to_string(), to.to_string());
+        let rule = ["from", from.as_str(), "to", to.as_str(), "priority", ISOLATION_PRIORITY, "prohibit"];
+        run_absent_ok("ip", &[&["rule", "del"][..], &rule].concat()).await
     }
 
     /// Programs the FDB and neighbour entries that reach a remote endpoint.

@@ -280,24 +280,119 @@ impl Cluster {
     fn build_underlay(&mut self, n: usize) -> Result<()> {
         let sw = self.switch_ns();
         sh("ip", &["netns", "add", &sw])?;
-        sh("ip", &["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
-        sh("ip", &["-n", &sw, "link", "set", "br0", "up"])?;
+        for br in ["br0", "br1"] {
+            sh("ip", &["-n", &sw, "link", "add", br, "type", "bridge"])?;
+            sh("ip", &["-n", &sw, "link", "set", br, "up"])?;
+        }
         sh("ip", &["-n", &sw, "link", "set", "lo", "up"])?;
-        let mut hosts: Vec<(String, String, Ipv4Addr)> =
-            (1..=n).map(|i| (format!("{}-n{i}", self.prefix), format!("n{i}"), node_addr(i))).collect();
-        hosts.push((self.client_ns(), "ext".into(), CLIENT_ADDR));
-        for (ns, port, addr) in &hosts {
-            sh("ip", &["netns", "add", ns])?;
-            sh("ip", &["-n", &sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
-            sh("ip", &["-n", &sw, "link", "set", port, "master", "br0", "up"])?;
-            sh("ip", &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-            sh("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
-            sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        for i in 1..=n {
+            self.add_host(&format!("{}-n{i}", self.prefix), &format!("n{i}"), node_addr(i))?;
+        }
+        self.add_host(&self.client_ns(), "ext", CLIENT_ADDR)
+    }
+
+    fn add_host(&self, ns: &str, port: &str, addr: Ipv4Addr) -> Result<()> {
+        let sw = self.switch_ns();
+        sh("ip", &["netns", "add", ns])?;
+        sh("ip", &["-n", &sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        sh("ip", &["-n", &sw, "link", "set", port, "master", "br0", "up"])?;
+        sh("ip", &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        sh("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
+        sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// Adds node `n<len+1>` to the running cluster, started with `keyring` instead of
+    /// the cluster's (to show that a node without the key cannot join).
+    pub fn add_node_with_keyring(&mut self, keyring: &Path) -> Result<usize> {
+        let i = self.nodes.len() + 1;
+        self.add_host(&format!("{}-n{i}", self.prefix), &format!("n{i}"), node_addr(i))?;
+        self.start_node_with(i, keyring.to_owned())?;
+        let socket = self.nodes[i - 1].socket.clone();
+        poll(&format!("meshd on n{i} answers"), Duration::from_secs(20), || {
+            let out = Command::new(&self.meshctl).arg("--socket").arg(&socket).arg("status").output()?;
+            out.status
+                .success()
+                .then_some(())
+                .ok_or_else(|| anyhow!("{}", String::from_utf8_lossy(&out.stderr)))
+        })?;
+        Ok(i)
+    }
+
+    /// Splits the underlay: the nodes in `side_b` move to a second switch, cut off
+    /// from the others (and from the external client).
+    pub fn partition(&self, side_b: &[usize]) -> Result<()> {
+        for i in side_b {
+            sh("ip", &["-n", &self.switch_ns(), "link", "set", &format!("n{i}"), "master", "br1"])?;
         }
         Ok(())
     }
 
+    /// Heals a partition: every node is back on one switch.
+    pub fn heal(&self) -> Result<()> {
+        for node in &self.nodes {
+            sh(
+                "ip",
+                &["-n", &self.switch_ns(), "link", "set", &format!("n{}", node.index), "master", "br0"],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Kills node `i`'s meshd with SIGKILL (no cleanup, no goodbye).
+    pub fn kill_node(&mut self, i: usize) -> Result<()> {
+        let mut child =
+            self.nodes[i - 1].meshd.take().ok_or_else(|| anyhow!("meshd on n{i} is not running"))?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Starts node `i`'s meshd again with its state dir, and waits until it answers.
+    pub fn restart_node(&mut self, i: usize) -> Result<()> {
+        if self.nodes[i - 1].meshd.is_some() {
+            bail!("meshd on n{i} is still running");
+        }
+        let child = self.spawn_meshd(&self.nodes[i - 1], &self.keyring())?;
+        self.nodes[i - 1].meshd = Some(child);
+        let socket = self.nodes[i - 1].socket.clone();
+        poll(&format!("meshd on n{i} answers again"), Duration::from_secs(20), || {
+            let out = Command::new(&self.meshctl).arg("--socket").arg(&socket).arg("status").output()?;
+            out.status
+                .success()
+                .then_some(())
+                .ok_or_else(|| anyhow!("{}", String::from_utf8_lossy(&out.stderr)))
+        })
+    }
+
+    /// What node `observer` thinks of node `node`: "self", "alive", "suspect", "dead",
+    /// "left", or "unknown".
+    pub fn member_state(&self, observer: usize, node: usize) -> Result<String> {
+        let rows = self.meshctl_json(observer, &["node", "ls"])?;
+        let name = format!("n{node}");
+        Ok(rows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["name"] == name.as_str())
+            .and_then(|r| r["state"].as_str())
+            .unwrap_or("unknown")
+            .to_owned())
+    }
+
+    /// Creates an empty container namespace (cleaned up with the cluster) and returns
+    /// its path.
+    pub fn add_netns(&self, label: &str) -> Result<PathBuf> {
+        let ns = format!("{}-c{label}", self.prefix);
+        sh("ip", &["netns", "add", &ns])?;
+        Ok(netns_path(&ns))
+    }
+
     fn start_node(&mut self, i: usize) -> Result<()> {
+        self.start_node_with(i, self.keyring())
+    }
+
+    fn start_node_with(&mut self, i: usize, keyring: PathBuf) -> Result<()> {
         let name = format!("n{i}");
         let ns = format!("{}-n{i}", self.prefix);
         let cgroup = cgroup2_root()?.join(&ns);
@@ -315,12 +410,12 @@ impl Cluster {
             ns,
             meshd: None,
         };
-        node.meshd = Some(self.spawn_meshd(&node)?);
+        node.meshd = Some(self.spawn_meshd(&node, &keyring)?);
         self.nodes.push(node);
         Ok(())
     }
 
-    fn spawn_meshd(&self, node: &Node) -> Result<Child> {
+    fn spawn_meshd(&self, node: &Node, keyring: &Path) -> Result<Child> {
         let log = fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", node.netns().display()))
@@ -334,7 +429,7 @@ impl Cluster {
             .arg("--cgroup")
             .arg(&node.cgroup)
             .arg("--keyring-file")
-            .arg(self.keyring())
+            .arg(keyring)
             .env("RUST_LOG", std::env::var("MESHD_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -191,6 +191,9 @@ impl Agent {
             for vni in applied.overlays.keys() {
                 log_failure("removing overlay", self.overlay.remove_network(*vni).await);
             }
+            for (a, b) in &applied.isolation {
+                log_failure("removing isolation rule", self.overlay.unisolate(*a, *b).await);
+            }
         }
         // Dropping the programs closes their links: the cgroup hooks detach.
         drop(self.programs.lock().take());
@@ -278,6 +281,8 @@ impl Agent {
                 plane.proxy.unpublish(*proto, *port);
                 Ok(())
             }
+            Op::Isolate(a, b) => self.overlay.isolate(*a, *b).await,
+            Op::Unisolate(a, b) => self.overlay.unisolate(*a, *b).await,
         }
     }
 
@@ -381,6 +386,7 @@ fn op_key(op: &Op) -> String {
         Op::Listen { proto, port, .. } | Op::Unlisten { proto, port } => {
             format!("published port {port}/{proto}")
         }
+        Op::Isolate(a, b) | Op::Unisolate(a, b) => format!("isolation {a} -> {b}"),
     }
 }
 

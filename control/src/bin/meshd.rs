@@ -65,7 +65,7 @@ struct Args {
     #[arg(long, default_value_t = 30_000)]
     push_pull_interval_ms: u64,
     /// Suspicion timeout multiplier (times max(1, log10(n)) probe intervals).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 3)]
     suspicion_mult: u32,
     /// Largest gossip UDP datagram, in bytes (state too large for it goes over TCP).
     #[arg(long, default_value_t = 1400)]

@@ -63,6 +63,9 @@ pub struct Config {
     pub push_pull_interval: Millis,
     /// How long dead members still receive gossip (so they learn and refute).
     pub gossip_to_dead: Millis,
+    /// How often a push-pull is tried with a random dead member, so a healed
+    /// partition finds itself again (Serf's reconnect).
+    pub reconnect_interval: Millis,
     /// How long a tombstone is kept before it is reaped.
     pub tombstone_ttl: Millis,
     /// Largest UDP payload before sealing.
@@ -80,10 +83,11 @@ impl Default for Config {
             gossip_interval: 200,
             gossip_fanout: 3,
             retransmit_mult: 4,
-            suspicion_mult: 4,
-            suspicion_max_mult: 3,
+            suspicion_mult: 3,
+            suspicion_max_mult: 2,
             push_pull_interval: 30_000,
             gossip_to_dead: 30_000,
+            reconnect_interval: 5_000,
             tombstone_ttl: 3_600_000,
             udp_limit: 1400 - seal::OVERHEAD,
             max_health: 8,
@@ -184,6 +188,7 @@ pub struct Gossip {
     next_probe_at: Millis,
     next_gossip_at: Millis,
     next_push_pull_at: Millis,
+    next_reconnect_at: Millis,
     next_seq: u32,
     relays: HashMap<u32, Relay>,
     health: u32,
@@ -222,6 +227,7 @@ impl Gossip {
             next_probe_at: now,
             next_gossip_at: now,
             next_push_pull_at: now + cfg.push_pull_interval,
+            next_reconnect_at: now + cfg.reconnect_interval,
             next_seq: 1,
             relays: HashMap::new(),
             health: 0,
@@ -465,6 +471,14 @@ impl Gossip {
             let alive: Vec<SocketAddr> =
                 self.members.values().filter(|m| m.state == MemberState::Alive).map(|m| m.addr).collect();
             if let Some(&to) = alive.choose(&mut self.rng) {
+                out.push(Out::PushPull { to, join: false });
+            }
+        }
+        if now >= self.next_reconnect_at {
+            self.next_reconnect_at = now + self.cfg.reconnect_interval;
+            let dead: Vec<SocketAddr> =
+                self.members.values().filter(|m| m.state == MemberState::Dead).map(|m| m.addr).collect();
+            if let Some(&to) = dead.choose(&mut self.rng) {
                 out.push(Out::PushPull { to, join: false });
             }
         }

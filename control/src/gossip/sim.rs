@@ -52,6 +52,7 @@ pub struct Sim {
     in_flight: BinaryHeap<Reverse<(Millis, u64, usize, Vec<u8>)>>,
     order: u64,
     down: HashSet<usize>,
+    sides: Vec<u8>,
     rng: SmallRng,
 }
 
@@ -93,8 +94,24 @@ impl Sim {
             in_flight: BinaryHeap::new(),
             order: 0,
             down: HashSet::new(),
+            sides: Vec::new(),
             rng: SmallRng::seed_from_u64(seed),
         }
+    }
+
+    /// Splits the network: packets and push-pulls between nodes of different sides
+    /// are lost. `side(i)` names node `i`'s side.
+    pub fn partition(&mut self, side: impl Fn(usize) -> u8) {
+        self.sides = (0..self.nodes.len()).map(side).collect();
+    }
+
+    /// Heals a partition.
+    pub fn heal(&mut self) {
+        self.sides.clear();
+    }
+
+    fn cut(&self, a: usize, b: usize) -> bool {
+        !self.sides.is_empty() && self.sides[a] != self.sides[b]
     }
 
     /// Stops node `i`: it neither sends nor receives (a crash).
@@ -149,7 +166,7 @@ impl Sim {
                 Out::Udp { to, bytes } => {
                     self.wire_bytes[from] += bytes.len() as u64 + seal::OVERHEAD as u64 + IP_UDP_HEADERS;
                     let Some(&to) = self.by_addr.get(&to) else { continue };
-                    if self.rng.gen_bool(self.net.loss) {
+                    if self.cut(from, to) || self.rng.gen_bool(self.net.loss) {
                         continue;
                     }
                     let delay = self.rng.gen_range(self.net.min_latency..=self.net.max_latency);
@@ -158,7 +175,7 @@ impl Sim {
                 }
                 Out::PushPull { to, join } => {
                     let Some(&to) = self.by_addr.get(&to) else { continue };
-                    if self.down.contains(&to) {
+                    if self.down.contains(&to) || self.cut(from, to) {
                         continue;
                     }
                     let mine = self.nodes[from].push_pull(join);

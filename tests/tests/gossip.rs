@@ -1,0 +1,324 @@
+//! The gossip cluster end to end: real meshd nodes in namespaces, real kernel VXLAN,
+//! real kills and a real partition of the underlay switch.
+
+use std::{
+    collections::BTreeSet,
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, ensure, Result};
+use meshd_control::gossip::{
+    seal::{Key, Keyring},
+    wire::{encode, Msg, Packet, Update},
+};
+use meshd_tests::{http_get, in_netns, node_addr, poll, sh, Cluster, CLIENT_ADDR};
+
+fn tasks_seen(cluster: &Cluster, node: usize, service: &str) -> Result<BTreeSet<String>> {
+    let rows = cluster.meshctl_json(node, &["service", "ps", service])?;
+    Ok(rows.as_array().into_iter().flatten().filter_map(|r| r["task"].as_str().map(String::from)).collect())
+}
+
+fn answers(cluster: &Cluster, node: usize, n: usize) -> Result<BTreeSet<String>> {
+    let client = cluster.client_netns();
+    (0..n).map(|_| http_get(&client, SocketAddr::from((node_addr(node), 3000)))).collect()
+}
+
+#[test]
+fn five_nodes_detect_a_killed_node_suspend_its_tasks_and_restore_them() -> Result<()> {
+    let mut cluster = Cluster::start(5)?;
+    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
+    for i in 2..=5 {
+        cluster.add_container(i, "web", &format!("web.{i}"))?;
+    }
+    cluster.meshctl_ok(1, &["publish", "3000:80", "web"])?;
+    let all: BTreeSet<String> = (2..=5).map(|i| format!("web.{i}")).collect();
+    poll("n1 balances over all four tasks", Duration::from_secs(10), || {
+        let seen = answers(&cluster, 1, 8)?;
+        ensure!(seen == all, "{seen:?}");
+        Ok(())
+    })?;
+
+    // Attach/detach churn on several nodes: every node converges on the same tasks.
+    cluster.add_container(2, "web", "churn.a")?;
+    cluster.add_container(3, "web", "churn.b")?;
+    cluster.meshctl_ok(2, &["detach", "churn.a"])?;
+    let expected: BTreeSet<String> = all.iter().cloned().chain(["churn.b".to_owned()]).collect();
+    for i in 1..=5 {
+        poll(&format!("n{i} converges after churn"), Duration::from_secs(5), || {
+            let seen = tasks_seen(&cluster, i, "web")?;
+            ensure!(seen == expected, "{seen:?}");
+            Ok(())
+        })?;
+    }
+    cluster.meshctl_ok(3, &["detach", "churn.b"])?;
+
+    // kill -9 n5: the others declare it dead within 10 s and stop routing to web.5.
+    let killed = Instant::now();
+    cluster.kill_node(5)?;
+    for i in 1..=4 {
+        poll(
+            &format!("n{i} marks n5 dead"),
+            Duration::from_secs(10).saturating_sub(killed.elapsed()),
+            || {
+                let state = cluster.member_state(i, 5)?;
+                ensure!(state == "dead", "n{i} sees n5 {state}");
+                Ok(())
+            },
+        )?;
+    }
+    println!("n5 declared dead everywhere {:.1} s after kill -9", killed.elapsed().as_secs_f64());
+    let live: BTreeSet<String> = (2..=4).map(|i| format!("web.{i}")).collect();
+    poll("n1 stops routing to web.5", Duration::from_secs(2), || {
+        let seen = answers(&cluster, 1, 30)?;
+        ensure!(seen == live, "{seen:?}");
+        Ok(())
+    })?;
+    // Suspended, not forgotten: the task is still listed.
+    ensure!(tasks_seen(&cluster, 1, "web")?.contains("web.5"), "web.5 was deleted instead of suspended");
+
+    // Restart n5: it rejoins, refutes its death, and web.5 serves again.
+    cluster.restart_node(5)?;
+    for i in 1..=4 {
+        poll(&format!("n{i} sees n5 alive again"), Duration::from_secs(15), || {
+            let state = cluster.member_state(i, 5)?;
+            ensure!(state == "alive", "n{i} sees n5 {state}");
+            Ok(())
+        })?;
+    }
+    poll("web.5 serves through n1 again", Duration::from_secs(10), || {
+        let seen = answers(&cluster, 1, 12)?;
+        ensure!(seen == all, "{seen:?}");
+        Ok(())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_partitioned_underlay_heals_and_converges_within_30_seconds() -> Result<()> {
+    let cluster = Cluster::start(4)?;
+    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
+    for i in 1..=4 {
+        poll(&format!("n{i} knows the network"), Duration::from_secs(5), || {
+            cluster
+                .meshctl_ok(i, &["service", "create", &format!("probe{i}"), "--network", "backend"])
+                .map(drop)
+        })?;
+    }
+    cluster.partition(&[3, 4])?;
+    // Each side notices the other is gone.
+    poll("n1 declares n3 dead", Duration::from_secs(20), || {
+        ensure!(cluster.member_state(1, 3)? == "dead");
+        Ok(())
+    })?;
+    cluster.meshctl_ok(1, &["service", "create", "left", "--network", "backend"])?;
+    cluster.meshctl_ok(4, &["service", "create", "right", "--network", "backend"])?;
+    ensure!(cluster.meshctl(1, &["service", "ps", "right"]).status.code() == Some(1), "the partition leaked");
+
+    let healed = Instant::now();
+    cluster.heal()?;
+    poll("every node sees both writes and every member alive", Duration::from_secs(30), || {
+        for i in 1..=4 {
+            for svc in ["left", "right"] {
+                cluster.meshctl_ok(i, &["service", "ps", svc])?;
+            }
+            for j in (1..=4).filter(|j| *j != i) {
+                let state = cluster.member_state(i, j)?;
+                ensure!(state == "alive", "n{i} sees n{j} {state}");
+            }
+        }
+        Ok(())
+    })?;
+    println!("converged {:.1} s after healing", healed.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn counters(cluster: &Cluster, node: usize) -> Result<serde_json::Value> {
+    Ok(cluster.meshctl_json(node, &["status"])?["gossip"]["counters"].clone())
+}
+
+fn counter(c: &serde_json::Value, name: &str) -> u64 {
+    c[name].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn forged_replayed_wrong_key_truncated_and_oversized_gossip_changes_nothing() -> Result<()> {
+    let mut cluster = Cluster::start(2)?;
+    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
+    let state = |c: &Cluster| -> Result<String> {
+        Ok(format!("{}\n{}", c.meshctl_ok(1, &["--format", "json", "service", "ls"])?, {
+            let nodes = c.meshctl_json(1, &["node", "ls"])?;
+            nodes
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|n| n["name"].to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        }))
+    };
+    let before_state = state(&cluster)?;
+    let before = counters(&cluster, 1)?;
+
+    let key = Keyring::parse(&std::fs::read_to_string(cluster.keyring())?).map_err(|e| anyhow!(e))?;
+    let wrong = Keyring::single(Key::generate());
+    let packet = |from: &str, seq: u64, updates: Vec<Update>| Packet {
+        from: from.into(),
+        from_addr: SocketAddr::from((CLIENT_ADDR, 7946)),
+        epoch: 1,
+        seq,
+        msg: Msg::Gossip,
+        updates,
+    };
+    // An intruder tries to join and to delete the service.
+    let intruder = vec![Update::Alive {
+        node: "intruder".into(),
+        addr: SocketAddr::from((CLIENT_ADDR, 7946)),
+        incarnation: 9,
+    }];
+    let forged_wrong_key = wrong.seal(&encode(&packet("intruder", 1, intruder)));
+    let valid = key.seal(&encode(&packet("observer", 1, vec![])));
+    let mut tampered = key.seal(&encode(&packet("observer", 2, vec![])));
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x55;
+    let datagrams: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", vec![0xAB; 200]),
+        ("truncated", valid[..20].to_vec()),
+        ("wrong key", forged_wrong_key.clone()),
+        ("tampered", tampered),
+        ("oversized", vec![1u8; 3000]),
+        ("valid", valid.clone()),
+        ("replay", valid),
+    ];
+    let target = SocketAddr::from((node_addr(1), 7946));
+    in_netns(&cluster.client_netns(), move || -> std::io::Result<()> {
+        let socket = UdpSocket::bind((CLIENT_ADDR, 0))?;
+        for (_, d) in &datagrams {
+            socket.send_to(d, target)?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // TCP: a push-pull frame sealed with the wrong key, and one claiming 1 GiB.
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+        std::io::Write::write_all(&mut s, &(forged_wrong_key.len() as u32).to_be_bytes())?;
+        std::io::Write::write_all(&mut s, &forged_wrong_key)?;
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+        std::io::Write::write_all(&mut s, &(1u32 << 30).to_be_bytes())?;
+        Ok(())
+    })??;
+
+    poll("every bad message is counted", Duration::from_secs(5), || {
+        let c = counters(&cluster, 1)?;
+        let rose = |name: &str, by: u64| counter(&c, name) >= counter(&before, name) + by;
+        ensure!(rose("dropped_malformed", 2), "malformed: {c}");
+        ensure!(rose("dropped_auth", 3), "auth (wrong key, tampered, TCP wrong key): {c}");
+        ensure!(rose("dropped_oversized", 2), "oversized (UDP, TCP): {c}");
+        ensure!(rose("dropped_replay", 1), "replay: {c}");
+        Ok(())
+    })?;
+    ensure!(state(&cluster)? == before_state, "bad gossip changed the cluster state");
+    // The real member stays a member (a suspicion under CPU load is refuted in time).
+    poll("n1 sees n2 alive", Duration::from_secs(5), || {
+        let real = cluster.member_state(1, 2)?;
+        ensure!(real == "alive", "n1 sees n2 {real}");
+        Ok(())
+    })?;
+
+    // A node started with another keyring cannot join.
+    let other = cluster.dir.join("other-keyring");
+    std::fs::write(&other, Keyring::single(Key::generate()).render())?;
+    let auth_before = counter(&counters(&cluster, 1)?, "dropped_auth");
+    let outsider = cluster.add_node_with_keyring(&other)?;
+    poll("n1 refuses the outsider's join", Duration::from_secs(10), || {
+        let c = counters(&cluster, 1)?;
+        ensure!(counter(&c, "dropped_auth") > auth_before, "{c}");
+        Ok(())
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(cluster.member_state(1, outsider)? == "unknown", "the outsider got in");
+    ensure!(
+        cluster.meshctl(outsider, &["service", "ps", "web"]).status.code() == Some(1),
+        "the outsider got the state"
+    );
+    Ok(())
+}
+
+#[test]
+fn networks_are_isolated_even_when_nodes_forward() -> Result<()> {
+    let mut cluster = Cluster::start(2)?;
+    for i in 1..=2 {
+        sh("ip", &["netns", "exec", &cluster.nodes[i - 1].ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    }
+    cluster.meshctl_ok(1, &["network", "create", "frontend", "--subnet", "10.1.0.0/24"])?;
+    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "fe", "--network", "frontend"])?;
+    cluster.meshctl_ok(1, &["service", "create", "be", "--network", "backend"])?;
+    let fe = cluster.add_container(1, "fe", "fe.1")?.netns();
+    let be_local = cluster.add_container(1, "be", "be.1")?.ip;
+    let be_remote_ns = cluster.add_container(2, "be", "be.2")?.netns();
+    let be_remote = cluster.containers.last().map(|c| c.ip).unwrap_or(be_local);
+    // Same network, across nodes: reachable.
+    ensure!(http_get(&be_remote_ns, SocketAddr::from((be_local, 80)))? == "be.1");
+    // Other network, same node or across nodes: refused by the isolation rule.
+    for target in [be_local, be_remote] {
+        let result = http_get(&fe, SocketAddr::from((target, 80)));
+        ensure!(result.is_err(), "frontend reached backend {target}: {result:?}");
+    }
+    let rules = sh("ip", &["-n", &cluster.nodes[0].ns, "rule"])?;
+    ensure!(rules.contains("from 10.1.0.0/24 to 10.0.0.0/24") && rules.contains("prohibit"), "{rules}");
+    Ok(())
+}
+
+#[test]
+fn concurrent_attaches_on_every_node_never_duplicate_an_ip() -> Result<()> {
+    let cluster = Cluster::start(5)?;
+    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
+    for i in 1..=5 {
+        cluster.wait_for_service(i, "web")?;
+    }
+    let mut jobs = Vec::new();
+    for i in 1..=5 {
+        for k in 0..4 {
+            let ns = cluster.add_netns(&format!("n{i}t{k}"))?;
+            jobs.push((i, format!("web.{i}.{k}"), ns));
+        }
+    }
+    let results: Vec<Result<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|(i, task, ns)| {
+                let cluster = &cluster;
+                s.spawn(move || -> Result<String> {
+                    let v = cluster.meshctl_json(
+                        *i,
+                        &["attach", "web", "--netns", &ns.to_string_lossy(), "--name", task],
+                    )?;
+                    Ok(v["ip"].as_str().unwrap_or_default().to_owned())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("attach thread panicked"))))
+            .collect()
+    });
+    let ips = results.into_iter().collect::<Result<Vec<_>>>()?;
+    let unique: BTreeSet<&String> = ips.iter().collect();
+    ensure!(unique.len() == 20, "duplicate IPs among {ips:?}");
+    for i in 1..=5 {
+        poll(&format!("n{i} sees all 20 tasks"), Duration::from_secs(10), || {
+            let rows = cluster.meshctl_json(i, &["service", "ps", "web"])?;
+            let seen: BTreeSet<String> = rows
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["ip"].as_str().map(String::from))
+                .collect();
+            ensure!(seen.len() == 20 && seen.iter().all(|ip| unique.contains(ip)), "{seen:?}");
+            Ok(())
+        })?;
+    }
+    Ok(())
+}

@@ -89,6 +89,10 @@ pub enum Request {
     },
     /// `node ls`.
     NodeLs,
+    /// `key rotate`: a new cluster key, accepted everywhere before anyone seals with it.
+    KeyRotate,
+    /// `key ls`.
+    KeyLs,
     /// `status`.
     Status,
 }

@@ -130,6 +130,26 @@ pub struct BlockClaim {
     pub node: String,
 }
 
+/// The cluster keyring as a rotation distributes it (see `meshctl key rotate`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyringRecord {
+    /// Keys every node must accept, as 64 hex digits.
+    pub keys: Vec<String>,
+    /// Index of the key every node seals with.
+    pub primary: usize,
+    /// Rotation step; each step is acknowledged by every node.
+    pub generation: u64,
+}
+
+/// A node's acknowledgement that it installed keyring `generation`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyAck {
+    /// The node.
+    pub node: String,
+    /// The generation it runs.
+    pub generation: u64,
+}
+
 /// Every kind of object the store replicates.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -146,6 +166,10 @@ pub enum Object {
     Node(Node),
     /// See [`BlockClaim`].
     Block(BlockClaim),
+    /// See [`KeyringRecord`].
+    Keyring(KeyringRecord),
+    /// See [`KeyAck`].
+    KeyAck(KeyAck),
 }
 
 impl Object {
@@ -158,6 +182,8 @@ impl Object {
             Object::Endpoint(e) => Key::endpoint(&e.id),
             Object::Node(n) => Key::node(&n.name),
             Object::Block(b) => Key::block(&b.network, b.index),
+            Object::Keyring(_) => Key::KEYRING.to_owned(),
+            Object::KeyAck(a) => Key::key_ack(&a.node),
         }
     }
 }
@@ -166,6 +192,14 @@ impl Object {
 pub struct Key;
 
 impl Key {
+    /// Key of the distributed keyring.
+    pub const KEYRING: &'static str = "keyring";
+
+    /// Key of a node's keyring acknowledgement.
+    pub fn key_ack(node: &str) -> String {
+        format!("keyack/{node}")
+    }
+
     /// Key of a network.
     pub fn network(name: &str) -> String {
         format!("network/{name}")

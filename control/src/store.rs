@@ -171,6 +171,22 @@ impl Store {
         })
     }
 
+    /// The distributed keyring, if a rotation ever ran.
+    pub fn keyring(&self) -> Option<&crate::model::KeyringRecord> {
+        match self.get(crate::model::Key::KEYRING) {
+            Some(Object::Keyring(k)) => Some(k),
+            _ => None,
+        }
+    }
+
+    /// The keyring generation `node` acknowledged.
+    pub fn key_ack(&self, node: &str) -> u64 {
+        match self.get(&crate::model::Key::key_ack(node)) {
+            Some(Object::KeyAck(a)) => a.generation,
+            _ => 0,
+        }
+    }
+
     /// The network named `name`.
     pub fn network(&self, name: &str) -> Option<&Network> {
         match self.get(&crate::model::Key::network(name)) {

@@ -94,6 +94,8 @@ impl Agent {
                 self.unpublish(published, proto, service).await
             }
             Request::NodeLs => Ok(self.node_ls()),
+            Request::KeyRotate => self.key_rotate().await,
+            Request::KeyLs => Ok(self.key_ls()),
             Request::Status => Ok(self.status().await),
         }
     }
@@ -441,6 +443,72 @@ impl Agent {
             })
         }));
         json!(rows)
+    }
+
+    fn key_ls(&self) -> Value {
+        let ring = self.shared.keyring.read().clone();
+        let rows: Vec<Value> = ring
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| json!({ "key": format!("{:08x}", k.hint()), "primary": i == ring.primary }))
+            .collect();
+        json!(rows)
+    }
+
+    /// Rotates the cluster key in three acknowledged steps: every node accepts the new
+    /// key; every node seals with it; the old key is dropped.
+    async fn key_rotate(&self) -> Result<Value> {
+        let current = self.shared.keyring.read().clone();
+        let new = crate::gossip::seal::Key::generate();
+        let old = current.primary().clone();
+        let base = self.gossip().store().keyring().map_or(0, |k| k.generation).max(*self.key_generation.lock());
+        let steps = [
+            (vec![old.to_hex(), new.to_hex()], 0, "accept the new key"),
+            (vec![old.to_hex(), new.to_hex()], 1, "seal with the new key"),
+            (vec![new.to_hex()], 0, "drop the old key"),
+        ];
+        for (i, (keys, primary, what)) in steps.into_iter().enumerate() {
+            let generation = base + 1 + i as u64;
+            let record = crate::model::KeyringRecord { keys, primary, generation };
+            self.write(|g, now| g.put(Object::Keyring(record), now));
+            let deadline = Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                // Every node the cluster knows must acknowledge, unless it is dead or
+                // gone: a node this one has not heard from yet still counts, so a
+                // rotation never strands a member that is still joining.
+                let laggards: Vec<String> = {
+                    let gossip = self.gossip();
+                    let departed: HashSet<&str> = gossip
+                        .members()
+                        .filter(|m| matches!(m.state, crate::gossip::MemberState::Dead | crate::gossip::MemberState::Left))
+                        .map(|m| m.name.as_str())
+                        .collect();
+                    gossip
+                        .store()
+                        .nodes()
+                        .map(|n| n.name.as_str())
+                        .filter(|n| !departed.contains(n))
+                        .filter(|n| gossip.store().key_ack(n) < generation)
+                        .map(String::from)
+                        .collect()
+                };
+                if laggards.is_empty() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(Error::invalid(format!(
+                        "key rotation stopped at step {} ({what}): nodes {} have not acknowledged after 30 s; \
+                         check them with `meshctl node ls` and run `meshctl key rotate` again",
+                        i + 1,
+                        laggards.join(", ")
+                    )));
+                }
+                self.changed();
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+        Ok(json!({ "primary": format!("{:08x}", new.hint()), "generation": base + 3 }))
     }
 
     async fn status(&self) -> Value {

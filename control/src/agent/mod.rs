@@ -63,6 +63,8 @@ pub struct AgentConfig {
     pub keep_datapath: bool,
     /// The cluster keyring.
     pub keyring: Keyring,
+    /// Where the keyring is kept (rewritten when a rotation changes it).
+    pub keyring_file: PathBuf,
     /// Gossip tuning.
     pub gossip: protocol::Config,
 }
@@ -105,6 +107,8 @@ pub struct Agent {
     shared: Arc<Shared>,
     alloc: Mutex<Alloc>,
     plane: tokio::sync::Mutex<Plane>,
+    /// The keyring generation this node runs.
+    key_generation: Mutex<u64>,
     started: Instant,
 }
 
@@ -138,6 +142,7 @@ impl Agent {
             shared,
             alloc: Mutex::default(),
             plane: Default::default(),
+            key_generation: Mutex::new(0),
             started: Instant::now(),
             cfg,
         };
@@ -234,6 +239,7 @@ impl Agent {
 
     /// Brings this node's own addresses and the dataplane in line with the store.
     async fn reconcile(&self) {
+        self.sync_keyring();
         self.ensure_node_addresses();
         let (store, live) = {
             let g = self.gossip();
@@ -284,6 +290,31 @@ impl Agent {
             Op::Isolate(a, b) => self.overlay.isolate(*a, *b).await,
             Op::Unisolate(a, b) => self.overlay.unisolate(*a, *b).await,
         }
+    }
+
+    /// Installs a keyring distributed by a rotation, persists it, and acknowledges it.
+    fn sync_keyring(&self) {
+        let Some(record) = self.gossip().store().keyring().cloned() else { return };
+        let mut generation = self.key_generation.lock();
+        if record.generation <= *generation {
+            return;
+        }
+        let keys: Result<Vec<_>, _> = record.keys.iter().map(|k| protocol::seal::Key::from_hex(k)).collect();
+        let ring = match keys {
+            Ok(keys) if record.primary < keys.len() => Keyring { keys, primary: record.primary },
+            _ => {
+                tracing::warn!(generation = record.generation, "ignoring a malformed distributed keyring");
+                return;
+            }
+        };
+        if let Err(error) = write_keyring(&self.cfg.keyring_file, &ring) {
+            tracing::warn!(%error, "could not persist the rotated keyring; a restart would use the old one");
+        }
+        *self.shared.keyring.write() = ring;
+        *generation = record.generation;
+        tracing::info!(generation = record.generation, primary = record.primary, "installed rotated keyring");
+        let ack = crate::model::KeyAck { node: self.cfg.node_name.clone(), generation: record.generation };
+        self.write(|g, now| g.put(Object::KeyAck(ack), now));
     }
 
     /// A local task whose namespace disappeared is no task any more.
@@ -394,6 +425,21 @@ fn log_failure(what: &str, result: meshd_dataplane::Result<()>) {
     if let Err(error) = result {
         tracing::warn!(%error, "{what}");
     }
+}
+
+/// Writes the keyring file (mode 0600) atomically.
+pub fn write_keyring(path: &std::path::Path, ring: &Keyring) -> Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    file.write_all(ring.render().as_bytes()).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("replacing {}", path.display()), e))
 }
 
 fn state_file(cfg: &AgentConfig) -> PathBuf {

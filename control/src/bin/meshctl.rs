@@ -72,6 +72,9 @@ enum Command {
     /// Manage nodes.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Manage the cluster keyring that seals all gossip.
+    #[command(subcommand)]
+    Key(KeyCmd),
     /// Show this node's agent: programs, overlays, published ports, errors.
     Status,
 }
@@ -123,6 +126,15 @@ enum ServiceCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum KeyCmd {
+    /// Replace the cluster key without downtime: every node accepts the new key before
+    /// any node seals with it, then the old key is dropped.
+    Rotate,
+    /// List the installed keys (fingerprints only).
+    Ls,
+}
+
+#[derive(Debug, Subcommand)]
 enum NodeCmd {
     /// List the cluster's nodes.
     Ls,
@@ -147,6 +159,8 @@ fn request(command: Command) -> Result<Request, String> {
             Request::Unpublish { published: spec.published, proto: spec.proto, service }
         }
         Command::Node(NodeCmd::Ls) => Request::NodeLs,
+        Command::Key(KeyCmd::Rotate) => Request::KeyRotate,
+        Command::Key(KeyCmd::Ls) => Request::KeyLs,
         Command::Status => Request::Status,
     })
 }
@@ -212,6 +226,12 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
             spec.published, spec.target, spec.proto
         ),
         Request::Unpublish { published, proto, .. } => format!("unpublished {published}/{proto}"),
+        Request::KeyLs => table(result, &["key", "primary"]),
+        Request::KeyRotate => format!(
+            "rotated: every node now seals with key {} (generation {})",
+            cell_str(&result["primary"]),
+            result["generation"]
+        ),
         Request::ServiceInspect { .. } | Request::Status => {
             serde_json::to_string_pretty(result).expect("JSON values serialize")
         }

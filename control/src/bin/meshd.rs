@@ -192,6 +192,7 @@ async fn run() -> anyhow::Result<()> {
         cgroup,
         keep_datapath: args.keep_datapath,
         keyring,
+        keyring_file,
         gossip,
     };
     let agent = Agent::new(cfg).await.context("starting meshd")?;

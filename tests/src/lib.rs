@@ -481,6 +481,14 @@ impl Cluster {
         poll(&format!("n{i} knows service {name}"), Duration::from_secs(10), || {
             self.meshctl_ok(i, &["service", "ps", name]).map(drop)
         })
+        .map_err(|e| e.context(self.log_tail(i, 40)))
+    }
+
+    /// The last `lines` lines of node `i`'s meshd log, for failure messages.
+    pub fn log_tail(&self, i: usize, lines: usize) -> String {
+        let log = fs::read_to_string(&self.nodes[i - 1].log).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        format!("last lines of n{i}'s meshd log:\n{}", all[all.len().saturating_sub(lines)..].join("\n"))
     }
 
     /// Creates a container namespace on node `node`, attaches it to `service` as task

@@ -462,7 +462,9 @@ impl Agent {
         let current = self.shared.keyring.read().clone();
         let new = crate::gossip::seal::Key::generate();
         let old = current.primary().clone();
-        let base = self.gossip().store().keyring().map_or(0, |k| k.generation).max(*self.key_generation.lock());
+        // One lock at a time: sync_keyring takes key_generation, then gossip.
+        let distributed = self.gossip().store().keyring().map_or(0, |k| k.generation);
+        let base = distributed.max(*self.key_generation.lock());
         let steps = [
             (vec![old.to_hex(), new.to_hex()], 0, "accept the new key"),
             (vec![old.to_hex(), new.to_hex()], 1, "seal with the new key"),
@@ -481,7 +483,12 @@ impl Agent {
                     let gossip = self.gossip();
                     let departed: HashSet<&str> = gossip
                         .members()
-                        .filter(|m| matches!(m.state, crate::gossip::MemberState::Dead | crate::gossip::MemberState::Left))
+                        .filter(|m| {
+                            matches!(
+                                m.state,
+                                crate::gossip::MemberState::Dead | crate::gossip::MemberState::Left
+                            )
+                        })
                         .map(|m| m.name.as_str())
                         .collect();
                     gossip

@@ -438,7 +438,8 @@ pub fn write_keyring(path: &std::path::Path, ring: &Keyring) -> Result<()> {
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-    file.write_all(ring.render().as_bytes()).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    file.write_all(ring.render().as_bytes())
+        .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("replacing {}", path.display()), e))
 }
 

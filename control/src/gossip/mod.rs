@@ -24,7 +24,7 @@ pub mod sim;
 pub mod wire;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
 };
 
@@ -151,11 +151,18 @@ struct Relay {
     expires: Millis,
 }
 
+enum MsgKind {
+    Gossip,
+    Protocol,
+}
+
 #[derive(Clone, Debug)]
 struct Queued {
     update: Update,
     transmits: u32,
     order: u64,
+    /// Members this update was already sent to: the budget never buys a duplicate.
+    sent_to: HashSet<SocketAddr>,
 }
 
 /// Counters of the protocol's work.
@@ -185,6 +192,7 @@ pub struct Gossip {
     rng: SmallRng,
     probe: Option<Probe>,
     probe_round: Vec<String>,
+    gossip_round: Vec<String>,
     next_probe_at: Millis,
     next_gossip_at: Millis,
     next_push_pull_at: Millis,
@@ -224,6 +232,7 @@ impl Gossip {
             rng: SmallRng::seed_from_u64(seed),
             probe: None,
             probe_round: Vec::new(),
+            gossip_round: Vec::new(),
             next_probe_at: now,
             next_gossip_at: now,
             next_push_pull_at: now + cfg.push_pull_interval,
@@ -310,7 +319,10 @@ impl Gossip {
     fn enqueue(&mut self, update: Update) {
         self.queue_order += 1;
         let subject = update.subject();
-        self.queue.insert(subject, Queued { update, transmits: 0, order: self.queue_order });
+        self.queue.insert(
+            subject,
+            Queued { update, transmits: 0, order: self.queue_order, sent_to: HashSet::new() },
+        );
     }
 
     fn record_entry(&mut self, key: String, entry: Entry, now: Millis) {
@@ -417,19 +429,28 @@ impl Gossip {
 
     /// Builds a packet to `to` with as many queued updates as fit.
     fn packet_to(&mut self, to: SocketAddr, msg: Msg, _now: Millis) -> Out {
+        let msg_kind = if msg == Msg::Gossip { MsgKind::Gossip } else { MsgKind::Protocol };
         let packet = self.next_packet(msg);
-        let mut order: Vec<(&String, &Queued)> = self.queue.iter().collect();
+        // Updates this node has not yet sent to `to`, fewest-transmitted and newest first.
+        let mut order: Vec<(&String, &Queued)> =
+            self.queue.iter().filter(|(_, q)| !q.sent_to.contains(&to)).collect();
         order.sort_by_key(|(_, q)| (q.transmits, std::cmp::Reverse(q.order)));
         let subjects: Vec<String> = order.iter().map(|(s, _)| (*s).clone()).collect();
         let candidates: Vec<Update> = order.iter().map(|(_, q)| q.update.clone()).collect();
         let (bytes, used) = encode_within(packet, &candidates, self.cfg.udp_limit);
+        // Only gossip rounds spend an update's retransmit budget; probes and acks carry
+        // updates for free. Either way an update goes to each member at most once.
         let limit = self.retransmit_limit();
+        let others = self.members.len();
         for i in used {
             let subject = &subjects[i];
             let done = match self.queue.get_mut(subject) {
                 Some(q) => {
-                    q.transmits += 1;
-                    q.transmits >= limit
+                    q.sent_to.insert(to);
+                    if matches!(msg_kind, MsgKind::Gossip) {
+                        q.transmits += 1;
+                    }
+                    q.transmits >= limit || q.sent_to.len() >= others
                 }
                 None => false,
             };
@@ -487,18 +508,36 @@ impl Gossip {
         out
     }
 
+    /// The next `gossip_fanout` members of a shuffled round (dead ones only while they
+    /// may still refute): successive rounds cover every member before any repeats, so
+    /// an update's first transmissions reach distinct members.
     fn gossip_targets(&mut self, now: Millis) -> Vec<SocketAddr> {
         let horizon = self.cfg.gossip_to_dead;
-        let candidates: Vec<SocketAddr> = self
-            .members
-            .values()
-            .filter(|m| match m.state {
-                MemberState::Alive | MemberState::Suspect => true,
-                MemberState::Dead | MemberState::Left => now.saturating_sub(m.since) < horizon,
-            })
-            .map(|m| m.addr)
-            .collect();
-        candidates.choose_multiple(&mut self.rng, self.cfg.gossip_fanout).copied().collect()
+        let eligible = |m: &Member| match m.state {
+            MemberState::Alive | MemberState::Suspect => true,
+            MemberState::Dead | MemberState::Left => now.saturating_sub(m.since) < horizon,
+        };
+        let mut targets = Vec::new();
+        let mut refilled = false;
+        while targets.len() < self.cfg.gossip_fanout {
+            let Some(name) = self.gossip_round.pop() else {
+                if refilled {
+                    break;
+                }
+                refilled = true;
+                let mut round: Vec<String> =
+                    self.members.values().filter(|m| eligible(m)).map(|m| m.name.clone()).collect();
+                round.shuffle(&mut self.rng);
+                self.gossip_round = round;
+                continue;
+            };
+            if let Some(m) = self.members.get(&name).filter(|m| eligible(m)) {
+                if !targets.contains(&m.addr) {
+                    targets.push(m.addr);
+                }
+            }
+        }
+        targets
     }
 
     fn tick_probe(&mut self, now: Millis, out: &mut Vec<Out>) {

@@ -156,3 +156,29 @@ fn a_healed_partition_converges_with_writes_from_both_sides() {
     });
     assert!(converged, "not converged 30 s after healing");
 }
+
+#[test]
+fn a_burst_of_concurrent_writes_on_every_node_reaches_every_node() {
+    for seed in 0..20 {
+        let mut sim = Sim::new(5, Config::default(), NetConfig::default(), 100 + seed);
+        sim.run_until(1500, |_| false);
+        let now = sim.now;
+        for i in 0..5 {
+            for k in 0..5 {
+                sim.nodes[i].put(endpoint(&format!("web.{i}.{k}")), now);
+            }
+        }
+        let keys: Vec<String> =
+            (0..5).flat_map(|i| (0..5).map(move |k| Key::endpoint(&format!("web.{i}.{k}")))).collect();
+        let ok =
+            sim.run_until(3000, |s| s.nodes.iter().all(|n| keys.iter().all(|k| n.store().get(k).is_some())));
+        let missing: Vec<(usize, usize)> = sim
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (i, keys.iter().filter(|k| n.store().get(k).is_none()).count()))
+            .filter(|(_, m)| *m > 0)
+            .collect();
+        assert!(ok, "seed {seed}: missing per node {missing:?}");
+    }
+}

@@ -21,6 +21,7 @@ fn cluster(tasks: u32) -> Store {
             name: "backend".into(),
             subnet: "10.0.0.0/16".parse().unwrap(),
             vni: 4096,
+            mtu: None,
         }),
     );
     s.put(

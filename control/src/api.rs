@@ -28,6 +28,9 @@ pub enum Request {
         name: String,
         /// Subnet, e.g. `10.0.0.0/24`.
         subnet: String,
+        /// Interface MTU (default: underlay MTU − 50).
+        #[serde(default)]
+        mtu: Option<u32>,
     },
     /// `network ls`.
     NetworkLs,

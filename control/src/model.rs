@@ -23,6 +23,10 @@ pub struct Network {
     pub subnet: Ipv4Net,
     /// Its VXLAN network identifier.
     pub vni: Vni,
+    /// Interface MTU on this network; `None`: each node's underlay MTU minus the
+    /// 50 bytes of VXLAN overhead.
+    #[serde(default)]
+    pub mtu: Option<u32>,
 }
 
 /// How a service's name resolves and where its traffic is balanced.

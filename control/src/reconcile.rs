@@ -72,9 +72,9 @@ pub enum Op {
 }
 
 /// What `node`'s dataplane should hold given the cluster `store`; overlay devices get
-/// `mtu`. Endpoints of nodes not in `live` (dead or departed) are suspended: not
+/// the network's MTU, or `default_mtu`. Endpoints of nodes not in `live` (dead or departed) are suspended: not
 /// programmed and not load-balanced to, but kept in the store for their return.
-pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, mtu: u32) -> Dataplane {
+pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: u32) -> Dataplane {
     let mut out = Dataplane::default();
     let own = |e: &&Endpoint| e.node == node;
     for net in store.networks() {
@@ -89,7 +89,7 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, mtu: u32) -> 
                 node_ip: me.ip,
                 prefix_len: net.subnet.prefix_len(),
                 node_mac: mac_for_ip(me.ip),
-                mtu,
+                mtu: net.mtu.unwrap_or(default_mtu),
             },
         );
     }
@@ -109,7 +109,7 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, mtu: u32) -> 
                 prefix_len: net.subnet.prefix_len(),
                 mac: ep.mac,
                 gateway: overlay.node_ip,
-                mtu,
+                mtu: overlay.mtu,
             };
             out.local_tasks.insert(host_if.clone(), link);
         } else if out.overlays.contains_key(&net.vni) {
@@ -251,6 +251,7 @@ mod tests {
                 name: "backend".into(),
                 subnet: "10.0.0.0/24".parse().unwrap(),
                 vni: 4096,
+                mtu: None,
             }),
         );
         s.put(

@@ -66,6 +66,10 @@ fn bad_input_is_refused_clearly_and_changes_nothing() -> Result<()> {
         (&["network", "create", "other", "--subnet", "10.1.0.0/33"], "invalid subnet"),
         (&["network", "create", "backend", "--subnet", "10.9.0.0/24"], "network backend already exists"),
         (
+            &["network", "create", "jumbo", "--subnet", "10.9.0.0/24", "--mtu", "9000"],
+            "MTU 9000 for network jumbo is out of range",
+        ),
+        (
             &["attach", "web", "--netns", "/run/netns/does-not-exist"],
             "does not exist; create it (`ip netns add NAME`)",
         ),

@@ -250,7 +250,7 @@ fn networks_are_isolated_even_when_nodes_forward() -> Result<()> {
     for i in 1..=2 {
         sh("ip", &["netns", "exec", &cluster.nodes[i - 1].ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
     }
-    cluster.meshctl_ok(1, &["network", "create", "frontend", "--subnet", "10.1.0.0/24"])?;
+    cluster.meshctl_ok(1, &["network", "create", "frontend", "--subnet", "10.1.0.0/24", "--mtu", "1400"])?;
     cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
     cluster.meshctl_ok(1, &["service", "create", "fe", "--network", "frontend"])?;
     cluster.meshctl_ok(1, &["service", "create", "be", "--network", "backend"])?;
@@ -391,6 +391,29 @@ fn sigterm_leaves_gracefully() -> Result<()> {
             ensure!(state == "left", "{state}");
             Ok(())
         })?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_network_mtu_reaches_bridges_vxlan_and_task_interfaces() -> Result<()> {
+    let mut cluster = Cluster::start(1)?;
+    cluster.meshctl_ok(1, &["network", "create", "small", "--subnet", "10.3.0.0/24", "--mtu", "1300"])?;
+    cluster.meshctl_ok(1, &["network", "create", "default", "--subnet", "10.4.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "s", "--network", "small"])?;
+    let task = cluster.add_container(1, "s", "s.1")?.ns.clone();
+    let mtu_of = |ns: &str, dev: &str| -> Result<String> {
+        let out = sh("ip", &["-n", ns, "-o", "link", "show", "dev", dev])?;
+        Ok(out.split_whitespace().skip_while(|w| *w != "mtu").nth(1).unwrap_or("?").to_owned())
+    };
+    let node = cluster.nodes[0].ns.clone();
+    ensure!(mtu_of(&task, "eth0")? == "1300");
+    let vnis = cluster.meshctl_json(1, &["network", "ls"])?;
+    for net in vnis.as_array().into_iter().flatten() {
+        let (vni, want) =
+            (net["vni"].as_u64().unwrap_or(0), if net["name"] == "small" { "1300" } else { "1450" });
+        ensure!(mtu_of(&node, &format!("mvx{vni}"))? == want, "{net}");
+        ensure!(mtu_of(&node, &format!("mbr{vni}"))? == want, "{net}");
     }
     Ok(())
 }

@@ -78,7 +78,7 @@ pub(super) fn check_name(kind: &str, name: &str) -> Result<()> {
 impl Agent {
     pub(super) async fn handle(&self, request: Request) -> Result<Value> {
         match request {
-            Request::NetworkCreate { name, subnet } => self.network_create(name, &subnet),
+            Request::NetworkCreate { name, subnet, mtu } => self.network_create(name, &subnet, mtu),
             Request::NetworkLs => Ok(self.network_ls()),
             Request::ServiceCreate { name, network, endpoint_mode } => {
                 self.service_create(name, network, endpoint_mode)
@@ -100,8 +100,14 @@ impl Agent {
         }
     }
 
-    fn network_create(&self, name: String, subnet: &str) -> Result<Value> {
+    fn network_create(&self, name: String, subnet: &str, mtu: Option<u32>) -> Result<Value> {
         check_name("network", &name)?;
+        if let Some(mtu) = mtu.filter(|m| !(576..=self.mtu).contains(m)) {
+            return Err(Error::invalid(format!(
+                "MTU {mtu} for network {name} is out of range: use 576 to {} (this node's underlay MTU minus 50 bytes of VXLAN)",
+                self.mtu
+            )));
+        }
         let subnet: Ipv4Net = subnet.parse().map_err(|_| {
             Error::invalid(format!(
                 "invalid subnet {subnet:?} for network {name}: use an IPv4 CIDR such as 10.0.0.0/24"
@@ -128,7 +134,7 @@ impl Agent {
         }
         let used: HashSet<u32> = store.networks().map(|n| n.vni).collect();
         let vni = (FIRST_VNI..).find(|v| !used.contains(v)).expect("VNIs are plentiful");
-        let network = Network { name, subnet, vni };
+        let network = Network { name, subnet, vni, mtu };
         gossip.put(Object::Network(network.clone()), self.shared.now());
         drop(gossip);
         self.changed();
@@ -142,7 +148,7 @@ impl Agent {
             .networks()
             .map(|n| {
                 let tasks = store.endpoints().filter(|e| e.network == n.name && e.service.is_some()).count();
-                json!({ "name": n.name, "subnet": n.subnet, "vni": n.vni, "tasks": tasks })
+                json!({ "name": n.name, "subnet": n.subnet, "vni": n.vni, "mtu": n.mtu.unwrap_or(self.mtu), "tasks": tasks })
             })
             .collect();
         json!(rows)
@@ -303,7 +309,7 @@ impl Agent {
             prefix_len: network.subnet.prefix_len(),
             mac: ipam::mac_for_ip(ip),
             gateway,
-            mtu: self.mtu,
+            mtu: network.mtu.unwrap_or(self.mtu),
         };
         let mut plane = self.plane.lock().await;
         let attached = self.overlay.attach_task(&link).await;

@@ -88,6 +88,9 @@ enum NetworkCmd {
         /// Its IPv4 subnet, e.g. 10.0.0.0/24.
         #[arg(long)]
         subnet: String,
+        /// Interface MTU [default: the underlay MTU minus 50 bytes of VXLAN overhead].
+        #[arg(long)]
+        mtu: Option<u32>,
     },
     /// List networks.
     Ls,
@@ -142,7 +145,9 @@ enum NodeCmd {
 
 fn request(command: Command) -> Result<Request, String> {
     Ok(match command {
-        Command::Network(NetworkCmd::Create { name, subnet }) => Request::NetworkCreate { name, subnet },
+        Command::Network(NetworkCmd::Create { name, subnet, mtu }) => {
+            Request::NetworkCreate { name, subnet, mtu }
+        }
         Command::Network(NetworkCmd::Ls) => Request::NetworkLs,
         Command::Service(ServiceCmd::Create { name, network, endpoint_mode }) => {
             Request::ServiceCreate { name, network, endpoint_mode: endpoint_mode.parse::<EndpointMode>()? }
@@ -202,7 +207,7 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
         return serde_json::to_string_pretty(result).expect("JSON values serialize");
     }
     match request {
-        Request::NetworkLs => table(result, &["name", "subnet", "vni", "tasks"]),
+        Request::NetworkLs => table(result, &["name", "subnet", "vni", "mtu", "tasks"]),
         Request::ServiceLs => table(result, &["name", "network", "endpoint_mode", "tasks", "published"]),
         Request::ServicePs { .. } => table(result, &["task", "node", "ip", "mac"]),
         Request::NodeLs => table(result, &["name", "addr", "state", "incarnation", "changed_secs_ago"]),

@@ -170,10 +170,72 @@ fn main() -> Result<()> {
         });
     }
 
+    drop(cluster);
+    rows.extend(fdb_convergence()?);
+
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let text = write_results(&here.join("RESULTS.md"), "Mesh benchmarks", &rows)?;
     println!("\n{text}");
     update_readme(&here.join("../README.md"), &text)
+}
+
+/// Ten real nodes: time from `meshctl attach` on one node until every other node has
+/// the new task's MAC in its VXLAN FDB (polled with `bridge fdb` in every namespace).
+fn fdb_convergence() -> Result<Vec<Row>> {
+    const NODES: usize = 10;
+    const ROUNDS: usize = 5;
+    let mut cluster = Cluster::start(NODES)?;
+    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/22"])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
+    for i in 1..=NODES {
+        cluster.wait_for_service(i, "web")?;
+        poll(&format!("n{i} has the overlay"), Duration::from_secs(10), || {
+            in_ns(&cluster.nodes[i - 1].ns, "ip", &["link", "show", "dev", "mvx4096"]).map(drop)
+        })?;
+    }
+    let mut times = Vec::new();
+    for round in 0..ROUNDS {
+        let origin = 1 + (round * 3) % NODES;
+        let ns = cluster.add_netns(&format!("fdb{round}"))?;
+        let started = std::time::Instant::now();
+        let attached = cluster.meshctl_json(
+            origin,
+            &["attach", "web", "--netns", &ns.to_string_lossy(), "--name", &format!("web.fdb{round}")],
+        )?;
+        let mac = attached["mac"].as_str().unwrap_or_default().to_owned();
+        let others: Vec<String> =
+            cluster.nodes.iter().filter(|n| n.index != origin).map(|n| n.ns.clone()).collect();
+        let slowest = std::thread::scope(|s| {
+            let pollers: Vec<_> = others
+                .iter()
+                .map(|ns| {
+                    let mac = mac.clone();
+                    s.spawn(move || {
+                        poll("FDB entry", Duration::from_secs(10), || {
+                            let fdb = in_ns(ns, "bridge", &["fdb", "show", "dev", "mvx4096"])?;
+                            anyhow::ensure!(fdb.contains(&mac), "not yet");
+                            Ok(started.elapsed())
+                        })
+                    })
+                })
+                .collect();
+            pollers.into_iter().map(|p| p.join().expect("poller panicked")).collect::<Result<Vec<_>>>()
+        })?;
+        let worst = slowest.into_iter().max().unwrap_or_default();
+        println!("FDB convergence round {round}: attach on n{origin} → all {} others in {worst:?}", NODES - 1);
+        times.push((worst.as_secs_f64() * 1000.0, String::new()));
+    }
+    let (median_ms, _) = median(&mut times);
+    let max_ms = times.iter().map(|t| t.0).fold(0.0, f64::max);
+    let runs = times.iter().map(|t| format!("{:.0}", t.0)).collect::<Vec<_>>().join(" / ");
+    Ok(vec![Row {
+        group: "FDB convergence, 10 nodes".into(),
+        path: "meshctl attach → FDB entry on all 9 other nodes (goal ≤ 1000 ms)".into(),
+        value: median_ms,
+        unit: "ms (median)".into(),
+        detail: format!("max {max_ms:.0} ms; runs: {runs}"),
+        baseline: false,
+    }])
 }
 
 /// Replaces the table between the bench markers in README.md.

@@ -95,6 +95,19 @@ impl Store {
         self.entries.iter()
     }
 
+    /// A copy holding only the entries `keep` accepts.
+    pub fn filtered(&self, keep: impl Fn(&str, &Entry) -> bool) -> Store {
+        Store {
+            entries: self
+                .entries
+                .iter()
+                .filter(|(k, e)| keep(k, e))
+                .map(|(k, e)| (k.clone(), e.clone()))
+                .collect(),
+            clock: self.clock,
+        }
+    }
+
     /// Forgets `key` if it is a tombstone (after the tombstone TTL).
     pub fn reap(&mut self, key: &str) {
         if self.entries.get(key).is_some_and(|e| e.value.is_none()) {

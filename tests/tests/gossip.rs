@@ -401,6 +401,8 @@ fn a_network_mtu_reaches_bridges_vxlan_and_task_interfaces() -> Result<()> {
     cluster.meshctl_ok(1, &["network", "create", "small", "--subnet", "10.3.0.0/24", "--mtu", "1300"])?;
     cluster.meshctl_ok(1, &["network", "create", "default", "--subnet", "10.4.0.0/24"])?;
     cluster.meshctl_ok(1, &["service", "create", "s", "--network", "small"])?;
+    cluster.meshctl_ok(1, &["service", "create", "d", "--network", "default"])?;
+    cluster.add_container(1, "d", "d.1")?;
     let task = cluster.add_container(1, "s", "s.1")?.ns.clone();
     let mtu_of = |ns: &str, dev: &str| -> Result<String> {
         let out = sh("ip", &["-n", ns, "-o", "link", "show", "dev", dev])?;
@@ -415,5 +417,48 @@ fn a_network_mtu_reaches_bridges_vxlan_and_task_interfaces() -> Result<()> {
         ensure!(mtu_of(&node, &format!("mvx{vni}"))? == want, "{net}");
         ensure!(mtu_of(&node, &format!("mbr{vni}"))? == want, "{net}");
     }
+    Ok(())
+}
+
+#[test]
+fn a_networks_task_table_reaches_only_the_nodes_taking_part() -> Result<()> {
+    let mut cluster = Cluster::start(3)?;
+    cluster.meshctl_ok(1, &["network", "create", "a", "--subnet", "10.5.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "app", "--network", "a"])?;
+    cluster.add_container(1, "app", "app.1")?;
+    cluster.add_container(2, "app", "app.2")?;
+    let namespaces: Vec<String> = cluster.nodes.iter().map(|n| n.ns.clone()).collect();
+    let vxlan_on = |i: usize| -> Result<bool> {
+        Ok(sh("ip", &["-n", &namespaces[i - 1], "-o", "link"])?.contains("mvx4096"))
+    };
+    for i in 1..=2 {
+        poll(&format!("n{i} sees both tasks"), Duration::from_secs(5), || {
+            ensure!(tasks_seen(&cluster, i, "app")?.len() == 2);
+            Ok(())
+        })?;
+    }
+    // n3 takes no part: it knows the service (cluster-wide) but not the tasks, and has
+    // no overlay for the network.
+    std::thread::sleep(Duration::from_secs(1));
+    ensure!(tasks_seen(&cluster, 3, "app")?.is_empty(), "n3 received network a's table");
+    ensure!(!vxlan_on(3)?, "n3 programmed an overlay it does not need");
+
+    // A task on n3 makes it take part: it pulls the table and reaches the others.
+    let on3 = cluster.add_container(3, "app", "app.3")?.netns();
+    poll("n3 learns the whole table", Duration::from_secs(5), || {
+        ensure!(tasks_seen(&cluster, 3, "app")?.len() == 3);
+        Ok(())
+    })?;
+    let app1 = cluster.containers[0].ip;
+    poll("n3's task reaches app.1", Duration::from_secs(5), || {
+        ensure!(http_get(&on3, SocketAddr::from((app1, 80)))? == "app.1");
+        Ok(())
+    })?;
+    // Its last task gone, n3 leaves the network again.
+    cluster.meshctl_ok(3, &["detach", "app.3"])?;
+    poll("n3 removes the overlay", Duration::from_secs(5), || {
+        ensure!(!vxlan_on(3)?);
+        Ok(())
+    })?;
     Ok(())
 }

@@ -282,13 +282,21 @@ impl Agent {
             return Err(Error::invalid(format!("namespace {netns} is already a task; detach it first")));
         }
 
+        self.alloc().wanted.insert(network.name.clone());
+        let result = self.attach_on(&network, service, netns, task).await;
+        self.alloc().wanted.remove(&network.name);
+        result
+    }
+
+    async fn attach_on(&self, network: &Network, service: &str, netns: &str, task: String) -> Result<Value> {
+        let netns_path = Path::new(netns);
         let deadline = Instant::now() + ATTACH_WAIT;
         let gateway = self.wait_for(deadline, || self.local_overlay_ip(network.vni), || {
             format!("this node's overlay for network {} is not ready after {ATTACH_WAIT:?}; see `meshctl status`", network.name)
         })
         .await?;
         let ip = loop {
-            if let Some(ip) = self.allocate(&network)? {
+            if let Some(ip) = self.allocate(network)? {
                 break ip;
             }
             if Instant::now() >= deadline {

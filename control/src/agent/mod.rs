@@ -87,6 +87,8 @@ struct Alloc {
     claimed_at: HashMap<String, Instant>,
     /// Addresses handed out by an attach in progress, not yet in the store.
     reserved: HashSet<Ipv4Addr>,
+    /// Networks an attach in progress needs this node to take part in.
+    wanted: HashSet<String>,
 }
 
 /// What the dataplane side tracks (guarded by an async mutex: held across netlink calls).
@@ -332,14 +334,49 @@ impl Agent {
     }
 
     /// Gives this node an address on every network it does not have one on yet.
+    ///
+    /// A node takes part in a network — holds an address and an overlay on it, and
+    /// receives its task table — while it has a local task there (or an attach is on
+    /// its way), or while the network carries a published port (the routing mesh needs
+    /// every node). Otherwise it leaves the network.
     fn ensure_node_addresses(&self) {
         let me = self.cfg.node_name.clone();
-        let networks: Vec<Network> = self.gossip().store().networks().cloned().collect();
-        for net in networks {
+        let wanted = self.alloc().wanted.clone();
+        let (join, leave): (Vec<Network>, Vec<String>) = {
+            let gossip = self.gossip();
+            let store = gossip.store();
+            let needed = |net: &Network| {
+                wanted.contains(&net.name)
+                    || store.endpoints().any(|e| e.node == me && e.network == net.name && e.service.is_some())
+                    || store
+                        .published()
+                        .any(|p| store.service(&p.service).is_some_and(|s| s.network == net.name))
+            };
+            let has = |net: &Network| store.get(&Key::endpoint(&Endpoint::node_id(&me, &net.name))).is_some();
+            (
+                store.networks().filter(|n| needed(n) && !has(n)).cloned().collect(),
+                store.networks().filter(|n| !needed(n) && has(n)).map(|n| n.name.clone()).collect(),
+            )
+        };
+        for network in leave {
+            self.write(|g, now| g.delete(&Key::endpoint(&Endpoint::node_id(&me, &network)), now));
+        }
+        // Tasks of a removed service are removed by the node that hosts them.
+        let orphans: Vec<String> = {
+            let gossip = self.gossip();
+            let store = gossip.store();
+            store
+                .endpoints()
+                .filter(|e| e.node == me)
+                .filter(|e| e.service.as_ref().is_some_and(|s| store.service(s).is_none()))
+                .map(|e| Key::endpoint(&e.id))
+                .collect()
+        };
+        for key in orphans {
+            self.write(|g, now| g.delete(&key, now));
+        }
+        for net in join {
             let id = Endpoint::node_id(&me, &net.name);
-            if self.gossip().store().get(&Key::endpoint(&id)).is_some() {
-                continue;
-            }
             if let Ok(Some(ip)) = self.allocate(&net) {
                 let endpoint = Endpoint {
                     id,

@@ -14,6 +14,9 @@
 //! - **Lifeguard**: a member that misses acks raises its local health multiplier,
 //!   stretching its own probe interval and timeout (it may be the slow one); the
 //!   suspicion timeout starts long and shrinks as independent suspicions confirm it.
+//! - **Scoping**: a task's endpoint is only sent to nodes taking part in its network
+//!   (those holding their own address on it); everything else is cluster-wide. A node
+//!   that starts taking part pulls the network's table with a push-pull.
 //! - **Dissemination**: membership changes and store entries ride on every packet,
 //!   fewest-transmitted first, each retransmitted `retransmit_mult · ⌈log10(n+1)⌉`
 //!   times; every `gossip_interval` a few random members get a gossip-only packet.
@@ -199,6 +202,10 @@ pub struct Gossip {
     next_reconnect_at: Millis,
     next_seq: u32,
     relays: HashMap<u32, Relay>,
+    addr_names: HashMap<SocketAddr, String>,
+    participants: HashMap<String, HashSet<String>>,
+    participants_dirty: bool,
+    pending_syncs: Vec<String>,
     health: u32,
     leaving: bool,
     changed: bool,
@@ -239,6 +246,10 @@ impl Gossip {
             next_reconnect_at: now + cfg.reconnect_interval,
             next_seq: 1,
             relays: HashMap::new(),
+            addr_names: HashMap::new(),
+            participants: HashMap::new(),
+            participants_dirty: true,
+            pending_syncs: Vec::new(),
             health: 0,
             leaving: false,
             changed: false,
@@ -326,6 +337,9 @@ impl Gossip {
     }
 
     fn record_entry(&mut self, key: String, entry: Entry, now: Millis) {
+        if key.starts_with("endpoint/node:") {
+            self.participants_dirty = true;
+        }
         if entry.value.is_none() {
             self.tombstones_seen.entry(key.clone()).or_insert(now);
         } else {
@@ -338,6 +352,12 @@ impl Gossip {
     /// Writes an object locally and spreads it.
     pub fn put(&mut self, object: Object, now: Millis) -> bool {
         let key = object.key();
+        if let Object::Endpoint(e) = &object {
+            if e.service.is_none() && e.node == self.me && self.store.get(&key).is_none() {
+                // We start taking part in this network: fetch its table.
+                self.pending_syncs.push(e.network.clone());
+            }
+        }
         if !self.store.put(&self.me, object) {
             return false;
         }
@@ -432,6 +452,20 @@ impl Gossip {
         let msg_kind = if msg == Msg::Gossip { MsgKind::Gossip } else { MsgKind::Protocol };
         let packet = self.next_packet(msg);
         // Updates this node has not yet sent to `to`, fewest-transmitted and newest first.
+        // Task endpoints go only to members taking part in their network.
+        self.refresh_participants();
+        let recipient = self.addr_names.get(&to).cloned();
+        let out_of_scope: Vec<String> = self
+            .queue
+            .iter()
+            .filter(|(_, q)| !q.sent_to.contains(&to) && !self.in_scope(&q.update, recipient.as_deref()))
+            .map(|(s, _)| s.clone())
+            .collect();
+        for subject in out_of_scope {
+            if let Some(q) = self.queue.get_mut(&subject) {
+                q.sent_to.insert(to);
+            }
+        }
         let mut order: Vec<(&String, &Queued)> =
             self.queue.iter().filter(|(_, q)| !q.sent_to.contains(&to)).collect();
         order.sort_by_key(|(_, q)| (q.transmits, std::cmp::Reverse(q.order)));
@@ -463,6 +497,62 @@ impl Gossip {
         Out::Udp { to, bytes }
     }
 
+    /// Another node started taking part in a network: re-announce the tasks this node
+    /// hosts there, so they reach it even if they were spread before it joined.
+    fn welcome_participant(&mut self, entry: &Entry) {
+        let Some(Object::Endpoint(e)) = &entry.value else { return };
+        if e.service.is_some() || e.node == self.me {
+            return;
+        }
+        let mine: Vec<(String, Entry)> = self
+            .store
+            .entries()
+            .filter(|(_, en)| {
+                matches!(&en.value, Some(Object::Endpoint(t))
+                    if t.node == self.me && t.network == e.network && t.service.is_some())
+            })
+            .map(|(k, en)| (k.clone(), en.clone()))
+            .collect();
+        for (key, entry) in mine {
+            self.enqueue(Update::Entry { key, entry });
+        }
+    }
+
+    fn refresh_participants(&mut self) {
+        if !self.participants_dirty {
+            return;
+        }
+        self.participants_dirty = false;
+        self.participants.clear();
+        for e in self.store.endpoints().filter(|e| e.service.is_none()) {
+            self.participants.entry(e.network.clone()).or_default().insert(e.node.clone());
+        }
+    }
+
+    /// Whether `update` may go to `recipient`: anything cluster-wide may; a task
+    /// endpoint only to a participant of its network (or to anyone while nobody is
+    /// known to take part, and to members we cannot name yet).
+    fn in_scope(&self, update: &Update, recipient: Option<&str>) -> bool {
+        let Update::Entry { entry, .. } = update else { return true };
+        let Some(Object::Endpoint(e)) = &entry.value else { return true };
+        if e.service.is_none() {
+            return true;
+        }
+        match (recipient, self.participants.get(&e.network)) {
+            (Some(name), Some(nodes)) => nodes.contains(name),
+            _ => true,
+        }
+    }
+
+    /// The networks `node` takes part in, judged from the store.
+    fn networks_of(&self, node: &str) -> HashSet<String> {
+        self.store
+            .endpoints()
+            .filter(|e| e.service.is_none() && e.node == node)
+            .map(|e| e.network.clone())
+            .collect()
+    }
+
     fn scaled(&self, interval: Millis) -> Millis {
         interval * (self.health as Millis + 1)
     }
@@ -492,6 +582,19 @@ impl Gossip {
             let alive: Vec<SocketAddr> =
                 self.members.values().filter(|m| m.state == MemberState::Alive).map(|m| m.addr).collect();
             if let Some(&to) = alive.choose(&mut self.rng) {
+                out.push(Out::PushPull { to, join: false });
+            }
+        }
+        for network in std::mem::take(&mut self.pending_syncs) {
+            self.refresh_participants();
+            let peers: Vec<SocketAddr> = self
+                .members
+                .values()
+                .filter(|m| m.state == MemberState::Alive)
+                .filter(|m| self.participants.get(&network).is_some_and(|p| p.contains(&m.name)))
+                .map(|m| m.addr)
+                .collect();
+            if let Some(&to) = peers.choose(&mut self.rng) {
                 out.push(Out::PushPull { to, join: false });
             }
         }
@@ -695,6 +798,7 @@ impl Gossip {
             Update::Entry { key, entry } => {
                 if self.store.merge_one(key.clone(), entry.clone()) {
                     self.record_entry(key.clone(), entry.clone(), now);
+                    self.welcome_participant(entry);
                 }
                 return;
             }
@@ -740,6 +844,7 @@ impl Gossip {
         match update {
             Update::Alive { node, addr, incarnation } => match self.members.get_mut(node) {
                 None => {
+                    self.addr_names.insert(*addr, node.clone());
                     self.members.insert(
                         node.clone(),
                         Member {
@@ -764,6 +869,7 @@ impl Gossip {
                         m.incarnation = *incarnation;
                         m.addr = *addr;
                         m.state = MemberState::Alive;
+                        self.addr_names.insert(*addr, node.clone());
                         m.suspicion = None;
                         true
                     } else {
@@ -819,8 +925,9 @@ impl Gossip {
         }
     }
 
-    /// The full state for a TCP push-pull.
-    pub fn push_pull(&self, join: bool) -> PushPull {
+    /// The full state for a TCP push-pull with `peer` (when known): task endpoints of
+    /// networks the peer does not take part in are left out.
+    pub fn push_pull_for(&self, peer: Option<&str>, join: bool) -> PushPull {
         let mut members: Vec<MemberRecord> = self
             .members
             .values()
@@ -837,7 +944,35 @@ impl Gossip {
             incarnation: self.incarnation,
             state: if self.leaving { MemberState::Left } else { MemberState::Alive },
         });
-        PushPull { from: self.me.clone(), join, members, store: self.store.clone() }
+        let store = match peer {
+            None => self.store.clone(),
+            Some(peer) => {
+                let theirs = self.networks_of(peer);
+                let known: HashSet<String> = self
+                    .store
+                    .endpoints()
+                    .filter(|e| e.service.is_none())
+                    .map(|e| e.network.clone())
+                    .collect();
+                self.store.filtered(|_, entry| match &entry.value {
+                    Some(Object::Endpoint(e)) if e.service.is_some() && known.contains(&e.network) => {
+                        theirs.contains(&e.network)
+                    }
+                    _ => true,
+                })
+            }
+        };
+        PushPull { from: self.me.clone(), join, members, store }
+    }
+
+    /// The name of the member at `addr`, if known.
+    pub fn name_at(&self, addr: SocketAddr) -> Option<&str> {
+        self.addr_names.get(&addr).map(String::as_str)
+    }
+
+    /// The full, unfiltered state (for a peer whose name is not known yet).
+    pub fn push_pull(&self, join: bool) -> PushPull {
+        self.push_pull_for(None, join)
     }
 
     /// Merges a peer's full state.
@@ -858,6 +993,10 @@ impl Gossip {
         }
         for (key, entry) in theirs.store.entries() {
             if self.store.merge_one(key.clone(), entry.clone()) {
+                if key.starts_with("endpoint/node:") {
+                    self.participants_dirty = true;
+                    self.welcome_participant(entry);
+                }
                 // Learned in bulk: record, but leave spreading to later push-pulls.
                 if entry.value.is_none() {
                     self.tombstones_seen.entry(key.clone()).or_insert(now);

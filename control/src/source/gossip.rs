@@ -264,7 +264,11 @@ async fn read_frame(stream: &mut TcpStream, shared: &Shared) -> Result<PushPull,
 
 async fn push_pull(shared: &Shared, to: SocketAddr, join: bool) -> Result<(), ExchangeError> {
     let mut stream = TcpStream::connect(to).await?;
-    let mine = shared.gossip().push_pull(join);
+    let mine = {
+        let g = shared.gossip();
+        let peer = g.name_at(to).map(str::to_owned);
+        g.push_pull_for(peer.as_deref(), join)
+    };
     write_frame(&mut stream, shared, &mine).await?;
     let theirs = read_frame(&mut stream, shared).await?;
     let mut g = shared.gossip();
@@ -281,11 +285,16 @@ async fn serve_push_pull(shared: Arc<Shared>, listener: TcpListener) {
         tokio::spawn(async move {
             let exchange = async {
                 let theirs = read_frame(&mut stream, &shared).await?;
-                let mine = shared.gossip().push_pull(false);
+                // Merge first: the peer's own store says which networks it takes part
+                // in, and the answer is filtered by that.
+                let mine = {
+                    let mut g = shared.gossip();
+                    let peer = theirs.from.clone();
+                    g.merge_push_pull(theirs, shared.now());
+                    shared.notify_if_changed(&mut g);
+                    g.push_pull_for(Some(&peer), false)
+                };
                 write_frame(&mut stream, &shared, &mine).await?;
-                let mut g = shared.gossip();
-                g.merge_push_pull(theirs, shared.now());
-                shared.notify_if_changed(&mut g);
                 Counters::bump(&shared.counters.push_pulls);
                 Ok::<(), ExchangeError>(())
             };

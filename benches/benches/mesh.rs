@@ -184,7 +184,7 @@ fn main() -> Result<()> {
 fn fdb_convergence() -> Result<Vec<Row>> {
     const NODES: usize = 10;
     const ROUNDS: usize = 5;
-    let mut cluster = Cluster::start(NODES)?;
+    let cluster = Cluster::start(NODES)?;
     cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/22"])?;
     cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
     for i in 1..=NODES {
@@ -222,7 +222,10 @@ fn fdb_convergence() -> Result<Vec<Row>> {
             pollers.into_iter().map(|p| p.join().expect("poller panicked")).collect::<Result<Vec<_>>>()
         })?;
         let worst = slowest.into_iter().max().unwrap_or_default();
-        println!("FDB convergence round {round}: attach on n{origin} → all {} others in {worst:?}", NODES - 1);
+        println!(
+            "FDB convergence round {round}: attach on n{origin} → all {} others in {worst:?}",
+            NODES - 1
+        );
         times.push((worst.as_secs_f64() * 1000.0, String::new()));
     }
     let (median_ms, _) = median(&mut times);

@@ -20,6 +20,9 @@ use crate::store::Store;
 /// Bytes of IPv4 and UDP headers per datagram, counted in bandwidth figures.
 pub const IP_UDP_HEADERS: u64 = 28;
 
+/// A datagram on its way: delivery time, send order (tie-break), destination, bytes.
+type InFlight = (Millis, u64, usize, Vec<u8>);
+
 /// The simulated network.
 #[derive(Clone, Debug)]
 pub struct NetConfig {
@@ -49,7 +52,7 @@ pub struct Sim {
     pub wire_bytes: Vec<u64>,
     net: NetConfig,
     by_addr: HashMap<SocketAddr, usize>,
-    in_flight: BinaryHeap<Reverse<(Millis, u64, usize, Vec<u8>)>>,
+    in_flight: BinaryHeap<Reverse<InFlight>>,
     order: u64,
     down: HashSet<usize>,
     sides: Vec<u8>,

@@ -234,18 +234,8 @@ impl Cluster {
         for i in 1..=n {
             cluster.start_node(i)?;
         }
-        for node in &cluster.nodes {
-            let socket = node.socket.clone();
-            let meshctl = cluster.meshctl.clone();
-            poll(&format!("meshd on {} answers", node.name), Duration::from_secs(20), || {
-                let out = Command::new(&meshctl).arg("--socket").arg(&socket).arg("status").output()?;
-                if out.status.success() {
-                    Ok(())
-                } else {
-                    Err(anyhow!("{}", String::from_utf8_lossy(&out.stderr)))
-                }
-            })
-            .with_context(|| format!("meshd log:\n{}", fs::read_to_string(&node.log).unwrap_or_default()))?;
+        for i in 1..=n {
+            cluster.wait_until_answers(i)?;
         }
         Ok(cluster)
     }
@@ -308,15 +298,20 @@ impl Cluster {
         let i = self.nodes.len() + 1;
         self.add_host(&format!("{}-n{i}", self.prefix), &format!("n{i}"), node_addr(i))?;
         self.start_node_with(i, keyring.to_owned())?;
-        let socket = self.nodes[i - 1].socket.clone();
+        self.wait_until_answers(i)?;
+        Ok(i)
+    }
+
+    /// Waits until node `i`'s meshd answers `meshctl status`; fails with its log.
+    pub fn wait_until_answers(&self, i: usize) -> Result<()> {
         poll(&format!("meshd on n{i} answers"), Duration::from_secs(20), || {
-            let out = Command::new(&self.meshctl).arg("--socket").arg(&socket).arg("status").output()?;
+            let out = self.meshctl(i, &["status"]);
             out.status
                 .success()
                 .then_some(())
                 .ok_or_else(|| anyhow!("{}", String::from_utf8_lossy(&out.stderr)))
-        })?;
-        Ok(i)
+        })
+        .map_err(|e| e.context(self.log_tail(i, 60)))
     }
 
     /// Splits the underlay: the nodes in `side_b` move to a second switch, cut off
@@ -355,14 +350,7 @@ impl Cluster {
         }
         let child = self.spawn_meshd(&self.nodes[i - 1], &self.keyring())?;
         self.nodes[i - 1].meshd = Some(child);
-        let socket = self.nodes[i - 1].socket.clone();
-        poll(&format!("meshd on n{i} answers again"), Duration::from_secs(20), || {
-            let out = Command::new(&self.meshctl).arg("--socket").arg(&socket).arg("status").output()?;
-            out.status
-                .success()
-                .then_some(())
-                .ok_or_else(|| anyhow!("{}", String::from_utf8_lossy(&out.stderr)))
-        })
+        self.wait_until_answers(i)
     }
 
     /// What node `observer` thinks of node `node`: "self", "alive", "suspect", "dead",

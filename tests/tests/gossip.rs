@@ -75,8 +75,13 @@ fn five_nodes_detect_a_killed_node_suspend_its_tasks_and_restore_them() -> Resul
         ensure!(seen == live, "{seen:?}");
         Ok(())
     })?;
-    // Suspended, not forgotten: the task is still listed.
-    ensure!(tasks_seen(&cluster, 1, "web")?.contains("web.5"), "web.5 was deleted instead of suspended");
+    // Suspended, not forgotten: the task is still listed, as suspended.
+    let rows = cluster.meshctl_json(1, &["service", "ps", "web"])?;
+    let web5 = rows.as_array().into_iter().flatten().find(|r| r["task"] == "web.5").cloned();
+    ensure!(
+        web5.as_ref().is_some_and(|r| r["state"] == "suspended"),
+        "web.5 should be listed as suspended: {web5:?}"
+    );
 
     // Restart n5: it rejoins, refutes its death, and web.5 serves again.
     cluster.restart_node(5)?;
@@ -87,6 +92,11 @@ fn five_nodes_detect_a_killed_node_suspend_its_tasks_and_restore_them() -> Resul
             Ok(())
         })?;
     }
+    poll("web.5 is running again", Duration::from_secs(5), || {
+        let rows = cluster.meshctl_json(1, &["service", "ps", "web"])?;
+        ensure!(rows.as_array().into_iter().flatten().all(|r| r["state"] == "running"), "{rows}");
+        Ok(())
+    })?;
     poll("web.5 serves through n1 again", Duration::from_secs(10), || {
         let seen = answers(&cluster, 1, 12)?;
         ensure!(seen == all, "{seen:?}");

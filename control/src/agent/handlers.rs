@@ -205,9 +205,14 @@ impl Agent {
         let gossip = self.gossip();
         let store = gossip.store();
         store.service(name).ok_or_else(|| Self::unknown_service(name))?;
+        // A task on a dead or departed node is suspended: kept, but not routed to.
+        let live = gossip.live_nodes();
         let rows: Vec<Value> = store
             .tasks_of(name)
-            .map(|t| json!({ "task": t.id, "node": t.node, "ip": t.ip, "mac": t.mac, "netns": t.netns }))
+            .map(|t| {
+                let state = if live.contains(&t.node) { "running" } else { "suspended" };
+                json!({ "task": t.id, "node": t.node, "ip": t.ip, "mac": t.mac, "vtep": t.vtep, "state": state, "netns": t.netns })
+            })
             .collect();
         Ok(json!(rows))
     }

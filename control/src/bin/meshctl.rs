@@ -209,7 +209,7 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
     match request {
         Request::NetworkLs => table(result, &["name", "subnet", "vni", "mtu", "tasks"]),
         Request::ServiceLs => table(result, &["name", "network", "endpoint_mode", "tasks", "published"]),
-        Request::ServicePs { .. } => table(result, &["task", "node", "ip", "mac"]),
+        Request::ServicePs { .. } => table(result, &["task", "node", "ip", "mac", "state"]),
         Request::NodeLs => table(result, &["name", "addr", "state", "incarnation", "changed_secs_ago"]),
         Request::NetworkCreate { .. } => format!(
             "network {} created (subnet {}, vni {})",

@@ -67,7 +67,12 @@ fn main() -> Result<()> {
     let mysql = cluster.add_task(3, "mysql", "mysql.1", 3306)?.ip;
     println!("  mysql.1   on n3  {mysql}:3306");
     check_stop()?;
-    show(&cluster, 1, &["service", "ps", "mvcapp"])?;
+    meshd_tests::poll("n2 sees all five mvcapp tasks", Duration::from_secs(10), || {
+        let tasks = cluster.meshctl_json(2, &["service", "ps", "mvcapp"])?;
+        anyhow::ensure!(tasks.as_array().map_or(0, Vec::len) == 5, "not yet");
+        Ok(())
+    })?;
+    show(&cluster, 2, &["service", "ps", "mvcapp"])?;
 
     step("publishing: meshctl publish 3000:80 mvcapp");
     show(&cluster, 1, &["publish", "3000:80", "mvcapp"])?;

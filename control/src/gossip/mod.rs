@@ -203,6 +203,8 @@ pub struct Gossip {
     next_seq: u32,
     relays: HashMap<u32, Relay>,
     addr_names: HashMap<SocketAddr, String>,
+    live_members: usize,
+    suspects: BTreeSet<String>,
     participants: HashMap<String, HashSet<String>>,
     participants_dirty: bool,
     pending_syncs: Vec<String>,
@@ -247,6 +249,8 @@ impl Gossip {
             next_seq: 1,
             relays: HashMap::new(),
             addr_names: HashMap::new(),
+            live_members: 0,
+            suspects: BTreeSet::new(),
             participants: HashMap::new(),
             participants_dirty: true,
             pending_syncs: Vec::new(),
@@ -406,8 +410,7 @@ impl Gossip {
     }
 
     fn cluster_size(&self) -> usize {
-        self.members.values().filter(|m| m.state != MemberState::Dead && m.state != MemberState::Left).count()
-            + 1
+        self.live_members + 1
     }
 
     fn retransmit_limit(&self) -> u32 {
@@ -723,8 +726,9 @@ impl Gossip {
 
     fn tick_suspicions(&mut self, now: Millis) {
         let expired: Vec<(String, u64)> = self
-            .members
-            .values()
+            .suspects
+            .iter()
+            .filter_map(|name| self.members.get(name))
             .filter_map(|m| {
                 let s = m.suspicion.as_ref()?;
                 (now >= s.started + self.suspicion_timeout(s.confirmations.len()))
@@ -839,8 +843,36 @@ impl Gossip {
         }
     }
 
-    /// Applies a membership update; returns whether it changed anything.
+    /// Applies a membership update; returns whether it changed anything. Keeps the
+    /// live-member count and the suspect set in step, so timers never scan everyone.
     fn apply_member(&mut self, update: &Update, now: Millis) -> bool {
+        let node = match update {
+            Update::Alive { node, .. }
+            | Update::Suspect { node, .. }
+            | Update::Dead { node, .. }
+            | Update::Left { node, .. } => node.clone(),
+            Update::Entry { .. } => return false,
+        };
+        let before = self.members.get(&node).map(|m| m.state);
+        let changed = self.apply_member_state(update, now);
+        if changed {
+            let after = self.members.get(&node).map(|m| m.state);
+            let live = |s: Option<MemberState>| matches!(s, Some(MemberState::Alive | MemberState::Suspect));
+            match (live(before), live(after)) {
+                (false, true) => self.live_members += 1,
+                (true, false) => self.live_members -= 1,
+                _ => {}
+            }
+            if after == Some(MemberState::Suspect) {
+                self.suspects.insert(node);
+            } else {
+                self.suspects.remove(&node);
+            }
+        }
+        changed
+    }
+
+    fn apply_member_state(&mut self, update: &Update, now: Millis) -> bool {
         match update {
             Update::Alive { node, addr, incarnation } => match self.members.get_mut(node) {
                 None => {

@@ -31,7 +31,7 @@ use std::{
     net::SocketAddr,
 };
 
-use rand::{rngs::SmallRng, seq::SliceRandom, SeedableRng};
+use rand::{rngs::SmallRng, seq::SliceRandom, Rng, SeedableRng};
 
 pub use self::wire::MemberState;
 use self::wire::{encode_within, MemberRecord, Msg, Packet, PushPull, Update};
@@ -260,6 +260,12 @@ impl Gossip {
             stats: Stats::default(),
             cfg,
         };
+        // Start each timer at a random point of its period, as memberlist does, so a
+        // cluster started at once does not probe and gossip in lockstep.
+        g.next_probe_at = now + g.rng.gen_range(0..g.cfg.probe_interval.max(1));
+        g.next_gossip_at = now + g.rng.gen_range(0..g.cfg.gossip_interval.max(1));
+        g.next_push_pull_at =
+            now + g.cfg.push_pull_interval + g.rng.gen_range(0..g.cfg.push_pull_interval.max(1));
         g.announce();
         g
     }
@@ -763,7 +769,13 @@ impl Gossip {
         self.stats.packets_in += 1;
         let mut out = Vec::new();
         for update in packet.updates {
-            self.apply(update, now);
+            let subject = update.subject();
+            self.apply(update.clone(), now);
+            // What this packet brought, its sender has: never send that back (but do
+            // send anything newer on the subject, such as our refutation).
+            if let Some(q) = self.queue.get_mut(&subject).filter(|q| q.update == update) {
+                q.sent_to.insert(packet.from_addr);
+            }
         }
         match packet.msg {
             Msg::Ping { seq, target } => {

@@ -187,6 +187,9 @@ fn fdb_convergence() -> Result<Vec<Row>> {
     let cluster = Cluster::start(NODES)?;
     cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/22"])?;
     cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
+    // A published port makes every node take part in the network (the routing mesh),
+    // so every node programs the new task's FDB entry.
+    cluster.meshctl_ok(1, &["publish", "3000:80", "web"])?;
     for i in 1..=NODES {
         cluster.wait_for_service(i, "web")?;
         poll(&format!("n{i} has the overlay"), Duration::from_secs(10), || {

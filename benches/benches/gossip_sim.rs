@@ -18,16 +18,15 @@
 //!
 //! Prints a markdown table and writes it to `benches/GOSSIP_SIM.md`.
 
-use std::{net::Ipv4Addr, process::Command, time::Instant};
+use std::{process::Command, time::Instant};
 
 use anyhow::{Context as _, Result};
 use meshd_control::{
     gossip::{
-        sim::{NetConfig, Sim},
+        sim::{task_endpoint, NetConfig, Sim},
         Config, Millis,
     },
-    ipam::mac_for_ip,
-    model::{Endpoint, Key, Object},
+    model::Key,
 };
 
 /// Virtual time every cluster runs before the write.
@@ -121,22 +120,6 @@ impl Measured {
     }
 }
 
-/// The endpoint node 0 writes (the same shape the gossip unit tests use).
-fn endpoint(id: &str) -> Object {
-    let ip = Ipv4Addr::new(10, 0, 0, 9);
-    Object::Endpoint(Endpoint {
-        id: id.into(),
-        service: Some("web".into()),
-        network: "backend".into(),
-        node: "node-0".into(),
-        ip,
-        mac: mac_for_ip(ip),
-        vtep: Ipv4Addr::new(198, 18, 0, 11),
-        host_if: None,
-        netns: None,
-    })
-}
-
 /// Nodes that make up `ppm` parts per million of `n`, rounded up.
 fn needed(n: usize, ppm: u64) -> usize {
     (n as u64 * ppm).div_ceil(1_000_000) as usize
@@ -180,7 +163,7 @@ fn measure(nodes: usize, loss: f64, seed: u64, budget_left_s: Option<f64>) -> Re
     let written_at = sim.now;
     let bytes_before: u64 = sim.wire_bytes.iter().sum();
     let key = Key::endpoint("web.1");
-    assert!(sim.nodes[0].put(endpoint("web.1"), written_at), "node 0 accepts the write");
+    assert!(sim.nodes[0].put(task_endpoint("web.1"), written_at), "node 0 accepts the write");
 
     let needed = FRACTIONS_PPM.map(|ppm| needed(nodes, ppm));
     let mut reached = [None; 3];

@@ -205,3 +205,20 @@ impl Sim {
         done(self)
     }
 }
+
+/// A task endpoint of service `web` on network `backend`, hosted by `node-0`: the
+/// update the simulations spread.
+pub fn task_endpoint(id: &str) -> crate::model::Object {
+    let ip = Ipv4Addr::new(10, 0, 0, 9);
+    crate::model::Object::Endpoint(crate::model::Endpoint {
+        id: id.into(),
+        service: Some("web".into()),
+        network: "backend".into(),
+        node: "node-0".into(),
+        ip,
+        mac: crate::ipam::mac_for_ip(ip),
+        vtep: Ipv4Addr::new(198, 18, 0, 11),
+        host_if: None,
+        netns: None,
+    })
+}

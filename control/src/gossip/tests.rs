@@ -1,21 +1,8 @@
-use std::net::Ipv4Addr;
-
 use super::{sim::*, *};
-use crate::model::{Endpoint, Key};
+use crate::model::Key;
 
 fn endpoint(id: &str) -> Object {
-    let ip = Ipv4Addr::new(10, 0, 0, 9);
-    Object::Endpoint(Endpoint {
-        id: id.into(),
-        service: Some("web".into()),
-        network: "backend".into(),
-        node: "node-0".into(),
-        ip,
-        mac: crate::ipam::mac_for_ip(ip),
-        vtep: Ipv4Addr::new(198, 18, 0, 11),
-        host_if: None,
-        netns: None,
-    })
+    task_endpoint(id)
 }
 
 fn state_of(sim: &Sim, observer: usize, node: usize) -> Option<MemberState> {

@@ -34,15 +34,10 @@ pub fn block_addresses(subnet: Ipv4Net, index: u32) -> impl Iterator<Item = Ipv4
     (first..first + size).map(Ipv4Addr::from).filter(move |ip| *ip != net && *ip != bcast)
 }
 
-/// FNV-1a: a hash that stays the same across builds and platforms.
-fn stable_hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-}
-
 /// The block `node` should claim next on a subnet with `blocks` blocks, given the
 /// indexes already claimed by anyone: its preferred block, or the next free one after it.
 pub fn next_free_block(node: &str, blocks: u32, claimed: &HashSet<u32>) -> Option<u32> {
-    let start = (stable_hash(node) % u64::from(blocks)) as u32;
+    let start = (crate::hash::fnv1a_64(node.as_bytes()) % u64::from(blocks)) as u32;
     (0..blocks).map(|i| (start + i) % blocks).find(|i| !claimed.contains(i))
 }
 

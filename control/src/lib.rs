@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod api;
 pub mod gossip;
+pub mod hash;
 pub mod ipam;
 pub mod model;
 pub mod reconcile;

@@ -1,7 +1,7 @@
 //! Sealing gossip with AES-256-GCM under the cluster keyring.
 //!
 //! A sealed message is `[version=1][key hint: 4 bytes][nonce: 12][ciphertext+tag]`.
-//! The key hint (first 4 bytes of SHA-free key fingerprint: FNV of the key) lets a
+//! The key hint (a 32-bit FNV-1a fingerprint of the key, not secret) lets a
 //! receiver try the right key first; every installed key is tried, so during a
 //! rotation both old and new keys are accepted. A message that no key opens is
 //! dropped and counted. Replays of authentic packets are caught by [`ReplayGuard`].
@@ -40,7 +40,7 @@ impl Key {
 
     /// A short, non-secret fingerprint used to pick the key on receipt.
     pub fn hint(&self) -> u32 {
-        self.0.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+        crate::hash::fnv1a_32(&self.0)
     }
 
     /// The key as 64 hex digits.

@@ -558,7 +558,7 @@ impl Agent {
             "node": self.cfg.node_name,
             "advertise_addr": self.cfg.advertise_addr,
             "control_port": self.cfg.control_port,
-            "uptime_secs": self.started.elapsed().as_secs(),
+            "uptime_secs": self.shared.started.elapsed().as_secs(),
             "overlay_mtu": self.mtu,
             "ebpf": self.programs_status(),
             "networks": networks,

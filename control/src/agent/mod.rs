@@ -111,7 +111,8 @@ pub struct Agent {
     plane: tokio::sync::Mutex<Plane>,
     /// The keyring generation this node runs.
     key_generation: Mutex<u64>,
-    started: Instant,
+    /// The change counter at the last successful save of the store.
+    saved_generation: Mutex<Option<u64>>,
 }
 
 impl Agent {
@@ -145,7 +146,7 @@ impl Agent {
             alloc: Mutex::default(),
             plane: Default::default(),
             key_generation: Mutex::new(0),
-            started: Instant::now(),
+            saved_generation: Mutex::new(None),
             cfg,
         };
         Ok(Arc::new(agent))
@@ -243,6 +244,8 @@ impl Agent {
     async fn reconcile(&self) {
         self.sync_keyring();
         self.ensure_node_addresses();
+        // Read before the store, so a change arriving meanwhile is saved next time.
+        let generation = *self.shared.changes.borrow();
         let (store, live) = {
             let g = self.gossip();
             (g.store().clone(), g.live_nodes())
@@ -269,8 +272,12 @@ impl Agent {
             }
         }
         drop(plane);
-        if let Err(error) = save_store(&self.cfg, &store) {
-            tracing::warn!(%error, "could not persist the store");
+        let mut saved = self.saved_generation.lock();
+        if *saved != Some(generation) {
+            match save_store(&self.cfg, &store) {
+                Ok(()) => *saved = Some(generation),
+                Err(error) => tracing::warn!(%error, "could not persist the store"),
+            }
         }
     }
 

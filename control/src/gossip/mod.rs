@@ -478,15 +478,14 @@ impl Gossip {
         let mut order: Vec<(&String, &Queued)> =
             self.queue.iter().filter(|(_, q)| !q.sent_to.contains(&to)).collect();
         order.sort_by_key(|(_, q)| (q.transmits, std::cmp::Reverse(q.order)));
-        let subjects: Vec<String> = order.iter().map(|(s, _)| (*s).clone()).collect();
-        let candidates: Vec<Update> = order.iter().map(|(_, q)| q.update.clone()).collect();
+        let candidates: Vec<&Update> = order.iter().map(|(_, q)| &q.update).collect();
         let (bytes, used) = encode_within(packet, &candidates, self.cfg.udp_limit);
+        let used: Vec<String> = used.into_iter().map(|i| order[i].0.clone()).collect();
         // Only gossip rounds spend an update's retransmit budget; probes and acks carry
         // updates for free. Either way an update goes to each member at most once.
         let limit = self.retransmit_limit();
         let others = self.members.len();
-        for i in used {
-            let subject = &subjects[i];
+        for subject in &used {
             let done = match self.queue.get_mut(subject) {
                 Some(q) => {
                     q.sent_to.insert(to);
@@ -742,7 +741,7 @@ impl Gossip {
             })
             .collect();
         for (name, incarnation) in expired {
-            self.apply(Update::Dead { node: name, incarnation }, now);
+            self.apply(&Update::Dead { node: name, incarnation }, now);
         }
     }
 
@@ -761,7 +760,7 @@ impl Gossip {
     }
 
     fn suspect(&mut self, node: &str, incarnation: u64, from: String, now: Millis) {
-        self.apply(Update::Suspect { node: node.to_owned(), incarnation, from }, now);
+        self.apply(&Update::Suspect { node: node.to_owned(), incarnation, from }, now);
     }
 
     /// Handles a decoded, authenticated packet.
@@ -770,7 +769,7 @@ impl Gossip {
         let mut out = Vec::new();
         for update in packet.updates {
             let subject = update.subject();
-            self.apply(update.clone(), now);
+            self.apply(&update, now);
             // What this packet brought, its sender has: never send that back (but do
             // send anything newer on the subject, such as our refutation).
             if let Some(q) = self.queue.get_mut(&subject).filter(|q| q.update == update) {
@@ -809,8 +808,8 @@ impl Gossip {
     }
 
     /// Applies one update; rebroadcasts it if it was news.
-    fn apply(&mut self, update: Update, now: Millis) {
-        match &update {
+    fn apply(&mut self, update: &Update, now: Millis) {
+        match update {
             Update::Entry { key, entry } => {
                 if self.store.merge_one(key.clone(), entry.clone()) {
                     self.record_entry(key.clone(), entry.clone(), now);
@@ -824,14 +823,14 @@ impl Gossip {
             | Update::Left { node, .. }
                 if *node == self.me =>
             {
-                self.about_me(&update);
+                self.about_me(update);
                 return;
             }
             _ => {}
         }
-        if self.apply_member(&update, now) {
+        if self.apply_member(update, now) {
             self.changed = true;
-            self.enqueue(update);
+            self.enqueue(update.clone());
         }
     }
 
@@ -1033,7 +1032,7 @@ impl Gossip {
                 MemberState::Dead => Update::Dead { node: m.node, incarnation: m.incarnation },
                 MemberState::Left => Update::Left { node: m.node, incarnation: m.incarnation },
             };
-            self.apply(update, now);
+            self.apply(&update, now);
         }
         for (key, entry) in theirs.store.entries() {
             if self.store.merge_one(key.clone(), entry.clone()) {

@@ -180,7 +180,7 @@ fn varint_len(mut n: usize) -> usize {
 /// Encodes `packet` with as many of `candidates` (in order) as keep it within `limit`
 /// bytes; returns the bytes and the indexes of the updates included. An update too
 /// large for any packet is skipped (it travels by TCP sync).
-pub fn encode_within(mut packet: Packet, candidates: &[Update], limit: usize) -> (Vec<u8>, Vec<usize>) {
+pub fn encode_within(mut packet: Packet, candidates: &[&Update], limit: usize) -> (Vec<u8>, Vec<usize>) {
     packet.updates.clear();
     // postcard writes the update list as a length prefix and the items back to back,
     // so the packet's size is known from each item's size without re-encoding.
@@ -192,7 +192,7 @@ pub fn encode_within(mut packet: Packet, candidates: &[Update], limit: usize) ->
         if base + varint_len(used.len() + 1) + total_items + size <= limit {
             total_items += size;
             used.push(i);
-            packet.updates.push(update.clone());
+            packet.updates.push((*update).clone());
         }
     }
     let bytes = encode(&packet);
@@ -233,7 +233,8 @@ mod tests {
     #[test]
     fn encode_within_respects_the_limit_and_reports_what_it_took() {
         let candidates: Vec<_> = (0..200).map(alive).collect();
-        let (bytes, used) = encode_within(packet(), &candidates, 1400);
+        let refs: Vec<&Update> = candidates.iter().collect();
+        let (bytes, used) = encode_within(packet(), &refs, 1400);
         assert!(bytes.len() <= 1400);
         assert!(used.len() > 10 && used.len() < 200, "{}", used.len());
         let decoded: Packet = decode(&bytes).unwrap();

@@ -7,58 +7,22 @@ use std::{
     hash::{BuildHasher, Hasher},
     net::Ipv4Addr,
     path::Path,
-    sync::Arc,
     time::Instant,
 };
 
 use ipnet::Ipv4Net;
 use meshd_dataplane::{overlay::TaskLink, proxy::Proto};
 use serde_json::{json, Value};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
-};
 
 use super::{Agent, ATTACH_WAIT};
 use crate::{
-    api::{Request, Response, MAX_LINE},
+    api::Request,
     ipam,
     model::{Endpoint, EndpointMode, Key, Network, Object, PublishedPort, Service, FIRST_VNI},
     reconcile::Op,
     spec::PortSpec,
     Error, Result,
 };
-
-/// Accepts API connections until the task is dropped.
-pub(super) async fn serve_api(listener: UnixListener, agent: Arc<Agent>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            if let Err(error) = serve_one(stream, &agent).await {
-                tracing::debug!(%error, "API connection failed");
-            }
-        });
-    }
-}
-
-async fn serve_one(stream: UnixStream, agent: &Agent) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read).take(MAX_LINE as u64).read_line(&mut line).await?;
-    let response = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => match agent.handle(request).await {
-            Ok(ok) => Response::Ok { ok },
-            Err(error) => Response::Err { error: error.to_string() },
-        },
-        Err(error) => {
-            Response::Err { error: format!("malformed request ({error}); use a meshctl of the same version") }
-        }
-    };
-    let mut out = serde_json::to_vec(&response).expect("responses always serialize");
-    out.push(b'\n');
-    write.write_all(&out).await
-}
 
 /// Checks a user-chosen name: DNS-label-like, so it works as a hostname later.
 pub(super) fn check_name(kind: &str, name: &str) -> Result<()> {
@@ -462,79 +426,6 @@ impl Agent {
             })
         }));
         json!(rows)
-    }
-
-    fn key_ls(&self) -> Value {
-        let ring = self.shared.keyring.read().clone();
-        let rows: Vec<Value> = ring
-            .keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| json!({ "key": format!("{:08x}", k.hint()), "primary": i == ring.primary }))
-            .collect();
-        json!(rows)
-    }
-
-    /// Rotates the cluster key in three acknowledged steps: every node accepts the new
-    /// key; every node seals with it; the old key is dropped.
-    async fn key_rotate(&self) -> Result<Value> {
-        let current = self.shared.keyring.read().clone();
-        let new = crate::gossip::seal::Key::generate();
-        let old = current.primary().clone();
-        // One lock at a time: sync_keyring takes key_generation, then gossip.
-        let distributed = self.gossip().store().keyring().map_or(0, |k| k.generation);
-        let base = distributed.max(*self.key_generation.lock());
-        let steps = [
-            (vec![old.to_hex(), new.to_hex()], 0, "accept the new key"),
-            (vec![old.to_hex(), new.to_hex()], 1, "seal with the new key"),
-            (vec![new.to_hex()], 0, "drop the old key"),
-        ];
-        for (i, (keys, primary, what)) in steps.into_iter().enumerate() {
-            let generation = base + 1 + i as u64;
-            let record = crate::model::KeyringRecord { keys, primary, generation };
-            self.write(|g, now| g.put(Object::Keyring(record), now));
-            let deadline = Instant::now() + std::time::Duration::from_secs(30);
-            loop {
-                // Every node the cluster knows must acknowledge, unless it is dead or
-                // gone: a node this one has not heard from yet still counts, so a
-                // rotation never strands a member that is still joining.
-                let laggards: Vec<String> = {
-                    let gossip = self.gossip();
-                    let departed: HashSet<&str> = gossip
-                        .members()
-                        .filter(|m| {
-                            matches!(
-                                m.state,
-                                crate::gossip::MemberState::Dead | crate::gossip::MemberState::Left
-                            )
-                        })
-                        .map(|m| m.name.as_str())
-                        .collect();
-                    gossip
-                        .store()
-                        .nodes()
-                        .map(|n| n.name.as_str())
-                        .filter(|n| !departed.contains(n))
-                        .filter(|n| gossip.store().key_ack(n) < generation)
-                        .map(String::from)
-                        .collect()
-                };
-                if laggards.is_empty() {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    return Err(Error::invalid(format!(
-                        "key rotation stopped at step {} ({what}): nodes {} have not acknowledged after 30 s; \
-                         check them with `meshctl node ls` and run `meshctl key rotate` again",
-                        i + 1,
-                        laggards.join(", ")
-                    )));
-                }
-                self.changed();
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-        Ok(json!({ "primary": format!("{:08x}", new.hint()), "generation": base + 3 }))
     }
 
     async fn status(&self) -> Value {

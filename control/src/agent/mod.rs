@@ -3,10 +3,20 @@
 //! mechanism: everything it decides comes from [`crate::reconcile`] and
 //! [`crate::ipam`]; everything it changes goes through `meshd_dataplane`.
 
+mod addresses;
+mod api_server;
 mod handlers;
+mod keys;
+mod persist;
+
+use self::{
+    addresses::Alloc,
+    persist::{load_store, save_store},
+};
+pub use self::{addresses::CLAIM_SETTLE, persist::write_keyring};
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -27,17 +37,11 @@ use tokio::{
 
 use crate::{
     gossip::{self as protocol, seal::Keyring, Gossip},
-    ipam,
-    model::{BlockClaim, Endpoint, Key, Network, Node, Object},
+    model::{Key, Node, Object},
     reconcile::{self, Dataplane, Op},
     source::gossip::{self, Shared},
-    store::Store,
     Error, Result,
 };
-
-/// A block claim is used only after this long without a conflicting claim arriving:
-/// gossip reaches every node of a thousand well within it.
-pub const CLAIM_SETTLE: Duration = Duration::from_millis(1500);
 
 /// How long attach waits for this node's overlay and address block.
 pub const ATTACH_WAIT: Duration = Duration::from_secs(10);
@@ -78,17 +82,6 @@ impl AgentConfig {
         }
         Ok(())
     }
-}
-
-/// This node's address bookkeeping (held briefly, never across an await).
-#[derive(Default)]
-struct Alloc {
-    /// When this node made each of its block claims, by store key.
-    claimed_at: HashMap<String, Instant>,
-    /// Addresses handed out by an attach in progress, not yet in the store.
-    reserved: HashSet<Ipv4Addr>,
-    /// Networks an attach in progress needs this node to take part in.
-    wanted: HashSet<String>,
 }
 
 /// What the dataplane side tracks (guarded by an async mutex: held across netlink calls).
@@ -170,7 +163,7 @@ impl Agent {
         let tasks = [
             tokio::spawn(gossip::run(self.shared.clone(), udp.clone(), tcp, self.cfg.join.clone())),
             tokio::spawn(self.clone().reconcile_loop()),
-            tokio::spawn(handlers::serve_api(api, self.clone())),
+            tokio::spawn(api_server::serve_api(api, self.clone())),
         ];
         shutdown.await;
         tracing::info!("leaving the cluster and shutting down");
@@ -301,31 +294,6 @@ impl Agent {
         }
     }
 
-    /// Installs a keyring distributed by a rotation, persists it, and acknowledges it.
-    fn sync_keyring(&self) {
-        let Some(record) = self.gossip().store().keyring().cloned() else { return };
-        let mut generation = self.key_generation.lock();
-        if record.generation <= *generation {
-            return;
-        }
-        let keys: Result<Vec<_>, _> = record.keys.iter().map(|k| protocol::seal::Key::from_hex(k)).collect();
-        let ring = match keys {
-            Ok(keys) if record.primary < keys.len() => Keyring { keys, primary: record.primary },
-            _ => {
-                tracing::warn!(generation = record.generation, "ignoring a malformed distributed keyring");
-                return;
-            }
-        };
-        if let Err(error) = write_keyring(&self.cfg.keyring_file, &ring) {
-            tracing::warn!(%error, "could not persist the rotated keyring; a restart would use the old one");
-        }
-        *self.shared.keyring.write() = ring;
-        *generation = record.generation;
-        tracing::info!(generation = record.generation, primary = record.primary, "installed rotated keyring");
-        let ack = crate::model::KeyAck { node: self.cfg.node_name.clone(), generation: record.generation };
-        self.write(|g, now| g.put(Object::KeyAck(ack), now));
-    }
-
     /// A local task whose namespace disappeared is no task any more.
     fn forget_vanished_task(&self, host_if: &str) {
         let me = self.cfg.node_name.clone();
@@ -338,116 +306,6 @@ impl Agent {
                 .collect();
             gone.iter().fold(false, |changed, key| g.delete(key, now) | changed)
         });
-    }
-
-    /// Gives this node an address on every network it does not have one on yet.
-    ///
-    /// A node takes part in a network — holds an address and an overlay on it, and
-    /// receives its task table — while it has a local task there (or an attach is on
-    /// its way), or while the network carries a published port (the routing mesh needs
-    /// every node). Otherwise it leaves the network.
-    fn ensure_node_addresses(&self) {
-        let me = self.cfg.node_name.clone();
-        let wanted = self.alloc().wanted.clone();
-        let (join, leave): (Vec<Network>, Vec<String>) = {
-            let gossip = self.gossip();
-            let store = gossip.store();
-            let needed = |net: &Network| {
-                wanted.contains(&net.name)
-                    || store.endpoints().any(|e| e.node == me && e.network == net.name && e.service.is_some())
-                    || store
-                        .published()
-                        .any(|p| store.service(&p.service).is_some_and(|s| s.network == net.name))
-            };
-            let has = |net: &Network| store.get(&Key::endpoint(&Endpoint::node_id(&me, &net.name))).is_some();
-            (
-                store.networks().filter(|n| needed(n) && !has(n)).cloned().collect(),
-                store.networks().filter(|n| !needed(n) && has(n)).map(|n| n.name.clone()).collect(),
-            )
-        };
-        for network in leave {
-            self.write(|g, now| g.delete(&Key::endpoint(&Endpoint::node_id(&me, &network)), now));
-        }
-        // Tasks of a removed service are removed by the node that hosts them.
-        let orphans: Vec<String> = {
-            let gossip = self.gossip();
-            let store = gossip.store();
-            store
-                .endpoints()
-                .filter(|e| e.node == me)
-                .filter(|e| e.service.as_ref().is_some_and(|s| store.service(s).is_none()))
-                .map(|e| Key::endpoint(&e.id))
-                .collect()
-        };
-        for key in orphans {
-            self.write(|g, now| g.delete(&key, now));
-        }
-        for net in join {
-            let id = Endpoint::node_id(&me, &net.name);
-            if let Ok(Some(ip)) = self.allocate(&net) {
-                let endpoint = Endpoint {
-                    id,
-                    service: None,
-                    network: net.name.clone(),
-                    node: me.clone(),
-                    ip,
-                    mac: ipam::mac_for_ip(ip),
-                    vtep: self.cfg.advertise_addr,
-                    host_if: None,
-                    netns: None,
-                };
-                self.write(|g, now| g.put(Object::Endpoint(endpoint), now));
-                self.alloc().reserved.remove(&ip);
-            }
-        }
-    }
-
-    /// Reserves a free address on `net` from a confirmed block of this node's, claiming
-    /// a new block when needed. `Ok(None)`: a claim is waiting for confirmation.
-    fn allocate(&self, net: &Network) -> Result<Option<Ipv4Addr>> {
-        let me = &self.cfg.node_name;
-        let mut gossip = self.gossip();
-        let mut alloc = self.alloc();
-        let now = Instant::now();
-        let settled = |key: &str, alloc: &Alloc| {
-            alloc.claimed_at.get(key).is_none_or(|at| now.duration_since(*at) >= CLAIM_SETTLE)
-        };
-        let store = gossip.store();
-        let mine: Vec<&BlockClaim> =
-            store.claims().filter(|c| c.network == net.name && &c.node == me).collect();
-        let owned: Vec<u32> = mine
-            .iter()
-            .filter(|c| settled(&Key::block(&c.network, c.index), &alloc))
-            .map(|c| c.index)
-            .collect();
-        let pending = owned.len() < mine.len();
-        let used: HashSet<Ipv4Addr> = store
-            .endpoints()
-            .filter(|e| e.network == net.name)
-            .map(|e| e.ip)
-            .chain(alloc.reserved.iter().copied())
-            .collect();
-        if let Some(ip) = ipam::allocate(net.subnet, &owned, &used) {
-            alloc.reserved.insert(ip);
-            return Ok(Some(ip));
-        }
-        if pending {
-            return Ok(None);
-        }
-        let claimed: HashSet<u32> =
-            store.claims().filter(|c| c.network == net.name).map(|c| c.index).collect();
-        let Some(index) = ipam::next_free_block(me, ipam::block_count(net.subnet), &claimed) else {
-            return Err(Error::invalid(format!(
-                "network {} ({}) has no free addresses left; detach tasks or create a network with a larger subnet",
-                net.name, net.subnet
-            )));
-        };
-        let claim = BlockClaim { network: net.name.clone(), index, node: me.clone() };
-        alloc.claimed_at.insert(Key::block(&net.name, index), now);
-        gossip.put_claim(claim, self.shared.now());
-        drop((gossip, alloc));
-        self.changed();
-        Ok(None)
     }
 }
 
@@ -469,48 +327,6 @@ fn log_failure(what: &str, result: meshd_dataplane::Result<()>) {
     if let Err(error) = result {
         tracing::warn!(%error, "{what}");
     }
-}
-
-/// Writes the keyring file (mode 0600) atomically.
-pub fn write_keyring(path: &std::path::Path, ring: &Keyring) -> Result<()> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-    file.write_all(ring.render().as_bytes())
-        .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("replacing {}", path.display()), e))
-}
-
-fn state_file(cfg: &AgentConfig) -> PathBuf {
-    cfg.state_dir.join("store.json")
-}
-
-fn load_store(cfg: &AgentConfig) -> Result<Store> {
-    let path = state_file(cfg);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-            Error::invalid(format!(
-                "{} is not a meshd store ({e}); move it away to start with an empty one",
-                path.display()
-            ))
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Store::default()),
-        Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
-    }
-}
-
-fn save_store(cfg: &AgentConfig, store: &Store) -> Result<()> {
-    let path = state_file(cfg);
-    let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec(store).expect("stores always serialize");
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("replacing {}", path.display()), e))
 }
 
 async fn bind_api_socket(path: &std::path::Path) -> Result<UnixListener> {

@@ -56,6 +56,14 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// A setting of the dataplane's configuration is out of range.
+    #[error("invalid {setting}: {message}")]
+    Config {
+        /// The setting, as its flag is spelled.
+        setting: &'static str,
+        /// What is wrong and what to use instead.
+        message: String,
+    },
 }
 
 /// The dataplane's result type.

@@ -3,6 +3,7 @@
 //! sockets (the published-port proxy). It knows nothing about where the decisions come
 //! from: the control crate tells it what to program.
 
+pub mod backoff;
 pub mod ebpf;
 mod error;
 pub mod lb;

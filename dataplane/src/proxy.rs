@@ -2,35 +2,245 @@
 //! `0.0.0.0:PUBLISHED` and relays each TCP connection (or UDP flow) to one backend
 //! chosen round-robin, trying the next backend when one refuses. Listeners are
 //! long-lived; their backend lists are swapped in place as the cluster changes.
+//!
+//! Everything a client can make it hold is bounded by [`ProxyConfig`]: TCP connections
+//! (a cap, an idle timeout, keepalive so a dead peer is noticed) and UDP flows (a
+//! bounded table whose entries expire when silent both ways). What the bounds turn away
+//! is counted in [`ProxyCounters`], shown by `meshctl status`.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
-    fmt,
+    fmt, io,
     net::{Ipv4Addr, SocketAddr},
+    pin::Pin,
     str::FromStr,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
     time::Duration,
 };
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
+use socket2::{SockRef, TcpKeepalive};
 use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream, UdpSocket},
-    task::JoinHandle,
-    time::timeout,
+    sync::{OwnedSemaphorePermit, Semaphore},
+    task::{JoinHandle, JoinSet},
+    time::{sleep_until, timeout, Instant},
 };
 
-use crate::{lb::RoundRobin, Error, Result};
+use crate::{backoff::AcceptBackoff, lb::RoundRobin, Error, Result};
 
-/// How long a connect to one backend may take before the next one is tried.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Relay buffer per direction: large enough that bulk transfers move in few syscalls
-/// (tokio's default of 8 KiB caps a relayed stream at a fraction of the link).
+/// Relay buffer per direction of a TCP connection: large enough that bulk transfers
+/// move in few syscalls (tokio's default of 8 KiB caps a relayed stream at a fraction
+/// of the link).
 pub const RELAY_BUFFER: usize = 64 * 1024;
 
-/// How long a UDP flow may stay silent before its relay socket is closed.
-pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest UDP payload: a datagram is relayed whole or not at all.
+const DATAGRAM_MAX: usize = 65_536;
+
+/// TCP keepalive on a relayed socket: after `idle` without traffic, probe every
+/// `interval`; after `retries` unanswered probes the peer is dead and the relay closes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Silence before the first probe (`TCP_KEEPIDLE`).
+    pub idle: Duration,
+    /// Time between probes (`TCP_KEEPINTVL`).
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped (`TCP_KEEPCNT`).
+    pub retries: u32,
+}
+
+impl Keepalive {
+    /// How long a dead peer can go unnoticed: the idle time plus every probe. Also used
+    /// as `TCP_USER_TIMEOUT`, so data stuck unacknowledged towards a dead peer gives up
+    /// in the same time instead of after the kernel's ~15 minutes of retransmissions.
+    pub fn dead_after(&self) -> Duration {
+        self.idle + self.interval * self.retries
+    }
+}
+
+/// Limits and timeouts of the published-port proxy (flags `--proxy-*` of meshd).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Most TCP connections relayed at once, over all published ports (each holds two
+    /// file descriptors). A connection beyond it is closed right after accept, so the
+    /// client learns at once and can try another node; counted as `tcp_refused_at_cap`.
+    /// Default 16384.
+    pub tcp_max_connections: usize,
+    /// A relayed TCP connection that carried no byte in either direction for this long
+    /// is closed on both sides (both ends see an orderly close, not a silent drop as
+    /// with IPVS's 900 s). `None`: never. Default 1 hour.
+    pub tcp_idle_timeout: Option<Duration>,
+    /// How long a connect to one backend may take before the next one is tried.
+    /// Default 2 s.
+    pub tcp_connect_timeout: Duration,
+    /// Keepalive on both sockets of a relayed connection, so one whose client or task
+    /// died (a node lost power) is closed instead of held forever. `None`: off.
+    /// Default: probe after 30 s idle, every 10 s, 3 times (dead within 60 s).
+    pub tcp_keepalive: Option<Keepalive>,
+    /// Most UDP flows (client address → relay socket) at once, over all published
+    /// ports. A datagram from a new client beyond it is dropped and counted as
+    /// `udp_flows_refused`; flows that exist keep working (a flood of spoofed sources
+    /// cannot evict them). Default 4096.
+    pub udp_max_flows: usize,
+    /// A UDP flow with no datagram in either direction for this long is removed and
+    /// its socket closed; the client's next datagram opens a new one. Default 30 s.
+    pub udp_idle_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            tcp_max_connections: 16_384,
+            tcp_idle_timeout: Some(Duration::from_secs(3600)),
+            tcp_connect_timeout: Duration::from_secs(2),
+            tcp_keepalive: Some(Keepalive {
+                idle: Duration::from_secs(30),
+                interval: Duration::from_secs(10),
+                retries: 3,
+            }),
+            udp_max_flows: 4096,
+            udp_idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Checks the settings; the error names the flag.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |setting, message: &str| Err(Error::Config { setting, message: message.into() });
+        if self.tcp_max_connections == 0 {
+            return bad("--proxy-tcp-max-connections", "0 would refuse every connection; use at least 1");
+        }
+        if self.tcp_max_connections > Semaphore::MAX_PERMITS {
+            return bad("--proxy-tcp-max-connections", "is larger than the process can count");
+        }
+        if self.tcp_idle_timeout == Some(Duration::ZERO) {
+            return bad("--proxy-tcp-idle-timeout-secs", "must be positive (omit it for the default)");
+        }
+        if self.tcp_connect_timeout.is_zero() {
+            return bad("--proxy-connect-timeout-ms", "must be positive, e.g. 2000");
+        }
+        if let Some(k) = &self.tcp_keepalive {
+            if k.idle < Duration::from_secs(1) || k.interval < Duration::from_secs(1) || k.retries == 0 {
+                return bad(
+                    "--proxy-tcp-keepalive-secs",
+                    "keepalive needs at least 1 s idle, 1 s between probes and 1 probe (0 turns it off)",
+                );
+            }
+        }
+        if self.udp_max_flows == 0 {
+            return bad("--proxy-udp-max-flows", "0 would drop every datagram; use at least 1");
+        }
+        if self.udp_idle_timeout.is_zero() {
+            return bad("--proxy-udp-idle-timeout-secs", "must be positive, e.g. 30");
+        }
+        Ok(())
+    }
+
+    /// File descriptors the proxy may hold at its caps: two per TCP connection, one per
+    /// UDP flow (listeners not included: one per published port).
+    pub fn max_fds(&self) -> u64 {
+        2 * self.tcp_max_connections as u64 + self.udp_max_flows as u64
+    }
+}
+
+/// What the proxy did, over all published ports since meshd started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyCounters {
+    /// TCP connections being relayed now.
+    pub tcp_active: u64,
+    /// TCP connections accepted and relayed (or tried).
+    pub tcp_accepted: u64,
+    /// TCP connections closed at once because `tcp_max_connections` were open.
+    pub tcp_refused_at_cap: u64,
+    /// TCP connections closed by the idle timeout.
+    pub tcp_idle_closed: u64,
+    /// TCP connections closed because no backend accepted them.
+    pub tcp_no_backend: u64,
+    /// UDP flows open now.
+    pub udp_flows_active: u64,
+    /// UDP flows opened.
+    pub udp_flows_opened: u64,
+    /// Datagrams from new clients dropped because `udp_max_flows` flows were open.
+    pub udp_flows_refused: u64,
+    /// UDP flows removed after being silent both ways for the idle timeout.
+    pub udp_flows_expired: u64,
+}
+
+/// Live counters; [`ProxyCounters`] is their snapshot.
+#[derive(Default)]
+struct Counters {
+    tcp_accepted: AtomicU64,
+    tcp_refused_at_cap: AtomicU64,
+    tcp_idle_closed: AtomicU64,
+    tcp_no_backend: AtomicU64,
+    udp_flows_opened: AtomicU64,
+    udp_flows_refused: AtomicU64,
+    udp_flows_expired: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What every listener of one proxy shares: the settings, the global caps, the counters.
+struct Shared {
+    config: ProxyConfig,
+    /// One permit per TCP connection that may be relayed.
+    tcp_slots: Arc<Semaphore>,
+    /// UDP flows open now, over all listeners.
+    udp_flows: AtomicUsize,
+    counters: Counters,
+    /// Zero of the millisecond timestamps kept in atomics.
+    epoch: Instant,
+}
+
+impl Shared {
+    fn new(config: ProxyConfig) -> Shared {
+        Shared {
+            tcp_slots: Arc::new(Semaphore::new(config.tcp_max_connections)),
+            udp_flows: AtomicUsize::new(0),
+            counters: Counters::default(),
+            epoch: Instant::now(),
+            config,
+        }
+    }
+
+    /// Now, as milliseconds since `epoch` (fits an atomic).
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn instant(&self, ms: u64) -> Instant {
+        self.epoch + Duration::from_millis(ms)
+    }
+
+    /// Takes one of the UDP flow slots, if any is free.
+    fn reserve_udp_flow(self: &Arc<Self>) -> Option<UdpFlowSlot> {
+        let max = self.config.udp_max_flows;
+        self.udp_flows
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| UdpFlowSlot(self.clone()))
+    }
+}
+
+/// A UDP flow's place in the table's count, given back when the flow ends — also when
+/// its task is aborted by an unpublish.
+struct UdpFlowSlot(Arc<Shared>);
+
+impl Drop for UdpFlowSlot {
+    fn drop(&mut self) {
+        self.0.udp_flows.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Transport protocol of a published port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -71,12 +281,28 @@ struct Listener {
 }
 
 /// All published-port listeners of this node.
-#[derive(Default)]
 pub struct Proxy {
+    shared: Arc<Shared>,
     listeners: HashMap<(Proto, u16), Listener>,
 }
 
+impl Default for Proxy {
+    fn default() -> Self {
+        Proxy::new(ProxyConfig::default())
+    }
+}
+
 impl Proxy {
+    /// A proxy with these limits (checked with [`ProxyConfig::validate`] by the caller).
+    pub fn new(config: ProxyConfig) -> Proxy {
+        Proxy { shared: Arc::new(Shared::new(config)), listeners: HashMap::new() }
+    }
+
+    /// The limits it runs with.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.shared.config
+    }
+
     /// Starts serving `port`, or updates its backends if it is served already.
     pub async fn publish(&mut self, proto: Proto, port: u16, backends: Vec<SocketAddr>) -> Result<()> {
         if let Some(listener) = self.listeners.get(&(proto, port)) {
@@ -85,15 +311,16 @@ impl Proxy {
         }
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
         let backends: Backends = Arc::new(RwLock::new(backends.into()));
+        let shared = self.shared.clone();
         let task = match proto {
             Proto::Tcp => {
                 let listener =
                     TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-                tokio::spawn(serve_tcp(listener, backends.clone()))
+                tokio::spawn(serve_tcp(listener, backends.clone(), shared))
             }
             Proto::Udp => {
                 let socket = UdpSocket::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-                tokio::spawn(serve_udp(Arc::new(socket), backends.clone()))
+                tokio::spawn(serve_udp(Arc::new(socket), backends.clone(), shared))
             }
         };
         tracing::info!(%proto, port, "serving published port");
@@ -101,8 +328,8 @@ impl Proxy {
         Ok(())
     }
 
-    /// Stops serving `port`: new connections are refused at once; connections already
-    /// relayed run on until either side closes.
+    /// Stops serving `port`: new connections are refused at once and its UDP flows end;
+    /// TCP connections already relayed run on until either side closes (or idles out).
     pub fn unpublish(&mut self, proto: Proto, port: u16) -> bool {
         match self.listeners.remove(&(proto, port)) {
             Some(listener) => {
@@ -118,6 +345,24 @@ impl Proxy {
     pub fn ports(&self) -> impl Iterator<Item = (Proto, u16)> + '_ {
         self.listeners.keys().copied()
     }
+
+    /// What the proxy has done so far, over all ports.
+    pub fn counters(&self) -> ProxyCounters {
+        let s = &self.shared;
+        let c = &s.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ProxyCounters {
+            tcp_active: (s.config.tcp_max_connections - s.tcp_slots.available_permits()) as u64,
+            tcp_accepted: get(&c.tcp_accepted),
+            tcp_refused_at_cap: get(&c.tcp_refused_at_cap),
+            tcp_idle_closed: get(&c.tcp_idle_closed),
+            tcp_no_backend: get(&c.tcp_no_backend),
+            udp_flows_active: s.udp_flows.load(Ordering::Relaxed) as u64,
+            udp_flows_opened: get(&c.udp_flows_opened),
+            udp_flows_refused: get(&c.udp_flows_refused),
+            udp_flows_expired: get(&c.udp_flows_expired),
+        }
+    }
 }
 
 impl Drop for Proxy {
@@ -128,107 +373,300 @@ impl Drop for Proxy {
     }
 }
 
-async fn serve_tcp(listener: TcpListener, backends: Backends) {
+async fn serve_tcp(listener: TcpListener, backends: Backends, shared: Arc<Shared>) {
     let rr = Arc::new(RoundRobin::default());
+    let mut backoff = AcceptBackoff::default();
     loop {
         let (client, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                backoff.succeeded();
+                accepted
+            }
             Err(error) => {
                 // Out of descriptors or similar: back off instead of spinning.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let wait = backoff.failed();
+                if backoff.first_failure() {
+                    tracing::warn!(%error, "accept failed on a published port; backing off");
+                } else {
+                    tracing::debug!(%error, ?wait, "accept still failing");
+                }
+                tokio::time::sleep(wait).await;
                 continue;
             }
         };
+        let Ok(slot) = shared.tcp_slots.clone().try_acquire_owned() else {
+            // At the cap: closing now tells the client at once (it can try another
+            // node), where leaving it in the backlog would stall it for an unknown time.
+            bump(&shared.counters.tcp_refused_at_cap);
+            tracing::debug!(%peer, "TCP connection cap reached; closing the new connection");
+            drop(client);
+            continue;
+        };
+        bump(&shared.counters.tcp_accepted);
         let snapshot = backends.read().clone();
         let rr = rr.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(error) = relay_tcp(client, &snapshot, &rr).await {
+            if let Err(error) = relay_tcp(client, &snapshot, &rr, &shared, slot).await {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
     }
 }
 
-async fn relay_tcp(mut client: TcpStream, backends: &[SocketAddr], rr: &RoundRobin) -> std::io::Result<()> {
-    let _ = client.set_nodelay(true);
+/// Sets what every relayed TCP socket gets: no Nagle delay (the proxy must not add
+/// latency to small writes), keepalive and the matching user timeout.
+pub fn configure_relayed_socket(stream: &TcpStream, keepalive: Option<&Keepalive>) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    if let Some(k) = keepalive {
+        let sock = SockRef::from(stream);
+        sock.set_tcp_keepalive(
+            &TcpKeepalive::new().with_time(k.idle).with_interval(k.interval).with_retries(k.retries),
+        )?;
+        sock.set_tcp_user_timeout(Some(k.dead_after()))?;
+    }
+    Ok(())
+}
+
+async fn relay_tcp(
+    client: TcpStream,
+    backends: &[SocketAddr],
+    rr: &RoundRobin,
+    shared: &Shared,
+    _slot: OwnedSemaphorePermit,
+) -> io::Result<()> {
+    let config = &shared.config;
+    configure_relayed_socket(&client, config.tcp_keepalive.as_ref())?;
     for backend in rr.order(backends) {
-        match timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await {
-            Ok(Ok(mut upstream)) => {
-                let _ = upstream.set_nodelay(true);
-                tokio::io::copy_bidirectional_with_sizes(
-                    &mut client,
-                    &mut upstream,
-                    RELAY_BUFFER,
-                    RELAY_BUFFER,
-                )
-                .await?;
-                return Ok(());
+        match timeout(config.tcp_connect_timeout, TcpStream::connect(backend)).await {
+            Ok(Ok(upstream)) => {
+                configure_relayed_socket(&upstream, config.tcp_keepalive.as_ref())?;
+                return relay_streams(client, upstream, shared).await;
             }
             Ok(Err(error)) => tracing::debug!(%backend, %error, "backend refused; trying the next"),
             Err(_) => tracing::debug!(%backend, "backend connect timed out; trying the next"),
         }
     }
     // No backend answered: closing the client tells it so.
+    bump(&shared.counters.tcp_no_backend);
     Ok(())
 }
 
-async fn serve_udp(socket: Arc<UdpSocket>, backends: Backends) {
-    let rr = RoundRobin::default();
-    let flows: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Arc::default();
-    let mut buf = vec![0u8; 65536];
+/// Relays both ways until either side closes, an error (a keepalive that found the
+/// peer dead), or the idle timeout; dropping the streams closes both sides.
+async fn relay_streams(client: TcpStream, upstream: TcpStream, shared: &Shared) -> io::Result<()> {
+    let last_active = AtomicU64::new(shared.now_ms());
+    let mut client = Tracked { inner: client, last_active: &last_active, shared };
+    let mut upstream = Tracked { inner: upstream, last_active: &last_active, shared };
+    let copy =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUFFER, RELAY_BUFFER);
+    let Some(idle) = shared.config.tcp_idle_timeout else {
+        return copy.await.map(drop);
+    };
+    tokio::select! {
+        result = copy => result.map(drop),
+        () = until_idle(&last_active, idle, shared) => {
+            bump(&shared.counters.tcp_idle_closed);
+            Ok(())
+        }
+    }
+}
+
+/// Resolves once `last_active` (ms since the proxy's epoch) is `idle` in the past.
+async fn until_idle(last_active: &AtomicU64, idle: Duration, shared: &Shared) {
     loop {
-        let Ok((len, client)) = socket.recv_from(&mut buf).await else { continue };
-        let existing = flows.lock().get(&client).cloned();
-        let upstream = match existing {
-            Some(upstream) => upstream,
+        let deadline = shared.instant(last_active.load(Ordering::Relaxed)) + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        sleep_until(deadline).await;
+    }
+}
+
+/// A stream that stamps the time of every read that brought bytes: each relayed byte is
+/// read from one side, so this sees activity in both directions.
+struct Tracked<'a> {
+    inner: TcpStream,
+    last_active: &'a AtomicU64,
+    shared: &'a Shared,
+}
+
+impl AsyncRead for Tracked<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.last_active.store(self.shared.now_ms(), Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Tracked<'_> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// One UDP flow: the client's datagrams go out of `upstream`, connected to the backend
+/// chosen when the flow opened, and its replies come back from there.
+struct UdpFlow {
+    upstream: UdpSocket,
+    /// When a datagram last passed in either direction (ms since the proxy's epoch).
+    last_active: AtomicU64,
+}
+
+type UdpFlows = Arc<Mutex<HashMap<SocketAddr, Arc<UdpFlow>>>>;
+
+async fn serve_udp(socket: Arc<UdpSocket>, backends: Backends, shared: Arc<Shared>) {
+    let rr = RoundRobin::default();
+    let flows: UdpFlows = Arc::default();
+    // The reply tasks belong to this listener: aborting it (unpublish) ends them all,
+    // which closes their sockets and frees their slots.
+    let mut replies = JoinSet::new();
+    // One buffer for the listener; replies use one per worker thread (REPLY_BUFFER).
+    let mut buf = vec![0u8; DATAGRAM_MAX];
+    loop {
+        let (len, client) = match socket.recv_from(&mut buf).await {
+            Ok(received) => received,
+            Err(error) => {
+                tracing::debug!(%error, "receiving on a published UDP port");
+                continue;
+            }
+        };
+        while replies.try_join_next().is_some() {}
+        let now = shared.now_ms();
+        // Stamped under the table's lock, so an expiry that checks under the same lock
+        // never removes a flow this datagram is about to use.
+        let existing =
+            flows.lock().get(&client).inspect(|f| f.last_active.store(now, Ordering::Relaxed)).cloned();
+        let flow = match existing {
+            Some(flow) => flow,
             None => {
+                let Some(slot) = shared.reserve_udp_flow() else {
+                    bump(&shared.counters.udp_flows_refused);
+                    continue;
+                };
                 let snapshot = backends.read().clone();
                 let Some(backend) = rr.order(&snapshot).next().copied() else { continue };
-                match open_udp_flow(backend).await {
-                    Ok(upstream) => {
-                        flows.lock().insert(client, upstream.clone());
-                        tokio::spawn(relay_udp_replies(
-                            socket.clone(),
-                            upstream.clone(),
-                            client,
-                            flows.clone(),
-                        ));
-                        upstream
-                    }
+                let upstream = match open_udp_flow(backend) {
+                    Ok(upstream) => upstream,
                     Err(error) => {
                         tracing::debug!(%backend, %error, "cannot open UDP flow");
                         continue;
                     }
-                }
+                };
+                let flow = Arc::new(UdpFlow { upstream, last_active: AtomicU64::new(now) });
+                flows.lock().insert(client, flow.clone());
+                bump(&shared.counters.udp_flows_opened);
+                replies.spawn(relay_udp_replies(
+                    socket.clone(),
+                    flow.clone(),
+                    client,
+                    flows.clone(),
+                    shared.clone(),
+                    slot,
+                ));
+                flow
             }
         };
-        let _ = upstream.send(&buf[..len]).await;
+        let _ = flow.upstream.send(&buf[..len]).await;
     }
 }
 
-async fn open_udp_flow(backend: SocketAddr) -> std::io::Result<Arc<UdpSocket>> {
-    let upstream = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
-    upstream.connect(backend).await?;
-    Ok(Arc::new(upstream))
+fn open_udp_flow(backend: SocketAddr) -> io::Result<UdpSocket> {
+    let upstream = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    upstream.connect(backend)?;
+    upstream.set_nonblocking(true)?;
+    UdpSocket::from_std(upstream)
 }
 
+thread_local! {
+    /// The receive buffer of every UDP flow's replies on this worker thread: a reply is
+    /// read and sent on without an await in between, so flows can share it instead of
+    /// holding 64 KiB each.
+    static REPLY_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; DATAGRAM_MAX].into_boxed_slice());
+}
+
+/// Relays the backend's replies to `client` until the flow has been silent both ways
+/// for the idle timeout; then removes it, which closes its socket.
 async fn relay_udp_replies(
     socket: Arc<UdpSocket>,
-    upstream: Arc<UdpSocket>,
+    flow: Arc<UdpFlow>,
     client: SocketAddr,
-    flows: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>>,
+    flows: UdpFlows,
+    shared: Arc<Shared>,
+    _slot: UdpFlowSlot,
 ) {
-    let mut buf = vec![0u8; 65536];
-    while let Ok(Ok(len)) = timeout(UDP_IDLE_TIMEOUT, upstream.recv(&mut buf)).await {
-        let _ = socket.send_to(&buf[..len], client).await;
+    let idle = shared.config.udp_idle_timeout;
+    loop {
+        let deadline = shared.instant(flow.last_active.load(Ordering::Relaxed)) + idle;
+        tokio::select! {
+            ready = flow.upstream.readable() => {
+                if ready.is_err() {
+                    break;
+                }
+                if relay_ready_replies(&socket, &flow.upstream, client) {
+                    flow.last_active.store(shared.now_ms(), Ordering::Relaxed);
+                }
+            }
+            () = sleep_until(deadline) => {
+                let mut table = flows.lock();
+                let last = shared.instant(flow.last_active.load(Ordering::Relaxed));
+                if Instant::now() >= last + idle {
+                    table.remove(&client);
+                    bump(&shared.counters.udp_flows_expired);
+                    break;
+                }
+            }
+        }
     }
-    flows.lock().remove(&client);
+}
+
+/// Sends every reply waiting on `upstream` to `client`, without blocking; returns
+/// whether any arrived. A reply the listener cannot send at once is dropped, as the
+/// network may drop any datagram.
+fn relay_ready_replies(socket: &UdpSocket, upstream: &UdpSocket, client: SocketAddr) -> bool {
+    REPLY_BUFFER.with_borrow_mut(|buf| {
+        let mut any = false;
+        let mut errors = 0;
+        loop {
+            match upstream.try_recv(buf) {
+                Ok(len) => {
+                    any = true;
+                    let _ = socket.try_send_to(&buf[..len], client);
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return any,
+                // An ICMP error from the backend (port unreachable) surfaces here once;
+                // the flow stays, its next datagram may find the backend back. Bounded,
+                // so an error that does not clear cannot spin this task.
+                Err(_) if errors < 8 => errors += 1,
+                Err(_) => return any,
+            }
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use std::collections::BTreeSet;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        sync::mpsc,
+    };
 
     use super::*;
 
@@ -243,8 +681,27 @@ mod tests {
         addr
     }
 
+    /// A TCP server that echoes every connection until the client closes.
+    async fn echo_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
     async fn free_port() -> u16 {
         TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port()
+    }
+
+    async fn free_udp_port() -> u16 {
+        UdpSocket::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port()
     }
 
     async fn fetch(port: u16) -> String {
@@ -252,6 +709,60 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
+    }
+
+    /// Sends `msg` and reads the echo back (5 s at most).
+    async fn echo_round_trip(s: &mut TcpStream, msg: &[u8]) -> io::Result<()> {
+        s.write_all(msg).await?;
+        let mut back = vec![0u8; msg.len()];
+        timeout(Duration::from_secs(5), s.read_exact(&mut back)).await.map_err(io::Error::other)??;
+        assert_eq!(back, msg);
+        Ok(())
+    }
+
+    /// Waits (2 s at most) until `s` is closed by the other side: EOF or reset.
+    async fn closed_by_peer(s: &mut TcpStream) -> bool {
+        let mut b = [0u8; 16];
+        matches!(timeout(Duration::from_secs(2), s.read(&mut b)).await, Ok(Ok(0) | Err(_)))
+    }
+
+    async fn wait_for(proxy: &Proxy, what: &str, ok: impl Fn(&ProxyCounters) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !ok(&proxy.counters()) {
+            assert!(Instant::now() < deadline, "{what}: counters {:?}", proxy.counters());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A UDP backend that never answers and reports the source of every datagram.
+    async fn recording_udp_backend() -> (SocketAddr, mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>) {
+        let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sink.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 256];
+            while let Ok((n, from)) = sink.recv_from(&mut buf).await {
+                if tx.send((from, buf[..n].to_vec())).is_err() {
+                    return;
+                }
+            }
+        });
+        (addr, rx)
+    }
+
+    async fn next_datagram(rx: &mut mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>) -> (SocketAddr, Vec<u8>) {
+        timeout(Duration::from_secs(5), rx.recv()).await.expect("the backend got no datagram").unwrap()
+    }
+
+    async fn udp_client(port: u16) -> UdpSocket {
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(("127.0.0.1", port)).await.unwrap();
+        client
+    }
+
+    fn quick(config: ProxyConfig) -> Proxy {
+        config.validate().unwrap();
+        Proxy::new(config)
     }
 
     #[tokio::test]
@@ -303,14 +814,162 @@ mod tests {
                 let _ = echo.send_to(&buf[..n], from).await;
             }
         });
-        let port = UdpSocket::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+        let port = free_udp_port().await;
         let mut proxy = Proxy::default();
         proxy.publish(Proto::Udp, port, vec![echo_addr]).await.unwrap();
-        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        client.connect(("127.0.0.1", port)).await.unwrap();
+        let client = udp_client(port).await;
         client.send(b"ping").await.unwrap();
         let mut buf = [0u8; 64];
         let n = timeout(Duration::from_secs(5), client.recv(&mut buf)).await.unwrap().unwrap();
         assert_eq!(&buf[..n], b"ping");
+    }
+
+    #[tokio::test]
+    async fn a_one_way_udp_flow_outlives_the_idle_timeout_while_the_client_sends() {
+        let (backend, mut seen) = recording_udp_backend().await;
+        let idle = Duration::from_millis(300);
+        let port = free_udp_port().await;
+        let mut proxy = quick(ProxyConfig { udp_idle_timeout: idle, ..ProxyConfig::default() });
+        proxy.publish(Proto::Udp, port, vec![backend]).await.unwrap();
+        let client = udp_client(port).await;
+        // Four idle timeouts' worth of datagrams, one every 50 ms, never a reply.
+        let mut sources = BTreeSet::new();
+        for i in 0..24u8 {
+            client.send(&[i]).await.unwrap();
+            let (from, data) = next_datagram(&mut seen).await;
+            assert_eq!(data, [i]);
+            sources.insert(from);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(sources.len(), 1, "the flow was cut and reopened: {sources:?}");
+        let c = proxy.counters();
+        assert_eq!((c.udp_flows_opened, c.udp_flows_expired, c.udp_flows_active), (1, 0, 1), "{c:?}");
+        // Silent both ways: it expires, its socket closes and its slot is free again.
+        wait_for(&proxy, "the silent flow expires", |c| c.udp_flows_expired == 1 && c.udp_flows_active == 0)
+            .await;
+        client.send(b"again").await.unwrap();
+        let (from, _) = next_datagram(&mut seen).await;
+        assert!(!sources.contains(&from), "a new flow uses a new socket");
+    }
+
+    #[tokio::test]
+    async fn udp_flows_beyond_the_cap_are_dropped_and_counted_without_evicting_others() {
+        let (backend, mut seen) = recording_udp_backend().await;
+        let port = free_udp_port().await;
+        let mut proxy = quick(ProxyConfig { udp_max_flows: 2, ..ProxyConfig::default() });
+        proxy.publish(Proto::Udp, port, vec![backend]).await.unwrap();
+        let clients = [udp_client(port).await, udp_client(port).await, udp_client(port).await];
+        for (i, client) in clients[..2].iter().enumerate() {
+            client.send(&[i as u8]).await.unwrap();
+            assert_eq!(next_datagram(&mut seen).await.1, [i as u8]);
+        }
+        clients[2].send(b"third").await.unwrap();
+        wait_for(&proxy, "the third flow is refused", |c| c.udp_flows_refused == 1).await;
+        // The flows that exist still pass; the refused datagram never reached the backend.
+        clients[0].send(b"first again").await.unwrap();
+        assert_eq!(next_datagram(&mut seen).await.1, b"first again");
+        let c = proxy.counters();
+        assert_eq!((c.udp_flows_opened, c.udp_flows_active), (2, 2), "{c:?}");
+    }
+
+    #[tokio::test]
+    async fn tcp_connections_beyond_the_cap_are_closed_at_once_and_counted() {
+        let echo = echo_server().await;
+        let port = free_port().await;
+        let mut proxy = quick(ProxyConfig { tcp_max_connections: 2, ..ProxyConfig::default() });
+        proxy.publish(Proto::Tcp, port, vec![echo]).await.unwrap();
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            echo_round_trip(&mut s, b"hello").await.unwrap();
+            held.push(s);
+        }
+        let mut third = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let _ = third.write_all(b"hello").await;
+        assert!(closed_by_peer(&mut third).await, "the third connection was not closed");
+        let c = proxy.counters();
+        assert_eq!((c.tcp_active, c.tcp_refused_at_cap, c.tcp_accepted), (2, 1, 2), "{c:?}");
+        // A slot frees when a connection ends: the next one is relayed.
+        drop(held.pop());
+        wait_for(&proxy, "a slot frees", |c| c.tcp_active == 1).await;
+        let mut next = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        echo_round_trip(&mut next, b"served").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_idle_tcp_connection_is_closed_after_the_timeout_and_a_busy_one_is_not() {
+        let echo = echo_server().await;
+        let port = free_port().await;
+        let idle = Duration::from_millis(400);
+        let mut proxy = quick(ProxyConfig { tcp_idle_timeout: Some(idle), ..ProxyConfig::default() });
+        proxy.publish(Proto::Tcp, port, vec![echo]).await.unwrap();
+        let mut quiet = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        echo_round_trip(&mut quiet, b"once").await.unwrap();
+        let mut busy = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let started = Instant::now();
+        // The busy one talks every 100 ms for three idle timeouts.
+        while started.elapsed() < idle * 3 {
+            echo_round_trip(&mut busy, b"tick").await.expect("the busy connection was cut");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(closed_by_peer(&mut quiet).await, "the idle connection is still open");
+        assert_eq!(proxy.counters().tcp_idle_closed, 1, "{:?}", proxy.counters());
+        echo_round_trip(&mut busy, b"still").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn relayed_sockets_get_keepalive_and_a_user_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let k = Keepalive { idle: Duration::from_secs(7), interval: Duration::from_secs(3), retries: 4 };
+        configure_relayed_socket(&stream, Some(&k)).unwrap();
+        let sock = SockRef::from(&stream);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), k.idle);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), k.interval);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 4);
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(Duration::from_secs(19)));
+        assert!(sock.tcp_nodelay().unwrap());
+    }
+
+    #[test]
+    fn the_default_keepalive_finds_a_dead_peer_within_a_minute() {
+        let k = ProxyConfig::default().tcp_keepalive.unwrap();
+        assert_eq!(k.dead_after(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn config_out_of_range_names_the_flag() {
+        assert!(ProxyConfig::default().validate().is_ok());
+        let cases = [
+            (ProxyConfig { tcp_max_connections: 0, ..Default::default() }, "--proxy-tcp-max-connections"),
+            (ProxyConfig { udp_max_flows: 0, ..Default::default() }, "--proxy-udp-max-flows"),
+            (ProxyConfig { udp_idle_timeout: Duration::ZERO, ..Default::default() }, "--proxy-udp-idle"),
+            (
+                ProxyConfig { tcp_idle_timeout: Some(Duration::ZERO), ..Default::default() },
+                "--proxy-tcp-idle",
+            ),
+            (
+                ProxyConfig {
+                    tcp_keepalive: Some(Keepalive {
+                        idle: Duration::from_secs(1),
+                        interval: Duration::ZERO,
+                        retries: 1,
+                    }),
+                    ..Default::default()
+                },
+                "--proxy-tcp-keepalive",
+            ),
+        ];
+        for (config, flag) in cases {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.starts_with(&format!("invalid {flag}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn fd_budget_counts_two_per_tcp_connection_and_one_per_udp_flow() {
+        let config = ProxyConfig { tcp_max_connections: 100, udp_max_flows: 7, ..Default::default() };
+        assert_eq!(config.max_fds(), 207);
     }
 }

@@ -2,11 +2,11 @@
 //! socket, answered by one JSON response line. Types and codec only; the agent serves
 //! it and meshctl calls it.
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::UnixStream,
 };
 
@@ -15,8 +15,27 @@ use crate::{model::EndpointMode, spec::PortSpec};
 /// Default path of the API socket.
 pub const DEFAULT_SOCKET: &str = "/run/meshd/meshd.sock";
 
-/// Largest request or response line accepted.
-pub const MAX_LINE: usize = 16 << 20;
+/// Largest request line meshd reads: the largest real request (an attach with long
+/// names and paths) is well under 1 KiB.
+pub const MAX_REQUEST: usize = 64 << 10;
+
+/// Largest response line meshctl reads (listings of a large cluster are big).
+pub const MAX_RESPONSE: usize = 16 << 20;
+
+/// Most API connections meshd serves at once. When all are taken, a new connection
+/// closes the oldest one that has not sent its request yet; if every one is being
+/// handled, the new one gets a "busy" error line.
+pub const MAX_API_CLIENTS: usize = 64;
+
+/// How long meshd waits for a connection's request line (meshctl sends it at once).
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long meshd waits for a client to take its response.
+pub const RESPONSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long meshctl waits for an answer by default: longer than the slowest legitimate
+/// command (publish and key rotate wait for the whole cluster).
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A request to the local meshd.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +147,20 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// meshd did not answer in time.
+    #[error("meshd at {path} did not answer within {within:?}; check that it runs and is not stuck (its log, `systemctl status meshd`), or wait longer with --timeout")]
+    Timeout {
+        /// Socket path.
+        path: String,
+        /// The timeout.
+        within: Duration,
+    },
+    /// meshd closed the connection without an answer.
+    #[error("meshd at {path} closed the connection without answering; see its log")]
+    NoAnswer {
+        /// Socket path.
+        path: String,
+    },
     /// The exchange broke off.
     #[error("talking to meshd: {0}")]
     Io(#[from] std::io::Error),
@@ -136,8 +169,20 @@ pub enum ClientError {
     Decode(#[from] serde_json::Error),
 }
 
-/// Sends one request to the meshd listening on `socket` and returns its answer.
-pub async fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
+/// Sends one request to the meshd listening on `socket` and returns its answer, or
+/// [`ClientError::Timeout`] if the whole exchange takes longer than `within`.
+pub async fn call(socket: &Path, request: &Request, within: Duration) -> Result<Response, ClientError> {
+    let path = || socket.display().to_string();
+    match tokio::time::timeout(within, exchange(socket, request)).await {
+        Ok(Ok(answer)) if answer.is_empty() => Err(ClientError::NoAnswer { path: path() }),
+        Ok(Ok(answer)) => Ok(serde_json::from_str(&answer)?),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(ClientError::Timeout { path: path(), within }),
+    }
+}
+
+/// Writes the request line and reads the answer line.
+async fn exchange(socket: &Path, request: &Request) -> Result<String, ClientError> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|source| ClientError::Connect { path: socket.display().to_string(), source })?;
@@ -147,11 +192,9 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response, ClientEr
     write.write_all(&line).await?;
     write.shutdown().await?;
     let mut answer = String::new();
-    BufReader::new(read).take(MAX_LINE as u64).read_line(&mut answer).await?;
-    Ok(serde_json::from_str(&answer)?)
+    BufReader::new(read).take(MAX_RESPONSE as u64).read_line(&mut answer).await?;
+    Ok(answer)
 }
-
-use tokio::io::AsyncReadExt as _;
 
 #[cfg(test)]
 mod tests {
@@ -163,6 +206,30 @@ mod tests {
         let text = serde_json::to_string(&req).unwrap();
         assert!(text.contains(r#""cmd":"attach""#), "{text}");
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), req);
+    }
+
+    #[tokio::test]
+    async fn a_daemon_that_never_answers_is_a_timeout_naming_its_socket() {
+        let dir = std::env::temp_dir().join(format!("meshd-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("silent.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        // Accepts and holds every connection, never answering.
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let started = std::time::Instant::now();
+        let err = call(&path, &Request::Status, Duration::from_millis(300)).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        let text = err.to_string();
+        assert!(matches!(err, ClientError::Timeout { .. }), "{text}");
+        assert!(text.contains(&path.display().to_string()) && text.contains("did not answer"), "{text}");
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod api;
 pub mod gossip;
 pub mod hash;
 pub mod ipam;
+pub mod limits;
 pub mod model;
 pub mod reconcile;
 pub mod source;

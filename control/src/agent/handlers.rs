@@ -445,6 +445,10 @@ impl Agent {
         let mut served: Vec<String> =
             plane.proxy.ports().map(|(proto, port)| format!("{port}/{proto}")).collect();
         served.sort();
+        let proxy_config = plane.proxy.config();
+        let fd_budget = crate::limits::FdBudget::for_caps(proxy_config);
+        let nofile = crate::limits::nofile_limit().ok();
+        let secs = |d: std::time::Duration| d.as_secs_f64();
         json!({
             "node": self.cfg.node_name,
             "advertise_addr": self.cfg.advertise_addr,
@@ -466,6 +470,23 @@ impl Agent {
                 "keys": self.shared.keyring.read().keys.len(),
                 "counters": self.shared.counters.snapshot(),
             },
+            "open_files": {
+                "soft_limit": nofile.map(|l| l.soft),
+                "hard_limit": nofile.map(|l| l.hard),
+                "open": crate::limits::open_fds(),
+                "needed_at_caps": fd_budget.total(),
+                "warning": nofile.and_then(|l| crate::limits::nofile_warning(l, &fd_budget)),
+            },
+            "proxy": {
+                "tcp_max_connections": proxy_config.tcp_max_connections,
+                "tcp_idle_timeout_secs": proxy_config.tcp_idle_timeout.map(secs),
+                "tcp_connect_timeout_secs": secs(proxy_config.tcp_connect_timeout),
+                "tcp_keepalive_dead_after_secs": proxy_config.tcp_keepalive.map(|k| secs(k.dead_after())),
+                "udp_max_flows": proxy_config.udp_max_flows,
+                "udp_idle_timeout_secs": secs(proxy_config.udp_idle_timeout),
+                "counters": plane.proxy.counters(),
+            },
+            "api": self.api_stats.snapshot(),
             "errors": plane.errors,
         })
     }

@@ -28,7 +28,7 @@ use parking_lot::{Mutex, MutexGuard};
 use meshd_dataplane::{
     ebpf::SocketPrograms,
     overlay::{self, KernelVxlan, VXLAN_OVERHEAD},
-    proxy::Proxy,
+    proxy::{Proxy, ProxyConfig},
 };
 use tokio::{
     net::{TcpListener, UdpSocket, UnixListener},
@@ -71,6 +71,8 @@ pub struct AgentConfig {
     pub keyring_file: PathBuf,
     /// Gossip tuning.
     pub gossip: protocol::Config,
+    /// Limits and timeouts of the published-port proxy.
+    pub proxy: ProxyConfig,
 }
 
 impl AgentConfig {
@@ -80,6 +82,7 @@ impl AgentConfig {
         if self.advertise_addr.is_unspecified() {
             return Err(Error::invalid("--advertise-addr must be this node's own address, not 0.0.0.0"));
         }
+        self.proxy.validate()?;
         Ok(())
     }
 }
@@ -106,6 +109,8 @@ pub struct Agent {
     key_generation: Mutex<u64>,
     /// The change counter at the last successful save of the store.
     saved_generation: Mutex<Option<u64>>,
+    /// What the API server turned away.
+    api_stats: api_server::ApiStats,
 }
 
 impl Agent {
@@ -137,7 +142,11 @@ impl Agent {
             programs: Mutex::new(Some(programs)),
             shared,
             alloc: Mutex::default(),
-            plane: Default::default(),
+            plane: tokio::sync::Mutex::new(Plane {
+                proxy: Proxy::new(cfg.proxy.clone()),
+                ..Plane::default()
+            }),
+            api_stats: Default::default(),
             key_generation: Mutex::new(0),
             saved_generation: Mutex::new(None),
             cfg,

@@ -1,10 +1,10 @@
 //! `meshctl`: the command line for the local meshd.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use meshd_control::{
-    api::{call, Request, Response, DEFAULT_SOCKET},
+    api::{call, Request, Response, DEFAULT_CLIENT_TIMEOUT, DEFAULT_SOCKET},
     model::EndpointMode,
     spec::{PortSpec, PublishedSpec},
 };
@@ -17,6 +17,10 @@ struct Cli {
     /// The local meshd's API socket.
     #[arg(long, global = true, env = "MESHD_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Seconds to wait for meshd's answer before giving up (publish and key rotate wait
+    /// for the whole cluster, so keep it above their own limits).
+    #[arg(long, global = true, value_name = "SECS", default_value_t = DEFAULT_CLIENT_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: u64,
     /// Output format of listings.
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -257,7 +261,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match call(&cli.socket, &request).await {
+    match call(&cli.socket, &request, Duration::from_secs(cli.timeout)).await {
         Ok(Response::Ok { ok }) => {
             println!("{}", render(&request, &ok, cli.format));
             ExitCode::SUCCESS

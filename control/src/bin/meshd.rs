@@ -3,6 +3,7 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _};
@@ -14,8 +15,10 @@ use meshd_control::{
         self,
         seal::{Key, Keyring},
     },
+    limits,
     source::gossip::PORT,
 };
+use meshd_dataplane::proxy::{Keepalive, ProxyConfig};
 
 /// meshd — Swarm-style service networking for a cluster of Linux hosts: overlay
 /// networks over kernel VXLAN, published ports answered on every node, and the
@@ -76,6 +79,78 @@ struct Args {
     /// On shutdown, leave overlay links, task interfaces and entries in place.
     #[arg(long)]
     keep_datapath: bool,
+    #[command(flatten)]
+    proxy: ProxyArgs,
+}
+
+/// The published-port proxy's limits (see `ProxyConfig` for what each one does).
+#[derive(Debug, clap::Args)]
+struct ProxyArgs {
+    /// Most TCP connections the proxy relays at once, over all published ports; one
+    /// beyond it is closed at once.
+    #[arg(long, default_value_t = ProxyConfig::default().tcp_max_connections)]
+    proxy_tcp_max_connections: usize,
+    /// Close a relayed TCP connection after this many seconds without a byte either way
+    /// (0: never).
+    #[arg(long, default_value_t = 3600)]
+    proxy_tcp_idle_timeout_secs: u64,
+    /// How long a connect to one task may take before the next is tried, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    proxy_connect_timeout_ms: u64,
+    /// TCP keepalive on relayed connections: seconds of silence before the first probe
+    /// (0: keepalive off).
+    #[arg(long, default_value_t = 30)]
+    proxy_tcp_keepalive_secs: u64,
+    /// Seconds between keepalive probes.
+    #[arg(long, default_value_t = 10)]
+    proxy_tcp_keepalive_interval_secs: u64,
+    /// Unanswered keepalive probes before a relayed connection is closed.
+    #[arg(long, default_value_t = 3)]
+    proxy_tcp_keepalive_probes: u32,
+    /// Most UDP flows (client addresses) at once, over all published ports; datagrams
+    /// from new clients beyond it are dropped.
+    #[arg(long, default_value_t = ProxyConfig::default().udp_max_flows)]
+    proxy_udp_max_flows: usize,
+    /// Close a UDP flow after this many seconds without a datagram either way.
+    #[arg(long, default_value_t = 30)]
+    proxy_udp_idle_timeout_secs: u64,
+}
+
+impl ProxyArgs {
+    fn config(&self) -> ProxyConfig {
+        let secs = Duration::from_secs;
+        ProxyConfig {
+            tcp_max_connections: self.proxy_tcp_max_connections,
+            tcp_idle_timeout: (self.proxy_tcp_idle_timeout_secs > 0)
+                .then(|| secs(self.proxy_tcp_idle_timeout_secs)),
+            tcp_connect_timeout: Duration::from_millis(self.proxy_connect_timeout_ms),
+            tcp_keepalive: (self.proxy_tcp_keepalive_secs > 0).then(|| Keepalive {
+                idle: secs(self.proxy_tcp_keepalive_secs),
+                interval: secs(self.proxy_tcp_keepalive_interval_secs),
+                retries: self.proxy_tcp_keepalive_probes,
+            }),
+            udp_max_flows: self.proxy_udp_max_flows,
+            udp_idle_timeout: secs(self.proxy_udp_idle_timeout_secs),
+        }
+    }
+}
+
+/// Raises the open-files soft limit to the hard one and says whether that is enough
+/// for the connection caps.
+fn raise_open_files_limit(proxy: &ProxyConfig) {
+    match limits::raise_nofile_limit() {
+        Ok((before, after)) => tracing::info!(
+            soft = after.soft,
+            hard = after.hard,
+            was = before.soft,
+            "open-files limit set to the hard limit"
+        ),
+        Err(error) => tracing::warn!(%error, "could not raise the open-files limit"),
+    }
+    let budget = limits::FdBudget::for_caps(proxy);
+    if let Some(warning) = limits::nofile_limit().ok().and_then(|l| limits::nofile_warning(l, &budget)) {
+        tracing::warn!("{warning}");
+    }
 }
 
 fn parse_join(addr: &str, default_port: u16) -> anyhow::Result<SocketAddr> {
@@ -182,6 +257,9 @@ async fn run() -> anyhow::Result<()> {
         tombstone_ttl: args.tombstone_ttl_secs * 1000,
         ..gossip::Config::default()
     };
+    let proxy = args.proxy.config();
+    proxy.validate()?;
+    raise_open_files_limit(&proxy);
     let cfg = AgentConfig {
         node_name: args.node_name,
         advertise_addr: args.advertise_addr,
@@ -194,6 +272,7 @@ async fn run() -> anyhow::Result<()> {
         keyring,
         keyring_file,
         gossip,
+        proxy,
     };
     let agent = Agent::new(cfg).await.context("starting meshd")?;
     agent.run(shutdown_signal()).await.context("running meshd")?;

@@ -194,6 +194,19 @@ pub struct Cluster {
     meshd: PathBuf,
     meshctl: PathBuf,
     testsrv: PathBuf,
+    /// The open-files limit meshd is started under, as a service manager sets it
+    /// (`prlimit --nofile=SOFT:HARD`); `None`: the test's own.
+    meshd_nofile: Option<NofileLimit>,
+}
+
+/// An open-files limit to start meshd under.
+#[derive(Clone, Copy, Debug)]
+pub struct NofileLimit {
+    /// The soft limit.
+    pub soft: u64,
+    /// The hard limit; `None` keeps the inherited one (as systemd's 1024 soft limit
+    /// comes with a much higher hard one).
+    pub hard: Option<u64>,
 }
 
 fn must_be_root() -> Result<()> {
@@ -213,8 +226,22 @@ impl Cluster {
         )
     }
 
+    /// Like [`Cluster::start`], with every meshd started under the open-files limit
+    /// `nofile` (util-linux `prlimit`).
+    pub fn start_with_nofile(n: usize, nofile: NofileLimit) -> Result<Cluster> {
+        Self::start_inner(
+            n,
+            &format!("mt{}x{}", std::process::id(), CLUSTERS.fetch_add(1, Ordering::Relaxed)),
+            Some(nofile),
+        )
+    }
+
     /// Like [`Cluster::start`] with a chosen prefix (the demo uses a fixed one).
     pub fn start_with_prefix(n: usize, prefix: &str) -> Result<Cluster> {
+        Self::start_inner(n, prefix, None)
+    }
+
+    fn start_inner(n: usize, prefix: &str, meshd_nofile: Option<NofileLimit>) -> Result<Cluster> {
         must_be_root()?;
         clean_leftovers();
         let dir = PathBuf::from(RUN_DIR).join(prefix);
@@ -228,6 +255,7 @@ impl Cluster {
             meshd: bin_path("meshd")?,
             meshctl: bin_path("meshctl")?,
             testsrv: bin_path("meshd-testsrv")?,
+            meshd_nofile,
         };
         cluster.write_keyring()?;
         cluster.build_underlay(n)?;
@@ -405,7 +433,15 @@ impl Cluster {
 
     fn spawn_meshd(&self, node: &Node, keyring: &Path) -> Result<Child> {
         let log = fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
-        let mut cmd = Command::new("nsenter");
+        let mut cmd = match self.meshd_nofile {
+            Some(limit) => {
+                let hard = limit.hard.map(|h| h.to_string()).unwrap_or_default();
+                let mut prlimit = Command::new("prlimit");
+                prlimit.arg(format!("--nofile={}:{hard}", limit.soft)).args(["--", "nsenter"]);
+                prlimit
+            }
+            None => Command::new("nsenter"),
+        };
         cmd.arg(format!("--net={}", node.netns().display()))
             .arg("--")
             .arg(&self.meshd)
@@ -432,6 +468,12 @@ impl Cluster {
     pub fn stop_node(&mut self, i: usize) -> Result<std::process::ExitStatus> {
         let child = self.nodes[i - 1].meshd.take().ok_or_else(|| anyhow!("meshd on n{i} is not running"))?;
         terminate(child, Duration::from_secs(10))
+    }
+
+    /// The process id of node `i`'s meshd, while it runs (`prlimit` and `nsenter` exec
+    /// it, so the child is meshd itself).
+    pub fn meshd_pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i - 1].meshd.as_ref().map(Child::id)
     }
 
     /// Runs the real meshctl against node `i` (1-based).

@@ -1,0 +1,287 @@
+//! Bounded inputs against the real binaries: meshd started under systemd's default
+//! open-files soft limit still serves thousands of concurrent clients through a
+//! published port; a too-low hard limit is reported; the API socket cuts clients that
+//! send nothing, and a pile of them does not lock meshctl out; meshctl gives up on a
+//! daemon that does not answer and says which one.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::SocketAddr,
+    os::unix::net::{UnixListener, UnixStream},
+    process::{Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
+use meshd_tests::{bin_path, in_netns, node_addr, poll, Cluster, NofileLimit};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::Semaphore,
+};
+
+/// Concurrent clients driven through the published port.
+const CLIENTS: usize = 3000;
+
+/// Raises this test process's open-files soft limit to its hard limit: it holds every
+/// client socket, and the task's server it starts inherits the limit.
+fn raise_own_nofile(needed: u64) -> Result<()> {
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    ensure!(
+        hard >= needed,
+        "the test needs {needed} open files but the hard limit is {hard}; run it with a higher one (`ulimit -Hn 65536`)"
+    );
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok(())
+}
+
+/// Number of descriptors process `pid` holds.
+fn fds_of(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// One client: connect, send a keep-alive request, read the whole answer, and keep the
+/// connection open (returned).
+async fn one_client(addr: SocketAddr) -> Result<TcpStream> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow!("connect timed out"))??;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n").await?;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 512];
+    // The answer ends with the task's name and a newline (meshd-testsrv).
+    while !got.ends_with(b"web.1\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .map_err(|_| anyhow!("no answer within 10 s"))??;
+        ensure!(n > 0, "closed after {} bytes: {:?}", got.len(), String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    Ok(stream)
+}
+
+/// Opens `CLIENTS` connections to `addr` (at most 256 handshakes in flight), each
+/// answered, all held open at once; returns the held streams and the errors.
+async fn drive(addr: SocketAddr) -> (Vec<TcpStream>, Vec<String>) {
+    let gate = Arc::new(Semaphore::new(256));
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        let gate = gate.clone();
+        clients.spawn(async move {
+            let _turn = gate.acquire_owned().await.expect("never closed");
+            one_client(addr).await
+        });
+    }
+    let (mut held, mut errors) = (Vec::new(), Vec::new());
+    while let Some(done) = clients.join_next().await {
+        match done.expect("client task") {
+            Ok(stream) => held.push(stream),
+            Err(error) => errors.push(format!("{error:#}")),
+        }
+    }
+    (held, errors)
+}
+
+#[test]
+fn three_thousand_concurrent_clients_are_served_under_a_1024_soft_limit() -> Result<()> {
+    raise_own_nofile(2 * CLIENTS as u64 + 1000)?;
+    let mut cluster = Cluster::start_with_nofile(1, NofileLimit { soft: 1024, hard: None })?;
+    let pid = cluster.meshd_pid(1).context("meshd runs")?;
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap_or_default().to_owned();
+    let fields: Vec<u64> = open_files.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    ensure!(
+        fields.len() == 2 && fields[0] == fields[1] && fields[0] >= 2 * CLIENTS as u64 + 1000,
+        "meshd did not raise its soft limit to the hard one: {open_files:?}"
+    );
+    let status = cluster.meshctl_json(1, &["status"])?;
+    ensure!(
+        status["open_files"]["soft_limit"] == status["open_files"]["hard_limit"]
+            && status["open_files"]["soft_limit"].as_u64() == Some(fields[0]),
+        "status shows {}",
+        status["open_files"]
+    );
+    let log = std::fs::read_to_string(&cluster.nodes[0].log)?;
+    ensure!(
+        log.lines().any(|l| l.contains("open-files limit set to the hard limit") && l.contains("was=1024")),
+        "meshd did not log the raise: {}",
+        cluster.log_tail(1, 20)
+    );
+
+    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
+    cluster.add_container(1, "web", "web.1")?;
+    cluster.meshctl_ok(1, &["publish", "3000:80", "web"])?;
+    let addr = SocketAddr::from((node_addr(1), 3000));
+
+    let started = Instant::now();
+    let (held, errors) = in_netns(&cluster.client_netns(), move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        // Bounded: every step of every client has its own timeout; the whole run too.
+        runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(120), drive(addr))
+                .await
+                .map_err(|_| anyhow!("{CLIENTS} clients did not finish within 120 s"))
+        })
+    })??;
+    let elapsed = started.elapsed();
+    let mut distinct = errors.clone();
+    distinct.sort();
+    distinct.dedup();
+    ensure!(
+        errors.is_empty(),
+        "{} of {CLIENTS} clients failed in {elapsed:?}; kinds: {:?}\n{}",
+        errors.len(),
+        &distinct[..distinct.len().min(5)],
+        cluster.log_tail(1, 10)
+    );
+    ensure!(held.len() == CLIENTS);
+    // All held open at once: the proxy relays every one of them now.
+    let counters = cluster.meshctl_json(1, &["status"])?["proxy"]["counters"].clone();
+    ensure!(counters["tcp_active"] == CLIENTS, "proxy counters while all are open: {counters}");
+    eprintln!(
+        "{CLIENTS} concurrent clients answered and held in {elapsed:?}; meshd holds {} fds",
+        fds_of(pid)?
+    );
+    drop(held);
+    poll("the proxy's connections close", Duration::from_secs(20), || {
+        let active = cluster.meshctl_json(1, &["status"])?["proxy"]["counters"]["tcp_active"].clone();
+        (active == 0).then_some(()).ok_or_else(|| anyhow!("tcp_active {active}"))
+    })?;
+    ensure!(!log_has(&cluster, "Too many open files")?, "meshd ran out of descriptors");
+    Ok(())
+}
+
+fn log_has(cluster: &Cluster, text: &str) -> Result<bool> {
+    Ok(std::fs::read_to_string(&cluster.nodes[0].log)?.contains(text))
+}
+
+/// Reads what meshd sends an idle API client until it closes; fails after `limit`.
+fn read_until_closed(mut stream: UnixStream, limit: Duration) -> Result<(String, Duration)> {
+    let started = Instant::now();
+    stream.set_read_timeout(Some(limit))?;
+    let mut got = String::new();
+    stream.read_to_string(&mut got).map_err(|e| anyhow!("not closed within {limit:?}: {e}"))?;
+    Ok((got, started.elapsed()))
+}
+
+#[test]
+fn api_clients_that_send_nothing_are_cut_and_cannot_lock_meshctl_out() -> Result<()> {
+    raise_own_nofile(2000)?;
+    // A hard limit of 1024 too: the warning case, on the same node.
+    let cluster = Cluster::start_with_nofile(1, NofileLimit { soft: 1024, hard: Some(1024) })?;
+    let status = cluster.meshctl_json(1, &["status"])?;
+    let warning = status["open_files"]["warning"].as_str().unwrap_or_default();
+    ensure!(
+        warning.starts_with("open-files limit 1024 (hard 1024) is below the")
+            && warning.contains("LimitNOFILE="),
+        "status shows no warning for a 1024 hard limit: {}",
+        status["open_files"]
+    );
+    ensure!(
+        log_has(&cluster, "open-files limit 1024 (hard 1024) is below the")?,
+        "{}",
+        cluster.log_tail(1, 20)
+    );
+
+    let socket = cluster.nodes[0].socket.clone();
+    let pid = cluster.meshd_pid(1).context("meshd runs")?;
+    let fds_before = fds_of(pid)?;
+
+    // One client that connects and sends nothing: cut after the read timeout (5 s),
+    // with one error line, while real meshctl calls are served meanwhile.
+    let idle = UnixStream::connect(&socket)?;
+    let cut = std::thread::spawn(move || read_until_closed(idle, Duration::from_secs(15)));
+    let calls_started = Instant::now();
+    let mut calls = 0;
+    while !cut.is_finished() && calls_started.elapsed() < Duration::from_secs(15) {
+        cluster.meshctl_ok(1, &["--timeout", "5", "status"])?;
+        calls += 1;
+    }
+    let (said, after) = cut.join().map_err(|_| anyhow!("reader panicked"))??;
+    ensure!(
+        after >= Duration::from_secs(4) && after < Duration::from_secs(10),
+        "idle client cut after {after:?}"
+    );
+    ensure!(said.contains("no request line within 5 s") && said.lines().count() == 1, "meshd said {said:?}");
+    ensure!(calls >= 3, "only {calls} meshctl calls served while the idle client waited");
+
+    // A flood of idle connections: meshd holds at most its cap of them, and meshctl is
+    // still answered at once.
+    let flood: Vec<UnixStream> = (0..300).map(|_| UnixStream::connect(&socket)).collect::<Result<_, _>>()?;
+    let started = Instant::now();
+    let status = cluster.meshctl_json(1, &["--timeout", "5", "status"])?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(2),
+        "meshctl took {:?} during the flood",
+        started.elapsed()
+    );
+    let evicted = status["api"]["evicted_idle"].as_u64().unwrap_or(0);
+    ensure!(evicted >= 300 - 64, "only {evicted} idle clients were closed for newcomers: {}", status["api"]);
+    let fds_during = fds_of(pid)?;
+    ensure!(
+        fds_during <= fds_before + 64 + 8,
+        "meshd holds {fds_during} descriptors with 300 idle clients (it held {fds_before} before)"
+    );
+    drop(flood);
+    Ok(())
+}
+
+#[test]
+fn meshctl_gives_up_on_a_daemon_that_never_answers_and_names_its_socket() -> Result<()> {
+    let dir = tempdir()?;
+    let path = dir.join("silent.sock");
+    let listener = UnixListener::bind(&path)?;
+    // Accepts and holds connections, never answering; ends with the test process.
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(4).collect();
+        std::thread::sleep(Duration::from_secs(60));
+        drop(held);
+    });
+    let started = Instant::now();
+    let mut child = Command::new(bin_path("meshctl")?)
+        .arg("--socket")
+        .arg(&path)
+        .args(["--timeout", "2", "status"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            child.kill()?;
+            child.wait()?;
+            bail!("meshctl --timeout 2 still waiting after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let elapsed = started.elapsed();
+    let mut stderr = String::new();
+    child.stderr.take().context("stderr")?.read_to_string(&mut stderr)?;
+    ensure!(!status.success(), "meshctl succeeded against a silent daemon");
+    ensure!(
+        elapsed >= Duration::from_secs(2) && elapsed < Duration::from_secs(5),
+        "gave up after {elapsed:?}"
+    );
+    let line = BufReader::new(stderr.as_bytes()).lines().collect::<Result<Vec<_>, _>>()?;
+    ensure!(line.len() == 1, "one line expected: {stderr:?}");
+    ensure!(
+        line[0].starts_with(&format!("meshctl: meshd at {} did not answer within 2s", path.display()))
+            && line[0].contains("--timeout"),
+        "{stderr:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A fresh directory for this test's socket.
+fn tempdir() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("meshd-limits-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -197,6 +197,18 @@ pub struct Cluster {
     /// The open-files limit meshd is started under, as a service manager sets it
     /// (`prlimit --nofile=SOFT:HARD`); `None`: the test's own.
     meshd_nofile: Option<NofileLimit>,
+    /// Extra flags for every meshd.
+    meshd_args: Vec<String>,
+}
+
+/// How [`Cluster::start_with`] starts meshd.
+#[derive(Clone, Debug, Default)]
+pub struct StartOptions {
+    /// The open-files limit meshd is started under, as a service manager sets it
+    /// (util-linux `prlimit`); `None`: the test's own.
+    pub nofile: Option<NofileLimit>,
+    /// Extra flags for every meshd.
+    pub meshd_args: Vec<String>,
 }
 
 /// An open-files limit to start meshd under.
@@ -226,22 +238,21 @@ impl Cluster {
         )
     }
 
-    /// Like [`Cluster::start`], with every meshd started under the open-files limit
-    /// `nofile` (util-linux `prlimit`).
-    pub fn start_with_nofile(n: usize, nofile: NofileLimit) -> Result<Cluster> {
+    /// Like [`Cluster::start`], with every meshd started as `options` say.
+    pub fn start_with(n: usize, options: StartOptions) -> Result<Cluster> {
         Self::start_inner(
             n,
             &format!("mt{}x{}", std::process::id(), CLUSTERS.fetch_add(1, Ordering::Relaxed)),
-            Some(nofile),
+            options,
         )
     }
 
     /// Like [`Cluster::start`] with a chosen prefix (the demo uses a fixed one).
     pub fn start_with_prefix(n: usize, prefix: &str) -> Result<Cluster> {
-        Self::start_inner(n, prefix, None)
+        Self::start_inner(n, prefix, StartOptions::default())
     }
 
-    fn start_inner(n: usize, prefix: &str, meshd_nofile: Option<NofileLimit>) -> Result<Cluster> {
+    fn start_inner(n: usize, prefix: &str, options: StartOptions) -> Result<Cluster> {
         must_be_root()?;
         clean_leftovers();
         let dir = PathBuf::from(RUN_DIR).join(prefix);
@@ -255,7 +266,8 @@ impl Cluster {
             meshd: bin_path("meshd")?,
             meshctl: bin_path("meshctl")?,
             testsrv: bin_path("meshd-testsrv")?,
-            meshd_nofile,
+            meshd_nofile: options.nofile,
+            meshd_args: options.meshd_args,
         };
         cluster.write_keyring()?;
         cluster.build_underlay(n)?;
@@ -461,6 +473,7 @@ impl Cluster {
         if node.index != 1 {
             cmd.args(["--join", &node_addr(1).to_string()]);
         }
+        cmd.args(&self.meshd_args);
         cmd.spawn().context("starting meshd")
     }
 

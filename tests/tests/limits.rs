@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
-use meshd_tests::{bin_path, in_netns, node_addr, poll, Cluster, NofileLimit};
+use meshd_tests::{bin_path, in_netns, node_addr, poll, Cluster, NofileLimit, StartOptions};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -87,7 +87,10 @@ async fn drive(addr: SocketAddr) -> (Vec<TcpStream>, Vec<String>) {
 #[test]
 fn three_thousand_concurrent_clients_are_served_under_a_1024_soft_limit() -> Result<()> {
     raise_own_nofile(2 * CLIENTS as u64 + 1000)?;
-    let mut cluster = Cluster::start_with_nofile(1, NofileLimit { soft: 1024, hard: None })?;
+    let mut cluster = Cluster::start_with(
+        1,
+        StartOptions { nofile: Some(NofileLimit { soft: 1024, hard: None }), ..Default::default() },
+    )?;
     let pid = cluster.meshd_pid(1).context("meshd runs")?;
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
     let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap_or_default().to_owned();
@@ -171,7 +174,10 @@ fn read_until_closed(mut stream: UnixStream, limit: Duration) -> Result<(String,
 fn api_clients_that_send_nothing_are_cut_and_cannot_lock_meshctl_out() -> Result<()> {
     raise_own_nofile(2000)?;
     // A hard limit of 1024 too: the warning case, on the same node.
-    let cluster = Cluster::start_with_nofile(1, NofileLimit { soft: 1024, hard: Some(1024) })?;
+    let cluster = Cluster::start_with(
+        1,
+        StartOptions { nofile: Some(NofileLimit { soft: 1024, hard: Some(1024) }), ..Default::default() },
+    )?;
     let status = cluster.meshctl_json(1, &["status"])?;
     let warning = status["open_files"]["warning"].as_str().unwrap_or_default();
     ensure!(
@@ -284,4 +290,45 @@ fn tempdir() -> Result<std::path::PathBuf> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+#[test]
+fn a_relayed_connection_to_a_task_on_a_node_that_vanished_is_closed_by_keepalive() -> Result<()> {
+    // The proxies probe after 1 s of silence, every second, twice: a dead peer is found
+    // within 3 s (the default finds it within 60 s).
+    let keepalive = ["--proxy-tcp-keepalive-secs", "1", "--proxy-tcp-keepalive-interval-secs", "1"];
+    let meshd_args =
+        keepalive.iter().chain(&["--proxy-tcp-keepalive-probes", "2"]).map(|a| a.to_string()).collect();
+    let mut cluster = Cluster::start_with(2, StartOptions { meshd_args, ..Default::default() })?;
+    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
+    cluster.add_container(2, "web", "web.1")?;
+    cluster.meshctl_ok(1, &["publish", "3000:80", "web"])?;
+    let addr = SocketAddr::from((node_addr(1), 3000));
+    let connected = in_netns(&cluster.client_netns(), move || -> Result<std::net::TcpStream> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let stream = poll("the published port answers", Duration::from_secs(10), || {
+            runtime.block_on(one_client(addr))
+        })?;
+        Ok(stream.into_std()?)
+    })?
+    .map_err(|e| e.context(cluster.log_tail(1, 30)))?;
+    // Node 2 vanishes from the underlay (as if it lost power): no FIN, no RST.
+    cluster.partition(&[2])?;
+    let started = Instant::now();
+    connected.set_nonblocking(false)?;
+    let (said, after) = {
+        let mut stream = connected;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut rest = Vec::new();
+        let outcome = stream.read_to_end(&mut rest);
+        (outcome.map(|_| ()).map_err(|e| e.kind()), started.elapsed())
+    };
+    ensure!(
+        !matches!(said, Err(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "the relayed connection to the vanished node is still open after {after:?}"
+    );
+    ensure!(after < Duration::from_secs(10), "closed only after {after:?}");
+    eprintln!("relay to the vanished node closed {after:?} after the partition ({said:?})");
+    Ok(())
 }

@@ -236,6 +236,10 @@ async fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // Checked before anything is created (the keyring, the state dir).
+    let proxy = args.proxy.config();
+    proxy.validate()?;
+    raise_open_files_limit(&proxy);
     let join = args.join.iter().map(|a| parse_join(a, args.control_port)).collect::<anyhow::Result<_>>()?;
     let cgroup = match args.cgroup {
         Some(path) => path,
@@ -257,9 +261,6 @@ async fn run() -> anyhow::Result<()> {
         tombstone_ttl: args.tombstone_ttl_secs * 1000,
         ..gossip::Config::default()
     };
-    let proxy = args.proxy.config();
-    proxy.validate()?;
-    raise_open_files_limit(&proxy);
     let cfg = AgentConfig {
         node_name: args.node_name,
         advertise_addr: args.advertise_addr,

@@ -3,18 +3,22 @@
 //! nothing can improve; waiting a little longer after each consecutive failure lets
 //! connections close and descriptors come back. Pure: the loop sleeps for what it says.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// First wait after an accept error.
 pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// Longest wait between retries while errors persist.
 pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// At most one warning per this interval: under descriptor exhaustion accepts fail and
+/// succeed in turn, and each run of failures would otherwise log again.
+pub const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Consecutive-failure backoff: doubles from [`ACCEPT_BACKOFF_MIN`] up to
 /// [`ACCEPT_BACKOFF_MAX`], and starts over after a success.
 #[derive(Debug, Default)]
 pub struct AcceptBackoff {
     failures: u32,
+    last_warning: Option<Instant>,
 }
 
 impl AcceptBackoff {
@@ -30,10 +34,17 @@ impl AcceptBackoff {
         wait
     }
 
-    /// Whether the failure just recorded is the first of a run: log those loudly, and
-    /// the rest quietly (the run is one event, not thousands).
-    pub fn first_failure(&self) -> bool {
-        self.failures == 1
+    /// Whether to log the failure just recorded as a warning: the first of a run, and
+    /// not within [`ACCEPT_WARN_INTERVAL`] of the last warning. Log the rest quietly:
+    /// a run is one event, not thousands.
+    pub fn warn_now(&mut self, now: Instant) -> bool {
+        let quiet =
+            self.last_warning.is_some_and(|t| now.saturating_duration_since(t) < ACCEPT_WARN_INTERVAL);
+        let warn = self.failures == 1 && !quiet;
+        if warn {
+            self.last_warning = Some(now);
+        }
+        warn
     }
 }
 
@@ -46,10 +57,25 @@ mod tests {
         let mut backoff = AcceptBackoff::default();
         let waits: Vec<u64> = (0..9).map(|_| backoff.failed().as_millis() as u64).collect();
         assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
-        assert!(!backoff.first_failure());
         backoff.succeeded();
         assert_eq!(backoff.failed(), ACCEPT_BACKOFF_MIN);
-        assert!(backoff.first_failure());
+    }
+
+    #[test]
+    fn warns_once_per_run_and_at_most_once_per_interval() {
+        let start = Instant::now();
+        let mut backoff = AcceptBackoff::default();
+        backoff.failed();
+        assert!(backoff.warn_now(start));
+        backoff.failed();
+        assert!(!backoff.warn_now(start), "a second failure of the same run");
+        // Success and failure in turn, as when descriptors run out: quiet for a while.
+        backoff.succeeded();
+        backoff.failed();
+        assert!(!backoff.warn_now(start + Duration::from_secs(1)));
+        backoff.succeeded();
+        backoff.failed();
+        assert!(backoff.warn_now(start + ACCEPT_WARN_INTERVAL));
     }
 
     #[test]

@@ -385,7 +385,7 @@ async fn serve_tcp(listener: TcpListener, backends: Backends, shared: Arc<Shared
             Err(error) => {
                 // Out of descriptors or similar: back off instead of spinning.
                 let wait = backoff.failed();
-                if backoff.first_failure() {
+                if backoff.warn_now(std::time::Instant::now()) {
                     tracing::warn!(%error, "accept failed on a published port; backing off");
                 } else {
                     tracing::debug!(%error, ?wait, "accept still failing");

@@ -144,8 +144,13 @@ fn three_thousand_concurrent_clients_are_served_under_a_1024_soft_limit() -> Res
     // All held open at once: the proxy relays every one of them now.
     let counters = cluster.meshctl_json(1, &["status"])?["proxy"]["counters"].clone();
     ensure!(counters["tcp_active"] == CLIENTS, "proxy counters while all are open: {counters}");
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
     eprintln!(
-        "{CLIENTS} concurrent clients answered and held in {elapsed:?}; meshd holds {} fds",
+        "{CLIENTS} concurrent clients answered and held in {elapsed:?}; meshd holds {} fds, RSS {rss}",
         fds_of(pid)?
     );
     drop(held);

@@ -111,7 +111,7 @@ pub(super) async fn serve_api(listener: UnixListener, agent: Arc<Agent>) {
             Err(error) => {
                 bump(&agent.api_stats.accept_errors);
                 let wait = backoff.failed();
-                if backoff.first_failure() {
+                if backoff.warn_now(std::time::Instant::now()) {
                     tracing::warn!(%error, "accept failed on the API socket; backing off");
                 }
                 tokio::time::sleep(wait).await;

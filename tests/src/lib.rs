@@ -194,11 +194,8 @@ pub struct Cluster {
     meshd: PathBuf,
     meshctl: PathBuf,
     testsrv: PathBuf,
-    /// The open-files limit meshd is started under, as a service manager sets it
-    /// (`prlimit --nofile=SOFT:HARD`); `None`: the test's own.
-    meshd_nofile: Option<NofileLimit>,
-    /// Extra flags for every meshd.
-    meshd_args: Vec<String>,
+    /// How meshd is started.
+    options: StartOptions,
 }
 
 /// How [`Cluster::start_with`] starts meshd.
@@ -266,8 +263,7 @@ impl Cluster {
             meshd: bin_path("meshd")?,
             meshctl: bin_path("meshctl")?,
             testsrv: bin_path("meshd-testsrv")?,
-            meshd_nofile: options.nofile,
-            meshd_args: options.meshd_args,
+            options,
         };
         cluster.write_keyring()?;
         cluster.build_underlay(n)?;
@@ -445,7 +441,7 @@ impl Cluster {
 
     fn spawn_meshd(&self, node: &Node, keyring: &Path) -> Result<Child> {
         let log = fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
-        let mut cmd = match self.meshd_nofile {
+        let mut cmd = match self.options.nofile {
             Some(limit) => {
                 let hard = limit.hard.map(|h| h.to_string()).unwrap_or_default();
                 let mut prlimit = Command::new("prlimit");
@@ -473,8 +469,10 @@ impl Cluster {
         if node.index != 1 {
             cmd.args(["--join", &node_addr(1).to_string()]);
         }
-        cmd.args(&self.meshd_args);
-        cmd.spawn().context("starting meshd")
+        cmd.args(&self.options.meshd_args);
+        cmd.spawn().context(
+            "starting meshd (nsenter and prlimit come with util-linux: `apt-get install util-linux`)",
+        )
     }
 
     /// Stops node `i`'s meshd with SIGTERM and waits for it to exit.

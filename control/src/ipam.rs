@@ -249,7 +249,9 @@ mod tests {
                 let unused = |used: &BTreeMap<u32, String>, settled: bool| -> Vec<u32> {
                     claims
                         .iter()
-                        .filter(|(i, (o, at))| o == node && !used.contains_key(i) && (!settled || *at < round))
+                        .filter(|(i, (o, at))| {
+                            o == node && !used.contains_key(i) && (!settled || *at < round)
+                        })
                         .map(|(i, _)| *i)
                         .collect()
                 };

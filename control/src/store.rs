@@ -207,7 +207,9 @@ impl Store {
             let catalog = ["network/", "service/", "published/"].iter().any(|p| key.starts_with(p));
             if catalog && entry.value.is_some() {
                 text.extend_from_slice(key.as_bytes());
-                text.extend_from_slice(format!("@{}:{};", entry.version.counter, entry.version.node).as_bytes());
+                text.extend_from_slice(
+                    format!("@{}:{};", entry.version.counter, entry.version.node).as_bytes(),
+                );
             }
         }
         crate::hash::fnv1a_64(&text)

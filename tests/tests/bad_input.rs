@@ -82,7 +82,10 @@ fn bad_input_is_refused_clearly_and_changes_nothing() -> Result<()> {
             &["attach", "web", "--netns", &free_ns, "--ip", "10.9.9.9"],
             "address 10.9.9.9 is not a usable address of network backend (10.0.0.0/24)",
         ),
-        (&["attach", "web", "--netns", &free_ns, "--ip", "10.0.0.255"], "not its network or broadcast address"),
+        (
+            &["attach", "web", "--netns", &free_ns, "--ip", "10.0.0.255"],
+            "not its network or broadcast address",
+        ),
         (
             &["attach", "web", "--netns", &free_ns, "--ip", &task_ip],
             "is used by web.1 on node n1; pick another address or omit --ip",

@@ -137,7 +137,8 @@ impl Agent {
                         Some(p) => format!("published port {}", p.join(", ")),
                         None => "a local task".to_owned(),
                     };
-                    let message = format!("this node cannot take part in network {} for {why}: {error}", net.name);
+                    let message =
+                        format!("this node cannot take part in network {} for {why}: {error}", net.name);
                     let mut alloc = self.alloc();
                     if alloc.errors.get(&net.name) != Some(&message) {
                         tracing::warn!(network = %net.name, %message, "no address");
@@ -213,13 +214,7 @@ impl Agent {
         Ok(None)
     }
 
-    fn claim(
-        &self,
-        gossip: &mut crate::gossip::Gossip,
-        alloc: &mut Alloc,
-        net: &Network,
-        index: u32,
-    ) {
+    fn claim(&self, gossip: &mut crate::gossip::Gossip, alloc: &mut Alloc, net: &Network, index: u32) {
         let claim = BlockClaim { network: net.name.clone(), index, node: self.cfg.node_name.clone() };
         alloc.claimed_at.insert(Key::block(&net.name, index), Instant::now());
         gossip.put_claim(claim, self.shared.now());

@@ -130,7 +130,13 @@ impl Agent {
             .networks()
             .map(|n| {
                 let tasks = store.endpoints().filter(|e| e.network == n.name && e.service.is_some()).count();
-                json!({ "name": n.name, "subnet": n.subnet, "vni": n.vni, "mtu": n.mtu.unwrap_or(self.mtu), "tasks": tasks })
+                // Addresses nobody claims (node addresses, tasks and spares all hold one).
+                let claimed = store
+                    .claims()
+                    .filter(|c| c.network == n.name && ipam::is_usable(n.subnet, c.index))
+                    .count() as u32;
+                let free = ipam::usable(n.subnet).saturating_sub(claimed);
+                json!({ "name": n.name, "subnet": n.subnet, "vni": n.vni, "mtu": n.mtu.unwrap_or(self.mtu), "tasks": tasks, "free": free })
             })
             .collect();
         json!(rows)
@@ -250,7 +256,13 @@ impl Agent {
         Ok(json!({ "removed": name }))
     }
 
-    async fn attach(&self, service: &str, netns: &str, name: Option<String>, ip: Option<Ipv4Addr>) -> Result<Value> {
+    async fn attach(
+        &self,
+        service: &str,
+        netns: &str,
+        name: Option<String>,
+        ip: Option<Ipv4Addr>,
+    ) -> Result<Value> {
         let network = {
             let gossip = self.gossip();
             let store = gossip.store();
@@ -496,7 +508,8 @@ impl Agent {
             if Instant::now() >= deadline {
                 let mut missing = missing;
                 missing.sort();
-                let list = format!("node{} {}", if missing.len() == 1 { "" } else { "s" }, missing.join(", "));
+                let list =
+                    format!("node{} {}", if missing.len() == 1 { "" } else { "s" }, missing.join(", "));
                 return Err(Error::invalid(timeout_message(list)));
             }
             self.changed();
@@ -519,7 +532,8 @@ impl Agent {
         let problems: Vec<String> = self.alloc().errors.values().cloned().collect();
         let me = self.cfg.node_name.clone();
         self.write(|g, now| {
-            let state = NodeState { node: me.clone(), serving, catalog: g.store().catalog_digest(), problems };
+            let state =
+                NodeState { node: me.clone(), serving, catalog: g.store().catalog_digest(), problems };
             g.put(Object::NodeState(state), now)
         });
     }

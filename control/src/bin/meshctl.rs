@@ -216,7 +216,7 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
         return serde_json::to_string_pretty(result).expect("JSON values serialize");
     }
     match request {
-        Request::NetworkLs => table(result, &["name", "subnet", "vni", "mtu", "tasks"]),
+        Request::NetworkLs => table(result, &["name", "subnet", "vni", "mtu", "tasks", "free"]),
         Request::ServiceLs => table(result, &["name", "network", "endpoint_mode", "tasks", "published"]),
         Request::ServicePs { .. } => table(result, &["task", "node", "ip", "mac", "state"]),
         Request::NodeLs => table(result, &["name", "addr", "state", "incarnation", "changed_secs_ago"]),

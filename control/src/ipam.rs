@@ -25,7 +25,7 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use meshd_dataplane::overlay::MacAddr;
+use meshd_dataplane::overlay::{MacAddr, PeerSpec};
 
 use crate::{
     model::Object,
@@ -116,6 +116,34 @@ pub fn shadowed(store: &Store) -> BTreeSet<&str> {
         }
     }
     shadowed
+}
+
+/// FDB and neighbour entries for the addresses other live nodes claim on `networks`
+/// (this node's overlays: network name → VNI) without using them yet — their spares.
+/// A node that joins a network takes its spare as its own address, so the nodes that
+/// host tasks can already answer it: its first connection to a task does not lose its
+/// SYN to a missing neighbour entry (a one-second retransmission).
+pub fn spare_peers(
+    store: &Store,
+    live: &BTreeSet<String>,
+    node: &str,
+    networks: &BTreeMap<String, u32>,
+) -> Vec<PeerSpec> {
+    let vteps: BTreeMap<&str, Ipv4Addr> = store.nodes().map(|n| (n.name.as_str(), n.addr)).collect();
+    let used: BTreeSet<(&str, Ipv4Addr)> = store.endpoints().map(|e| (e.network.as_str(), e.ip)).collect();
+    let mut peers = Vec::new();
+    for claim in store.claims().filter(|c| c.node != node && live.contains(&c.node)) {
+        let (Some(&vni), Some(net), Some(&vtep)) =
+            (networks.get(&claim.network), store.network(&claim.network), vteps.get(claim.node.as_str()))
+        else {
+            continue;
+        };
+        let ip = address_at(net.subnet, claim.index);
+        if is_usable(net.subnet, claim.index) && !used.contains(&(claim.network.as_str(), ip)) {
+            peers.push(PeerSpec { vni, ip, mac: mac_for_ip(ip), vtep });
+        }
+    }
+    peers
 }
 
 /// The MAC address of an overlay address: `02:42` followed by the IPv4 bytes, as Docker
@@ -213,6 +241,43 @@ mod tests {
         assert_eq!(shadowed(&healed_a), expected);
         assert_eq!(shadowed(&healed_b), expected);
         assert!(shadowed(&a).is_empty());
+    }
+
+    #[test]
+    fn other_live_nodes_spares_are_programmed_but_used_and_own_addresses_are_not() {
+        use crate::model::{BlockClaim, Endpoint, Network, Node};
+        let mut store = Store::default();
+        let subnet = net("10.0.0.0/24");
+        store.put("n1", Object::Network(Network { name: "b".into(), subnet, vni: 4096, mtu: None }));
+        for (name, last) in [("n1", 11), ("n2", 12), ("n3", 13)] {
+            store.put(name, Object::Node(Node { name: name.into(), addr: Ipv4Addr::new(198, 18, 0, last) }));
+        }
+        for (node, index) in [("n1", 1), ("n2", 2), ("n2", 3), ("n3", 4)] {
+            store.put_claim(BlockClaim { network: "b".into(), index, node: node.into() });
+        }
+        // n2's address .3 is in use by a task (programmed as an endpoint, not here).
+        let ip = Ipv4Addr::new(10, 0, 0, 3);
+        store.put(
+            "n2",
+            Object::Endpoint(Endpoint {
+                id: "web.1".into(),
+                service: Some("web".into()),
+                network: "b".into(),
+                node: "n2".into(),
+                ip,
+                mac: mac_for_ip(ip),
+                vtep: Ipv4Addr::new(198, 18, 0, 12),
+                host_if: None,
+                netns: None,
+            }),
+        );
+        let live: BTreeSet<String> = ["n1", "n2"].into_iter().map(String::from).collect();
+        let joined: BTreeMap<String, u32> = [("b".to_owned(), 4096)].into();
+        let peers = spare_peers(&store, &live, "n1", &joined);
+        // Only n2's spare .2: not n1's own, not the used .3, not dead n3's .4.
+        assert_eq!(peers.len(), 1, "{peers:?}");
+        assert_eq!((peers[0].ip, peers[0].vtep), (Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(198, 18, 0, 12)));
+        assert!(spare_peers(&store, &live, "n1", &BTreeMap::new()).is_empty(), "no overlay, no peers");
     }
 
     #[test]

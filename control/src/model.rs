@@ -141,8 +141,9 @@ pub struct BlockClaim {
 pub struct NodeState {
     /// The node.
     pub node: String,
-    /// Published ports it serves with at least one backend, as `PORT/PROTO`.
-    pub serving: Vec<String>,
+    /// Published ports it serves with at least one backend, as `PORT/PROTO`, and how
+    /// many backends each has.
+    pub serving: std::collections::BTreeMap<String, u32>,
     /// Digest of the networks, services and published ports it holds (see
     /// [`crate::store::Store::catalog_digest`]).
     pub catalog: u64,

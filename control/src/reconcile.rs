@@ -117,6 +117,12 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: 
             out.peers.insert(PeerSpec { vni: net.vni, ip: ep.ip, mac: ep.mac, vtep: ep.vtep });
         }
     }
+    let joined: BTreeMap<String, Vni> = store
+        .networks()
+        .filter(|n| out.overlays.contains_key(&n.vni))
+        .map(|n| (n.name.clone(), n.vni))
+        .collect();
+    out.peers.extend(crate::ipam::spare_peers(store, live, node, &joined));
     let subnets: Vec<Ipv4Net> =
         store.networks().filter(|n| out.overlays.contains_key(&n.vni)).map(|n| n.subnet).collect();
     for a in &subnets {

@@ -60,7 +60,7 @@ fn a_slash_24_serves_a_published_port_on_all_20_nodes() -> Result<()> {
         assert_eq!(status["errors"], serde_json::json!({}), "n{i}: {status}");
         assert_eq!(status["published_ports"], serde_json::json!(["3000/tcp"]), "n{i}: {status}");
         let ps = task_ips(&cluster, i, "web")?;
-        assert_eq!(ps.len(), 2, "n{i} sees both tasks: {ps:?}");
+        assert_eq!(ps.len(), 2, "n{i} sees both tasks: {ps:?}\n{}", cluster.log_tail(i, 30));
         node_ips.insert(i, free_addresses(&cluster, i, "backend")?);
     }
     // 20 node addresses and 2 tasks, plus at most one spare per node, are claimed.
@@ -249,19 +249,22 @@ impl Drop for Guard {
     }
 }
 
+/// The time from `publish` on n1 until every node answers the external client, when
+/// the nodes without a task must first join the network (a fresh network each round).
 #[test]
 fn publish_to_serving_on_10_nodes() -> Result<()> {
     let n = 10;
     let mut cluster = Cluster::start(n)?;
     cluster.wait_all_alive(1)?;
-    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
-    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
-    cluster.add_container(2, "web", "web.1")?;
     let client = cluster.client_netns();
     let mut rounds = Vec::new();
-    for (round, port) in [3000u16, 3001, 3002].into_iter().enumerate() {
+    for round in 1..=3u16 {
+        let (net, svc, port) = (format!("net{round}"), format!("web{round}"), 3000 + round);
+        cluster.meshctl_ok(1, &["network", "create", &net, "--subnet", &format!("10.{round}.0.0/24")])?;
+        cluster.meshctl_ok(1, &["service", "create", &svc, "--network", &net])?;
+        cluster.add_container(2, &svc, &format!("{svc}.1"))?;
         let started = Instant::now();
-        cluster.meshctl_ok(1, &["publish", &format!("{port}:80"), "web", "--detach"])?;
+        cluster.meshctl_ok(1, &["publish", &format!("{port}:80"), &svc, "--detach"])?;
         let mut answered: BTreeMap<usize, Duration> = BTreeMap::new();
         while answered.len() < n {
             if started.elapsed() > Duration::from_secs(10) {
@@ -278,14 +281,15 @@ fn publish_to_serving_on_10_nodes() -> Result<()> {
         let last = answered.values().max().copied().unwrap_or_default();
         eprintln!("publish {port}: every node answers after {last:?} ({answered:?})");
         rounds.push(last);
-        // The blocking form on a fresh port: how long until it returns.
+        // The waiting form, on another port of the same service: when it returns.
         let started = Instant::now();
-        cluster.meshctl_ok(1, &["publish", &format!("{}:80", port + 100), "web"])?;
+        cluster.meshctl_ok(1, &["publish", &format!("{}:80", port + 100), &svc])?;
         eprintln!("publish {} (waiting form) returned after {:?}", port + 100, started.elapsed());
     }
     rounds.sort();
     let median = rounds[rounds.len() / 2];
     eprintln!("publish-to-serving on {n} nodes: {rounds:?}, median {median:?}");
+    // The goal is 1 s; the bound leaves room for a loaded test machine.
     assert!(median <= Duration::from_millis(1500), "median {median:?} (goal: 1 s)");
     Ok(())
 }

@@ -141,9 +141,10 @@ pub struct BlockClaim {
 pub struct NodeState {
     /// The node.
     pub node: String,
-    /// Published ports it serves with at least one backend, as `PORT/PROTO`, and how
-    /// many backends each has.
-    pub serving: std::collections::BTreeMap<String, u32>,
+    /// Published ports it serves with at least one backend, as `PORT/PROTO`, sorted.
+    /// (Not their backends: a task starting anywhere would make every node rewrite
+    /// its record.)
+    pub serving: Vec<String>,
     /// Digest of the networks, services and published ports it holds (see
     /// [`crate::store::Store::catalog_digest`]).
     pub catalog: u64,

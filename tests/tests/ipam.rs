@@ -59,8 +59,11 @@ fn a_slash_24_serves_a_published_port_on_all_20_nodes() -> Result<()> {
         let status = cluster.meshctl_json(i, &["status"])?;
         assert_eq!(status["errors"], serde_json::json!({}), "n{i}: {status}");
         assert_eq!(status["published_ports"], serde_json::json!(["3000/tcp"]), "n{i}: {status}");
-        let ps = task_ips(&cluster, i, "web")?;
-        assert_eq!(ps.len(), 2, "n{i} sees both tasks: {ps:?}\n{}", cluster.log_tail(i, 30));
+        // The task table reaches a node that joined for the port shortly after.
+        poll(&format!("n{i} sees both tasks"), Duration::from_secs(5), || {
+            let ps = task_ips(&cluster, i, "web")?;
+            (ps.len() == 2).then_some(()).ok_or_else(|| anyhow!("{ps:?}"))
+        })?;
         node_ips.insert(i, free_addresses(&cluster, i, "backend")?);
     }
     // 20 node addresses and 2 tasks, plus at most one spare per node, are claimed.

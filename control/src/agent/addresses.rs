@@ -70,7 +70,12 @@ impl Agent {
     /// every node). Otherwise it leaves the network.
     pub(super) fn ensure_node_addresses(&self) {
         let me = self.cfg.node_name.clone();
-        let wanted = self.alloc().wanted.clone();
+        let wanted = {
+            let mut alloc = self.alloc();
+            // A claim without a time is settled: forget the times once they are.
+            alloc.claimed_at.retain(|_, at| at.elapsed() < CLAIM_SETTLE);
+            alloc.wanted.clone()
+        };
         let (join, leave, ports): (Vec<Network>, Vec<String>, HashMap<String, Vec<String>>) = {
             let gossip = self.gossip();
             let store = gossip.store();

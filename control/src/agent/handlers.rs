@@ -446,17 +446,11 @@ impl Agent {
         if detach {
             return Ok(json!({ "port": port, "detached": true }));
         }
-        // Done when every alive node serves it with every task this node knows of: a
-        // script may use any node next.
+        // Done when every alive node serves it: a script may use any node next.
         let served = format!("{}/{}", port.published, port.proto);
-        let tasks = {
-            let gossip = self.gossip();
-            let live = gossip.live_nodes();
-            gossip.store().tasks_of(service).filter(|t| live.contains(&t.node)).count() as u32
-        };
         let nodes = self
             .wait_for_nodes(
-                |state, _| state.serving.get(&served).is_some_and(|&n| n >= tasks.max(1)),
+                |state, _| state.serving.contains(&served),
                 |missing| {
                     format!(
                         "published {}:{}/{} for service {}, but after {CONFIRM_WAIT:?} it is not served on {missing}; see `meshctl status` there",
@@ -524,16 +518,17 @@ impl Agent {
     }
 
     /// Rewrites this node's confirmation when it changed: the ports it serves with
-    /// backends (and how many), the digest of the catalog it holds, and why it cannot take part in a
+    /// backends, the digest of the catalog it holds, and why it cannot take part in a
     /// network it needs.
     pub(super) fn confirm(&self, plane: &super::Plane) {
-        let serving = plane
+        let mut serving: Vec<String> = plane
             .applied
             .listeners
             .iter()
             .filter(|(_, backends)| !backends.is_empty())
-            .map(|((proto, port), backends)| (format!("{port}/{proto}"), backends.len() as u32))
+            .map(|((proto, port), _)| format!("{port}/{proto}"))
             .collect();
+        serving.sort();
         let problems: Vec<String> = self.alloc().errors.values().cloned().collect();
         let me = self.cfg.node_name.clone();
         self.write(|g, now| {

@@ -320,10 +320,20 @@ impl Agent {
     ) -> Result<Value> {
         let netns_path = Path::new(netns);
         let deadline = Instant::now() + ATTACH_WAIT;
-        let gateway = self.wait_for(deadline, || self.local_overlay_ip(network.vni), || {
-            format!("this node's overlay for network {} is not ready after {ATTACH_WAIT:?}; see `meshctl status`", network.name)
-        })
-        .await?;
+        let gateway = self
+            .wait_for(
+                deadline,
+                || self.local_overlay_ip(network.vni),
+                || match self.alloc().errors.get(&network.name) {
+                    // This node could not get its own address there: say why.
+                    Some(why) => why.clone(),
+                    None => format!(
+                        "this node's overlay for network {} is not ready after {ATTACH_WAIT:?}; see `meshctl status`",
+                        network.name
+                    ),
+                },
+            )
+            .await?;
         let ip = loop {
             let allocated = match requested {
                 Some(ip) => self.allocate_exact(network, ip),

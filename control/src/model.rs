@@ -145,6 +145,9 @@ pub struct NodeState {
     /// (Not their backends: a task starting anywhere would make every node rewrite
     /// its record.)
     pub serving: Vec<String>,
+    /// Published ports it listens on, with or without backends, sorted.
+    #[serde(default)]
+    pub listening: Vec<String>,
     /// Digest of the networks, services and published ports it holds (see
     /// [`crate::store::Store::catalog_digest`]).
     pub catalog: u64,

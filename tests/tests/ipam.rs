@@ -227,6 +227,14 @@ fn create_and_publish_return_once_every_node_knows_and_serves() -> Result<()> {
         (body == "web.1").then_some(()).ok_or_else(|| anyhow!("{body}"))
     })?;
 
+    // A service without tasks: every node listens, and the answer says so.
+    cluster.meshctl_ok(1, &["service", "create", "idle", "--network", "backend"])?;
+    let out = cluster.meshctl_ok(1, &["publish", "3002:80", "idle"])?;
+    assert_eq!(
+        out.trim(),
+        format!("published 3002:80/tcp for service idle: listening on all {n} nodes; idle has no running task yet")
+    );
+
     // --detach returns at once and says it did not wait.
     let out = cluster.meshctl_ok(2, &["publish", "3001:80", "web", "--detach"])?;
     assert!(out.contains("not waiting for the nodes to serve it (--detach)"), "{out}");

@@ -456,11 +456,24 @@ impl Agent {
         if detach {
             return Ok(json!({ "port": port, "detached": true }));
         }
-        // Done when every alive node serves it: a script may use any node next.
+        // Done when every alive node serves it (with a task, if any is running): a
+        // script may use any node next.
         let served = format!("{}/{}", port.published, port.proto);
+        let has_tasks = {
+            let gossip = self.gossip();
+            let live = gossip.live_nodes();
+            let any = gossip.store().tasks_of(service).any(|t| live.contains(&t.node));
+            any
+        };
         let nodes = self
             .wait_for_nodes(
-                |state, _| state.serving.contains(&served),
+                |state, _| {
+                    if has_tasks {
+                        state.serving.contains(&served)
+                    } else {
+                        state.listening.contains(&served)
+                    }
+                },
                 |missing| {
                     format!(
                         "published {}:{}/{} for service {}, but after {CONFIRM_WAIT:?} it is not served on {missing}; see `meshctl status` there",
@@ -469,7 +482,7 @@ impl Agent {
                 },
             )
             .await?;
-        Ok(json!({ "port": port, "detached": false, "served_on": nodes }))
+        Ok(json!({ "port": port, "detached": false, "served_on": nodes, "has_tasks": has_tasks }))
     }
 
     /// Waits until every alive node holds the networks, services and published ports
@@ -527,23 +540,26 @@ impl Agent {
         }
     }
 
-    /// Rewrites this node's confirmation when it changed: the ports it serves with
-    /// backends, the digest of the catalog it holds, and why it cannot take part in a
+    /// Rewrites this node's confirmation when it changed: the ports it listens on and
+    /// those it serves with backends, the digest of the catalog it holds, and why it cannot take part in a
     /// network it needs.
     pub(super) fn confirm(&self, plane: &super::Plane) {
-        let mut serving: Vec<String> = plane
-            .applied
-            .listeners
-            .iter()
-            .filter(|(_, backends)| !backends.is_empty())
-            .map(|((proto, port), _)| format!("{port}/{proto}"))
-            .collect();
-        serving.sort();
+        let ports = |with_backends: bool| -> Vec<String> {
+            // BTreeMap keys: already sorted.
+            plane
+                .applied
+                .listeners
+                .iter()
+                .filter(|(_, backends)| !with_backends || !backends.is_empty())
+                .map(|((proto, port), _)| format!("{port}/{proto}"))
+                .collect()
+        };
+        let (serving, listening) = (ports(true), ports(false));
         let problems: Vec<String> = self.alloc().errors.values().cloned().collect();
         let me = self.cfg.node_name.clone();
         self.write(|g, now| {
-            let state =
-                NodeState { node: me.clone(), serving, catalog: g.store().catalog_digest(), problems };
+            let catalog = g.store().catalog_digest();
+            let state = NodeState { node: me.clone(), serving, listening, catalog, problems };
             g.put(Object::NodeState(state), now)
         });
     }

@@ -242,6 +242,13 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
             "published {}:{}/{} for service {service}; not waiting for the nodes to serve it (--detach): `meshctl status` on a node lists the ports it serves",
             spec.published, spec.target, spec.proto
         ),
+        Request::Publish { spec, service, detach: false } if result["has_tasks"] == false => format!(
+            "published {}:{}/{} for service {service}: listening on {}; {service} has no running task yet",
+            spec.published,
+            spec.target,
+            spec.proto,
+            all_nodes(&result["served_on"])
+        ),
         Request::Publish { spec, service, detach: false } => format!(
             "published {}:{}/{} for service {service}: served on {}",
             spec.published,

@@ -555,7 +555,16 @@ impl Agent {
                 .collect()
         };
         let (serving, listening) = (ports(true), ports(false));
-        let problems: Vec<String> = self.alloc().errors.values().cloned().collect();
+        // Why a port may not be served here: no address on its network, or a failed
+        // listener (e.g. another process holds the port).
+        let mut problems: Vec<String> = self.alloc().errors.values().cloned().collect();
+        problems.extend(
+            plane
+                .errors
+                .iter()
+                .filter(|(op, _)| op.starts_with("published port"))
+                .map(|(op, e)| format!("{op}: {e}")),
+        );
         let me = self.cfg.node_name.clone();
         self.write(|g, now| {
             let catalog = g.store().catalog_digest();

@@ -119,10 +119,11 @@ pub fn shadowed(store: &Store) -> BTreeSet<&str> {
 }
 
 /// FDB and neighbour entries for the addresses other live nodes claim on `networks`
-/// (this node's overlays: network name → VNI) without using them yet — their spares.
-/// A node that joins a network takes its spare as its own address, so the nodes that
-/// host tasks can already answer it: its first connection to a task does not lose its
-/// SYN to a missing neighbour entry (a one-second retransmission).
+/// (this node's overlays: network name → VNI) without using them yet — their spares —
+/// where this node hosts a task. A node that joins a network takes its spare as its own
+/// address, so the nodes that host tasks can already answer it: its first connection
+/// to a task does not lose its SYN-ACK to a missing neighbour entry (a one-second
+/// retransmission). Nodes without tasks there need no such entries.
 pub fn spare_peers(
     store: &Store,
     live: &BTreeSet<String>,
@@ -131,8 +132,16 @@ pub fn spare_peers(
 ) -> Vec<PeerSpec> {
     let vteps: BTreeMap<&str, Ipv4Addr> = store.nodes().map(|n| (n.name.as_str(), n.addr)).collect();
     let used: BTreeSet<(&str, Ipv4Addr)> = store.endpoints().map(|e| (e.network.as_str(), e.ip)).collect();
+    let hosting: BTreeSet<&str> = store
+        .endpoints()
+        .filter(|e| e.node == node && e.service.is_some())
+        .map(|e| e.network.as_str())
+        .collect();
     let mut peers = Vec::new();
     for claim in store.claims().filter(|c| c.node != node && live.contains(&c.node)) {
+        if !hosting.contains(claim.network.as_str()) {
+            continue;
+        }
         let (Some(&vni), Some(net), Some(&vtep)) =
             (networks.get(&claim.network), store.network(&claim.network), vteps.get(claim.node.as_str()))
         else {
@@ -273,6 +282,23 @@ mod tests {
         );
         let live: BTreeSet<String> = ["n1", "n2"].into_iter().map(String::from).collect();
         let joined: BTreeMap<String, u32> = [("b".to_owned(), 4096)].into();
+        // n1 hosts no task on b yet: nothing to answer, no entries.
+        assert!(spare_peers(&store, &live, "n1", &joined).is_empty());
+        let ip = Ipv4Addr::new(10, 0, 0, 1);
+        store.put(
+            "n1",
+            Object::Endpoint(Endpoint {
+                id: "web.0".into(),
+                service: Some("web".into()),
+                network: "b".into(),
+                node: "n1".into(),
+                ip,
+                mac: mac_for_ip(ip),
+                vtep: Ipv4Addr::new(198, 18, 0, 11),
+                host_if: None,
+                netns: None,
+            }),
+        );
         let peers = spare_peers(&store, &live, "n1", &joined);
         // Only n2's spare .2: not n1's own, not the used .3, not dead n3's .4.
         assert_eq!(peers.len(), 1, "{peers:?}");

@@ -79,7 +79,7 @@ pub enum Request {
         /// Service name.
         name: String,
     },
-    /// `attach SERVICE --netns PATH [--name TASK]`.
+    /// `attach SERVICE --netns PATH [--name TASK] [--ip ADDR]`.
     Attach {
         /// Service the namespace becomes a task of.
         service: String,
@@ -87,18 +87,24 @@ pub enum Request {
         netns: String,
         /// Task name; generated when absent.
         name: Option<String>,
+        /// The address to give the task; one is picked when absent.
+        #[serde(default)]
+        ip: Option<std::net::Ipv4Addr>,
     },
     /// `detach TASK`.
     Detach {
         /// Task name.
         name: String,
     },
-    /// `publish PUBLISHED:TARGET[/proto] SERVICE`.
+    /// `publish PUBLISHED:TARGET[/proto] SERVICE [--detach]`.
     Publish {
         /// The port spec.
         spec: PortSpec,
         /// The service.
         service: String,
+        /// Return at once instead of waiting until every node serves the port.
+        #[serde(default)]
+        detach: bool,
     },
     /// `unpublish PUBLISHED[/proto] [SERVICE]`.
     Unpublish {
@@ -202,7 +208,8 @@ mod tests {
 
     #[test]
     fn requests_round_trip_as_tagged_json() {
-        let req = Request::Attach { service: "web".into(), netns: "/run/netns/c1".into(), name: None };
+        let req =
+            Request::Attach { service: "web".into(), netns: "/run/netns/c1".into(), name: None, ip: None };
         let text = serde_json::to_string(&req).unwrap();
         assert!(text.contains(r#""cmd":"attach""#), "{text}");
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), req);

@@ -1,5 +1,5 @@
 //! The cluster model: plain data for networks, services, published ports, endpoints,
-//! nodes and address-block claims. No I/O here; the store replicates these values and
+//! nodes, address claims and nodes' confirmations. No I/O here; the store replicates these values and
 //! the reconciler turns them into dataplane operations.
 
 use std::{fmt, net::Ipv4Addr, str::FromStr};
@@ -123,15 +123,37 @@ pub struct Node {
     pub addr: Ipv4Addr,
 }
 
-/// A node's claim on a block of a network's addresses (see [`crate::ipam`]).
+/// A node's claim on one address of a network (see [`crate::ipam`]): a block of one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockClaim {
     /// The network.
     pub network: String,
-    /// Index of the block inside the subnet.
+    /// Index of the address inside the subnet (0 is the network address).
     pub index: u32,
     /// The owner.
     pub node: String,
+}
+
+/// What a node confirms to the cluster, rewritten whenever it changes: commands wait
+/// for every alive node's confirmation before they report something as done. Small
+/// (a digest, not a list of objects) so that a thousand of them cost little.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    /// The node.
+    pub node: String,
+    /// Published ports it serves with at least one backend, as `PORT/PROTO`, sorted.
+    /// (Not their backends: a task starting anywhere would make every node rewrite
+    /// its record.)
+    pub serving: Vec<String>,
+    /// Published ports it listens on, with or without backends, sorted.
+    #[serde(default)]
+    pub listening: Vec<String>,
+    /// Digest of the networks, services and published ports it holds (see
+    /// [`crate::store::Store::catalog_digest`]).
+    pub catalog: u64,
+    /// Why it cannot take part in a network it needs (e.g. the subnet is full).
+    #[serde(default)]
+    pub problems: Vec<String>,
 }
 
 /// The cluster keyring as a rotation distributes it (see `meshctl key rotate`).
@@ -174,6 +196,8 @@ pub enum Object {
     Keyring(KeyringRecord),
     /// See [`KeyAck`].
     KeyAck(KeyAck),
+    /// See [`NodeState`].
+    NodeState(NodeState),
 }
 
 impl Object {
@@ -188,6 +212,7 @@ impl Object {
             Object::Block(b) => Key::block(&b.network, b.index),
             Object::Keyring(_) => Key::KEYRING.to_owned(),
             Object::KeyAck(a) => Key::key_ack(&a.node),
+            Object::NodeState(n) => Key::node_state(&n.node),
         }
     }
 }
@@ -223,6 +248,10 @@ impl Key {
     /// Key of a node.
     pub fn node(name: &str) -> String {
         format!("node/{name}")
+    }
+    /// Key of a node's confirmation record.
+    pub fn node_state(node: &str) -> String {
+        format!("nodestate/{node}")
     }
     /// Key of a block claim.
     pub fn block(network: &str, index: u32) -> String {

@@ -93,6 +93,7 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: 
             },
         );
     }
+    let shadowed = crate::ipam::shadowed(store);
     for ep in store.endpoints().filter(|e| live.contains(&e.node)) {
         let Some(net) = store.network(&ep.network) else { continue };
         if ep.node == node {
@@ -112,10 +113,16 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: 
                 mtu: overlay.mtu,
             };
             out.local_tasks.insert(host_if.clone(), link);
-        } else if out.overlays.contains_key(&net.vni) {
+        } else if out.overlays.contains_key(&net.vni) && !shadowed.contains(ep.id.as_str()) {
             out.peers.insert(PeerSpec { vni: net.vni, ip: ep.ip, mac: ep.mac, vtep: ep.vtep });
         }
     }
+    let joined: BTreeMap<String, Vni> = store
+        .networks()
+        .filter(|n| out.overlays.contains_key(&n.vni))
+        .map(|n| (n.name.clone(), n.vni))
+        .collect();
+    out.peers.extend(crate::ipam::spare_peers(store, live, node, &joined));
     let subnets: Vec<Ipv4Net> =
         store.networks().filter(|n| out.overlays.contains_key(&n.vni)).map(|n| n.subnet).collect();
     for a in &subnets {

@@ -46,12 +46,19 @@ impl Store {
         true
     }
 
-    /// Writes a block claim. Claims all carry counter 0, so when two nodes claim the
-    /// same block concurrently, the merge keeps the claim of the greater node name on
-    /// every node: a deterministic winner without coordination.
+    /// Writes a claim on a free address. Claims carry the counter of what they
+    /// replace: 0 for a never-claimed address, one more than the tombstone's for a
+    /// released one. So when two nodes claim the same address concurrently (both saw
+    /// it free), the merge keeps the claim of the greater node name on every node: a
+    /// deterministic winner without coordination; and a claim beats the release it
+    /// follows.
     pub fn put_claim(&mut self, claim: BlockClaim) {
         let key = Object::Block(claim.clone()).key();
-        let version = Version { counter: 0, node: claim.node.clone() };
+        let counter = match self.entries.get(&key) {
+            Some(Entry { value: None, version }) => version.counter + 1,
+            _ => 0,
+        };
+        let version = Version { counter, node: claim.node.clone() };
         self.merge_entry(key, Entry { version, value: Some(Object::Block(claim)) });
     }
 
@@ -184,6 +191,30 @@ impl Store {
         })
     }
 
+    /// What `node` last confirmed (see [`crate::model::NodeState`]).
+    pub fn node_state(&self, node: &str) -> Option<&crate::model::NodeState> {
+        match self.get(&crate::model::Key::node_state(node)) {
+            Some(Object::NodeState(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// A digest of the live networks, services and published ports (keys and
+    /// versions): two nodes with the same digest hold the same catalog.
+    pub fn catalog_digest(&self) -> u64 {
+        let mut text = Vec::new();
+        for (key, entry) in &self.entries {
+            let catalog = ["network/", "service/", "published/"].iter().any(|p| key.starts_with(p));
+            if catalog && entry.value.is_some() {
+                text.extend_from_slice(key.as_bytes());
+                text.extend_from_slice(
+                    format!("@{}:{};", entry.version.counter, entry.version.node).as_bytes(),
+                );
+            }
+        }
+        crate::hash::fnv1a_64(&text)
+    }
+
     /// The distributed keyring, if a rotation ever ran.
     pub fn keyring(&self) -> Option<&crate::model::KeyringRecord> {
         match self.get(crate::model::Key::KEYRING) {
@@ -288,5 +319,36 @@ mod tests {
         let owner = |s: &Store| s.claims().next().map(|c| c.node.clone());
         assert_eq!(owner(&a), Some("node-b".into()));
         assert_eq!(owner(&b), Some("node-b".into()));
+    }
+
+    #[test]
+    fn a_claim_on_a_released_address_beats_the_release_and_races_resolve_alike() {
+        let claim = |node: &str| BlockClaim { network: "n".into(), index: 3, node: node.into() };
+        let mut a = Store::default();
+        a.put_claim(claim("node-b"));
+        assert!(a.delete("node-b", &Key::block("n", 3)));
+        let mut b = a.clone();
+        a.put_claim(claim("node-a"));
+        b.put_claim(claim("node-c"));
+        let a_before = a.clone();
+        a.merge(&b);
+        b.merge(&a_before);
+        let owner = |s: &Store| s.claims().next().map(|c| c.node.clone());
+        assert_eq!(owner(&a), Some("node-c".into()));
+        assert_eq!(owner(&b), Some("node-c".into()));
+    }
+
+    #[test]
+    fn the_catalog_digest_follows_networks_services_and_ports_only() {
+        let mut a = Store::default();
+        let empty = a.catalog_digest();
+        a.put("a", service("web", "front"));
+        let with_web = a.catalog_digest();
+        assert_ne!(empty, with_web);
+        a.put_claim(BlockClaim { network: "n".into(), index: 3, node: "a".into() });
+        assert_eq!(a.catalog_digest(), with_web);
+        let mut b = Store::default();
+        b.merge(&a);
+        assert_eq!(b.catalog_digest(), with_web);
     }
 }

@@ -389,6 +389,16 @@ impl Cluster {
         self.wait_until_answers(i)
     }
 
+    /// Waits until node `observer` sees every other node alive (a command's "every
+    /// node" is every node it knows).
+    pub fn wait_all_alive(&self, observer: usize) -> Result<()> {
+        poll(&format!("n{observer} sees every node alive"), Duration::from_secs(20), || {
+            let rows = self.meshctl_json(observer, &["node", "ls"])?;
+            let alive = rows.as_array().into_iter().flatten().filter(|r| r["state"] == "alive").count();
+            (alive + 1 == self.nodes.len()).then_some(()).ok_or_else(|| anyhow!("{rows}"))
+        })
+    }
+
     /// What node `observer` thinks of node `node`: "self", "alive", "suspect", "dead",
     /// "left", or "unknown".
     pub fn member_state(&self, observer: usize, node: usize) -> Result<String> {
@@ -540,14 +550,29 @@ impl Cluster {
 
     /// Like [`Cluster::add_container`], with the test server on `port`.
     pub fn add_task(&mut self, node: usize, service: &str, task: &str, port: u16) -> Result<&Container> {
+        self.add_task_with(node, service, task, port, &[])
+    }
+
+    /// Like [`Cluster::add_task`], passing `extra` arguments to `meshctl attach`
+    /// (e.g. `--ip ADDR`).
+    pub fn add_task_with(
+        &mut self,
+        node: usize,
+        service: &str,
+        task: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> Result<&Container> {
         self.wait_for_service(node, service)?;
         let ns = format!("{}-c{}", self.prefix, self.containers.len() + 1);
         sh("ip", &["netns", "add", &ns])?;
         let path = netns_path(&ns);
         let mut container =
             Container { task: task.into(), ns, node, ip: Ipv4Addr::UNSPECIFIED, server: None };
-        let attached = self
-            .meshctl_json(node, &["attach", service, "--netns", &path.to_string_lossy(), "--name", task])?;
+        let path_arg = path.to_string_lossy().into_owned();
+        let mut args = vec!["attach", service, "--netns", &path_arg, "--name", task];
+        args.extend_from_slice(extra);
+        let attached = self.meshctl_json(node, &args)?;
         container.ip =
             attached["ip"].as_str().ok_or_else(|| anyhow!("attach returned no ip: {attached}"))?.parse()?;
         let server = Command::new("nsenter")

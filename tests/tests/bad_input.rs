@@ -41,6 +41,8 @@ fn bad_input_is_refused_clearly_and_changes_nothing() -> Result<()> {
     let before = snapshot(&cluster)?;
 
     let task_ns = cluster.containers[0].netns().to_string_lossy().into_owned();
+    let task_ip = cluster.containers[0].ip.to_string();
+    let free_ns = cluster.add_netns("free")?.to_string_lossy().into_owned();
     let cases: &[(&[&str], &str)] = &[
         (&["publish", "3000", "web"], "invalid port spec \"3000\": expected PUBLISHED:TARGET"),
         (&["publish", "abc:80", "web"], "published port \"abc\" is not a number"),
@@ -76,6 +78,18 @@ fn bad_input_is_refused_clearly_and_changes_nothing() -> Result<()> {
         (&["attach", "nosuch", "--netns", "/run/netns/does-not-exist"], "service nosuch does not exist"),
         (&["attach", "web", "--netns", &task_ns, "--name", "web.2"], "is already a task"),
         (&["detach", "nosuch"], "task nosuch does not exist"),
+        (
+            &["attach", "web", "--netns", &free_ns, "--ip", "10.9.9.9"],
+            "address 10.9.9.9 is not a usable address of network backend (10.0.0.0/24)",
+        ),
+        (
+            &["attach", "web", "--netns", &free_ns, "--ip", "10.0.0.255"],
+            "not its network or broadcast address",
+        ),
+        (
+            &["attach", "web", "--netns", &free_ns, "--ip", &task_ip],
+            "is used by web.1 on node n1; pick another address or omit --ip",
+        ),
     ];
     for (args, expected) in cases {
         let stderr = fails(&cluster, args);

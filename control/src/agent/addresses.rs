@@ -1,9 +1,10 @@
 //! This node's addresses on the overlay networks: which networks it takes part in, the
-//! address blocks it claims, and the addresses it hands to tasks. Policy lives in
-//! [`crate::ipam`]; this is the bookkeeping around the store.
+//! addresses it claims (for itself, its tasks and one spare per network), and the
+//! re-addressing of its endpoints that lost a duplicate address after a partition.
+//! Policy lives in [`crate::ipam`]; this is the bookkeeping around the store.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
@@ -12,26 +13,56 @@ use super::Agent;
 use crate::{
     ipam,
     model::{BlockClaim, Endpoint, Key, Network, Object},
+    store::Store,
     Error, Result,
 };
 
-/// A block claim is used only after this long without a conflicting claim arriving:
+/// A claim is used only after this long without a conflicting claim arriving:
 /// gossip reaches every node of a thousand well within it.
 pub const CLAIM_SETTLE: Duration = Duration::from_millis(1500);
+
+/// How many re-addressing reports `meshctl status` keeps.
+const RECENT_READDRESSES: usize = 8;
 
 /// This node's address bookkeeping (held briefly, never across an await).
 #[derive(Default)]
 pub(super) struct Alloc {
-    /// When this node made each of its block claims, by store key.
+    /// When this node made each of its claims, by store key.
     pub(super) claimed_at: HashMap<String, Instant>,
     /// Addresses handed out by an attach in progress, not yet in the store.
     pub(super) reserved: HashSet<Ipv4Addr>,
     /// Networks an attach in progress needs this node to take part in.
     pub(super) wanted: HashSet<String>,
+    /// Why this node has no address on a network it needs, by network.
+    pub(super) errors: BTreeMap<String, String>,
+    /// Endpoints of this node moved to a new address because another held it first.
+    pub(super) readdressed: u64,
+    /// The latest of those moves, newest last.
+    pub(super) recent: VecDeque<String>,
+}
+
+/// The host-side interface name of a task at `ip`. The address is part of the name so
+/// that a re-addressed task gets a fresh link, which the reconciler creates in place of
+/// the old one.
+pub(super) fn task_host_if(task: &str, ip: Ipv4Addr) -> String {
+    format!("mv{:08x}", crate::hash::fnv1a_32(format!("{task}@{ip}").as_bytes()))
+}
+
+/// Indexes (inside `net`'s subnet) that anyone claims or uses, as this node sees them.
+fn taken(store: &Store, net: &Network, reserved: &HashSet<Ipv4Addr>) -> HashSet<u32> {
+    let claimed = store.claims().filter(|c| c.network == net.name).map(|c| c.index);
+    let used = store
+        .endpoints()
+        .filter(|e| e.network == net.name)
+        .map(|e| e.ip)
+        .chain(reserved.iter().copied())
+        .filter_map(|ip| ipam::index_of(net.subnet, ip));
+    claimed.chain(used).collect()
 }
 
 impl Agent {
-    /// Gives this node an address on every network it does not have one on yet.
+    /// Gives this node an address on every network it needs and does not have one on
+    /// yet, keeps its spares, and re-addresses its endpoints that lost a duplicate.
     ///
     /// A node takes part in a network — holds an address and an overlay on it, and
     /// receives its task table — while it has a local task there (or an attach is on
@@ -39,21 +70,31 @@ impl Agent {
     /// every node). Otherwise it leaves the network.
     pub(super) fn ensure_node_addresses(&self) {
         let me = self.cfg.node_name.clone();
-        let wanted = self.alloc().wanted.clone();
-        let (join, leave): (Vec<Network>, Vec<String>) = {
+        let wanted = {
+            let mut alloc = self.alloc();
+            // A claim without a time is settled: forget the times once they are.
+            alloc.claimed_at.retain(|_, at| at.elapsed() < CLAIM_SETTLE);
+            alloc.wanted.clone()
+        };
+        let (join, leave, ports): (Vec<Network>, Vec<String>, HashMap<String, Vec<String>>) = {
             let gossip = self.gossip();
             let store = gossip.store();
+            let mut ports: HashMap<String, Vec<String>> = HashMap::new();
+            for p in store.published() {
+                if let Some(s) = store.service(&p.service) {
+                    ports.entry(s.network.clone()).or_default().push(format!("{}/{}", p.published, p.proto));
+                }
+            }
             let needed = |net: &Network| {
                 wanted.contains(&net.name)
                     || store.endpoints().any(|e| e.node == me && e.network == net.name && e.service.is_some())
-                    || store
-                        .published()
-                        .any(|p| store.service(&p.service).is_some_and(|s| s.network == net.name))
+                    || ports.contains_key(&net.name)
             };
             let has = |net: &Network| store.get(&Key::endpoint(&Endpoint::node_id(&me, &net.name))).is_some();
             (
                 store.networks().filter(|n| needed(n) && !has(n)).cloned().collect(),
                 store.networks().filter(|n| !needed(n) && has(n)).map(|n| n.name.clone()).collect(),
+                ports,
             )
         };
         for network in leave {
@@ -73,71 +114,331 @@ impl Agent {
         for key in orphans {
             self.write(|g, now| g.delete(&key, now));
         }
+        self.resolve_duplicates();
+        let joining: HashSet<String> = join.iter().map(|n| n.name.clone()).collect();
         for net in join {
             let id = Endpoint::node_id(&me, &net.name);
-            if let Ok(Some(ip)) = self.allocate(&net) {
-                let endpoint = Endpoint {
-                    id,
-                    service: None,
-                    network: net.name.clone(),
-                    node: me.clone(),
-                    ip,
-                    mac: ipam::mac_for_ip(ip),
-                    vtep: self.cfg.advertise_addr,
-                    host_if: None,
-                    netns: None,
-                };
-                self.write(|g, now| g.put(Object::Endpoint(endpoint), now));
-                self.alloc().reserved.remove(&ip);
+            match self.allocate(&net) {
+                Ok(Some(ip)) => {
+                    let endpoint = Endpoint {
+                        id,
+                        service: None,
+                        network: net.name.clone(),
+                        node: me.clone(),
+                        ip,
+                        mac: ipam::mac_for_ip(ip),
+                        vtep: self.cfg.advertise_addr,
+                        host_if: None,
+                        netns: None,
+                    };
+                    self.write(|g, now| g.put(Object::Endpoint(endpoint), now));
+                    let mut alloc = self.alloc();
+                    alloc.reserved.remove(&ip);
+                    alloc.errors.remove(&net.name);
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    let why = match ports.get(&net.name) {
+                        Some(p) => format!("published port {}", p.join(", ")),
+                        None => "a local task".to_owned(),
+                    };
+                    let message =
+                        format!("this node cannot take part in network {} for {why}: {error}", net.name);
+                    let mut alloc = self.alloc();
+                    if alloc.errors.get(&net.name) != Some(&message) {
+                        tracing::warn!(network = %net.name, %message, "no address");
+                        alloc.errors.insert(net.name.clone(), message);
+                    }
+                }
             }
         }
+        let known: HashSet<String> = self.gossip().store().networks().map(|n| n.name.clone()).collect();
+        let mut alloc = self.alloc();
+        // Join failures are keyed by network, duplicate failures by `network/endpoint`.
+        alloc.errors.retain(|key, _| key.contains('/') || (joining.contains(key) && known.contains(key)));
+        drop(alloc);
+        self.keep_spares(&joining);
+        self.own_claims();
     }
 
-    /// Reserves a free address on `net` from a confirmed block of this node's, claiming
-    /// a new block when needed. `Ok(None)`: a claim is waiting for confirmation.
+    /// Reserves a free address on `net` from a settled claim of this node's, claiming
+    /// a new address when it has none. `Ok(None)`: a claim is settling (or other nodes
+    /// are giving spares back); try again soon. An error: the subnet is full.
     pub(super) fn allocate(&self, net: &Network) -> Result<Option<Ipv4Addr>> {
         let me = &self.cfg.node_name;
         let mut gossip = self.gossip();
         let mut alloc = self.alloc();
         let now = Instant::now();
-        let settled = |key: &str, alloc: &Alloc| {
-            alloc.claimed_at.get(key).is_none_or(|at| now.duration_since(*at) >= CLAIM_SETTLE)
-        };
         let store = gossip.store();
-        let mine: Vec<&BlockClaim> =
-            store.claims().filter(|c| c.network == net.name && &c.node == me).collect();
-        let owned: Vec<u32> = mine
-            .iter()
-            .filter(|c| settled(&Key::block(&c.network, c.index), &alloc))
-            .map(|c| c.index)
-            .collect();
-        let pending = owned.len() < mine.len();
-        let used: HashSet<Ipv4Addr> = store
+        let in_use: HashSet<Ipv4Addr> = store
             .endpoints()
             .filter(|e| e.network == net.name)
             .map(|e| e.ip)
             .chain(alloc.reserved.iter().copied())
             .collect();
-        if let Some(ip) = ipam::allocate(net.subnet, &owned, &used) {
+        let unused: Vec<&BlockClaim> = store
+            .claims()
+            .filter(|c| c.network == net.name && &c.node == me)
+            .filter(|c| !in_use.contains(&ipam::address_at(net.subnet, c.index)))
+            .collect();
+        let settled = |c: &&&BlockClaim| {
+            alloc
+                .claimed_at
+                .get(&Key::block(&c.network, c.index))
+                .is_none_or(|at| now.duration_since(*at) >= CLAIM_SETTLE)
+        };
+        if let Some(claim) = unused.iter().find(settled) {
+            let ip = ipam::address_at(net.subnet, claim.index);
             alloc.reserved.insert(ip);
             return Ok(Some(ip));
         }
-        if pending {
+        if !unused.is_empty() {
             return Ok(None);
         }
-        let claimed: HashSet<u32> =
-            store.claims().filter(|c| c.network == net.name).map(|c| c.index).collect();
-        let Some(index) = ipam::next_free_block(me, ipam::block_count(net.subnet), &claimed) else {
+        let taken = taken(store, net, &alloc.reserved);
+        let Some(index) = ipam::pick(me, net.subnet, &taken) else {
+            // Others' spares are given back once the subnet runs short; this node can
+            // count them only if it sees the network's tasks (it takes part).
+            let participant = store.get(&Key::endpoint(&Endpoint::node_id(me, &net.name))).is_some();
+            let spares = store
+                .claims()
+                .filter(|c| c.network == net.name && !in_use.contains(&ipam::address_at(net.subnet, c.index)))
+                .count();
+            if participant && spares > 0 {
+                return Ok(None);
+            }
+            let tasks = store.endpoints().filter(|e| e.network == net.name && e.service.is_some()).count();
             return Err(Error::invalid(format!(
-                "network {} ({}) has no free addresses left; detach tasks or create a network with a larger subnet",
+                "network {} ({}) is full: all {} addresses are taken ({tasks} tasks, the rest node addresses and spares); detach tasks or create a network with a larger subnet",
+                net.name,
+                net.subnet,
+                ipam::usable(net.subnet)
+            )));
+        };
+        self.claim(&mut gossip, &mut alloc, net, index);
+        Ok(None)
+    }
+
+    fn claim(&self, gossip: &mut crate::gossip::Gossip, alloc: &mut Alloc, net: &Network, index: u32) {
+        let claim = BlockClaim { network: net.name.clone(), index, node: self.cfg.node_name.clone() };
+        alloc.claimed_at.insert(Key::block(&net.name, index), Instant::now());
+        gossip.put_claim(claim, self.shared.now());
+        self.changed();
+        // Look again once the claim has settled, whatever else happens meanwhile.
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(CLAIM_SETTLE + Duration::from_millis(10)).await;
+            shared.changes.send_modify(|g| *g += 1);
+        });
+    }
+
+    /// Keeps one spare address on every network while there is room, so that joining
+    /// a network (a published port, an attach) needs no settle wait, and gives spares
+    /// back when the subnet runs short. Networks this node is joining keep theirs.
+    fn keep_spares(&self, joining: &HashSet<String>) {
+        let me = &self.cfg.node_name;
+        let mut gossip = self.gossip();
+        let mut alloc = self.alloc();
+        let now = self.shared.now();
+        let store = gossip.store();
+        let nodes = store.nodes().count() as u32;
+        let mut claims = Vec::new();
+        let mut releases = Vec::new();
+        for net in store.networks() {
+            let in_use: HashSet<Ipv4Addr> = store
+                .endpoints()
+                .filter(|e| e.network == net.name)
+                .map(|e| e.ip)
+                .chain(alloc.reserved.iter().copied())
+                .collect();
+            let claimed = store
+                .claims()
+                .filter(|c| c.network == net.name && ipam::is_usable(net.subnet, c.index))
+                .count() as u32;
+            let spares: Vec<u32> = store
+                .claims()
+                .filter(|c| c.network == net.name && &c.node == me)
+                .filter(|c| !in_use.contains(&ipam::address_at(net.subnet, c.index)))
+                .map(|c| c.index)
+                .collect();
+            let unclaimed = ipam::usable(net.subnet).saturating_sub(claimed);
+            let change = ipam::spare_change(ipam::usable(net.subnet), unclaimed, nodes, spares.len() as u32);
+            if change > 0 {
+                if let Some(index) = ipam::pick(me, net.subnet, &taken(store, net, &alloc.reserved)) {
+                    claims.push((net.clone(), index));
+                }
+            } else if change < 0 && !joining.contains(&net.name) && !alloc.wanted.contains(&net.name) {
+                let settled = |i: &&u32| {
+                    alloc
+                        .claimed_at
+                        .get(&Key::block(&net.name, **i))
+                        .is_none_or(|at| at.elapsed() >= CLAIM_SETTLE)
+                };
+                let give_back = spares.iter().filter(settled).take(change.unsigned_abs() as usize);
+                releases.extend(give_back.map(|i| Key::block(&net.name, *i)));
+            }
+        }
+        for (net, index) in claims {
+            self.claim(&mut gossip, &mut alloc, &net, index);
+        }
+        for key in releases {
+            alloc.claimed_at.remove(&key);
+            if gossip.delete(&key, now) {
+                self.changed();
+            }
+        }
+    }
+
+    /// Every address this node's endpoints use is claimed by this node: a claim lost
+    /// to a concurrent one (or missing) is written again, as a newer version.
+    fn own_claims(&self) {
+        let me = &self.cfg.node_name;
+        let mut gossip = self.gossip();
+        let store = gossip.store();
+        let mut rewrite = Vec::new();
+        for e in store.endpoints().filter(|e| &e.node == me) {
+            let Some(net) = store.network(&e.network) else { continue };
+            let Some(index) = ipam::index_of(net.subnet, e.ip) else { continue };
+            let key = Key::block(&net.name, index);
+            let owner = match store.get(&key) {
+                Some(Object::Block(c)) => Some(c.node.as_str()),
+                _ => None,
+            };
+            if owner != Some(me.as_str()) && !Self::has_older_duplicate(store, e) {
+                rewrite.push(BlockClaim { network: net.name.clone(), index, node: me.clone() });
+            }
+        }
+        let now = self.shared.now();
+        for claim in rewrite {
+            if gossip.put(Object::Block(claim), now) {
+                self.changed();
+            }
+        }
+    }
+
+    /// Whether another endpoint of `e`'s network holds `e`'s address and was written
+    /// first (see [`ipam::older`]).
+    fn has_older_duplicate(store: &Store, e: &Endpoint) -> bool {
+        Self::older_duplicate(store, e).is_some()
+    }
+
+    fn older_duplicate<'a>(store: &'a Store, e: &Endpoint) -> Option<&'a Endpoint> {
+        let version = |id: &str| store.entry(&Key::endpoint(id)).map(|en| en.version.clone());
+        let mine = version(&e.id)?;
+        store
+            .endpoints()
+            .filter(|o| o.network == e.network && o.ip == e.ip && o.id != e.id)
+            .find(|o| version(&o.id).is_some_and(|v| ipam::older(&v, &mine)))
+    }
+
+    /// Moves this node's endpoints that share an address with an older endpoint (both
+    /// sides of a partition handed it out) to a new address: the endpoint is rewritten,
+    /// and the reconciler replaces the task's link. Reported in the log and in
+    /// `meshctl status`.
+    fn resolve_duplicates(&self) {
+        let me = &self.cfg.node_name;
+        self.alloc().errors.retain(|key, _| !key.contains('/'));
+        let losers: Vec<(Endpoint, Endpoint, Network)> = {
+            let gossip = self.gossip();
+            let store = gossip.store();
+            let shadowed = ipam::shadowed(store);
+            store
+                .endpoints()
+                .filter(|e| &e.node == me && shadowed.contains(e.id.as_str()))
+                .filter_map(|e| {
+                    let older = Self::older_duplicate(store, e)?;
+                    let net = store.network(&e.network)?;
+                    Some((e.clone(), older.clone(), net.clone()))
+                })
+                .collect()
+        };
+        for (endpoint, older, net) in losers {
+            let ip = match self.allocate(&net) {
+                Ok(Some(ip)) => ip,
+                Ok(None) => continue,
+                Err(error) => {
+                    let message = format!(
+                        "endpoint {} shares {} with {} on node {} and cannot move: {error}",
+                        endpoint.id, endpoint.ip, older.id, older.node
+                    );
+                    tracing::warn!(network = %net.name, %message, "duplicate address");
+                    self.alloc().errors.insert(format!("{}/{}", net.name, endpoint.id), message);
+                    continue;
+                }
+            };
+            let mut moved = endpoint.clone();
+            moved.ip = ip;
+            moved.mac = ipam::mac_for_ip(ip);
+            if moved.host_if.is_some() {
+                moved.host_if = Some(task_host_if(&moved.id, ip));
+            }
+            let report = format!(
+                "{} on network {} moved from {} to {}: {} on node {} held {} first",
+                endpoint.id, net.name, endpoint.ip, ip, older.id, older.node, endpoint.ip
+            );
+            tracing::warn!(network = %net.name, endpoint = %endpoint.id, old = %endpoint.ip, new = %ip, %report, "duplicate address resolved");
+            self.write(|g, now| g.put(Object::Endpoint(moved), now));
+            let mut alloc = self.alloc();
+            alloc.reserved.remove(&ip);
+            alloc.readdressed += 1;
+            alloc.recent.push_back(report);
+            while alloc.recent.len() > RECENT_READDRESSES {
+                alloc.recent.pop_front();
+            }
+        }
+    }
+}
+
+impl Agent {
+    /// Checks that `ip` may be asked for on `net` (inside the subnet, not the network
+    /// or broadcast address, not held by another endpoint or node).
+    pub(super) fn check_requested_ip(&self, net: &Network, ip: Ipv4Addr) -> Result<()> {
+        let index = ipam::index_of(net.subnet, ip).filter(|&i| ipam::is_usable(net.subnet, i));
+        let Some(index) = index else {
+            return Err(Error::invalid(format!(
+                "address {ip} is not a usable address of network {} ({}); pick one inside the subnet, not its network or broadcast address",
                 net.name, net.subnet
             )));
         };
-        let claim = BlockClaim { network: net.name.clone(), index, node: me.clone() };
-        alloc.claimed_at.insert(Key::block(&net.name, index), now);
-        gossip.put_claim(claim, self.shared.now());
-        drop((gossip, alloc));
-        self.changed();
-        Ok(None)
+        let gossip = self.gossip();
+        let store = gossip.store();
+        if let Some(e) = store.endpoints().find(|e| e.network == net.name && e.ip == ip) {
+            return Err(Error::invalid(format!(
+                "address {ip} on network {} is used by {} on node {}; pick another address or omit --ip",
+                net.name, e.id, e.node
+            )));
+        }
+        match store.get(&Key::block(&net.name, index)) {
+            Some(Object::Block(c)) if c.node != self.cfg.node_name => Err(Error::invalid(format!(
+                "address {ip} on network {} is claimed by node {}; pick another address or omit --ip",
+                net.name, c.node
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Like [`Agent::allocate`] for one requested address: claims it if nobody does,
+    /// and reserves it once the claim has settled. An error: another node won it.
+    pub(super) fn allocate_exact(&self, net: &Network, ip: Ipv4Addr) -> Result<Option<Ipv4Addr>> {
+        self.check_requested_ip(net, ip)?;
+        let index = ipam::index_of(net.subnet, ip).expect("checked above");
+        let key = Key::block(&net.name, index);
+        let mut gossip = self.gossip();
+        let mut alloc = self.alloc();
+        if alloc.reserved.contains(&ip) {
+            return Err(Error::invalid(format!(
+                "address {ip} on network {} is being given to another task; pick another address or omit --ip",
+                net.name
+            )));
+        }
+        if gossip.store().get(&key).is_none() {
+            self.claim(&mut gossip, &mut alloc, net, index);
+            return Ok(None);
+        }
+        if alloc.claimed_at.get(&key).is_some_and(|at| at.elapsed() < CLAIM_SETTLE) {
+            return Ok(None);
+        }
+        alloc.reserved.insert(ip);
+        Ok(Some(ip))
     }
 }

@@ -15,10 +15,13 @@ use meshd_dataplane::{overlay::TaskLink, proxy::Proto};
 use serde_json::{json, Value};
 
 use super::{Agent, ATTACH_WAIT};
+
+/// How long a command waits for every alive node to confirm what it reports.
+pub const CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::{
     api::Request,
     ipam,
-    model::{Endpoint, EndpointMode, Key, Network, Object, PublishedPort, Service, FIRST_VNI},
+    model::{Endpoint, EndpointMode, Key, Network, NodeState, Object, PublishedPort, Service, FIRST_VNI},
     reconcile::Op,
     spec::PortSpec,
     Error, Result,
@@ -42,18 +45,18 @@ pub(super) fn check_name(kind: &str, name: &str) -> Result<()> {
 impl Agent {
     pub(super) async fn handle(&self, request: Request) -> Result<Value> {
         match request {
-            Request::NetworkCreate { name, subnet, mtu } => self.network_create(name, &subnet, mtu),
+            Request::NetworkCreate { name, subnet, mtu } => self.network_create(name, &subnet, mtu).await,
             Request::NetworkLs => Ok(self.network_ls()),
             Request::ServiceCreate { name, network, endpoint_mode } => {
-                self.service_create(name, network, endpoint_mode)
+                self.service_create(name, network, endpoint_mode).await
             }
             Request::ServiceLs => Ok(self.service_ls()),
             Request::ServicePs { name } => self.service_ps(&name),
             Request::ServiceInspect { name } => self.service_inspect(&name),
             Request::ServiceRm { name } => self.service_rm(&name).await,
-            Request::Attach { service, netns, name } => self.attach(&service, &netns, name).await,
+            Request::Attach { service, netns, name, ip } => self.attach(&service, &netns, name, ip).await,
             Request::Detach { name } => self.detach(&name).await,
-            Request::Publish { spec, service } => self.publish(spec, &service).await,
+            Request::Publish { spec, service, detach } => self.publish(spec, &service, detach).await,
             Request::Unpublish { published, proto, service } => {
                 self.unpublish(published, proto, service).await
             }
@@ -64,7 +67,7 @@ impl Agent {
         }
     }
 
-    fn network_create(&self, name: String, subnet: &str, mtu: Option<u32>) -> Result<Value> {
+    async fn network_create(&self, name: String, subnet: &str, mtu: Option<u32>) -> Result<Value> {
         check_name("network", &name)?;
         if let Some(mtu) = mtu.filter(|m| !(576..=self.mtu).contains(m)) {
             return Err(Error::invalid(format!(
@@ -83,6 +86,23 @@ impl Agent {
             )));
         }
         let subnet = subnet.trunc();
+        let network = self.put_network(name, subnet, mtu)?;
+        self.changed();
+        let nodes = self
+            .wait_for_catalog(|missing| {
+                format!(
+                    "network {} was created, but after {CONFIRM_WAIT:?} {missing} do not know it yet; check `meshctl node ls`",
+                    network.name
+                )
+            })
+            .await?;
+        let mut out = json!(network);
+        out["known_to"] = json!(nodes);
+        Ok(out)
+    }
+
+    /// Writes a new network after checking its name and subnet against the others.
+    fn put_network(&self, name: String, subnet: Ipv4Net, mtu: Option<u32>) -> Result<Network> {
         let mut gossip = self.gossip();
         let store = gossip.store();
         if store.network(&name).is_some() {
@@ -100,9 +120,7 @@ impl Agent {
         let vni = (FIRST_VNI..).find(|v| !used.contains(v)).expect("VNIs are plentiful");
         let network = Network { name, subnet, vni, mtu };
         gossip.put(Object::Network(network.clone()), self.shared.now());
-        drop(gossip);
-        self.changed();
-        Ok(json!(network))
+        Ok(network)
     }
 
     fn network_ls(&self) -> Value {
@@ -112,14 +130,42 @@ impl Agent {
             .networks()
             .map(|n| {
                 let tasks = store.endpoints().filter(|e| e.network == n.name && e.service.is_some()).count();
-                json!({ "name": n.name, "subnet": n.subnet, "vni": n.vni, "mtu": n.mtu.unwrap_or(self.mtu), "tasks": tasks })
+                // Addresses nobody claims (node addresses, tasks and spares all hold one).
+                let claimed = store
+                    .claims()
+                    .filter(|c| c.network == n.name && ipam::is_usable(n.subnet, c.index))
+                    .count() as u32;
+                let free = ipam::usable(n.subnet).saturating_sub(claimed);
+                json!({ "name": n.name, "subnet": n.subnet, "vni": n.vni, "mtu": n.mtu.unwrap_or(self.mtu), "tasks": tasks, "free": free })
             })
             .collect();
         json!(rows)
     }
 
-    fn service_create(&self, name: String, network: String, endpoint_mode: EndpointMode) -> Result<Value> {
+    async fn service_create(
+        &self,
+        name: String,
+        network: String,
+        endpoint_mode: EndpointMode,
+    ) -> Result<Value> {
         check_name("service", &name)?;
+        let service = self.put_service(name, network, endpoint_mode)?;
+        self.changed();
+        let nodes = self
+            .wait_for_catalog(|missing| {
+                format!(
+                    "service {} was created, but after {CONFIRM_WAIT:?} {missing} do not know it yet; check `meshctl node ls`",
+                    service.name
+                )
+            })
+            .await?;
+        let mut out = json!(service);
+        out["known_to"] = json!(nodes);
+        Ok(out)
+    }
+
+    /// Writes a new service after checking its network and name.
+    fn put_service(&self, name: String, network: String, endpoint_mode: EndpointMode) -> Result<Service> {
         let mut gossip = self.gossip();
         let store = gossip.store();
         if store.network(&network).is_none() {
@@ -134,9 +180,7 @@ impl Agent {
         }
         let service = Service { name, network, endpoint_mode };
         gossip.put(Object::Service(service.clone()), self.shared.now());
-        drop(gossip);
-        self.changed();
-        Ok(json!(service))
+        Ok(service)
     }
 
     fn service_ls(&self) -> Value {
@@ -212,7 +256,13 @@ impl Agent {
         Ok(json!({ "removed": name }))
     }
 
-    async fn attach(&self, service: &str, netns: &str, name: Option<String>) -> Result<Value> {
+    async fn attach(
+        &self,
+        service: &str,
+        netns: &str,
+        name: Option<String>,
+        ip: Option<Ipv4Addr>,
+    ) -> Result<Value> {
         let network = {
             let gossip = self.gossip();
             let store = gossip.store();
@@ -250,34 +300,58 @@ impl Agent {
         {
             return Err(Error::invalid(format!("namespace {netns} is already a task; detach it first")));
         }
+        if let Some(ip) = ip {
+            self.check_requested_ip(&network, ip)?;
+        }
 
         self.alloc().wanted.insert(network.name.clone());
-        let result = self.attach_on(&network, service, netns, task).await;
+        let result = self.attach_on(&network, service, netns, task, ip).await;
         self.alloc().wanted.remove(&network.name);
         result
     }
 
-    async fn attach_on(&self, network: &Network, service: &str, netns: &str, task: String) -> Result<Value> {
+    async fn attach_on(
+        &self,
+        network: &Network,
+        service: &str,
+        netns: &str,
+        task: String,
+        requested: Option<Ipv4Addr>,
+    ) -> Result<Value> {
         let netns_path = Path::new(netns);
         let deadline = Instant::now() + ATTACH_WAIT;
-        let gateway = self.wait_for(deadline, || self.local_overlay_ip(network.vni), || {
-            format!("this node's overlay for network {} is not ready after {ATTACH_WAIT:?}; see `meshctl status`", network.name)
-        })
-        .await?;
+        let gateway = self
+            .wait_for(
+                deadline,
+                || self.local_overlay_ip(network.vni),
+                || match self.alloc().errors.get(&network.name) {
+                    // This node could not get its own address there: say why.
+                    Some(why) => why.clone(),
+                    None => format!(
+                        "this node's overlay for network {} is not ready after {ATTACH_WAIT:?}; see `meshctl status`",
+                        network.name
+                    ),
+                },
+            )
+            .await?;
         let ip = loop {
-            if let Some(ip) = self.allocate(network)? {
+            let allocated = match requested {
+                Some(ip) => self.allocate_exact(network, ip),
+                None => self.allocate(network),
+            };
+            if let Some(ip) = allocated? {
                 break ip;
             }
             if Instant::now() >= deadline {
                 return Err(Error::invalid(format!(
-                    "no confirmed address block on network {} after {ATTACH_WAIT:?}; check `meshctl node ls` for unreachable peers",
+                    "no settled address claim on network {} after {ATTACH_WAIT:?}: the subnet is nearly full or peers are unreachable; check `meshctl network ls` and `meshctl node ls`",
                     network.name
                 )));
             }
             self.changed();
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         };
-        let host_if = format!("mv{:08x}", crate::hash::fnv1a_32(task.as_bytes()));
+        let host_if = super::addresses::task_host_if(&task, ip);
         let link = TaskLink {
             vni: network.vni,
             netns: netns_path.into(),
@@ -352,7 +426,7 @@ impl Agent {
         Ok(json!({ "detached": task }))
     }
 
-    async fn publish(&self, spec: PortSpec, service: &str) -> Result<Value> {
+    async fn publish(&self, spec: PortSpec, service: &str, detach: bool) -> Result<Value> {
         {
             let gossip = self.gossip();
             let store = gossip.store();
@@ -379,7 +453,124 @@ impl Agent {
         self.write(|g, now| g.put(Object::Published(port.clone()), now));
         drop(plane);
         self.reconcile().await;
-        Ok(json!(port))
+        if detach {
+            return Ok(json!({ "port": port, "detached": true }));
+        }
+        // Done when every alive node serves it (with a task, if any is running): a
+        // script may use any node next.
+        let served = format!("{}/{}", port.published, port.proto);
+        let has_tasks = {
+            let gossip = self.gossip();
+            let live = gossip.live_nodes();
+            let any = gossip.store().tasks_of(service).any(|t| live.contains(&t.node));
+            any
+        };
+        let nodes = self
+            .wait_for_nodes(
+                |state, _| {
+                    if has_tasks {
+                        state.serving.contains(&served)
+                    } else {
+                        state.listening.contains(&served)
+                    }
+                },
+                |missing| {
+                    format!(
+                        "published {}:{}/{} for service {}, but after {CONFIRM_WAIT:?} it is not served on {missing}; see `meshctl status` there",
+                        port.published, port.target, port.proto, port.service
+                    )
+                },
+            )
+            .await?;
+        Ok(json!({ "port": port, "detached": false, "served_on": nodes, "has_tasks": has_tasks }))
+    }
+
+    /// Waits until every alive node holds the networks, services and published ports
+    /// this node holds (the same catalog digest); returns how many nodes that is.
+    async fn wait_for_catalog(&self, timeout_message: impl FnOnce(String) -> String) -> Result<usize> {
+        self.wait_for_nodes(|state, mine| state.catalog == mine, timeout_message).await
+    }
+
+    /// Waits until `confirmed(state, this node's catalog digest)` holds for the
+    /// confirmation of every alive node (this one included); returns how many nodes
+    /// that is. After [`CONFIRM_WAIT`] fails with `timeout_message(the missing nodes,
+    /// with the problems they report)`.
+    async fn wait_for_nodes(
+        &self,
+        confirmed: impl Fn(&NodeState, u64) -> bool,
+        timeout_message: impl FnOnce(String) -> String,
+    ) -> Result<usize> {
+        let deadline = Instant::now() + CONFIRM_WAIT;
+        loop {
+            let (count, missing) = {
+                let gossip = self.gossip();
+                let store = gossip.store();
+                let mine = store.catalog_digest();
+                let alive = gossip
+                    .members()
+                    .filter(|m| m.state == crate::gossip::MemberState::Alive)
+                    .map(|m| m.name.as_str())
+                    .chain([self.cfg.node_name.as_str()]);
+                let mut count = 0;
+                let mut missing = Vec::new();
+                for node in alive {
+                    count += 1;
+                    match store.node_state(node) {
+                        Some(state) if confirmed(state, mine) => {}
+                        Some(state) if !state.problems.is_empty() => {
+                            missing.push(format!("{node} ({})", state.problems.join("; ")))
+                        }
+                        _ => missing.push(node.to_owned()),
+                    }
+                }
+                (count, missing)
+            };
+            if missing.is_empty() {
+                return Ok(count);
+            }
+            if Instant::now() >= deadline {
+                let mut missing = missing;
+                missing.sort();
+                let list =
+                    format!("node{} {}", if missing.len() == 1 { "" } else { "s" }, missing.join(", "));
+                return Err(Error::invalid(timeout_message(list)));
+            }
+            self.changed();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Rewrites this node's confirmation when it changed: the ports it listens on and
+    /// those it serves with backends, the digest of the catalog it holds, and why it cannot take part in a
+    /// network it needs.
+    pub(super) fn confirm(&self, plane: &super::Plane) {
+        let ports = |with_backends: bool| -> Vec<String> {
+            // BTreeMap keys: already sorted.
+            plane
+                .applied
+                .listeners
+                .iter()
+                .filter(|(_, backends)| !with_backends || !backends.is_empty())
+                .map(|((proto, port), _)| format!("{port}/{proto}"))
+                .collect()
+        };
+        let (serving, listening) = (ports(true), ports(false));
+        // Why a port may not be served here: no address on its network, or a failed
+        // listener (e.g. another process holds the port).
+        let mut problems: Vec<String> = self.alloc().errors.values().cloned().collect();
+        problems.extend(
+            plane
+                .errors
+                .iter()
+                .filter(|(op, _)| op.starts_with("published port"))
+                .map(|(op, e)| format!("{op}: {e}")),
+        );
+        let me = self.cfg.node_name.clone();
+        self.write(|g, now| {
+            let catalog = g.store().catalog_digest();
+            let state = NodeState { node: me.clone(), serving, listening, catalog, problems };
+            g.put(Object::NodeState(state), now)
+        });
     }
 
     async fn unpublish(&self, published: u16, proto: Proto, service: Option<String>) -> Result<Value> {
@@ -441,7 +632,13 @@ impl Agent {
                 gossip.health(),
             )
         };
+        let (address_errors, readdressed, recent) = {
+            let alloc = self.alloc();
+            (alloc.errors.clone(), alloc.readdressed, alloc.recent.iter().cloned().collect::<Vec<_>>())
+        };
         let plane = self.plane.lock().await;
+        let mut errors = plane.errors.clone();
+        errors.extend(address_errors.into_iter().map(|(k, v)| (format!("address on {k}"), v)));
         let mut served: Vec<String> =
             plane.proxy.ports().map(|(proto, port)| format!("{port}/{proto}")).collect();
         served.sort();
@@ -487,7 +684,8 @@ impl Agent {
                 "counters": plane.proxy.counters(),
             },
             "api": self.api_stats.snapshot(),
-            "errors": plane.errors,
+            "errors": errors,
+            "ipam": { "readdressed": readdressed, "recent_readdresses": recent },
         })
     }
 }

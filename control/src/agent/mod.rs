@@ -273,6 +273,7 @@ impl Agent {
                 }
             }
         }
+        self.confirm(&plane);
         drop(plane);
         let mut saved = self.saved_generation.lock();
         if *saved != Some(generation) {

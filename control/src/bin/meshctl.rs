@@ -52,19 +52,26 @@ enum Command {
         /// Task name [default: SERVICE.<random>].
         #[arg(long)]
         name: Option<String>,
+        /// The task's address on the network [default: a free one].
+        #[arg(long)]
+        ip: Option<std::net::Ipv4Addr>,
     },
     /// Remove a task from its service and its interface from the namespace.
     Detach {
         /// The task name.
         task: String,
     },
-    /// Answer PUBLISHED on every node and forward to TARGET on a task of SERVICE.
+    /// Answer PUBLISHED on every node and forward to TARGET on a task of SERVICE;
+    /// returns once every alive node serves it.
     Publish {
         /// PUBLISHED:TARGET[/tcp|/udp], e.g. 3000:80.
         #[arg(value_parser = clap::value_parser!(String))]
         spec: String,
         /// The service.
         service: String,
+        /// Return at once, without waiting for the nodes to serve the port.
+        #[arg(long)]
+        detach: bool,
     },
     /// Stop answering a published port.
     Unpublish {
@@ -160,9 +167,11 @@ fn request(command: Command) -> Result<Request, String> {
         Command::Service(ServiceCmd::Ps { name }) => Request::ServicePs { name },
         Command::Service(ServiceCmd::Inspect { name }) => Request::ServiceInspect { name },
         Command::Service(ServiceCmd::Rm { name }) => Request::ServiceRm { name },
-        Command::Attach { service, netns, name } => Request::Attach { service, netns, name },
+        Command::Attach { service, netns, name, ip } => Request::Attach { service, netns, name, ip },
         Command::Detach { task } => Request::Detach { name: task },
-        Command::Publish { spec, service } => Request::Publish { spec: spec.parse::<PortSpec>()?, service },
+        Command::Publish { spec, service, detach } => {
+            Request::Publish { spec: spec.parse::<PortSpec>()?, service, detach }
+        }
         Command::Unpublish { port, service } => {
             let spec: PublishedSpec = port.parse()?;
             Request::Unpublish { published: spec.published, proto: spec.proto, service }
@@ -211,17 +220,20 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
         return serde_json::to_string_pretty(result).expect("JSON values serialize");
     }
     match request {
-        Request::NetworkLs => table(result, &["name", "subnet", "vni", "mtu", "tasks"]),
+        Request::NetworkLs => table(result, &["name", "subnet", "vni", "mtu", "tasks", "free"]),
         Request::ServiceLs => table(result, &["name", "network", "endpoint_mode", "tasks", "published"]),
         Request::ServicePs { .. } => table(result, &["task", "node", "ip", "mac", "state"]),
         Request::NodeLs => table(result, &["name", "addr", "state", "incarnation", "changed_secs_ago"]),
         Request::NetworkCreate { .. } => format!(
-            "network {} created (subnet {}, vni {})",
+            "network {} created (subnet {}, vni {}): known to {}",
             result["name"].as_str().unwrap_or("?"),
             cell_str(&result["subnet"]),
-            result["vni"]
+            result["vni"],
+            all_nodes(&result["known_to"])
         ),
-        Request::ServiceCreate { name, .. } => format!("service {name} created"),
+        Request::ServiceCreate { name, .. } => {
+            format!("service {name} created: known to {}", all_nodes(&result["known_to"]))
+        }
         Request::ServiceRm { name } => format!("service {name} removed"),
         Request::Attach { .. } => format!(
             "task {} attached with {} on node {}",
@@ -230,9 +242,23 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
             cell_str(&result["node"])
         ),
         Request::Detach { name } => format!("task {name} detached"),
-        Request::Publish { spec, service } => format!(
-            "published {}:{}/{} for service {service} on every node",
+        Request::Publish { spec, service, detach: true } => format!(
+            "published {}:{}/{} for service {service}; not waiting for the nodes to serve it (--detach): `meshctl status` on a node lists the ports it serves",
             spec.published, spec.target, spec.proto
+        ),
+        Request::Publish { spec, service, detach: false } if result["has_tasks"] == false => format!(
+            "published {}:{}/{} for service {service}: listening on {}; {service} has no running task yet",
+            spec.published,
+            spec.target,
+            spec.proto,
+            all_nodes(&result["served_on"])
+        ),
+        Request::Publish { spec, service, detach: false } => format!(
+            "published {}:{}/{} for service {service}: served on {}",
+            spec.published,
+            spec.target,
+            spec.proto,
+            all_nodes(&result["served_on"])
         ),
         Request::Unpublish { published, proto, .. } => format!("unpublished {published}/{proto}"),
         Request::KeyLs => table(result, &["key", "primary"]),
@@ -244,6 +270,15 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
         Request::ServiceInspect { .. } | Request::Status => {
             serde_json::to_string_pretty(result).expect("JSON values serialize")
         }
+    }
+}
+
+/// "all N nodes" (or "the only node") from a node count.
+fn all_nodes(count: &Value) -> String {
+    match count.as_u64() {
+        Some(1) => "the only node".to_owned(),
+        Some(n) => format!("all {n} nodes"),
+        None => "every node".to_owned(),
     }
 }
 

@@ -33,6 +33,10 @@ pub struct Store {
     entries: BTreeMap<String, Entry>,
     /// Highest counter seen; the next local write uses one more.
     clock: u64,
+    /// The highest counter of this node's store that a member received in a complete
+    /// push-pull (local bookkeeping: decides what a resync may keep).
+    #[serde(default)]
+    synced_clock: u64,
 }
 
 impl Store {
@@ -105,7 +109,29 @@ impl Store {
                 .map(|(k, e)| (k.clone(), e.clone()))
                 .collect(),
             clock: self.clock,
+            synced_clock: self.synced_clock,
         }
+    }
+
+    /// The highest Lamport counter seen.
+    pub fn clock(&self) -> u64 {
+        self.clock
+    }
+
+    /// See [`Store::mark_synced`].
+    pub fn synced_clock(&self) -> u64 {
+        self.synced_clock
+    }
+
+    /// Records that everything up to counter `clock` reached a member.
+    pub fn mark_synced(&mut self, clock: u64) {
+        self.synced_clock = self.synced_clock.max(clock);
+    }
+
+    /// Forgets `key` entirely, leaving no tombstone (a resync found that the cluster no
+    /// longer knows it).
+    pub fn remove(&mut self, key: &str) {
+        self.entries.remove(key);
     }
 
     /// Forgets `key` if it is a tombstone (after the tombstone TTL).

@@ -465,8 +465,14 @@ impl Agent {
                 "local_health": health,
                 "keys": self.shared.keyring.read().keys.len(),
                 "counters": self.shared.counters.snapshot(),
+                "suppressed_warnings": self.shared.suppressed_warnings(),
             },
             "errors": plane.errors,
+            "store": {
+                "path": self.cfg.state_dir.join("store.json"),
+                "recovered": self.store_recovered,
+                "resyncing": self.gossip().resyncing(),
+            },
         })
     }
 }

@@ -512,6 +512,16 @@ impl Gossip {
         }
     }
 
+    /// Claims the key-rotation lock (see [`Store::claim_rotation`]) and spreads it.
+    pub fn claim_rotation(&mut self, generation: u64, now: Millis) {
+        let me = self.me.clone();
+        if self.store.claim_rotation(&me, generation) {
+            let key = crate::store::ROTATION_LOCK.to_owned();
+            let entry = self.store.entry(&key).cloned().expect("just written");
+            self.record_entry(key, entry, now);
+        }
+    }
+
     /// Starts joining through `seeds`.
     pub fn join(&mut self, seeds: &[SocketAddr]) -> Vec<Out> {
         seeds.iter().filter(|s| **s != self.addr).map(|&to| Out::PushPull { to, join: true }).collect()

@@ -518,3 +518,132 @@ pub async fn leave(shared: &Arc<Shared>, udp: &UdpSocket) {
     let outs = shared.gossip().leave(shared.now());
     send_all(shared, udp, outs).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        gossip::{seal::Key, sim::task_endpoint, Config},
+        model::Key as StoreKey,
+        store::Store,
+    };
+
+    fn shared(keyring: &Keyring) -> Arc<Shared> {
+        let gossip = Gossip::new(
+            Config::default(),
+            "n1".into(),
+            "127.0.0.1:7946".parse().unwrap(),
+            1,
+            Store::default(),
+            1,
+            0,
+        );
+        Arc::new(Shared::new(gossip, keyring.clone(), Instant::now(), 1400))
+    }
+
+    /// A push-pull frame from "n2" carrying one live task endpoint, sent at `sent_at`.
+    fn frame(keyring: &Keyring, seq: u64, sent_at: u64) -> Vec<u8> {
+        let mut store = Store::default();
+        store.put("n2", task_endpoint("web.1"));
+        let frame = PushPull {
+            from: "n2".into(),
+            join: false,
+            complete: true,
+            epoch: 7,
+            seq,
+            sent_at_ms: sent_at,
+            members: vec![],
+            store,
+        };
+        let sealed = keyring.seal(&encode(&frame));
+        let mut bytes = (sealed.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&sealed);
+        bytes
+    }
+
+    /// Sends `bytes` as one push-pull and reads whatever answer comes (none if dropped).
+    async fn exchange(addr: SocketAddr, bytes: &[u8]) -> usize {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = timeout(Duration::from_secs(2), stream.read_to_end(&mut answer)).await;
+        answer.len()
+    }
+
+    #[tokio::test]
+    async fn replayed_or_stale_push_pull_frames_change_nothing() {
+        let keyring = Keyring::single(Key::generate());
+        let shared = shared(&keyring);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_push_pull(shared.clone(), listener));
+        let has_entry = |s: &Shared| s.gossip().store().entry(&StoreKey::endpoint("web.1")).is_some();
+        let replays = || shared.counters.dropped_replay.load(Ordering::Relaxed);
+
+        // Recorded long ago (older than half the tombstone TTL): refused, not merged.
+        let half_ttl = Config::default().tombstone_ttl / 2;
+        assert_eq!(exchange(addr, &frame(&keyring, 1, wall_ms() - half_ttl - 60_000)).await, 0);
+        assert!(!has_entry(&shared), "a stale frame was merged");
+        assert_eq!(replays(), 1);
+
+        // A fresh frame is merged and answered...
+        let fresh = frame(&keyring, 2, wall_ms());
+        assert!(exchange(addr, &fresh).await > 0);
+        assert!(has_entry(&shared));
+        // ...and the same bytes again are a replay: dropped, unanswered.
+        shared.gossip.lock().delete(&StoreKey::endpoint("web.1"), 1);
+        shared.gossip.lock().tick(Config::default().tombstone_ttl + 10);
+        assert_eq!(exchange(addr, &fresh).await, 0);
+        assert_eq!(replays(), 2);
+        assert!(
+            shared.gossip().store().get(&StoreKey::endpoint("web.1")).is_none(),
+            "the replay resurrected it"
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_announcements_are_refused_before_reading_and_excess_connections_closed() {
+        let keyring = Keyring::single(Key::generate());
+        let shared = shared(&keyring);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_push_pull(shared.clone(), listener));
+        // Announces 60 MiB: refused on the header alone.
+        assert_eq!(exchange(addr, &(60u32 << 20).to_be_bytes()).await, 0);
+        assert_eq!(shared.counters.dropped_oversized.load(Ordering::Relaxed), 1);
+        // Hold every slot with a slow sender; the next connection is closed at once.
+        let cap = Config::default().max_push_pulls;
+        let mut held = Vec::new();
+        for _ in 0..cap {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(&1000u32.to_be_bytes()).await.unwrap();
+            held.push(s);
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while shared.push_pull_slots.available_permits() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(exchange(addr, &frame(&keyring, 1, wall_ms())).await, 0);
+        assert_eq!(shared.counters.dropped_busy.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn drop_warnings_are_rate_limited_per_reason() {
+        let limiter = LogLimiter::default();
+        let mut logged = Vec::new();
+        for _ in 0..100 {
+            limiter.warn("a", |s| logged.push(("a", s)));
+            limiter.warn("b", |s| logged.push(("b", s)));
+        }
+        assert_eq!(logged, vec![("a", 0), ("b", 0)]);
+        assert_eq!(limiter.suppressed_total()["a"], 99);
+    }
+
+    #[test]
+    fn freshness_allows_skew_both_ways_within_the_bound() {
+        assert!(frame_is_fresh(1_000, 1_500, 600));
+        assert!(frame_is_fresh(1_500, 1_000, 600));
+        assert!(!frame_is_fresh(1_000, 2_000, 600));
+        assert!(!frame_is_fresh(3_000, 2_000, 600));
+    }
+}

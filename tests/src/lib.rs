@@ -149,6 +149,8 @@ pub struct Node {
     pub cgroup: PathBuf,
     /// meshd's log file.
     pub log: PathBuf,
+    /// The keyring file meshd runs with (the cluster's, or the node's own copy).
+    pub keyring: PathBuf,
     meshd: Option<Child>,
 }
 
@@ -156,6 +158,11 @@ impl Node {
     /// Path of the node's namespace.
     pub fn netns(&self) -> PathBuf {
         netns_path(&self.ns)
+    }
+
+    /// The pid of the running meshd (nsenter execs it, so the child is meshd).
+    pub fn meshd_pid(&self) -> Option<u32> {
+        self.meshd.as_ref().map(Child::id)
     }
 }
 
@@ -194,6 +201,7 @@ pub struct Cluster {
     meshd: PathBuf,
     meshctl: PathBuf,
     testsrv: PathBuf,
+    own_keyrings: bool,
 }
 
 fn must_be_root() -> Result<()> {
@@ -215,6 +223,17 @@ impl Cluster {
 
     /// Like [`Cluster::start`] with a chosen prefix (the demo uses a fixed one).
     pub fn start_with_prefix(n: usize, prefix: &str) -> Result<Cluster> {
+        Self::start_inner(n, prefix, false)
+    }
+
+    /// Like [`Cluster::start`], but every node gets its own copy of the cluster keyring
+    /// (`Node::keyring`), so a test can see each node rewrite its own file.
+    pub fn start_with_own_keyrings(n: usize) -> Result<Cluster> {
+        let prefix = format!("mt{}x{}", std::process::id(), CLUSTERS.fetch_add(1, Ordering::Relaxed));
+        Self::start_inner(n, &prefix, true)
+    }
+
+    fn start_inner(n: usize, prefix: &str, own_keyrings: bool) -> Result<Cluster> {
         must_be_root()?;
         clean_leftovers();
         let dir = PathBuf::from(RUN_DIR).join(prefix);
@@ -228,6 +247,7 @@ impl Cluster {
             meshd: bin_path("meshd")?,
             meshctl: bin_path("meshctl")?,
             testsrv: bin_path("meshd-testsrv")?,
+            own_keyrings,
         };
         cluster.write_keyring()?;
         cluster.build_underlay(n)?;
@@ -249,8 +269,7 @@ impl Cluster {
         let mut key = [0u8; 32];
         fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
         let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-        fs::write(self.keyring(), format!("# test cluster keyring\n{hex}\n"))?;
-        Ok(())
+        write_private(&self.keyring(), &format!("# test cluster keyring\n{hex}\n"))
     }
 
     fn switch_ns(&self) -> String {
@@ -348,7 +367,7 @@ impl Cluster {
         if self.nodes[i - 1].meshd.is_some() {
             bail!("meshd on n{i} is still running");
         }
-        let child = self.spawn_meshd(&self.nodes[i - 1], &self.keyring())?;
+        let child = self.spawn_meshd(&self.nodes[i - 1])?;
         self.nodes[i - 1].meshd = Some(child);
         self.wait_until_answers(i)
     }
@@ -377,7 +396,14 @@ impl Cluster {
     }
 
     fn start_node(&mut self, i: usize) -> Result<()> {
-        self.start_node_with(i, self.keyring())
+        let keyring = if self.own_keyrings {
+            let own = self.dir.join(format!("n{i}.keyring"));
+            write_private(&own, &fs::read_to_string(self.keyring())?)?;
+            own
+        } else {
+            self.keyring()
+        };
+        self.start_node_with(i, keyring)
     }
 
     fn start_node_with(&mut self, i: usize, keyring: PathBuf) -> Result<()> {
@@ -396,14 +422,15 @@ impl Cluster {
             cgroup,
             log: node_dir.join("meshd.log"),
             ns,
+            keyring,
             meshd: None,
         };
-        node.meshd = Some(self.spawn_meshd(&node, &keyring)?);
+        node.meshd = Some(self.spawn_meshd(&node)?);
         self.nodes.push(node);
         Ok(())
     }
 
-    fn spawn_meshd(&self, node: &Node, keyring: &Path) -> Result<Child> {
+    fn spawn_meshd(&self, node: &Node) -> Result<Child> {
         let log = fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", node.netns().display()))
@@ -417,7 +444,7 @@ impl Cluster {
             .arg("--cgroup")
             .arg(&node.cgroup)
             .arg("--keyring-file")
-            .arg(keyring)
+            .arg(&node.keyring)
             .env("RUST_LOG", std::env::var("MESHD_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -519,6 +546,14 @@ impl Cluster {
         self.containers.push(container);
         Ok(self.containers.last().expect("just pushed"))
     }
+}
+
+/// Writes `text` to `path` with mode 0600 (keyrings).
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
 }
 
 fn terminate(mut child: Child, grace: Duration) -> Result<std::process::ExitStatus> {

@@ -79,8 +79,9 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     max_frame_mib: usize,
     /// Most TCP push-pulls served at once; further connections are closed at once and
-    /// counted (`dropped_busy` in `meshctl status`).
-    #[arg(long, default_value_t = 8)]
+    /// counted (`dropped_busy` in `meshctl status`; the peer retries later). Buffers
+    /// before authentication stay below this times 2 x --max-frame-mib.
+    #[arg(long, default_value_t = 4)]
     max_push_pulls: usize,
     /// On shutdown, leave overlay links, task interfaces and entries in place.
     #[arg(long)]

@@ -104,7 +104,7 @@ impl Default for Config {
             max_health: 8,
             resync_alone_after: 15_000,
             max_frame: 4 << 20,
-            max_push_pulls: 8,
+            max_push_pulls: 4,
         }
     }
 }

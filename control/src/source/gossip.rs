@@ -359,11 +359,20 @@ async fn read_frame(stream: &mut TcpStream, shared: &Shared) -> Result<PushPull,
         return Err(ExchangeError::TooLarge(len));
     }
     // Never trust the announced length with memory: the buffer grows only as bytes
-    // actually arrive, up to the announced (already bounded) length.
-    let mut sealed = Vec::with_capacity(len.min(64 << 10));
-    (&mut *stream).take(len as u64).read_to_end(&mut sealed).await?;
-    if sealed.len() < len {
-        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    // actually arrive (doubling, never past the announced, already bounded length).
+    let mut sealed: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 16 << 10];
+    while sealed.len() < len {
+        let want = chunk.len().min(len - sealed.len());
+        let n = stream.read(&mut chunk[..want]).await?;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        if sealed.capacity() - sealed.len() < n {
+            let grown = (sealed.capacity() * 2).max(64 << 10).min(len);
+            sealed.reserve_exact(grown - sealed.len());
+        }
+        sealed.extend_from_slice(&chunk[..n]);
     }
     let plain = shared.keyring.read().open(&sealed).map_err(|_| {
         Counters::bump(&shared.counters.dropped_auth);

@@ -386,3 +386,80 @@ fn a_push_pull_flood_without_the_key_stays_bounded() -> Result<()> {
     write_reaches(&cluster, 2, 1, "after", "10.9.0.0/24")?;
     Ok(())
 }
+
+/// User + system CPU time of a process, in clock ticks (1/100 s).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+    // After the command name: state is field 3, utime 14 and stime 15 (1-based).
+    let at =
+        |i: usize| -> Result<u64> { Ok(fields.get(i - 3).ok_or_else(|| anyhow!("short stat"))?.parse()?) };
+    Ok(at(14)? + at(15)?)
+}
+
+#[test]
+fn running_out_of_file_descriptors_does_not_spin_the_accept_loop() -> Result<()> {
+    let cluster = Cluster::start(1)?;
+    let pid = cluster.nodes[0].meshd_pid().ok_or_else(|| anyhow!("n1's meshd is not running"))?;
+    let before = counters(&cluster, 1)?;
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let (soft, hard) = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.get(3)?.to_string(), f.get(4)?.to_string()))
+        })
+        .ok_or_else(|| anyhow!("no open-files limit in /proc/{pid}/limits"))?;
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    let log = &cluster.nodes[0].log;
+    let lines_before = std::fs::read_to_string(log)?.lines().count();
+    // No descriptor left: every accept of the connection below fails with EMFILE while
+    // the connection waits in the backlog (readable again at once: the old loop spun).
+    meshd_tests::sh("prlimit", &["--pid", &pid.to_string(), &format!("--nofile={open}:{hard}")])
+        .context("prlimit comes with util-linux: `apt-get install util-linux`")?;
+    let cpu_before = cpu_ticks(pid)?;
+    let target = SocketAddr::from((node_addr(1), 7946));
+    // The measurement window: 3 s with a connection pending.
+    let held = in_netns(&cluster.client_netns(), move || -> std::io::Result<()> {
+        let _pending = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+        std::thread::sleep(Duration::from_secs(3));
+        Ok(())
+    })?;
+    let cpu = cpu_ticks(pid)? - cpu_before;
+    meshd_tests::sh("prlimit", &["--pid", &pid.to_string(), &format!("--nofile={soft}:{hard}")])?;
+    held?;
+    let after = counters(&cluster, 1)?;
+    let errors = counter(&after, "socket_errors") - counter(&before, "socket_errors");
+    println!("3 s out of descriptors: {errors} failed accepts, {cpu} CPU ticks");
+    ensure!(errors >= 1, "no failed accept was counted: {after}");
+    // Backoff doubling from 10 ms to 1 s: about a dozen tries in 3 s, not millions.
+    ensure!(errors <= 30, "{errors} accept attempts in 3 s: the loop does not back off");
+    ensure!(cpu <= 60, "meshd used {cpu} ticks of CPU in 3 s while out of descriptors");
+    let warnings = std::fs::read_to_string(log)?
+        .lines()
+        .skip(lines_before)
+        .filter(|l| l.contains("accepting a push-pull failed"))
+        .count();
+    ensure!(warnings <= 1, "{warnings} accept warnings in 3 s (rate limit: one per 10 s)");
+    // Descriptors back: push-pulls work again.
+    poll("the accept loop serves again", Duration::from_secs(5), || {
+        let dropped = |c: &serde_json::Value| counter(c, "dropped_malformed") + counter(c, "dropped_auth");
+        let pushes = dropped(&counters(&cluster, 1)?);
+        in_netns(&cluster.client_netns(), move || -> std::io::Result<()> {
+            let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+            s.write_all(&64u32.to_be_bytes())?;
+            s.write_all(&[0u8; 64])
+        })??;
+        poll("the junk frame is counted", Duration::from_secs(2), || {
+            ensure!(
+                counter(&counters(&cluster, 1)?, "dropped_malformed")
+                    + counter(&counters(&cluster, 1)?, "dropped_auth")
+                    > pushes
+            );
+            Ok(())
+        })
+    })?;
+    Ok(())
+}

@@ -385,8 +385,8 @@ impl Gossip {
         self.unconfirmed.is_some()
     }
 
-    /// Records that this node's store up to Lamport counter `clock` reached a member
-    /// in a complete push-pull frame (see [`Gossip::resync_loaded`]).
+    /// Records that every entry of this node's store up to Lamport counter `clock`
+    /// reached a member (a push-pull frame's `covers`; see [`Gossip::resync_loaded`]).
     pub fn note_pushed(&mut self, clock: u64) {
         self.store.mark_synced(clock);
     }
@@ -1135,10 +1135,20 @@ impl Gossip {
                 })
             }
         };
+        // Everything up to just below the oldest entry left out (other than entries
+        // still waiting for a resync) is in the frame.
+        let covers = self
+            .store
+            .entries()
+            .filter(|(k, _)| store.entry(k).is_none() && !self.is_unconfirmed(k))
+            .map(|(_, e)| e.version.counter)
+            .min()
+            .map_or(self.store.clock(), |c| c.saturating_sub(1));
         PushPull {
             from: self.me.clone(),
             join,
             complete: peer.is_none(),
+            covers,
             epoch: self.epoch,
             seq: 0,
             sent_at_ms: 0,

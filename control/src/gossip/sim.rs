@@ -195,7 +195,7 @@ impl Sim {
                     let size =
                         crate::gossip::wire::encode(&mine).len() + crate::gossip::wire::encode(&theirs).len();
                     self.wire_bytes[from] += size as u64;
-                    let (mine_clock, theirs_clock) = (mine.store.clock(), theirs.store.clock());
+                    let (mine_clock, theirs_clock) = (mine.covers, theirs.covers);
                     self.nodes[to].merge_push_pull(mine, self.now);
                     self.nodes[from].merge_push_pull(theirs, self.now);
                     self.nodes[from].note_pushed(mine_clock);

@@ -267,3 +267,25 @@ fn a_burst_of_concurrent_writes_on_every_node_reaches_every_node() {
         assert!(ok, "seed {seed}: missing per node {missing:?}");
     }
 }
+
+#[test]
+fn a_filtered_push_pull_covers_only_what_it_carries() {
+    let mut g = Gossip::new(Config::default(), "a".into(), sim_addr(0), 1, Store::default(), 1, 0);
+    // Node "a" takes part in network backend; peer "b" does not: a's task there is
+    // left out of a frame for b, so the frame does not cover it.
+    let mut participation = match task_endpoint("node:a:backend") {
+        Object::Endpoint(e) => e,
+        _ => unreachable!(),
+    };
+    participation.service = None;
+    participation.node = "a".into();
+    g.put(Object::Endpoint(participation), 0);
+    g.put(endpoint("web.1"), 0);
+    let task_counter = g.store().entry(&Key::endpoint("web.1")).unwrap().version.counter;
+    g.put(Object::Node(crate::model::Node { name: "a".into(), addr: std::net::Ipv4Addr::LOCALHOST }), 0);
+    let for_b = g.push_pull_for(Some("b"), false);
+    assert!(for_b.store.entry(&Key::endpoint("web.1")).is_none(), "premise: the task is filtered out");
+    assert_eq!(for_b.covers, task_counter - 1);
+    let full = g.push_pull_for(None, false);
+    assert_eq!(full.covers, g.store().clock());
+}

@@ -158,6 +158,10 @@ pub struct PushPull {
     /// frames older than half the tombstone TTL are refused, so a recorded frame can
     /// never bring back an entry whose tombstone has been reaped.
     pub sent_at_ms: u64,
+    /// Local bookkeeping, never sent: every entry of the sender's store whose Lamport
+    /// counter is at most this is in the frame (see `Gossip::note_pushed`).
+    #[serde(skip)]
+    pub covers: u64,
     /// Every member the sender knows.
     pub members: Vec<MemberRecord>,
     /// The sender's store.

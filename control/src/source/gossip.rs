@@ -398,13 +398,11 @@ async fn push_pull(shared: &Shared, to: SocketAddr, join: bool) -> Result<(), Ex
         let peer = g.name_at(to).map(str::to_owned);
         g.push_pull_for(peer.as_deref(), join)
     };
-    let (complete, clock) = (mine.complete, mine.store.clock());
+    let covers = mine.covers;
     write_frame(&mut stream, shared, mine).await?;
     let theirs = read_frame(&mut stream, shared).await?;
     let mut g = shared.gossip();
-    if complete {
-        g.note_pushed(clock);
-    }
+    g.note_pushed(covers);
     g.merge_push_pull(theirs, shared.now());
     shared.notify_if_changed(&mut g);
     Counters::bump(&shared.counters.push_pulls);
@@ -475,11 +473,9 @@ async fn serve_one(shared: &Shared, stream: &mut TcpStream) -> Result<(), Exchan
         shared.notify_if_changed(&mut g);
         g.push_pull_for((!everything).then_some(peer.as_str()), false)
     };
-    let (complete, clock) = (mine.complete, mine.store.clock());
+    let covers = mine.covers;
     write_frame(stream, shared, mine).await?;
-    if complete {
-        shared.gossip().note_pushed(clock);
-    }
+    shared.gossip().note_pushed(covers);
     Counters::bump(&shared.counters.push_pulls);
     Ok(())
 }
@@ -558,6 +554,7 @@ mod tests {
             from: "n2".into(),
             join: false,
             complete: true,
+            covers: 0,
             epoch: 7,
             seq,
             sent_at_ms: sent_at,

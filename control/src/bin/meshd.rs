@@ -32,7 +32,9 @@ struct Args {
     /// A member to join through, as IP or IP:PORT (repeatable).
     #[arg(long = "join", value_name = "ADDR")]
     join: Vec<String>,
-    /// Directory for the persisted cluster store.
+    /// Directory for the persisted cluster store. Kept 0700 with store.json 0600 (the
+    /// store holds the keys a rotation distributed); looser modes found at start are
+    /// tightened, with a warning.
     #[arg(long, default_value = "/var/lib/meshd")]
     state_dir: PathBuf,
     /// Path of the local API socket (created with mode 0600).
@@ -45,7 +47,8 @@ struct Args {
     #[arg(long, default_value_t = PORT)]
     control_port: u16,
     /// The cluster keyring: one 64-hex-digit AES-256 key per line, the first seals.
-    /// Every node needs the same file. Created with a fresh key if missing
+    /// Every node needs the same file. Created with a fresh key if missing; kept 0600
+    /// (a file group or others can read is tightened at start, with a warning)
     /// [default: STATE_DIR/keyring].
     #[arg(long)]
     keyring_file: Option<PathBuf>,

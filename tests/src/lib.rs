@@ -202,6 +202,8 @@ pub struct Cluster {
     meshctl: PathBuf,
     testsrv: PathBuf,
     own_keyrings: bool,
+    /// Extra flags every meshd of this cluster is started with.
+    extra_args: Vec<String>,
 }
 
 fn must_be_root() -> Result<()> {
@@ -223,17 +225,24 @@ impl Cluster {
 
     /// Like [`Cluster::start`] with a chosen prefix (the demo uses a fixed one).
     pub fn start_with_prefix(n: usize, prefix: &str) -> Result<Cluster> {
-        Self::start_inner(n, prefix, false)
+        Self::start_inner(n, prefix, false, &[])
+    }
+
+    /// Like [`Cluster::start`], with extra meshd flags on every node (e.g. a short
+    /// `--tombstone-ttl-secs`).
+    pub fn start_with_args(n: usize, args: &[&str]) -> Result<Cluster> {
+        let prefix = format!("mt{}x{}", std::process::id(), CLUSTERS.fetch_add(1, Ordering::Relaxed));
+        Self::start_inner(n, &prefix, false, args)
     }
 
     /// Like [`Cluster::start`], but every node gets its own copy of the cluster keyring
     /// (`Node::keyring`), so a test can see each node rewrite its own file.
     pub fn start_with_own_keyrings(n: usize) -> Result<Cluster> {
         let prefix = format!("mt{}x{}", std::process::id(), CLUSTERS.fetch_add(1, Ordering::Relaxed));
-        Self::start_inner(n, &prefix, true)
+        Self::start_inner(n, &prefix, true, &[])
     }
 
-    fn start_inner(n: usize, prefix: &str, own_keyrings: bool) -> Result<Cluster> {
+    fn start_inner(n: usize, prefix: &str, own_keyrings: bool, args: &[&str]) -> Result<Cluster> {
         must_be_root()?;
         clean_leftovers();
         let dir = PathBuf::from(RUN_DIR).join(prefix);
@@ -248,6 +257,7 @@ impl Cluster {
             meshctl: bin_path("meshctl")?,
             testsrv: bin_path("meshd-testsrv")?,
             own_keyrings,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
         };
         cluster.write_keyring()?;
         cluster.build_underlay(n)?;
@@ -445,6 +455,7 @@ impl Cluster {
             .arg(&node.cgroup)
             .arg("--keyring-file")
             .arg(&node.keyring)
+            .args(&self.extra_args)
             .env("RUST_LOG", std::env::var("MESHD_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -412,12 +412,12 @@ fn running_out_of_file_descriptors_does_not_spin_the_accept_loop() -> Result<()>
             Some((f.get(3)?.to_string(), f.get(4)?.to_string()))
         })
         .ok_or_else(|| anyhow!("no open-files limit in /proc/{pid}/limits"))?;
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
     let log = &cluster.nodes[0].log;
     let lines_before = std::fs::read_to_string(log)?.lines().count();
-    // No descriptor left: every accept of the connection below fails with EMFILE while
-    // the connection waits in the backlog (readable again at once: the old loop spun).
-    meshd_tests::sh("prlimit", &["--pid", &pid.to_string(), &format!("--nofile={open}:{hard}")])
+    // No descriptor left (a soft limit below what is already open): every accept of
+    // the connection below fails with EMFILE while the connection waits in the backlog
+    // (readable again at once: the old loop spun).
+    meshd_tests::sh("prlimit", &["--pid", &pid.to_string(), &format!("--nofile=3:{hard}")])
         .context("prlimit comes with util-linux: `apt-get install util-linux`")?;
     let cpu_before = cpu_ticks(pid)?;
     let target = SocketAddr::from((node_addr(1), 7946));
@@ -461,5 +461,55 @@ fn running_out_of_file_descriptors_does_not_spin_the_accept_loop() -> Result<()>
             Ok(())
         })
     })?;
+    Ok(())
+}
+
+#[test]
+fn a_node_back_after_the_tombstone_ttl_does_not_resurrect_a_deleted_service() -> Result<()> {
+    let mut cluster = Cluster::start_with_args(3, &["--tombstone-ttl-secs", "4"])?;
+    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
+    for svc in ["gone", "kept"] {
+        cluster.meshctl_ok(1, &["service", "create", svc, "--network", "backend"])?;
+    }
+    let stores: Vec<std::path::PathBuf> =
+        cluster.nodes.iter().map(|n| n.state_dir.join("store.json")).collect();
+    let store_of = |i: usize| stores[i - 1].clone();
+    poll("n3 saved both services", Duration::from_secs(10), || {
+        let store = std::fs::read_to_string(store_of(3))?;
+        ensure!(store.contains("service/gone") && store.contains("service/kept"));
+        Ok(())
+    })?;
+    cluster.stop_node(3)?;
+    cluster.meshctl_ok(1, &["service", "rm", "gone"])?;
+    // n1 and n2 reap the tombstone after the TTL (and save the store without it).
+    for i in 1..=2 {
+        poll(&format!("n{i} forgot the deletion"), Duration::from_secs(15), || {
+            ensure!(!std::fs::read_to_string(store_of(i))?.contains("service/gone"));
+            Ok(())
+        })?;
+    }
+    cluster.restart_node(3)?;
+    poll("n3 finished its resync", Duration::from_secs(10), || {
+        let status = cluster.meshctl_json(3, &["status"])?;
+        ensure!(status["store"]["resyncing"] == false, "{}", status["store"]);
+        Ok(())
+    })?;
+    // A write made on n3 after its return reaching n1 marks the moment a resurrected
+    // entry from n3 would have reached it too.
+    cluster.meshctl_ok(3, &["service", "create", "marker", "--network", "backend"])?;
+    cluster.wait_for_service(1, "marker")?;
+    cluster.wait_for_service(2, "marker")?;
+    for i in 1..=3 {
+        ensure!(
+            cluster.meshctl(i, &["service", "ps", "gone"]).status.code() == Some(1),
+            "n{i} has gone back"
+        );
+        cluster.wait_for_service(i, "kept")?;
+    }
+    let log = std::fs::read_to_string(&cluster.nodes[2].log)?;
+    ensure!(
+        log.contains("saved longer ago than the tombstone TTL"),
+        "n3 did not notice it was away too long"
+    );
     Ok(())
 }

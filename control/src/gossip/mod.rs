@@ -885,6 +885,8 @@ impl Gossip {
         for key in old {
             self.tombstones_seen.remove(&key);
             self.store.reap(&key);
+            // The store changed: persisted again, so a reaped tombstone stays gone.
+            self.changed = true;
         }
     }
 

@@ -121,6 +121,12 @@ pub enum Request {
     KeyRotate,
     /// `key ls`.
     KeyLs,
+    /// `key install --file PATH`: replace this node's keyring with the operator's keys
+    /// (out of band: for a compromised key; run it on every node).
+    KeyInstall {
+        /// The keys as 64 hex digits each; the first seals.
+        keys: Vec<String>,
+    },
     /// `status`.
     Status,
 }

@@ -157,7 +157,8 @@ pub struct NodeState {
 }
 
 /// The cluster keyring as a rotation distributes it (see `meshctl key rotate`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Its `Debug` shows key fingerprints only, so no log line can carry a key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyringRecord {
     /// Keys every node must accept, as 64 hex digits.
     pub keys: Vec<String>,
@@ -165,6 +166,24 @@ pub struct KeyringRecord {
     pub primary: usize,
     /// Rotation step; each step is acknowledged by every node.
     pub generation: u64,
+}
+
+impl std::fmt::Debug for KeyringRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hints: Vec<String> = self
+            .keys
+            .iter()
+            .map(|k| match crate::gossip::seal::Key::from_hex(k) {
+                Ok(key) => format!("{:08x}", key.hint()),
+                Err(_) => "invalid".to_owned(),
+            })
+            .collect();
+        f.debug_struct("KeyringRecord")
+            .field("keys", &hints)
+            .field("primary", &self.primary)
+            .field("generation", &self.generation)
+            .finish()
+    }
 }
 
 /// A node's acknowledgement that it installed keyring `generation`.

@@ -33,9 +33,46 @@ pub struct Store {
     entries: BTreeMap<String, Entry>,
     /// Highest counter seen; the next local write uses one more.
     clock: u64,
+    /// The highest counter of this node's store that a member received in a complete
+    /// push-pull (local bookkeeping: decides what a resync may keep).
+    #[serde(default)]
+    synced_clock: u64,
 }
 
+/// Key of the key-rotation lock (see [`Store::claim_rotation`]).
+pub const ROTATION_LOCK: &str = "keyrotation/lock";
+
 impl Store {
+    /// Claims the key-rotation lock for rotation `generation` as `node`. The claim's
+    /// version is (`generation`, `node`): a later rotation beats an earlier one, and of
+    /// two started at once from the same generation, every node keeps the claim of
+    /// the greater node name — a deterministic winner without coordination, as with
+    /// block claims.
+    pub fn claim_rotation(&mut self, node: &str, generation: u64) -> bool {
+        let ack = crate::model::KeyAck { node: node.to_owned(), generation };
+        let version = Version { counter: generation, node: node.to_owned() };
+        self.merge_entry(ROTATION_LOCK.to_owned(), Entry { version, value: Some(Object::KeyAck(ack)) })
+    }
+
+    /// Who holds the key-rotation lock, and for which generation.
+    pub fn rotation_lock(&self) -> Option<(&str, u64)> {
+        match self.get(ROTATION_LOCK) {
+            Some(Object::KeyAck(a)) => Some((a.node.as_str(), a.generation)),
+            _ => None,
+        }
+    }
+
+    /// The highest keyring generation anyone acknowledged.
+    pub fn max_key_ack(&self) -> u64 {
+        self.objects()
+            .filter_map(|o| match o {
+                Object::KeyAck(a) => Some(a.generation),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Writes `object` as `node`, returning whether anything changed.
     pub fn put(&mut self, node: &str, object: Object) -> bool {
         let key = object.key();
@@ -112,7 +149,29 @@ impl Store {
                 .map(|(k, e)| (k.clone(), e.clone()))
                 .collect(),
             clock: self.clock,
+            synced_clock: self.synced_clock,
         }
+    }
+
+    /// The highest Lamport counter seen.
+    pub fn clock(&self) -> u64 {
+        self.clock
+    }
+
+    /// See [`Store::mark_synced`].
+    pub fn synced_clock(&self) -> u64 {
+        self.synced_clock
+    }
+
+    /// Records that everything up to counter `clock` reached a member.
+    pub fn mark_synced(&mut self, clock: u64) {
+        self.synced_clock = self.synced_clock.max(clock);
+    }
+
+    /// Forgets `key` entirely, leaving no tombstone (a resync found that the cluster no
+    /// longer knows it).
+    pub fn remove(&mut self, key: &str) {
+        self.entries.remove(key);
     }
 
     /// Forgets `key` if it is a tombstone (after the tombstone TTL).
@@ -304,6 +363,22 @@ mod tests {
         let mut a = Store::default();
         assert!(a.put("a", service("web", "front")));
         assert!(!a.put("a", service("web", "front")));
+    }
+
+    #[test]
+    fn concurrent_rotation_claims_resolve_to_the_same_holder_and_later_ones_win() {
+        let mut a = Store::default();
+        let mut b = Store::default();
+        a.claim_rotation("node-a", 4);
+        b.claim_rotation("node-b", 4);
+        let a_before = a.clone();
+        a.merge(&b);
+        b.merge(&a_before);
+        assert_eq!(a.rotation_lock(), Some(("node-b", 4)));
+        assert_eq!(b.rotation_lock(), Some(("node-b", 4)));
+        a.claim_rotation("node-a", 7);
+        b.merge(&a);
+        assert_eq!(b.rotation_lock(), Some(("node-a", 7)));
     }
 
     #[test]

@@ -149,6 +149,8 @@ pub struct Node {
     pub cgroup: PathBuf,
     /// meshd's log file.
     pub log: PathBuf,
+    /// The keyring file meshd runs with (the cluster's, or the node's own copy).
+    pub keyring: PathBuf,
     meshd: Option<Child>,
 }
 
@@ -156,6 +158,11 @@ impl Node {
     /// Path of the node's namespace.
     pub fn netns(&self) -> PathBuf {
         netns_path(&self.ns)
+    }
+
+    /// The pid of the running meshd (nsenter execs it, so the child is meshd).
+    pub fn meshd_pid(&self) -> Option<u32> {
+        self.meshd.as_ref().map(Child::id)
     }
 }
 
@@ -206,6 +213,9 @@ pub struct StartOptions {
     pub nofile: Option<NofileLimit>,
     /// Extra flags for every meshd.
     pub meshd_args: Vec<String>,
+    /// Every node gets its own copy of the cluster keyring (`Node::keyring`), so a
+    /// test can see each node rewrite its own file.
+    pub own_keyrings: bool,
 }
 
 /// An open-files limit to start meshd under.
@@ -249,6 +259,19 @@ impl Cluster {
         Self::start_inner(n, prefix, StartOptions::default())
     }
 
+    /// Like [`Cluster::start`], with extra meshd flags on every node (e.g. a short
+    /// `--tombstone-ttl-secs`).
+    pub fn start_with_args(n: usize, args: &[&str]) -> Result<Cluster> {
+        let meshd_args = args.iter().map(|a| a.to_string()).collect();
+        Self::start_with(n, StartOptions { meshd_args, ..StartOptions::default() })
+    }
+
+    /// Like [`Cluster::start`], but every node gets its own copy of the cluster keyring
+    /// (`Node::keyring`), so a test can see each node rewrite its own file.
+    pub fn start_with_own_keyrings(n: usize) -> Result<Cluster> {
+        Self::start_with(n, StartOptions { own_keyrings: true, ..StartOptions::default() })
+    }
+
     fn start_inner(n: usize, prefix: &str, options: StartOptions) -> Result<Cluster> {
         must_be_root()?;
         clean_leftovers();
@@ -285,8 +308,7 @@ impl Cluster {
         let mut key = [0u8; 32];
         fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
         let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-        fs::write(self.keyring(), format!("# test cluster keyring\n{hex}\n"))?;
-        Ok(())
+        write_private(&self.keyring(), &format!("# test cluster keyring\n{hex}\n"))
     }
 
     fn switch_ns(&self) -> String {
@@ -384,7 +406,7 @@ impl Cluster {
         if self.nodes[i - 1].meshd.is_some() {
             bail!("meshd on n{i} is still running");
         }
-        let child = self.spawn_meshd(&self.nodes[i - 1], &self.keyring())?;
+        let child = self.spawn_meshd(&self.nodes[i - 1])?;
         self.nodes[i - 1].meshd = Some(child);
         self.wait_until_answers(i)
     }
@@ -423,7 +445,14 @@ impl Cluster {
     }
 
     fn start_node(&mut self, i: usize) -> Result<()> {
-        self.start_node_with(i, self.keyring())
+        let keyring = if self.options.own_keyrings {
+            let own = self.dir.join(format!("n{i}.keyring"));
+            write_private(&own, &fs::read_to_string(self.keyring())?)?;
+            own
+        } else {
+            self.keyring()
+        };
+        self.start_node_with(i, keyring)
     }
 
     fn start_node_with(&mut self, i: usize, keyring: PathBuf) -> Result<()> {
@@ -442,14 +471,15 @@ impl Cluster {
             cgroup,
             log: node_dir.join("meshd.log"),
             ns,
+            keyring,
             meshd: None,
         };
-        node.meshd = Some(self.spawn_meshd(&node, &keyring)?);
+        node.meshd = Some(self.spawn_meshd(&node)?);
         self.nodes.push(node);
         Ok(())
     }
 
-    fn spawn_meshd(&self, node: &Node, keyring: &Path) -> Result<Child> {
+    fn spawn_meshd(&self, node: &Node) -> Result<Child> {
         let log = fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
         let mut cmd = match self.options.nofile {
             Some(limit) => {
@@ -471,7 +501,7 @@ impl Cluster {
             .arg("--cgroup")
             .arg(&node.cgroup)
             .arg("--keyring-file")
-            .arg(keyring)
+            .arg(&node.keyring)
             .env("RUST_LOG", std::env::var("MESHD_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -597,6 +627,14 @@ impl Cluster {
         self.containers.push(container);
         Ok(self.containers.last().expect("just pushed"))
     }
+}
+
+/// Writes `text` to `path` with mode 0600 (keyrings).
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
 }
 
 fn terminate(mut child: Child, grace: Duration) -> Result<std::process::ExitStatus> {

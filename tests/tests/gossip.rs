@@ -124,13 +124,25 @@ fn a_partitioned_underlay_heals_and_converges_within_30_seconds() -> Result<()> 
     })?;
     cluster.meshctl_ok(1, &["service", "create", "left", "--network", "backend"])?;
     cluster.meshctl_ok(4, &["service", "create", "right", "--network", "backend"])?;
-    ensure!(cluster.meshctl(1, &["service", "ps", "right"]).status.code() == Some(1), "the partition leaked");
+    // n4 still gossips to n1 and n2 for a while (dead members get gossip so they can
+    // refute): had the partition leaked, n1 would learn "right" in the same rounds
+    // that bring it to n3. Wait for n3 to have it, and for a second write behind it.
+    cluster.wait_for_service(3, "right")?;
+    cluster.meshctl_ok(4, &["service", "create", "right2", "--network", "backend"])?;
+    cluster.wait_for_service(3, "right2")?;
+    cluster.wait_for_service(2, "left")?;
+    for svc in ["right", "right2"] {
+        ensure!(
+            cluster.meshctl(1, &["service", "ps", svc]).status.code() == Some(1),
+            "the partition leaked {svc}"
+        );
+    }
 
     let healed = Instant::now();
     cluster.heal()?;
     poll("every node sees both writes and every member alive", Duration::from_secs(30), || {
         for i in 1..=4 {
-            for svc in ["left", "right"] {
+            for svc in ["left", "right", "right2"] {
                 cluster.meshctl_ok(i, &["service", "ps", svc])?;
             }
             for j in (1..=4).filter(|j| *j != i) {
@@ -269,15 +281,43 @@ fn networks_are_isolated_even_when_nodes_forward() -> Result<()> {
     let be_local = cluster.add_container(1, "be", "be.1")?.ip;
     let be_remote_ns = cluster.add_container(2, "be", "be.2")?.netns();
     let be_remote = cluster.containers.last().map(|c| c.ip).unwrap_or(be_local);
-    // Same network, across nodes: reachable.
-    ensure!(http_get(&be_remote_ns, SocketAddr::from((be_local, 80)))? == "be.1");
-    // Other network, same node or across nodes: refused by the isolation rule.
+    // Same network, across nodes: reachable (once n2 has the peer's entries).
+    poll("be.2 reaches be.1 across nodes", Duration::from_secs(5), || {
+        ensure!(http_get(&be_remote_ns, SocketAddr::from((be_local, 80)))? == "be.1");
+        Ok(())
+    })?;
+    // Other network, same node or across nodes: refused by the isolation rule, which
+    // the forwarding node answers with ICMP "administratively prohibited": the
+    // connect fails at once with EHOSTUNREACH (not a timeout, not a reset).
     for target in [be_local, be_remote] {
-        let result = http_get(&fe, SocketAddr::from((target, 80)));
-        ensure!(result.is_err(), "frontend reached backend {target}: {result:?}");
+        let addr = SocketAddr::from((target, 80));
+        let started = Instant::now();
+        let errno = in_netns(&fe, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(3)).err().and_then(|e| e.raw_os_error())
+        })?;
+        ensure!(
+            errno == Some(nix::libc::EHOSTUNREACH) && started.elapsed() < Duration::from_secs(2),
+            "frontend -> backend {target}: errno {errno:?} after {:?}, want EHOSTUNREACH at once",
+            started.elapsed()
+        );
     }
-    let rules = sh("ip", &["-n", &cluster.nodes[0].ns, "rule"])?;
+    let node = cluster.nodes[0].ns.clone();
+    let rules = sh("ip", &["-n", &node, "rule"])?;
     ensure!(rules.contains("from 10.1.0.0/24 to 10.0.0.0/24") && rules.contains("prohibit"), "{rules}");
+    // The same path without the rules works: the refusal above was the rule's doing.
+    // (The reconcile loop may restore the rules; delete them again until a GET goes
+    // through.)
+    poll(
+        "frontend reaches backend on n1 once the isolation rules are gone",
+        Duration::from_secs(10),
+        || {
+            for (from, to) in [("10.1.0.0/24", "10.0.0.0/24"), ("10.0.0.0/24", "10.1.0.0/24")] {
+                while sh("ip", &["-n", &node, "rule", "del", "from", from, "to", to, "prohibit"]).is_ok() {}
+            }
+            ensure!(http_get(&fe, SocketAddr::from((be_local, 80)))? == "be.1");
+            Ok(())
+        },
+    )?;
     Ok(())
 }
 
@@ -336,7 +376,8 @@ fn concurrent_attaches_on_every_node_never_duplicate_an_ip() -> Result<()> {
 
 #[test]
 fn key_rotation_switches_every_node_without_losing_membership() -> Result<()> {
-    let mut cluster = Cluster::start(3)?;
+    // Each node runs its own copy of the keyring, so the test sees each rewrite its own.
+    let mut cluster = Cluster::start_with_own_keyrings(3)?;
     let original = std::fs::read_to_string(cluster.keyring())?;
     for i in 1..=3 {
         poll(&format!("n{i} knows every member"), Duration::from_secs(5), || {
@@ -359,10 +400,26 @@ fn key_rotation_switches_every_node_without_losing_membership() -> Result<()> {
     ensure!(hints.iter().all(|h| *h == hints[0]), "nodes disagree on the key: {hints:?}");
     let old_hint = Keyring::parse(&original).map_err(|e| anyhow!(e))?.primary().hint();
     ensure!(hints[0] != format!("{old_hint:08x}"), "the key did not change");
-    // The nodes persisted it (they share the harness's keyring file), so a restart
-    // keeps working.
-    let on_disk = Keyring::parse(&std::fs::read_to_string(cluster.keyring())?).map_err(|e| anyhow!(e))?;
-    ensure!(format!("{:08x}", on_disk.primary().hint()) == hints[0], "keyring file not rewritten");
+    // Every node persisted it in its own keyring file, so a restart keeps working.
+    for node in &cluster.nodes {
+        let on_disk = Keyring::parse(&std::fs::read_to_string(&node.keyring)?).map_err(|e| anyhow!(e))?;
+        ensure!(
+            on_disk.keys.len() == 1 && format!("{:08x}", on_disk.primary().hint()) == hints[0],
+            "{} did not rewrite its keyring file {}",
+            node.name,
+            node.keyring.display()
+        );
+    }
+    cluster.stop_node(3)?;
+    cluster.restart_node(3)?;
+    let keys = cluster.meshctl_json(3, &["key", "ls"])?;
+    ensure!(keys[0]["key"] == hints[0].as_str(), "after a restart n3 runs {keys}");
+    for i in 1..=2 {
+        poll(&format!("n{i} sees the restarted n3 alive"), Duration::from_secs(10), || {
+            ensure!(cluster.member_state(i, 3)? == "alive");
+            Ok(())
+        })?;
+    }
     // Gossip still flows under the new key and nobody was lost on the way.
     cluster.meshctl_ok(3, &["network", "create", "after", "--subnet", "10.9.0.0/24"])?;
     poll("n1 learns a write made after the rotation", Duration::from_secs(5), || {

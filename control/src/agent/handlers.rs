@@ -63,6 +63,7 @@ impl Agent {
             Request::NodeLs => Ok(self.node_ls()),
             Request::KeyRotate => self.key_rotate().await,
             Request::KeyLs => Ok(self.key_ls()),
+            Request::KeyInstall { keys } => self.key_install(&keys),
             Request::Status => Ok(self.status().await),
         }
     }
@@ -666,6 +667,7 @@ impl Agent {
                 "local_health": health,
                 "keys": self.shared.keyring.read().keys.len(),
                 "counters": self.shared.counters.snapshot(),
+                "suppressed_warnings": self.shared.suppressed_warnings(),
             },
             "open_files": {
                 "soft_limit": nofile.map(|l| l.soft),
@@ -686,6 +688,11 @@ impl Agent {
             "api": self.api_stats.snapshot(),
             "errors": errors,
             "ipam": { "readdressed": readdressed, "recent_readdresses": recent },
+            "store": {
+                "path": self.cfg.state_dir.join("store.json"),
+                "recovered": self.store_recovered,
+                "resyncing": self.gossip().resyncing(),
+            },
         })
     }
 }

@@ -1,16 +1,25 @@
 //! The cluster keyring at run time: installing a keyring that a rotation distributed,
-//! and running a rotation (`meshctl key rotate`).
+//! running a rotation (`meshctl key rotate`), and installing a keyring the operator
+//! brings out of band (`meshctl key install`). Keys are never logged nor returned:
+//! only their 32-bit fingerprints are.
 
-use std::{collections::HashSet, time::Instant};
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
 
 use serde_json::{json, Value};
 
-use super::{persist::write_keyring, Agent};
+use super::{persist::write_keyring, Agent, CLAIM_SETTLE};
 use crate::{
     gossip::{self as protocol, seal::Keyring},
-    model::Object,
+    model::{Key, Object},
     Error, Result,
 };
+
+/// How long a rotation waits after claiming the rotation lock before it trusts the
+/// claim: a concurrent claim from another node reaches every node well within it.
+pub const ROTATION_SETTLE: Duration = CLAIM_SETTLE;
 
 impl Agent {
     /// Installs a keyring distributed by a rotation, persists it, and acknowledges it.
@@ -49,15 +58,46 @@ impl Agent {
         json!(rows)
     }
 
+    /// Fails unless this node still holds the rotation lock for `claim`.
+    fn check_rotation_lock(&self, claim: u64, step: &str) -> Result<()> {
+        let gossip = self.gossip();
+        match gossip.store().rotation_lock() {
+            Some((holder, generation)) if holder == self.cfg.node_name && generation == claim => Ok(()),
+            Some((holder, generation)) => Err(Error::invalid(format!(
+                "key rotation refused {step}: a concurrent `meshctl key rotate` started on node {holder} \
+                 (generation {generation}) holds the keyring; wait until `meshctl key ls` shows one key on \
+                 every node, then run `meshctl key rotate` again if you still need a new key"
+            ))),
+            None => Err(Error::invalid(format!(
+                "key rotation refused {step}: the rotation lock vanished; run `meshctl key rotate` again"
+            ))),
+        }
+    }
+
     /// Rotates the cluster key in three acknowledged steps: every node accepts the new
-    /// key; every node seals with it; the old key is dropped.
+    /// key; every node seals with it; the old key is dropped. First it claims the
+    /// rotation lock and waits for the claim to settle: of two rotations started at
+    /// once, exactly one proceeds and the other fails having changed nothing.
     pub(super) async fn key_rotate(&self) -> Result<Value> {
+        let base = {
+            let gossip = self.gossip();
+            let store = gossip.store();
+            let distributed = store.keyring().map_or(0, |k| k.generation);
+            let locked = store.rotation_lock().map_or(0, |(_, generation)| generation);
+            distributed.max(locked).max(store.max_key_ack())
+        };
+        // One lock at a time: sync_keyring takes key_generation, then gossip.
+        let base = base.max(*self.key_generation.lock());
+        let claim = base + 1;
+        self.write(|g, now| {
+            g.claim_rotation(claim, now);
+            true
+        });
+        tokio::time::sleep(ROTATION_SETTLE).await;
+        self.check_rotation_lock(claim, "before it started")?;
         let current = self.shared.keyring.read().clone();
         let new = crate::gossip::seal::Key::generate();
         let old = current.primary().clone();
-        // One lock at a time: sync_keyring takes key_generation, then gossip.
-        let distributed = self.gossip().store().keyring().map_or(0, |k| k.generation);
-        let base = distributed.max(*self.key_generation.lock());
         let steps = [
             (vec![old.to_hex(), new.to_hex()], 0, "accept the new key"),
             (vec![old.to_hex(), new.to_hex()], 1, "seal with the new key"),
@@ -65,6 +105,7 @@ impl Agent {
         ];
         for (i, (keys, primary, what)) in steps.into_iter().enumerate() {
             let generation = base + 1 + i as u64;
+            self.check_rotation_lock(claim, &format!("at step {} ({what})", i + 1))?;
             let record = crate::model::KeyringRecord { keys, primary, generation };
             self.write(|g, now| g.put(Object::Keyring(record), now));
             let deadline = Instant::now() + std::time::Duration::from_secs(30);
@@ -109,5 +150,35 @@ impl Agent {
             }
         }
         Ok(json!({ "primary": format!("{:08x}", new.hint()), "generation": base + 3 }))
+    }
+
+    /// Replaces this node's keyring with `keys` (the first seals) brought by the
+    /// operator, persists it (0600, durably), and removes the distributed keyring
+    /// record, which may hold the compromised key, so that nothing reinstalls it. Keys
+    /// never travel over gossip this way: the operator runs it on every node.
+    pub(super) fn key_install(&self, keys: &[String]) -> Result<Value> {
+        let keys: Vec<protocol::seal::Key> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                protocol::seal::Key::from_hex(k).map_err(|e| {
+                    Error::invalid(format!(
+                        "key install: key {} is invalid ({e}); nothing was changed",
+                        i + 1
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        if keys.is_empty() {
+            return Err(Error::invalid("key install: the keyring holds no key; nothing was changed"));
+        }
+        let ring = Keyring { keys, primary: 0 };
+        write_keyring(&self.cfg.keyring_file, &ring)?;
+        let hint = format!("{:08x}", ring.primary().hint());
+        let count = ring.keys.len();
+        *self.shared.keyring.write() = ring;
+        self.write(|g, now| g.delete(Key::KEYRING, now));
+        tracing::warn!(primary = %hint, keys = count, "installed a keyring given by the operator; gossip with nodes that lack it stops");
+        Ok(json!({ "node": self.cfg.node_name, "primary": hint, "keys": count }))
     }
 }

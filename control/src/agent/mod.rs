@@ -13,7 +13,10 @@ use self::{
     addresses::Alloc,
     persist::{load_store, save_store},
 };
-pub use self::{addresses::CLAIM_SETTLE, persist::write_keyring};
+pub use self::{
+    addresses::CLAIM_SETTLE,
+    persist::{secure_dir, secure_key_file, write_keyring, write_private},
+};
 
 use std::{
     collections::BTreeMap,
@@ -30,10 +33,7 @@ use meshd_dataplane::{
     overlay::{self, KernelVxlan, VXLAN_OVERHEAD},
     proxy::{Proxy, ProxyConfig},
 };
-use tokio::{
-    net::{TcpListener, UdpSocket, UnixListener},
-    sync::watch,
-};
+use tokio::net::{TcpListener, UdpSocket, UnixListener};
 
 use crate::{
     gossip::{self as protocol, seal::Keyring, Gossip},
@@ -111,6 +111,8 @@ pub struct Agent {
     saved_generation: Mutex<Option<u64>>,
     /// What the API server turned away.
     api_stats: api_server::ApiStats,
+    /// A corrupt store found at start, moved aside (reported by `meshctl status`).
+    store_recovered: Option<String>,
 }
 
 impl Agent {
@@ -119,23 +121,23 @@ impl Agent {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(|e| Error::io(format!("creating --state-dir {}", cfg.state_dir.display()), e))?;
-        let store = load_store(&cfg)?;
+        let mut loaded = load_store(&cfg)?;
         let node = Node { name: cfg.node_name.clone(), addr: cfg.advertise_addr };
         let mtu = overlay::underlay_mtu(cfg.advertise_addr).await? - VXLAN_OVERHEAD;
         let programs = SocketPrograms::attach(cfg.cgroup.clone())?;
         let epoch = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let gossip_addr = SocketAddr::from((cfg.advertise_addr, cfg.control_port));
+        let store = std::mem::take(&mut loaded.store);
         let mut state =
             Gossip::new(cfg.gossip.clone(), cfg.node_name.clone(), gossip_addr, epoch, store, epoch, 0);
+        persist::resync_if_stale(&mut state, &loaded, cfg.gossip.tombstone_ttl, 0);
         state.put(Object::Node(node), 0);
-        let shared = Arc::new(Shared {
-            gossip: Mutex::new(state),
-            keyring: parking_lot::RwLock::new(cfg.keyring.clone()),
-            counters: Default::default(),
-            changes: watch::channel(0).0,
-            started: Instant::now(),
-            udp_limit: cfg.gossip.udp_limit + protocol::seal::OVERHEAD,
-        });
+        let shared = Arc::new(Shared::new(
+            state,
+            cfg.keyring.clone(),
+            Instant::now(),
+            cfg.gossip.udp_limit + protocol::seal::OVERHEAD,
+        ));
         let agent = Agent {
             overlay: KernelVxlan { local_vtep: cfg.advertise_addr },
             mtu,
@@ -149,6 +151,7 @@ impl Agent {
             api_stats: Default::default(),
             key_generation: Mutex::new(0),
             saved_generation: Mutex::new(None),
+            store_recovered: loaded.recovered,
             cfg,
         };
         Ok(Arc::new(agent))

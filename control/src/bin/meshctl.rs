@@ -146,6 +146,15 @@ enum KeyCmd {
     Rotate,
     /// List the installed keys (fingerprints only).
     Ls,
+    /// Replace this node's keyring with the keys in FILE (one 64-hex-digit key per
+    /// line, the first seals), out of band: for a compromised key, since a rotation
+    /// sends the new key sealed under the old one. Run it on every node; nodes with
+    /// different keyrings stop gossiping with each other until all have it.
+    Install {
+        /// The keyring file to install.
+        #[arg(long)]
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,6 +188,19 @@ fn request(command: Command) -> Result<Request, String> {
         Command::Node(NodeCmd::Ls) => Request::NodeLs,
         Command::Key(KeyCmd::Rotate) => Request::KeyRotate,
         Command::Key(KeyCmd::Ls) => Request::KeyLs,
+        Command::Key(KeyCmd::Install { file }) => {
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                format!("cannot read keyring {}: {e}; pass a readable --file", file.display())
+            })?;
+            let ring = meshd_control::gossip::seal::Keyring::parse(&text).map_err(|e| {
+                format!("keyring {} is invalid: {e}; write one 64-hex-digit key per line", file.display())
+            })?;
+            let mut keys = vec![ring.primary().to_hex()];
+            keys.extend(
+                ring.keys.iter().enumerate().filter(|(i, _)| *i != ring.primary).map(|(_, k)| k.to_hex()),
+            );
+            Request::KeyInstall { keys }
+        }
         Command::Status => Request::Status,
     })
 }
@@ -266,6 +288,12 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
             "rotated: every node now seals with key {} (generation {})",
             cell_str(&result["primary"]),
             result["generation"]
+        ),
+        Request::KeyInstall { .. } => format!(
+            "installed on node {}: {} key(s), sealing with {}; run it on every other node too",
+            cell_str(&result["node"]),
+            result["keys"],
+            cell_str(&result["primary"])
         ),
         Request::ServiceInspect { .. } | Request::Status => {
             serde_json::to_string_pretty(result).expect("JSON values serialize")

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use meshd_control::{
-    agent::{Agent, AgentConfig},
+    agent::{secure_dir, secure_key_file, write_keyring, Agent, AgentConfig},
     api::DEFAULT_SOCKET,
     gossip::{
         self,
@@ -35,7 +35,9 @@ struct Args {
     /// A member to join through, as IP or IP:PORT (repeatable).
     #[arg(long = "join", value_name = "ADDR")]
     join: Vec<String>,
-    /// Directory for the persisted cluster store.
+    /// Directory for the persisted cluster store. Kept 0700 with store.json 0600 (the
+    /// store holds the keys a rotation distributed); looser modes found at start are
+    /// tightened, with a warning.
     #[arg(long, default_value = "/var/lib/meshd")]
     state_dir: PathBuf,
     /// Path of the local API socket (created with mode 0600).
@@ -48,7 +50,8 @@ struct Args {
     #[arg(long, default_value_t = PORT)]
     control_port: u16,
     /// The cluster keyring: one 64-hex-digit AES-256 key per line, the first seals.
-    /// Every node needs the same file. Created with a fresh key if missing
+    /// Every node needs the same file. Created with a fresh key if missing; kept 0600
+    /// (a file group or others can read is tightened at start, with a warning)
     /// [default: STATE_DIR/keyring].
     #[arg(long)]
     keyring_file: Option<PathBuf>,
@@ -76,6 +79,16 @@ struct Args {
     /// How long deletions are remembered before they are reaped, in seconds.
     #[arg(long, default_value_t = 3600)]
     tombstone_ttl_secs: u64,
+    /// Largest TCP push-pull frame accepted on the control port, in MiB. Checked
+    /// before authentication; the sealed cluster state must fit (10,000 task endpoints
+    /// take about 1.5 MiB).
+    #[arg(long, default_value_t = 4)]
+    max_frame_mib: usize,
+    /// Most TCP push-pulls served at once; further connections are closed at once and
+    /// counted (`dropped_busy` in `meshctl status`; the peer retries later). Buffers
+    /// before authentication stay below this times 2 x --max-frame-mib.
+    #[arg(long, default_value_t = 4)]
+    max_push_pulls: usize,
     /// On shutdown, leave overlay links, task interfaces and entries in place.
     #[arg(long)]
     keep_datapath: bool,
@@ -174,9 +187,12 @@ fn cgroup2_root() -> anyhow::Result<PathBuf> {
         .context("no cgroup2 file system is mounted; mount one (`mount -t cgroup2 none /sys/fs/cgroup/unified`) or pass --cgroup")
 }
 
-/// Reads the keyring file, or creates it (mode 0600) with one fresh key.
+/// Reads the keyring file, or creates it (mode 0600, atomically) with one fresh key.
+/// A keyring that group or others can read is tightened to 0600 with a warning.
 fn load_or_create_keyring(path: &std::path::Path) -> anyhow::Result<Keyring> {
-    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(warning) = secure_key_file(path)? {
+        tracing::warn!("{warning}");
+    }
     match std::fs::read_to_string(path) {
         Ok(text) => Keyring::parse(&text).map_err(|e| {
             anyhow::anyhow!(
@@ -187,15 +203,9 @@ fn load_or_create_keyring(path: &std::path::Path) -> anyhow::Result<Keyring> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let ring = Keyring::single(Key::generate());
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                secure_dir(dir)?;
             }
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("creating keyring {}", path.display()))?;
-            std::io::Write::write_all(&mut file, ring.render().as_bytes())?;
+            write_keyring(path, &ring).with_context(|| format!("creating keyring {}", path.display()))?;
             tracing::warn!(
                 path = %path.display(),
                 "created a new cluster keyring; copy this file to every other node before it joins"
@@ -204,6 +214,16 @@ fn load_or_create_keyring(path: &std::path::Path) -> anyhow::Result<Keyring> {
         }
         Err(e) => Err(e).with_context(|| format!("reading keyring {}", path.display())),
     }
+}
+
+/// The state dir holds the store, and the store holds the keys a rotation distributed:
+/// the directory must be 0700 and the store 0600. Policy: fix with a warning (meshd
+/// wrote them; a permissive umask or an older meshd is the usual cause).
+fn secure_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    for warning in [secure_dir(dir)?, secure_key_file(&dir.join("store.json"))?].into_iter().flatten() {
+        tracing::warn!("{warning}");
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -245,8 +265,15 @@ async fn run() -> anyhow::Result<()> {
         Some(path) => path,
         None => cgroup2_root()?,
     };
+    secure_state_dir(&args.state_dir)?;
     let keyring_file = args.keyring_file.clone().unwrap_or_else(|| args.state_dir.join("keyring"));
     let keyring = load_or_create_keyring(&keyring_file)?;
+    if args.max_frame_mib == 0 || args.max_frame_mib > 1024 {
+        bail!("--max-frame-mib {} is out of range: use 1 to 1024", args.max_frame_mib);
+    }
+    if args.max_push_pulls == 0 {
+        bail!("--max-push-pulls must be at least 1");
+    }
     if args.udp_size < 576 || args.udp_size > 65_507 {
         bail!("--udp-size {} is out of range: use 576 to 65507 bytes", args.udp_size);
     }
@@ -259,6 +286,8 @@ async fn run() -> anyhow::Result<()> {
         suspicion_mult: args.suspicion_mult,
         udp_limit: args.udp_size - gossip::seal::OVERHEAD,
         tombstone_ttl: args.tombstone_ttl_secs * 1000,
+        max_frame: args.max_frame_mib << 20,
+        max_push_pulls: args.max_push_pulls,
         ..gossip::Config::default()
     };
     let cfg = AgentConfig {

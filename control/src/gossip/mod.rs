@@ -75,6 +75,14 @@ pub struct Config {
     pub udp_limit: usize,
     /// Highest local health multiplier.
     pub max_health: u32,
+    /// A node resyncing a stale store with no member in sight keeps its entries after
+    /// this long (it is alone: nobody can contradict them).
+    pub resync_alone_after: Millis,
+    /// Largest TCP push-pull frame accepted (driver limit, checked before
+    /// authentication; the cluster state must fit in it).
+    pub max_frame: usize,
+    /// Most push-pull exchanges served at once (driver limit); more are closed at once.
+    pub max_push_pulls: usize,
 }
 
 impl Default for Config {
@@ -94,6 +102,9 @@ impl Default for Config {
             tombstone_ttl: 3_600_000,
             udp_limit: 1400 - seal::OVERHEAD,
             max_health: 8,
+            resync_alone_after: 15_000,
+            max_frame: 4 << 20,
+            max_push_pulls: 4,
         }
     }
 }
@@ -211,6 +222,11 @@ pub struct Gossip {
     health: u32,
     leaving: bool,
     changed: bool,
+    /// While resyncing a stale store: the loaded keys that do not count yet (they are
+    /// neither sent nor re-announced until a complete push-pull confirms or drops them).
+    unconfirmed: Option<HashSet<String>>,
+    resync_started: Millis,
+    next_resync_at: Millis,
     /// Work counters.
     pub stats: Stats,
 }
@@ -257,9 +273,19 @@ impl Gossip {
             health: 0,
             leaving: false,
             changed: false,
+            unconfirmed: None,
+            resync_started: now,
+            next_resync_at: now,
             stats: Stats::default(),
             cfg,
         };
+        // Tombstones loaded from disk age from now: they are reaped one TTL after the
+        // start, like any tombstone learned now (before, they were never reaped).
+        let loaded: Vec<String> =
+            g.store.entries().filter(|(_, e)| e.value.is_none()).map(|(k, _)| k.clone()).collect();
+        for key in loaded {
+            g.tombstones_seen.insert(key, now);
+        }
         // Start each timer at a random point of its period, as memberlist does, so a
         // cluster started at once does not probe and gossip in lockstep.
         g.next_probe_at = now + g.rng.gen_range(0..g.cfg.probe_interval.max(1));
@@ -273,6 +299,16 @@ impl Gossip {
     /// This node's name.
     pub fn name(&self) -> &str {
         &self.me
+    }
+
+    /// The tuning this node runs with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// This node's process epoch (ms since the Unix epoch at its start).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// This node's incarnation.
@@ -332,6 +368,84 @@ impl Gossip {
         self.queue.len()
     }
 
+    /// The loaded store is older than the tombstone TTL: the cluster may have deleted
+    /// some of its entries and already forgotten the tombstones. Until a complete
+    /// push-pull with a member has been merged, the loaded entries stay local (still
+    /// served here, never sent nor re-announced); then an entry the cluster no longer
+    /// knows is dropped, unless this node wrote it after its last push-pull (the
+    /// cluster cannot have deleted what it never received).
+    pub fn resync_loaded(&mut self, now: Millis) {
+        self.unconfirmed = Some(self.store.entries().map(|(k, _)| k.clone()).collect());
+        self.resync_started = now;
+        self.next_resync_at = now;
+    }
+
+    /// Whether loaded entries still wait for a resync with the cluster.
+    pub fn resyncing(&self) -> bool {
+        self.unconfirmed.is_some()
+    }
+
+    /// Records that every entry of this node's store up to Lamport counter `clock`
+    /// reached a member (a push-pull frame's `covers`; see [`Gossip::resync_loaded`]).
+    pub fn note_pushed(&mut self, clock: u64) {
+        self.store.mark_synced(clock);
+    }
+
+    fn is_unconfirmed(&self, key: &str) -> bool {
+        self.unconfirmed.as_ref().is_some_and(|u| u.contains(key))
+    }
+
+    /// Ends a resync with `theirs`, a member's complete store (already merged).
+    fn finish_resync(&mut self, theirs: &Store) {
+        let Some(unconfirmed) = self.unconfirmed.take() else { return };
+        let synced = self.store.synced_clock();
+        let mut kept = 0;
+        let mut dropped = 0;
+        for key in unconfirmed {
+            if theirs.entry(&key).is_some() {
+                continue;
+            }
+            let Some(entry) = self.store.entry(&key).cloned() else { continue };
+            if entry.version.node == self.me && entry.version.counter > synced {
+                // Written here after the last push-pull: news to the cluster.
+                kept += 1;
+                self.enqueue(Update::Entry { key, entry });
+            } else {
+                dropped += 1;
+                self.store.remove(&key);
+                self.tombstones_seen.remove(&key);
+                self.participants_dirty = true;
+            }
+        }
+        self.changed = true;
+        tracing::info!(
+            kept,
+            dropped,
+            "resync with the cluster done: entries it no longer knows were dropped"
+        );
+    }
+
+    fn tick_resync(&mut self, now: Millis, out: &mut Vec<Out>) {
+        if self.unconfirmed.is_none() {
+            return;
+        }
+        if self.members.is_empty() && now >= self.resync_started + self.cfg.resync_alone_after {
+            tracing::info!("no member in sight: keeping the loaded store as it is");
+            self.unconfirmed = None;
+            self.changed = true;
+            return;
+        }
+        if now < self.next_resync_at {
+            return;
+        }
+        self.next_resync_at = now + 1000;
+        let alive: Vec<SocketAddr> =
+            self.members.values().filter(|m| m.state == MemberState::Alive).map(|m| m.addr).collect();
+        if let Some(&to) = alive.choose(&mut self.rng) {
+            out.push(Out::PushPull { to, join: true });
+        }
+    }
+
     fn announce(&mut self) {
         let update = Update::Alive { node: self.me.clone(), addr: self.addr, incarnation: self.incarnation };
         self.enqueue(update);
@@ -347,6 +461,9 @@ impl Gossip {
     }
 
     fn record_entry(&mut self, key: String, entry: Entry, now: Millis) {
+        if let Some(unconfirmed) = &mut self.unconfirmed {
+            unconfirmed.remove(&key);
+        }
         if key.starts_with("endpoint/node:") {
             self.participants_dirty = true;
         }
@@ -391,6 +508,16 @@ impl Gossip {
         let key = Object::Block(claim.clone()).key();
         self.store.put_claim(claim);
         if let Some(entry) = self.store.entry(&key).cloned() {
+            self.record_entry(key, entry, now);
+        }
+    }
+
+    /// Claims the key-rotation lock (see [`Store::claim_rotation`]) and spreads it.
+    pub fn claim_rotation(&mut self, generation: u64, now: Millis) {
+        let me = self.me.clone();
+        if self.store.claim_rotation(&me, generation) {
+            let key = crate::store::ROTATION_LOCK.to_owned();
+            let entry = self.store.entry(&key).cloned().expect("just written");
             self.record_entry(key, entry, now);
         }
     }
@@ -515,9 +642,10 @@ impl Gossip {
         let mine: Vec<(String, Entry)> = self
             .store
             .entries()
-            .filter(|(_, en)| {
+            .filter(|(k, en)| {
                 matches!(&en.value, Some(Object::Endpoint(t))
                     if t.node == self.me && t.network == e.network && t.service.is_some())
+                    && !self.is_unconfirmed(k)
             })
             .map(|(k, en)| (k.clone(), en.clone()))
             .collect();
@@ -573,6 +701,7 @@ impl Gossip {
         }
         self.tick_probe(now, &mut out);
         self.tick_suspicions(now);
+        self.tick_resync(now, &mut out);
         if now >= self.next_gossip_at {
             self.next_gossip_at = now + self.cfg.gossip_interval;
             if !self.queue.is_empty() {
@@ -756,6 +885,8 @@ impl Gossip {
         for key in old {
             self.tombstones_seen.remove(&key);
             self.store.reap(&key);
+            // The store changed: persisted again, so a reaped tombstone stays gone.
+            self.changed = true;
         }
     }
 
@@ -988,7 +1119,7 @@ impl Gossip {
             state: if self.leaving { MemberState::Left } else { MemberState::Alive },
         });
         let store = match peer {
-            None => self.store.clone(),
+            None => self.store.filtered(|k, _| !self.is_unconfirmed(k)),
             Some(peer) => {
                 let theirs = self.networks_of(peer);
                 let known: HashSet<String> = self
@@ -997,7 +1128,8 @@ impl Gossip {
                     .filter(|e| e.service.is_none())
                     .map(|e| e.network.clone())
                     .collect();
-                self.store.filtered(|_, entry| match &entry.value {
+                self.store.filtered(|key, entry| match &entry.value {
+                    _ if self.is_unconfirmed(key) => false,
                     Some(Object::Endpoint(e)) if e.service.is_some() && known.contains(&e.network) => {
                         theirs.contains(&e.network)
                     }
@@ -1005,7 +1137,26 @@ impl Gossip {
                 })
             }
         };
-        PushPull { from: self.me.clone(), join, members, store }
+        // Everything up to just below the oldest entry left out (other than entries
+        // still waiting for a resync) is in the frame.
+        let covers = self
+            .store
+            .entries()
+            .filter(|(k, _)| store.entry(k).is_none() && !self.is_unconfirmed(k))
+            .map(|(_, e)| e.version.counter)
+            .min()
+            .map_or(self.store.clock(), |c| c.saturating_sub(1));
+        PushPull {
+            from: self.me.clone(),
+            join,
+            complete: peer.is_none(),
+            covers,
+            epoch: self.epoch,
+            seq: 0,
+            sent_at_ms: 0,
+            members,
+            store,
+        }
     }
 
     /// The name of the member at `addr`, if known.
@@ -1018,7 +1169,7 @@ impl Gossip {
         self.push_pull_for(None, join)
     }
 
-    /// Merges a peer's full state.
+    /// Merges a peer's full state; a complete one ends a resync.
     pub fn merge_push_pull(&mut self, theirs: PushPull, now: Millis) {
         for m in theirs.members {
             let update = match m.state {
@@ -1035,6 +1186,10 @@ impl Gossip {
             self.apply(&update, now);
         }
         for (key, entry) in theirs.store.entries() {
+            if let Some(unconfirmed) = &mut self.unconfirmed {
+                // The cluster knows this key: merged by version like any other.
+                unconfirmed.remove(key);
+            }
             if self.store.merge_one(key.clone(), entry.clone()) {
                 if key.starts_with("endpoint/node:") {
                     self.participants_dirty = true;
@@ -1046,6 +1201,9 @@ impl Gossip {
                 }
                 self.changed = true;
             }
+        }
+        if theirs.complete {
+            self.finish_resync(&theirs.store);
         }
     }
 }

@@ -124,16 +124,25 @@ impl Sim {
 
     /// Restarts node `i` with empty state, joining through node `seed`.
     pub fn restart(&mut self, i: usize, seed: usize, cfg: Config) {
+        self.restart_with_store(i, seed, cfg, Store::default(), false);
+    }
+
+    /// Restarts node `i` from `store` (as loaded from its disk), joining through node
+    /// `seed`; `resync` as when the store is older than the tombstone TTL.
+    pub fn restart_with_store(&mut self, i: usize, seed: usize, cfg: Config, store: Store, resync: bool) {
         self.down.remove(&i);
         let mut node = Gossip::new(
             cfg,
             format!("node-{i}"),
             sim_addr(i),
             self.now,
-            Store::default(),
+            store,
             self.now ^ i as u64,
             self.now,
         );
+        if resync {
+            node.resync_loaded(self.now);
+        }
         let outs = node.join(&[sim_addr(seed)]);
         self.nodes[i] = node;
         self.send(i, outs);
@@ -186,8 +195,11 @@ impl Sim {
                     let size =
                         crate::gossip::wire::encode(&mine).len() + crate::gossip::wire::encode(&theirs).len();
                     self.wire_bytes[from] += size as u64;
+                    let (mine_clock, theirs_clock) = (mine.covers, theirs.covers);
                     self.nodes[to].merge_push_pull(mine, self.now);
                     self.nodes[from].merge_push_pull(theirs, self.now);
+                    self.nodes[from].note_pushed(mine_clock);
+                    self.nodes[to].note_pushed(theirs_clock);
                 }
             }
         }

@@ -1,4 +1,4 @@
-use super::{sim::*, *};
+use super::{sim::*, wire, *};
 use crate::model::Key;
 
 fn endpoint(id: &str) -> Object {
@@ -114,11 +114,109 @@ fn packets_stay_within_the_udp_limit_even_with_a_full_queue() {
     for i in 0..500 {
         g.put(endpoint(&format!("web.{i}")), 0);
     }
-    for out in g.tick(1) {
-        if let Out::Udp { bytes, .. } = out {
-            assert!(bytes.len() <= cfg.udp_limit, "{} bytes", bytes.len());
+    // The first tick may fall before the (jittered) first gossip round or probe: drive
+    // the timers until packets carrying updates have gone out, and check those.
+    let mut full_packets = 0;
+    let mut updates_sent = 0;
+    let mut now = 1;
+    while full_packets < 5 && now < 10_000 {
+        for out in g.tick(now) {
+            if let Out::Udp { bytes, .. } = out {
+                assert!(bytes.len() <= cfg.udp_limit, "{} bytes", bytes.len());
+                let packet: Packet = wire::decode(&bytes).expect("a packet");
+                updates_sent += packet.updates.len();
+                // Full: not even one more update of this size would have fit.
+                if packet.updates.len() >= 2
+                    && bytes.len() + bytes.len() / packet.updates.len() > cfg.udp_limit
+                {
+                    full_packets += 1;
+                }
+            }
         }
+        now += 10;
     }
+    assert!(full_packets >= 5, "only {full_packets} full packets ({updates_sent} updates) in {now} ms");
+}
+
+#[test]
+fn tombstones_loaded_from_disk_are_reaped_one_ttl_after_the_start() {
+    let cfg = Config { tombstone_ttl: 1000, ..Config::default() };
+    let key = Key::endpoint("web.1");
+    let mut store = Store::default();
+    store.put("a", endpoint("web.1"));
+    store.delete("a", &key);
+    assert!(store.entry(&key).is_some(), "a tombstone on disk");
+    let mut g = Gossip::new(cfg, "a".into(), sim_addr(0), 1, store, 1, 500);
+    g.tick(1000);
+    assert!(g.store().entry(&key).is_some(), "kept for the TTL");
+    g.tick(1500);
+    assert!(g.store().entry(&key).is_none(), "a loaded tombstone was never reaped");
+}
+
+/// Node 2 goes away holding `gone`, which node 0 deletes; the tombstones are reaped
+/// everywhere; node 2 comes back from its disk. Returns the simulation after it has
+/// run with node 2 back.
+fn comeback_after_the_tombstone_ttl(resync: bool) -> Sim {
+    let cfg = Config { tombstone_ttl: 5_000, push_pull_interval: 1_000, ..Config::default() };
+    let mut sim = Sim::new(3, cfg.clone(), NetConfig::default(), 21);
+    sim.nodes[2].put(endpoint("gone"), 0);
+    sim.nodes[1].put(endpoint("kept"), 0);
+    let everywhere = |s: &Sim, id: &str| s.nodes.iter().all(|n| n.store().get(&Key::endpoint(id)).is_some());
+    assert!(sim.run_until(5_000, |s| everywhere(s, "gone") && everywhere(s, "kept")));
+    // Long enough for node 2 to push its store to a member at least once.
+    sim.run_until(4_000, |_| false);
+    assert!(sim.nodes[2].store().synced_clock() > 0, "node 2 never pushed its store");
+    let now = sim.now;
+    // Written just before the crash: never sent to anyone.
+    sim.nodes[2].put(endpoint("late"), now);
+    let on_disk = sim.nodes[2].store().clone();
+    sim.crash(2);
+    let now = sim.now;
+    sim.nodes[0].delete(&Key::endpoint("gone"), now);
+    // Well past the TTL: nodes 0 and 1 forgot the deletion.
+    sim.run_until(15_000, |_| false);
+    for n in 0..2 {
+        assert!(
+            sim.nodes[n].store().entry(&Key::endpoint("gone")).is_none(),
+            "node-{n} still has the tombstone"
+        );
+    }
+    sim.restart_with_store(2, 0, cfg, on_disk, resync);
+    sim.run_until(10_000, |_| false);
+    sim
+}
+
+#[test]
+fn a_node_back_after_the_tombstone_ttl_does_not_resurrect_deleted_entries() {
+    // The premise: without the resync the deleted entry comes back cluster-wide.
+    let unguarded = comeback_after_the_tombstone_ttl(false);
+    assert!(unguarded.nodes[0].store().get(&Key::endpoint("gone")).is_some(), "premise: resurrection");
+
+    let sim = comeback_after_the_tombstone_ttl(true);
+    for (i, n) in sim.nodes.iter().enumerate() {
+        assert!(n.store().get(&Key::endpoint("gone")).is_none(), "node-{i} resurrected the deleted entry");
+        assert!(n.store().get(&Key::endpoint("kept")).is_some(), "node-{i} lost a live entry");
+        assert!(n.store().get(&Key::endpoint("late")).is_some(), "node-{i} lost node 2's unsent write");
+        assert!(!n.resyncing(), "node-{i} still resyncing");
+    }
+}
+
+#[test]
+fn a_stale_store_is_kept_when_no_member_is_in_sight() {
+    let cfg = Config { resync_alone_after: 1_000, ..Config::default() };
+    let mut store = Store::default();
+    store.put("a", endpoint("web.1"));
+    let mut g = Gossip::new(cfg, "a".into(), sim_addr(0), 1, store, 1, 0);
+    g.resync_loaded(0);
+    assert!(
+        g.push_pull(false).store.get(&Key::endpoint("web.1")).is_none(),
+        "unconfirmed entries are not sent"
+    );
+    g.tick(500);
+    assert!(g.resyncing());
+    g.tick(1_000);
+    assert!(!g.resyncing());
+    assert!(g.push_pull(false).store.get(&Key::endpoint("web.1")).is_some());
 }
 
 #[test]
@@ -168,4 +266,26 @@ fn a_burst_of_concurrent_writes_on_every_node_reaches_every_node() {
             .collect();
         assert!(ok, "seed {seed}: missing per node {missing:?}");
     }
+}
+
+#[test]
+fn a_filtered_push_pull_covers_only_what_it_carries() {
+    let mut g = Gossip::new(Config::default(), "a".into(), sim_addr(0), 1, Store::default(), 1, 0);
+    // Node "a" takes part in network backend; peer "b" does not: a's task there is
+    // left out of a frame for b, so the frame does not cover it.
+    let mut participation = match task_endpoint("node:a:backend") {
+        Object::Endpoint(e) => e,
+        _ => unreachable!(),
+    };
+    participation.service = None;
+    participation.node = "a".into();
+    g.put(Object::Endpoint(participation), 0);
+    g.put(endpoint("web.1"), 0);
+    let task_counter = g.store().entry(&Key::endpoint("web.1")).unwrap().version.counter;
+    g.put(Object::Node(crate::model::Node { name: "a".into(), addr: std::net::Ipv4Addr::LOCALHOST }), 0);
+    let for_b = g.push_pull_for(Some("b"), false);
+    assert!(for_b.store.entry(&Key::endpoint("web.1")).is_none(), "premise: the task is filtered out");
+    assert_eq!(for_b.covers, task_counter - 1);
+    let full = g.push_pull_for(None, false);
+    assert_eq!(full.covers, g.store().clock());
 }

@@ -144,8 +144,24 @@ pub struct MemberRecord {
 pub struct PushPull {
     /// Sender's node name.
     pub from: String,
-    /// Whether the sender is joining (the receiver answers with its own state).
+    /// Whether the sender is joining or resyncing: the receiver answers with its whole
+    /// state, unfiltered.
     pub join: bool,
+    /// Whether this frame holds the sender's whole store (nothing filtered out): only
+    /// such a frame can tell a resyncing node that an entry no longer exists.
+    pub complete: bool,
+    /// Sender's process epoch (as in [`Packet::epoch`]); with `seq`, replay protection.
+    pub epoch: u64,
+    /// Sender's push-pull counter within the epoch (set by the driver).
+    pub seq: u64,
+    /// Sender's wall clock at sending, in ms since the Unix epoch (set by the driver):
+    /// frames older than half the tombstone TTL are refused, so a recorded frame can
+    /// never bring back an entry whose tombstone has been reaped.
+    pub sent_at_ms: u64,
+    /// Local bookkeeping, never sent: every entry of the sender's store whose Lamport
+    /// counter is at most this is in the frame (see `Gossip::note_pushed`).
+    #[serde(skip)]
+    pub covers: u64,
     /// Every member the sender knows.
     pub members: Vec<MemberRecord>,
     /// The sender's store.

@@ -62,7 +62,10 @@ fn a_slash_24_serves_a_published_port_on_all_20_nodes() -> Result<()> {
         // The task table reaches a node that joined for the port shortly after.
         poll(&format!("n{i} sees both tasks"), Duration::from_secs(5), || {
             let ps = task_ips(&cluster, i, "web")?;
-            (ps.len() == 2).then_some(()).ok_or_else(|| anyhow!("{ps:?}"))
+            (ps.len() == 2).then_some(()).ok_or_else(|| {
+                let status = cluster.meshctl_json(i, &["status"]).unwrap_or_default();
+                anyhow!("{ps:?}; gossip counters: {}", status["gossip"]["counters"])
+            })
         })?;
         node_ips.insert(i, free_addresses(&cluster, i, "backend")?);
     }

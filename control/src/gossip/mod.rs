@@ -219,6 +219,9 @@ pub struct Gossip {
     participants: HashMap<String, HashSet<String>>,
     participants_dirty: bool,
     pending_syncs: Vec<String>,
+    /// Nodes that just started taking part in a network this node hosts tasks on: each
+    /// gets a push-pull from here, so the tasks reach it directly.
+    pending_welcomes: BTreeSet<String>,
     health: u32,
     leaving: bool,
     changed: bool,
@@ -270,6 +273,7 @@ impl Gossip {
             participants: HashMap::new(),
             participants_dirty: true,
             pending_syncs: Vec::new(),
+            pending_welcomes: BTreeSet::new(),
             health: 0,
             leaving: false,
             changed: false,
@@ -649,6 +653,12 @@ impl Gossip {
             })
             .map(|(k, en)| (k.clone(), en.clone()))
             .collect();
+        if !mine.is_empty() {
+            // Gossip alone reaches the newcomer only by chance when many nodes join at
+            // once (the retransmit budget goes to whoever is picked); a push-pull to it
+            // delivers the tasks at once.
+            self.pending_welcomes.insert(e.node.clone());
+        }
         for (key, entry) in mine {
             self.enqueue(Update::Entry { key, entry });
         }
@@ -722,16 +732,39 @@ impl Gossip {
                 out.push(Out::PushPull { to, join: false });
             }
         }
+        for node in std::mem::take(&mut self.pending_welcomes) {
+            if let Some(m) = self.members.get(&node).filter(|m| m.state == MemberState::Alive) {
+                out.push(Out::PushPull { to: m.addr, join: false });
+            }
+        }
         for network in std::mem::take(&mut self.pending_syncs) {
             self.refresh_participants();
-            let peers: Vec<SocketAddr> = self
+            // Pull the table from two participants, one hosting tasks there if this node
+            // knows one (it certainly holds those): a single random participant may have
+            // joined a moment ago with an empty table, and then this node would wait for
+            // the periodic push-pull (seen with 20 nodes joining one network at once).
+            let hosts: HashSet<&str> = self
+                .store
+                .endpoints()
+                .filter(|e| e.network == network && e.service.is_some())
+                .map(|e| e.node.as_str())
+                .collect();
+            let peers: Vec<(SocketAddr, bool)> = self
                 .members
                 .values()
                 .filter(|m| m.state == MemberState::Alive)
                 .filter(|m| self.participants.get(&network).is_some_and(|p| p.contains(&m.name)))
-                .map(|m| m.addr)
+                .map(|m| (m.addr, hosts.contains(m.name.as_str())))
                 .collect();
-            if let Some(&to) = peers.choose(&mut self.rng) {
+            let host =
+                peers.iter().filter(|(_, h)| *h).collect::<Vec<_>>().choose(&mut self.rng).map(|p| p.0);
+            let any = peers
+                .iter()
+                .filter(|p| Some(p.0) != host)
+                .collect::<Vec<_>>()
+                .choose(&mut self.rng)
+                .map(|p| p.0);
+            for to in host.into_iter().chain(any) {
                 out.push(Out::PushPull { to, join: false });
             }
         }

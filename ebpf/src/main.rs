@@ -115,7 +115,11 @@ mod programs {
                 let reverse = ReverseValue { addr_raw, port_raw, pad: 0 };
                 // Best effort: with the LRU full the oldest entry goes; a failure only
                 // costs the frontend's name in getpeername/recvmsg, not the connection.
-                let _ = LB_REVERSE.insert(&ReverseKey::new(cookie, backend.addr_raw, backend.port_raw), &reverse, 0);
+                let _ = LB_REVERSE.insert(
+                    &ReverseKey::new(cookie, backend.addr_raw, backend.port_raw),
+                    &reverse,
+                    0,
+                );
                 sa.user_ip4 = backend.addr_raw;
                 sa.user_port = u32::from(backend.port_raw);
                 count(stats, true);

@@ -99,7 +99,11 @@ impl Frontend {
             PROTO_UDP => Proto::Udp,
             _ => return None,
         };
-        Some(Frontend { addr: Ipv4Addr::from(ip4_octets(key.addr_raw)), port: port_host(key.port_raw), proto })
+        Some(Frontend {
+            addr: Ipv4Addr::from(ip4_octets(key.addr_raw)),
+            port: port_host(key.port_raw),
+            proto,
+        })
     }
 }
 
@@ -182,12 +186,14 @@ impl SocketLb {
     /// drops), replacing links whose program differs by attach-new-then-detach-old.
     pub fn open(cfg: SocketLbConfig) -> Result<Self> {
         let err = ebpf_err("socket-lb");
-        let dir = File::open(&cfg.cgroup).map_err(|source| Error::Cgroup { path: cfg.cgroup.clone(), source })?;
+        let dir =
+            File::open(&cfg.cgroup).map_err(|source| Error::Cgroup { path: cfg.cgroup.clone(), source })?;
         let mut loader = EbpfLoader::new();
         let map_pins: Vec<(&'static str, PathBuf)> = match &cfg.pin_dir {
             Some(pin_dir) => {
                 prepare_pin_dir(pin_dir)?;
-                let pins = map_specs().into_iter().map(|s| (s.name, pin_dir.join(s.name))).collect::<Vec<_>>();
+                let pins =
+                    map_specs().into_iter().map(|s| (s.name, pin_dir.join(s.name))).collect::<Vec<_>>();
                 for spec in map_specs() {
                     drop_incompatible_map(&pin_dir.join(spec.name), &spec)?;
                 }
@@ -196,7 +202,7 @@ impl SocketLb {
             None => Vec::new(),
         };
         for (name, path) in &map_pins {
-            loader.map_pin_path(*name, path.as_path());
+            loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(OBJECT).map_err(|e| err(format!("loading the object: {}", chain(&e))))?;
         let mut hooks = Vec::new();
@@ -213,9 +219,9 @@ impl SocketLb {
             let Some(pin_dir) = &cfg.pin_dir else {
                 // Attached as a bpf_link, which always coexists with other programs on
                 // the cgroup; the kernel wants the mode flags zero (`Single`) for links.
-                program.attach(&dir, CgroupAttachMode::Single).map_err(|e| {
-                    err(format!("attaching to {}: {}", cfg.cgroup.display(), chain(&e)))
-                })?;
+                program
+                    .attach(&dir, CgroupAttachMode::Single)
+                    .map_err(|e| err(format!("attaching to {}: {}", cfg.cgroup.display(), chain(&e))))?;
                 hooks.push(Hook { name, stats_index, program_id: info.id(), attachment: Attachment::Owned });
                 continue;
             };
@@ -225,7 +231,12 @@ impl SocketLb {
                 program.unload().map_err(|e| err(format!("unloading the spare copy: {e}")))?;
                 tracing::info!(program = name, id = old_id, "adopted pinned link");
                 adopted = true;
-                hooks.push(Hook { name, stats_index, program_id: old_id, attachment: Attachment::Pinned(link) });
+                hooks.push(Hook {
+                    name,
+                    stats_index,
+                    program_id: old_id,
+                    attachment: Attachment::Pinned(link),
+                });
                 continue;
             }
             let link_id = program
@@ -239,11 +250,14 @@ impl SocketLb {
             // Pin beside the old link, then rename over it: the new program runs before
             // the old one is detached (both rewriting is harmless: the second sees a
             // backend address, not a frontend), and the pin path always names a link.
-            let staging = pin_dir.join(format!("link_{name}.new"));
+            let staging = pin_dir.join(format!("link_{name}_new"));
             let _ = std::fs::remove_file(&staging);
-            let pinned = link.pin(&staging).map_err(|e| err(format!("pinning {}: {}", staging.display(), chain(&e))))?;
-            std::fs::rename(&staging, &link_pin)
-                .map_err(|e| err(format!("renaming {} over {}: {e}", staging.display(), link_pin.display())))?;
+            let pinned = link
+                .pin(&staging)
+                .map_err(|e| err(format!("pinning {}: {}", staging.display(), chain(&e))))?;
+            std::fs::rename(&staging, &link_pin).map_err(|e| {
+                err(format!("renaming {} over {}: {e}", staging.display(), link_pin.display()))
+            })?;
             hooks.push(Hook {
                 name,
                 stats_index,
@@ -267,14 +281,12 @@ impl SocketLb {
 
     fn map_state(&self) -> Result<MapState> {
         let err = ebpf_err("socket-lb");
-        let services: HashMap<_, FrontendKey, ServiceValue> = HashMap::try_from(
-            self.ebpf.map(SERVICES_MAP).ok_or_else(|| err("services map missing".into()))?,
-        )
-        .map_err(|e| err(format!("services map: {e}")))?;
-        let backends: HashMap<_, BackendKey, BackendValue> = HashMap::try_from(
-            self.ebpf.map(BACKENDS_MAP).ok_or_else(|| err("backends map missing".into()))?,
-        )
-        .map_err(|e| err(format!("backends map: {e}")))?;
+        let services: HashMap<_, FrontendKey, ServiceValue> =
+            HashMap::try_from(self.ebpf.map(SERVICES_MAP).ok_or_else(|| err("services map missing".into()))?)
+                .map_err(|e| err(format!("services map: {e}")))?;
+        let backends: HashMap<_, BackendKey, BackendValue> =
+            HashMap::try_from(self.ebpf.map(BACKENDS_MAP).ok_or_else(|| err("backends map missing".into()))?)
+                .map_err(|e| err(format!("backends map: {e}")))?;
         let mut state = MapState::default();
         for entry in services.iter() {
             let (k, v) = entry.map_err(|e| err(format!("reading services: {e}")))?;
@@ -298,7 +310,9 @@ impl SocketLb {
             .filter_map(|(key, service)| {
                 let frontend = Frontend::from_key(key)?;
                 let backends = (0..u32::from(service.count))
-                    .filter_map(|slot| state.backends.get(&BackendKey { service_id: service.service_id, slot }))
+                    .filter_map(|slot| {
+                        state.backends.get(&BackendKey { service_id: service.service_id, slot })
+                    })
                     .map(Backend::from_value)
                     .collect();
                 Some((frontend, backends))
@@ -348,7 +362,8 @@ impl SocketLb {
         let want: Vec<u32> = addrs.iter().map(|a| ip4_raw(a.octets())).collect();
         let stale: Vec<u32> = map.keys().filter_map(|k| k.ok()).filter(|k| !want.contains(k)).collect();
         for addr in want {
-            map.insert(addr, LOCAL_ADDR_PRESENT, 0).map_err(|e| err(format!("adding a local address: {e}")))?;
+            map.insert(addr, LOCAL_ADDR_PRESENT, 0)
+                .map_err(|e| err(format!("adding a local address: {e}")))?;
         }
         for addr in stale {
             map.remove(&addr).map_err(|e| err(format!("removing a local address: {e}")))?;
@@ -419,7 +434,7 @@ pub fn cleanup_pins(pin_dir: &Path) -> Result<()> {
     let specs = map_specs();
     let names = HOOKS
         .iter()
-        .flat_map(|(name, _)| [format!("link_{name}"), format!("link_{name}.new")])
+        .flat_map(|(name, _)| [format!("link_{name}"), format!("link_{name}_new")])
         .chain(specs.iter().map(|s| s.name.to_string()));
     for name in names {
         match std::fs::remove_file(pin_dir.join(&name)) {
@@ -456,7 +471,13 @@ fn map_specs() -> [MapSpec; 5] {
     [
         spec(SOCK_STATS_MAP, MapType::PerCpuArray, 4, size_of::<SockStats>(), STATS_ENTRIES),
         spec(SERVICES_MAP, MapType::Hash, size_of::<FrontendKey>(), size_of::<ServiceValue>(), MAX_SERVICES),
-        spec(BACKENDS_MAP, MapType::Hash, size_of::<BackendKey>(), size_of::<BackendValue>(), MAX_BACKEND_SLOTS),
+        spec(
+            BACKENDS_MAP,
+            MapType::Hash,
+            size_of::<BackendKey>(),
+            size_of::<BackendValue>(),
+            MAX_BACKEND_SLOTS,
+        ),
         spec(
             REVERSE_MAP,
             MapType::LruHash,
@@ -524,7 +545,8 @@ fn adoptable_link(path: &Path, tag: u64, map_pins: &[(&str, PathBuf)]) -> Result
 fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
     let err = ebpf_err("socket-lb");
     if pin_dir.starts_with(BPFFS) {
-        let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| err(format!("reading /proc/mounts: {e}")))?;
+        let mounts =
+            std::fs::read_to_string("/proc/mounts").map_err(|e| err(format!("reading /proc/mounts: {e}")))?;
         let mounted = mounts.lines().any(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             f.get(1) == Some(&BPFFS) && f.get(2) == Some(&"bpf")
@@ -542,7 +564,8 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
             }
         }
     }
-    std::fs::create_dir_all(pin_dir).map_err(|e| err(format!("creating pin directory {}: {e}", pin_dir.display())))
+    std::fs::create_dir_all(pin_dir)
+        .map_err(|e| err(format!("creating pin directory {}: {e}", pin_dir.display())))
 }
 
 /// An error with its sources, for messages that must say what the kernel said.

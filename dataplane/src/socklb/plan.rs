@@ -64,7 +64,8 @@ pub fn plan(actual: &MapState, desired: &BTreeMap<FrontendKey, Vec<BackendValue>
             .filter_map(|(slot, backend)| {
                 let slot_key = BackendKey { service_id, slot: slot as u32 };
                 live.insert(slot_key);
-                (actual.backends.get(&slot_key) != Some(backend)).then_some(Write::PutBackend(slot_key, *backend))
+                (actual.backends.get(&slot_key) != Some(backend))
+                    .then_some(Write::PutBackend(slot_key, *backend))
             })
             .collect();
         let service_changed = old != Some(&value);
@@ -107,7 +108,8 @@ pub fn replay(state: &mut MapState, writes: &[Write]) {
 /// reading the maps at this instant needs).
 pub fn consistent(state: &MapState) -> bool {
     state.services.values().all(|s| {
-        (0..u32::from(s.count)).all(|slot| state.backends.contains_key(&BackendKey { service_id: s.service_id, slot }))
+        (0..u32::from(s.count))
+            .all(|slot| state.backends.contains_key(&BackendKey { service_id: s.service_id, slot }))
     })
 }
 
@@ -145,7 +147,10 @@ mod tests {
             let service = state.services[key];
             assert_eq!(usize::from(service.count), backends.len());
             for (slot, backend) in backends.iter().enumerate() {
-                assert_eq!(state.backends[&BackendKey { service_id: service.service_id, slot: slot as u32 }], *backend);
+                assert_eq!(
+                    state.backends[&BackendKey { service_id: service.service_id, slot: slot as u32 }],
+                    *backend
+                );
             }
         }
         assert_eq!(state.services.len(), want.len());
@@ -166,7 +171,10 @@ mod tests {
         let id = state.services[&fe(1)].service_id;
         converges(&mut state, &desired(&[(fe(1), &[be(1), be(2), be(3)])]));
         let writes = converges(&mut state, &desired(&[(fe(1), &[be(3)])]));
-        assert!(matches!(writes.first(), Some(Write::PutService(_, ServiceValue { count: 1, .. }))), "{writes:?}");
+        assert!(
+            matches!(writes.first(), Some(Write::PutService(_, ServiceValue { count: 1, .. }))),
+            "{writes:?}"
+        );
         assert_eq!(state.backends.len(), 1, "shrunk slots deleted");
         converges(&mut state, &desired(&[(fe(1), &[])]));
         assert_eq!(state.services[&fe(1)].count, 0, "no backends: kept, refusing");

@@ -351,10 +351,8 @@ mod tests {
 
     #[test]
     fn vip_marker_refuses_ports_the_service_does_not_serve() {
-        let map = services(&[
-            (FrontendKey::new(VIP, 80, PROTO_TCP), 2),
-            (FrontendKey::new(VIP, 0, PROTO_TCP), 0),
-        ]);
+        let map =
+            services(&[(FrontendKey::new(VIP, 80, PROTO_TCP), 2), (FrontendKey::new(VIP, 0, PROTO_TCP), 0)]);
         assert_eq!(
             resolve(&map, FrontendKey::new(VIP, 80, PROTO_TCP), &[]),
             Forward::Balance { service_id: 1, count: 2 }
@@ -371,13 +369,19 @@ mod tests {
         let balanced = Forward::Balance { service_id: 1, count: 2 };
         assert_eq!(resolve(&map, FrontendKey::new([127, 0, 0, 1], 3000, PROTO_TCP), &[node]), balanced);
         assert_eq!(resolve(&map, FrontendKey::new(node, 3000, PROTO_TCP), &[node]), balanced);
-        assert_eq!(resolve(&map, FrontendKey::new([198, 18, 0, 12], 3000, PROTO_TCP), &[node]), Forward::Pass);
+        assert_eq!(
+            resolve(&map, FrontendKey::new([198, 18, 0, 12], 3000, PROTO_TCP), &[node]),
+            Forward::Pass
+        );
         assert_eq!(resolve(&map, FrontendKey::new(node, 3001, PROTO_TCP), &[node]), Forward::Pass);
     }
 
     #[test]
     fn wildcard_destinations_are_never_frontends() {
-        let map = services(&[(FrontendKey::new(VIP, 0, PROTO_TCP), 0), (FrontendKey::new([0; 4], 80, PROTO_TCP), 1)]);
+        let map = services(&[
+            (FrontendKey::new(VIP, 0, PROTO_TCP), 0),
+            (FrontendKey::new([0; 4], 80, PROTO_TCP), 1),
+        ]);
         assert_eq!(resolve(&map, FrontendKey::new(VIP, 0, PROTO_TCP), &[]), Forward::Pass);
         assert_eq!(resolve(&map, FrontendKey::new([0; 4], 80, PROTO_TCP), &[]), Forward::Pass);
     }

@@ -301,3 +301,56 @@ fn a_missing_cgroup_is_a_clear_error() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_pinned_map_of_another_layout_is_replaced_and_the_links_swapped_without_duplicates() -> Result<()> {
+    let setup = Setup::new()?;
+    setup.start_backends()?;
+    let mut lb = SocketLb::open(setup.config())?;
+    lb.apply(&desired())?;
+    let old_ids: Vec<u32> = lb.status()?.iter().map(|s| s.id).collect();
+    drop(lb);
+
+    // An older meshd's services map with another layout sits at the pin path.
+    let services_pin = setup.pin_dir.join("LB_SERVICES");
+    std::fs::remove_file(&services_pin)?;
+    let pin = services_pin.to_string_lossy().into_owned();
+    meshd_tests::sh(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            &pin,
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "16",
+            "name",
+            "LB_SERVICES",
+        ],
+    )?;
+    // The old programs still serve from the map they hold.
+    check_spread(&setup.client(true, serde_json::json!([["tcp", "10.99.0.1", 80, 30]]))?, "10.99.0.1:80")?;
+
+    let mut lb = SocketLb::open(setup.config())?;
+    // connect4/sendmsg4 read the services map: replaced by new programs on the new
+    // map. recvmsg4/getpeername4 use only maps that were kept: adopted as they run.
+    let new_ids: Vec<u32> = lb.status()?.iter().map(|s| s.id).collect();
+    assert!(new_ids[0] != old_ids[0] && new_ids[1] != old_ids[1], "replaced: {old_ids:?} -> {new_ids:?}");
+    assert_eq!(new_ids[2..], old_ids[2..], "adopted: {old_ids:?} -> {new_ids:?}");
+    assert!(lb.adopted());
+    let attached = setup.attached()?;
+    assert!(all_four(&attached), "old links detached, new ones attached once: {attached:?}");
+    // The fresh services map is empty; the old backend slots are strays until apply.
+    assert_eq!(lb.observe()?, BTreeMap::new());
+    lb.apply(&desired())?;
+    assert_eq!(lb.observe()?, desired());
+    check_spread(&setup.client(true, serde_json::json!([["tcp", "10.99.0.1", 80, 30]]))?, "10.99.0.1:80")?;
+    lb.cleanup()?;
+    assert!(setup.attached()?.is_empty());
+    Ok(())
+}

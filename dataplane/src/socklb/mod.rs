@@ -10,6 +10,7 @@
 //! detaches everything.
 
 pub mod plan;
+mod sys;
 
 use std::{
     collections::BTreeMap,
@@ -426,8 +427,8 @@ impl SocketLb {
     }
 }
 
-/// Removes the pins meshd's socket load balancer keeps in `pin_dir` (links detach when
-/// their pin and last descriptor go) and the directory itself; a missing directory is
+/// Detaches the links pinned in `pin_dir` (at once, not when the kernel gets to it),
+/// removes the pins meshd's socket load balancer keeps there and the directory itself; a missing directory is
 /// fine. Touches only the names this module pins.
 pub fn cleanup_pins(pin_dir: &Path) -> Result<()> {
     let err = ebpf_err("socket-lb");
@@ -437,7 +438,16 @@ pub fn cleanup_pins(pin_dir: &Path) -> Result<()> {
         .flat_map(|(name, _)| [format!("link_{name}"), format!("link_{name}_new")])
         .chain(specs.iter().map(|s| s.name.to_string()));
     for name in names {
-        match std::fs::remove_file(pin_dir.join(&name)) {
+        let path = pin_dir.join(&name);
+        if name.starts_with("link_") {
+            // Detach now: removing the pin alone detaches later, from a work queue.
+            match sys::detach_pinned_link(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(err(format!("detaching {}: {e}", path.display()))),
+            }
+        }
+        match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(err(format!("removing pin {}: {e}", pin_dir.join(&name).display()))),

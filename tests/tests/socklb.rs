@@ -178,6 +178,8 @@ fn desired() -> BTreeMap<Frontend, Vec<Backend>> {
         (Frontend { addr: VIP, port: 0, proto: Proto::Tcp }, vec![]),
         (Frontend { addr: VIP, port: 53, proto: Proto::Udp }, backends(5353)),
         (Frontend { addr: EMPTY_VIP, port: 80, proto: Proto::Tcp }, vec![]),
+        // A published port: any loopback or local address.
+        (Frontend { addr: Ipv4Addr::UNSPECIFIED, port: 3000, proto: Proto::Tcp }, backends(8080)),
     ])
 }
 
@@ -208,6 +210,7 @@ fn frontends_balance_restore_the_peer_survive_the_loader_and_clean_up() -> Resul
     let mut lb = SocketLb::open(setup.config())?;
     assert!(!lb.adopted(), "nothing to adopt on a fresh pin directory");
     let writes = lb.apply(&desired())?;
+    lb.set_local_addrs(&[BACKENDS[0]])?;
     assert!(writes > 0);
     assert_eq!(lb.observe()?, desired(), "observe reads back what apply wrote");
     assert_eq!(lb.apply(&desired())?, 0, "a second apply writes nothing");
@@ -236,12 +239,24 @@ fn frontends_balance_restore_the_peer_survive_the_loader_and_clean_up() -> Resul
             ["tcp", "10.99.0.1", 80, 60],
             ["udp", "10.99.0.1", 53, 60],
             ["tcp", "10.99.0.2", 80, 1],
-            ["tcp", "10.99.0.1", 81, 1]
+            ["tcp", "10.99.0.1", 81, 1],
+            ["tcp", "127.0.0.1", 3000, 60],
+            ["tcp", "10.0.0.1", 3000, 60],
+            ["tcp", "10.0.0.2", 3000, 1]
         ]),
     )?;
     check_spread(&results[0..60], "10.99.0.1:80")?;
     check_spread(&results[60..120], "10.99.0.1:53")?;
-    assert_eq!(errnos(&results[120..]), vec![ECONNREFUSED, ECONNREFUSED], "refused: {:?}", &results[120..]);
+    assert_eq!(
+        errnos(&results[120..122]),
+        vec![ECONNREFUSED, ECONNREFUSED],
+        "refused: {:?}",
+        &results[120..122]
+    );
+    // The published port answers at loopback and at the listed local address only.
+    check_spread(&results[122..182], "127.0.0.1:3000")?;
+    check_spread(&results[182..242], "10.0.0.1:3000")?;
+    assert_eq!(errnos(&results[242..]), vec![ECONNREFUSED], "10.0.0.2 is not listed: {:?}", &results[242..]);
     let status = lb.status()?;
     assert_eq!(
         status.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),

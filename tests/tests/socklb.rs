@@ -138,8 +138,9 @@ impl Drop for Setup {
 }
 
 /// Steps: `["tcp", addr, port, n]` connects n times (reads the backend's id,
-/// getpeername); `["udp", addr, port, n]` sends n datagrams from one unconnected
-/// socket and receives the answers (recvfrom's sender).
+/// getpeername); `["udpc", addr, port, n]` the same with connected UDP sockets;
+/// `["udp", addr, port, n]` sends n datagrams from one unconnected socket and
+/// receives the answers (recvfrom's sender).
 const CLIENT: &str = r#"
 import json, socket, sys
 sys.stdin.readline()
@@ -153,6 +154,18 @@ for kind, addr, port, n in json.loads(sys.argv[1]):
                 s.connect((addr, port))
                 peer = s.getpeername()
                 out.append({"peer": "%s:%d" % peer, "data": s.recv(16).decode()})
+            except OSError as e:
+                out.append({"err": e.errno})
+            s.close()
+    elif kind == "udpc":
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(2)
+            try:
+                s.connect((addr, port))
+                peer = s.getpeername()
+                s.send(b"x")
+                out.append({"peer": "%s:%d" % peer, "data": s.recv(64).decode()})
             except OSError as e:
                 out.append({"err": e.errno})
             s.close()
@@ -242,7 +255,8 @@ fn frontends_balance_restore_the_peer_survive_the_loader_and_clean_up() -> Resul
             ["tcp", "10.99.0.1", 81, 1],
             ["tcp", "127.0.0.1", 3000, 60],
             ["tcp", "10.0.0.1", 3000, 60],
-            ["tcp", "10.0.0.2", 3000, 1]
+            ["tcp", "10.0.0.2", 3000, 1],
+            ["udpc", "10.99.0.1", 53, 60]
         ]),
     )?;
     check_spread(&results[0..60], "10.99.0.1:80")?;
@@ -256,7 +270,13 @@ fn frontends_balance_restore_the_peer_survive_the_loader_and_clean_up() -> Resul
     // The published port answers at loopback and at the listed local address only.
     check_spread(&results[122..182], "127.0.0.1:3000")?;
     check_spread(&results[182..242], "10.0.0.1:3000")?;
-    assert_eq!(errnos(&results[242..]), vec![ECONNREFUSED], "10.0.0.2 is not listed: {:?}", &results[242..]);
+    assert_eq!(
+        errnos(&results[242..243]),
+        vec![ECONNREFUSED],
+        "10.0.0.2 is not listed: {:?}",
+        &results[242..243]
+    );
+    check_spread(&results[243..], "10.99.0.1:53")?;
     let status = lb.status()?;
     assert_eq!(
         status.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),

@@ -9,6 +9,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
 };
 
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
@@ -387,5 +388,79 @@ fn a_pinned_map_of_another_layout_is_replaced_and_the_links_swapped_without_dupl
     check_spread(&setup.client(true, serde_json::json!([["tcp", "10.99.0.1", 80, 30]]))?, "10.99.0.1:80")?;
     lb.cleanup()?;
     assert!(setup.attached()?.is_empty());
+    Ok(())
+}
+
+/// Connects to the frontend in a loop until a second line arrives on stdin (or 20 s,
+/// or 100 000 connects pass), then prints the counts.
+const LOOP_CLIENT: &str = r#"
+import json, select, socket, sys, time
+sys.stdin.readline()
+ok = failed = 0
+errors = {}
+deadline = time.monotonic() + 20
+while ok + failed < 100000 and time.monotonic() < deadline:
+    if select.select([sys.stdin], [], [], 0)[0]:
+        break
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect(("10.99.0.1", 80))
+        if s.recv(16):
+            ok += 1
+        else:
+            failed += 1
+    except OSError as e:
+        failed += 1
+        errors[str(e.errno)] = errors.get(str(e.errno), 0) + 1
+    s.close()
+print(json.dumps({"ok": ok, "failed": failed, "errors": errors}))
+"#;
+
+#[test]
+fn connects_never_fail_while_the_loader_is_dropped_and_a_new_one_adopts() -> Result<()> {
+    let setup = Setup::new()?;
+    setup.start_backends()?;
+    let mut lb = SocketLb::open(setup.config())?;
+    lb.apply(&desired())?;
+    let rewritten = |lb: &SocketLb| -> Result<u64> { Ok(lb.status()?[0].rewritten) };
+    let start = rewritten(&lb)?;
+
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", setup.netns.display()))
+        .args(["--", "python3", "-c", LOOP_CLIENT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running nsenter and python3; install util-linux and python3")?;
+    std::fs::write(setup.cgroup.join("cgroup.procs"), child.id().to_string())?;
+    let mut stdin = child.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
+    stdin.write_all(b"go\n")?;
+    stdin.flush()?;
+    meshd_tests::poll("the client connects through the VIP", Duration::from_secs(10), || {
+        let n = rewritten(&lb)? - start;
+        ensure!(n >= 300, "{n} rewritten connects");
+        Ok(())
+    })?;
+
+    // As after kill -9: the loader goes away without cleanup; a new one adopts.
+    drop(lb);
+    let mut lb = SocketLb::open(setup.config())?;
+    assert!(lb.adopted());
+    assert_eq!(lb.apply(&desired())?, 0, "the maps kept every entry");
+    let mid = rewritten(&lb)?;
+    meshd_tests::poll("connects continue after the new loader adopted", Duration::from_secs(10), || {
+        let n = rewritten(&lb)? - mid;
+        ensure!(n >= 300, "{n} rewritten connects");
+        Ok(())
+    })?;
+    stdin.write_all(b"stop\n")?;
+    drop(stdin);
+    let out = child.wait_with_output()?;
+    let counts: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("{out:?}"))?;
+    assert_eq!(counts["failed"], 0, "no connect failed across the reload: {counts}");
+    assert!(counts["ok"].as_u64().unwrap_or(0) >= 600, "{counts}");
+    println!("connects across the reload: {counts}");
+    lb.cleanup()?;
     Ok(())
 }

@@ -256,9 +256,19 @@ impl SocketLb {
             let pinned = link
                 .pin(&staging)
                 .map_err(|e| err(format!("pinning {}: {}", staging.display(), chain(&e))))?;
+            // Held across the rename so the replaced link is detached at once (dropping
+            // its last reference would detach it later, from a kernel work queue).
+            let replaced = match sys::obj_get(&link_pin) {
+                Ok(fd) => Some(fd),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(err(format!("opening the pinned link {}: {e}", link_pin.display()))),
+            };
             std::fs::rename(&staging, &link_pin).map_err(|e| {
                 err(format!("renaming {} over {}: {e}", staging.display(), link_pin.display()))
             })?;
+            if let Some(old) = replaced {
+                sys::link_detach(&old).map_err(|e| err(format!("detaching the replaced link: {e}")))?;
+            }
             hooks.push(Hook {
                 name,
                 stats_index,

@@ -464,3 +464,31 @@ fn connects_never_fail_while_the_loader_is_dropped_and_a_new_one_adopts() -> Res
     lb.cleanup()?;
     Ok(())
 }
+
+#[test]
+fn a_loader_on_another_cgroup_moves_the_links_there() -> Result<()> {
+    let setup = Setup::new()?;
+    setup.start_backends()?;
+    let mut lb = SocketLb::open(setup.config())?;
+    lb.apply(&desired())?;
+    drop(lb);
+
+    // Same pins, another --cgroup: the links move, nothing stays on the old cgroup.
+    let other = setup.cgroup.with_extension("b");
+    std::fs::create_dir(&other)?;
+    let result = (|| -> Result<()> {
+        let lb =
+            SocketLb::open(SocketLbConfig { cgroup: other.clone(), pin_dir: Some(setup.pin_dir.clone()) })?;
+        assert!(!lb.adopted(), "links on another cgroup are not adopted");
+        let attached = setup.attached()?;
+        assert!(attached.is_empty(), "old cgroup left bare: {attached:?}");
+        let out = meshd_tests::sh("bpftool", &["cgroup", "show", &other.to_string_lossy()])?;
+        for name in ["connect4", "sendmsg4", "recvmsg4", "getpeername4"] {
+            assert_eq!(out.lines().filter(|l| l.split_whitespace().last() == Some(name)).count(), 1, "{out}");
+        }
+        assert_eq!(lb.observe()?, desired(), "the maps were kept");
+        lb.cleanup().map_err(Into::into)
+    })();
+    let _ = std::fs::remove_dir(&other);
+    result
+}

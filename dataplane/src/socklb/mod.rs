@@ -189,6 +189,10 @@ impl SocketLb {
         let err = ebpf_err("socket-lb");
         let dir =
             File::open(&cfg.cgroup).map_err(|source| Error::Cgroup { path: cfg.cgroup.clone(), source })?;
+        // A pinned link on another cgroup (--cgroup changed) is replaced, not adopted.
+        let cgroup_id = std::os::unix::fs::MetadataExt::ino(
+            &dir.metadata().map_err(|source| Error::Cgroup { path: cfg.cgroup.clone(), source })?,
+        );
         let mut loader = EbpfLoader::new();
         let map_pins: Vec<(&'static str, PathBuf)> = match &cfg.pin_dir {
             Some(pin_dir) => {
@@ -227,7 +231,7 @@ impl SocketLb {
                 continue;
             };
             let link_pin = pin_dir.join(format!("link_{name}"));
-            if let Some((link, old_id)) = adoptable_link(&link_pin, info.tag(), &map_pins)? {
+            if let Some((link, old_id)) = adoptable_link(&link_pin, info.tag(), &map_pins, cgroup_id)? {
                 // Same program on the same maps: keep the running link, unload ours.
                 program.unload().map_err(|e| err(format!("unloading the spare copy: {e}")))?;
                 tracing::info!(program = name, id = old_id, "adopted pinned link");
@@ -532,11 +536,20 @@ fn drop_incompatible_map(path: &Path, spec: &MapSpec) -> Result<()> {
     Ok(())
 }
 
-/// The pinned link at `path`, if its program has `tag` and uses exactly the maps
-/// pinned in `map_pins`, with the attached program's id.
-fn adoptable_link(path: &Path, tag: u64, map_pins: &[(&str, PathBuf)]) -> Result<Option<(FdLink, u32)>> {
+/// The pinned link at `path`, if it is attached to cgroup `cgroup_id` and its program
+/// has `tag` and uses only the maps pinned in `map_pins`, with the attached program's id.
+fn adoptable_link(
+    path: &Path,
+    tag: u64,
+    map_pins: &[(&str, PathBuf)],
+    cgroup_id: u64,
+) -> Result<Option<(FdLink, u32)>> {
     if !path.exists() {
         return Ok(None);
+    }
+    match sys::obj_get(path).and_then(|fd| sys::link_cgroup_id(&fd)) {
+        Ok(id) if id == cgroup_id => {}
+        _ => return Ok(None),
     }
     let Ok(link) = PinnedLink::from_pin(path) else {
         return Ok(None);

@@ -55,3 +55,24 @@ pub(crate) fn link_detach(fd: &OwnedFd) -> io::Result<()> {
     attr.0[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
     bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
 }
+
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// The cgroup id (the cgroup2 directory's inode number) a cgroup link `fd` is attached
+/// to. aya 0.14's `LinkInfo` does not expose it.
+pub(crate) fn link_cgroup_id(fd: &OwnedFd) -> io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    // struct bpf_link_info: u32 type, id, prog_id; then the union at offset 16, whose
+    // `cgroup` member starts with u64 cgroup_id.
+    #[repr(C, align(8))]
+    struct LinkInfo([u8; 256]);
+    let mut info = LinkInfo([0; 256]);
+    let mut attr = Attr([0; 128]);
+    attr.0[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    attr.0[4..8].copy_from_slice(&(std::mem::size_of::<LinkInfo>() as u32).to_ne_bytes());
+    attr.0[8..16].copy_from_slice(&(&mut info as *mut LinkInfo as u64).to_ne_bytes());
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&info.0[16..24]);
+    Ok(u64::from_ne_bytes(id))
+}

@@ -8,6 +8,22 @@
 //! next [`SocketLb::open`] adopts the pins, and only [`SocketLb::cleanup`] (or
 //! [`cleanup_pins`]) removes them. Unpinned (`pin_dir: None`), dropping the value
 //! detaches everything.
+//!
+//! ## For control
+//! - At start: `SocketLb::open(SocketLbConfig { cgroup, pin_dir: Some(pin_dir_for(node)) })`
+//!   (mounts bpffs at `/sys/fs/bpf` if absent). Compatible pins are adopted: the same
+//!   program on the same maps on the same cgroup keeps running; anything else is
+//!   replaced by attach-new, rename the pin over the old one, detach-old.
+//! - Each reconcile: `observe()` (read back from the maps), then `apply(&desired)` with
+//!   desired = frontend → healthy backends. It writes only the difference and returns
+//!   how many writes it made. `set_local_addrs` lists the node's addresses for the
+//!   `0.0.0.0:port` (published port) form.
+//! - `meshd --cleanup`: [`cleanup_pins`]`(&pin_dir_for(node))`, or `SocketLb::cleanup`.
+//! - Caveat: a map whose pinned layout differs from this build's (an upgrade that
+//!   changed a map type) is recreated empty; VIPs pass through untranslated until the
+//!   first `apply`. Compatible upgrades have no such window.
+//! - Unconnected UDP `sendmsg` picks a backend per datagram; replies are restored to
+//!   the frontend per (socket, backend) in the reverse map.
 
 pub mod plan;
 mod sys;
@@ -339,17 +355,7 @@ impl SocketLb {
     /// order they take slots), with the fewest writes, in an order that never exposes a
     /// half-written service. Returns the number of writes.
     pub fn apply(&mut self, desired: &BTreeMap<Frontend, Vec<Backend>>) -> Result<usize> {
-        for (frontend, backends) in desired {
-            if backends.len() > usize::from(MAX_BACKENDS_PER_SERVICE) {
-                return Err(Error::Config {
-                    setting: "socket-lb backends",
-                    message: format!(
-                        "{frontend:?} has {} backends; at most {MAX_BACKENDS_PER_SERVICE} fit a frontend",
-                        backends.len()
-                    ),
-                });
-            }
-        }
+        check_desired(desired)?;
         let want: BTreeMap<FrontendKey, Vec<BackendValue>> =
             desired.iter().map(|(f, b)| (f.key(), b.iter().map(Backend::value).collect())).collect();
         let writes = plan::plan(&self.map_state()?, &want);
@@ -439,6 +445,32 @@ impl SocketLb {
             None => Ok(()),
         }
     }
+}
+
+/// Refuses a desired state the maps cannot express: too many backends for one
+/// frontend, or backends on a wildcard form that never receives traffic itself (the
+/// VIP marker `addr:0`, or `0.0.0.0:0`).
+pub fn check_desired(desired: &BTreeMap<Frontend, Vec<Backend>>) -> Result<()> {
+    for (frontend, backends) in desired {
+        if backends.len() > usize::from(MAX_BACKENDS_PER_SERVICE) {
+            return Err(Error::Config {
+                setting: "socket-lb backends",
+                message: format!(
+                    "{frontend:?} has {} backends; at most {MAX_BACKENDS_PER_SERVICE} fit a frontend",
+                    backends.len()
+                ),
+            });
+        }
+        if frontend.port == 0 && !backends.is_empty() {
+            return Err(Error::Config {
+                setting: "socket-lb frontend",
+                message: format!(
+                    "{frontend:?} has port 0, the VIP marker, which takes no backends; give the port it serves"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Detaches the links pinned in `pin_dir` (at once, not when the kernel gets to it),
@@ -611,4 +643,33 @@ pub(crate) fn chain(error: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fe(port: u16) -> Frontend {
+        Frontend { addr: Ipv4Addr::new(10, 99, 0, 1), port, proto: Proto::Tcp }
+    }
+
+    #[test]
+    fn desired_states_the_maps_cannot_hold_are_refused() {
+        let backend = Backend { addr: Ipv4Addr::new(10, 0, 0, 1), port: 80 };
+        assert!(check_desired(&BTreeMap::from([(fe(80), vec![backend]), (fe(0), vec![])])).is_ok());
+        let marker = check_desired(&BTreeMap::from([(fe(0), vec![backend])])).unwrap_err().to_string();
+        assert!(marker.contains("port 0"), "{marker}");
+        let many = vec![backend; usize::from(MAX_BACKENDS_PER_SERVICE) + 1];
+        let too_many = check_desired(&BTreeMap::from([(fe(80), many)])).unwrap_err().to_string();
+        assert!(too_many.contains("at most"), "{too_many}");
+    }
+
+    #[test]
+    fn frontends_and_backends_round_trip_through_map_keys() {
+        let frontend = Frontend { addr: Ipv4Addr::new(10, 99, 0, 1), port: 3306, proto: Proto::Udp };
+        assert_eq!(Frontend::from_key(&frontend.key()), Some(frontend));
+        let backend = Backend { addr: Ipv4Addr::new(10, 0, 0, 7), port: 8080 };
+        assert_eq!(Backend::from_value(&backend.value()), backend);
+        assert_eq!(frontend.key().proto, PROTO_UDP);
+    }
 }

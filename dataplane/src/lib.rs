@@ -9,5 +9,6 @@ mod error;
 pub mod lb;
 pub mod overlay;
 pub mod proxy;
+pub mod socklb;
 
 pub use error::{Error, Result};

@@ -1,6 +1,9 @@
 //! The reconciler's policy: from the store, what this node's dataplane should hold
-//! ([`desired`]), and the operations that take it from what it holds to that
-//! ([`plan`]). Pure functions; the agent executes the operations.
+//! ([`desired`]), and the operations that take it from what it actually holds — read
+//! back from the kernel and the proxy each period ([`actual`]) — to that ([`plan`]).
+//! Pure functions; the agent observes and executes. Because `actual` is observed, not
+//! remembered, a hand-deleted entry, a leftover of a `kill -9` and an object that went
+//! stale while meshd was down all converge the same way.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -9,7 +12,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 use meshd_dataplane::{
-    overlay::{OverlaySpec, PeerSpec, TaskLink},
+    overlay::{Observed, OverlaySpec, PeerSpec, TaskLink},
     proxy::Proto,
 };
 
@@ -138,8 +141,25 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: 
     out
 }
 
-/// The operations that turn `applied` into `desired`: removals first (so a re-used
-/// address or port is free again), then additions.
+/// What the node holds: the kernel objects meshd owns (as observed) and the proxy's
+/// listeners.
+pub fn actual(
+    observed: Observed,
+    listeners: impl IntoIterator<Item = ((Proto, u16), Vec<SocketAddr>)>,
+) -> Dataplane {
+    Dataplane {
+        overlays: observed.overlays,
+        peers: observed.peers,
+        local_tasks: observed.tasks,
+        listeners: listeners.into_iter().collect(),
+        isolation: observed.isolation,
+    }
+}
+
+/// The operations that turn `applied` (what the node actually holds) into `desired`:
+/// removals first (so a re-used address or port is free again), then additions and
+/// repairs. An object that exists but differs from what is wanted (an overlay not fully
+/// wired, a task link whose address or route changed) is ensured again.
 pub fn plan(applied: &Dataplane, desired: &Dataplane) -> Vec<Op> {
     let mut ops = Vec::new();
     ops.extend(applied.peers.difference(&desired.peers).cloned().map(Op::RemovePeer));

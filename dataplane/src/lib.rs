@@ -6,6 +6,7 @@
 pub mod ebpf;
 mod error;
 pub mod lb;
+pub mod netlink;
 pub mod overlay;
 pub mod proxy;
 

@@ -118,6 +118,12 @@ impl Proxy {
     pub fn ports(&self) -> impl Iterator<Item = (Proto, u16)> + '_ {
         self.listeners.keys().copied()
     }
+
+    /// The ports served now with their backends: the proxy's side of what the reconciler
+    /// observes.
+    pub fn served(&self) -> impl Iterator<Item = ((Proto, u16), Vec<SocketAddr>)> + '_ {
+        self.listeners.iter().map(|(key, listener)| (*key, listener.backends.read().to_vec()))
+    }
 }
 
 impl Drop for Proxy {

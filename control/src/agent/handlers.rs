@@ -288,7 +288,7 @@ impl Agent {
             gateway,
             mtu: network.mtu.unwrap_or(self.mtu),
         };
-        let mut plane = self.plane.lock().await;
+        let plane = self.plane.lock().await;
         let attached = self.overlay.attach_task(&link).await;
         self.alloc().reserved.remove(&ip);
         attached?;
@@ -303,15 +303,16 @@ impl Agent {
             host_if: Some(host_if),
             netns: Some(netns.to_owned()),
         };
-        plane.applied.record(&Op::EnsureTask(link));
+        self.seen.lock().actual.record(&Op::EnsureTask(link));
         self.write(|g, now| g.put(Object::Endpoint(endpoint.clone()), now));
         drop(plane);
         Ok(json!(endpoint))
     }
 
-    /// This node's address on overlay `vni`, once the overlay is programmed.
+    /// This node's address on overlay `vni`, once the overlay is programmed (as last
+    /// observed: an overlay not fully wired has MTU 0).
     fn local_overlay_ip(&self, vni: u32) -> Option<Ipv4Addr> {
-        self.plane.try_lock().ok().and_then(|p| p.applied.overlays.get(&vni).map(|o| o.node_ip))
+        self.seen.lock().actual.overlays.get(&vni).filter(|o| o.mtu != 0).map(|o| o.node_ip)
     }
 
     async fn wait_for<T>(
@@ -375,7 +376,6 @@ impl Agent {
         // Bind here first: a port held by another process is refused with nothing written.
         let mut plane = self.plane.lock().await;
         plane.proxy.publish(spec.proto, spec.published, Vec::new()).await?;
-        plane.applied.record(&Op::Listen { proto: spec.proto, port: spec.published, backends: Vec::new() });
         self.write(|g, now| g.put(Object::Published(port.clone()), now));
         drop(plane);
         self.reconcile().await;
@@ -441,9 +441,9 @@ impl Agent {
                 gossip.health(),
             )
         };
-        let plane = self.plane.lock().await;
+        let seen = self.seen.lock();
         let mut served: Vec<String> =
-            plane.proxy.ports().map(|(proto, port)| format!("{port}/{proto}")).collect();
+            seen.actual.listeners.keys().map(|(proto, port)| format!("{port}/{proto}")).collect();
         served.sort();
         json!({
             "node": self.cfg.node_name,
@@ -455,9 +455,9 @@ impl Agent {
             "networks": networks,
             "services": services,
             "tasks": endpoints,
-            "local_tasks": plane.applied.local_tasks.len(),
-            "overlays": plane.applied.overlays.len(),
-            "overlay_peers": plane.applied.peers.len(),
+            "local_tasks": seen.actual.local_tasks.len(),
+            "overlays": seen.actual.overlays.len(),
+            "overlay_peers": seen.actual.peers.len(),
             "published_ports": served,
             "gossip": {
                 "alive_members": members,
@@ -466,7 +466,7 @@ impl Agent {
                 "keys": self.shared.keyring.read().keys.len(),
                 "counters": self.shared.counters.snapshot(),
             },
-            "errors": plane.errors,
+            "errors": seen.errors,
         })
     }
 }

@@ -965,6 +965,10 @@ fn neigh_mac(n: &NeighbourMessage) -> Option<MacAddr> {
 fn neigh_ip(n: &NeighbourMessage) -> Option<Ipv4Addr> {
     n.attributes.iter().find_map(|a| match a {
         NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        // FDB entries (family AF_BRIDGE) carry the remote VTEP as raw bytes.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
+            <[u8; 4]>::try_from(bytes.as_slice()).ok().map(Ipv4Addr::from)
+        }
         _ => None,
     })
 }

@@ -37,7 +37,7 @@ use tokio::{
 };
 
 use crate::{
-    gossip::{self as protocol, seal::Keyring, Gossip},
+    gossip::{self as protocol, seal::Keyring, Gossip, MemberState},
     model::{Key, Node, Object},
     reconcile::{self, Dataplane, Op},
     source::gossip::{self, Shared},
@@ -248,11 +248,17 @@ impl Agent {
         }
     }
 
-    /// Whether the cluster has answered since the start (or there is none to wait for).
+    /// Whether membership is known again since the start: every node that has
+    /// endpoints in the store is a known member (in any state), or the grace is over.
     fn membership_settled(&self) -> bool {
-        self.cfg.join.is_empty()
-            || self.shared.started.elapsed() >= ADOPT_GRACE
-            || self.gossip().live_nodes().len() > 1
+        if self.shared.started.elapsed() >= ADOPT_GRACE {
+            return true;
+        }
+        let g = self.gossip();
+        let known: std::collections::BTreeSet<&str> = g.members().map(|m| m.name.as_str()).collect();
+        let settled =
+            g.store().endpoints().all(|e| e.node == self.cfg.node_name || known.contains(e.node.as_str()));
+        settled
     }
 
     /// Brings this node's own addresses and the dataplane in line with the store: reads
@@ -271,6 +277,10 @@ impl Agent {
         let (store, live) = {
             let g = self.gossip();
             let mut live = g.live_nodes();
+            // A node that left (SIGTERM) kept its data path: its tasks still answer
+            // through the kernel, so they stay programmed and load-balanced to. Only a
+            // node that stopped answering (dead) is suspended.
+            live.extend(g.members().filter(|m| m.state == MemberState::Left).map(|m| m.name.clone()));
             if !settled {
                 live.extend(g.store().endpoints().map(|e| e.node.clone()));
             }

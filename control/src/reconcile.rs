@@ -362,4 +362,41 @@ mod tests {
         assert!(ops.contains(&Op::DetachTask("mvweb.2".into())));
         assert!(ops.iter().any(|o| matches!(o, Op::RemovePeer(p) if p.ip == Ipv4Addr::new(10, 0, 0, 18))));
     }
+
+    #[test]
+    fn observed_drift_is_repaired_and_strangers_on_meshds_devices_removed() {
+        let want = desired(&cluster(), &all(), "n1", 1450);
+        let mut seen = want.clone();
+        // An FDB entry deleted by hand: the neighbour alone is observed (vtep 0).
+        let lost = want.peers.iter().next().unwrap().clone();
+        seen.peers.remove(&lost);
+        let half = PeerSpec { vtep: Ipv4Addr::UNSPECIFIED, ..lost.clone() };
+        seen.peers.insert(half.clone());
+        // A peer that went stale while meshd was down.
+        let stale = PeerSpec {
+            ip: Ipv4Addr::new(10, 0, 0, 99),
+            mac: mac_for_ip(Ipv4Addr::new(10, 0, 0, 99)),
+            ..lost.clone()
+        };
+        seen.peers.insert(stale.clone());
+        // A task whose address was removed inside its namespace.
+        let task = seen.local_tasks.values_mut().next().unwrap();
+        task.ip = Ipv4Addr::UNSPECIFIED;
+        let broken = task.host_if.clone();
+        // An overlay not fully wired (observe reports MTU 0).
+        seen.overlays.get_mut(&4096).unwrap().mtu = 0;
+
+        let ops = plan(&seen, &want);
+        assert!(ops.contains(&Op::RemovePeer(half)));
+        assert!(ops.contains(&Op::RemovePeer(stale)));
+        assert!(ops.contains(&Op::AddPeer(lost)));
+        assert!(ops.contains(&Op::EnsureTask(want.local_tasks[&broken].clone())));
+        assert!(ops.contains(&Op::EnsureOverlay(want.overlays[&4096].clone())));
+        let removals = ops.iter().take_while(|o| matches!(o, Op::RemovePeer(_))).count();
+        assert_eq!(removals, 2, "removals come first: {ops:?}");
+        for op in &ops {
+            seen.record(op);
+        }
+        assert!(plan(&seen, &want).is_empty(), "one pass converges");
+    }
 }

@@ -498,3 +498,40 @@ impl Agent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forever() -> JoinHandle<()> {
+        tokio::spawn(std::future::pending())
+    }
+
+    #[tokio::test]
+    async fn a_panicking_loop_stops_the_agent_with_its_name() {
+        let loops = vec![
+            ("gossip", forever()),
+            ("reconcile", tokio::spawn(async { panic!("injected failure") })),
+            ("API", forever()),
+        ];
+        let error = supervise(loops, std::future::pending()).await.unwrap_err().to_string();
+        assert!(error.contains("reconcile loop panicked"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_loop_that_returns_stops_the_agent_and_the_others_are_aborted() {
+        let survivor = forever();
+        let abort = survivor.abort_handle();
+        let loops = vec![("API", tokio::spawn(async {})), ("gossip", survivor)];
+        let error = supervise(loops, std::future::pending()).await.unwrap_err().to_string();
+        assert!(error.contains("API loop stopped unexpectedly"), "{error}");
+        tokio::task::yield_now().await;
+        assert!(abort.is_finished(), "the other loops are aborted");
+    }
+
+    #[tokio::test]
+    async fn shutdown_is_not_an_error() {
+        let loops = vec![("gossip", forever()), ("reconcile", forever())];
+        assert!(supervise(loops, async {}).await.is_ok());
+    }
+}

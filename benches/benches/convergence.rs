@@ -141,4 +141,3 @@ fn publish_to_serving(cluster: &Cluster) -> Result<Vec<Row>> {
         baseline: false,
     }])
 }
-

@@ -182,4 +182,3 @@ fn main() -> Result<()> {
     println!("\n{text}");
     Ok(())
 }
-

@@ -150,7 +150,15 @@ fn restart_reconcile(netns: &std::path::Path, peers: &[PeerSpec]) -> Result<(Dur
 fn check_programmed(netns: &std::path::Path, peers: &[PeerSpec]) -> Result<()> {
     let want: BTreeSet<PeerSpec> = peers.iter().cloned().collect();
     let seen = on_node(netns, |vx| async move { Ok(vx.observe().await?.peers) })?;
-    ensure!(seen == want, "{} of {} endpoints programmed as wanted", seen.intersection(&want).count(), want.len());
+    ensure!(
+        seen == want,
+        "{} of {} endpoints programmed as wanted (seen {}, e.g. {:?}; want e.g. {:?})",
+        seen.intersection(&want).count(),
+        want.len(),
+        seen.len(),
+        seen.iter().next(),
+        want.iter().next()
+    );
     Ok(())
 }
 
@@ -207,7 +215,12 @@ fn main() -> Result<()> {
     let program = "Program 1,000 remote endpoints (FDB + neighbour)";
     let restart = "Restart-reconcile a node with 1,000 endpoints";
     let rows = vec![
-        row(program, "fork per entry (`bridge fdb replace` + `ip neigh replace`, as at 3cce870)", &mut fork_prog, true),
+        row(
+            program,
+            "fork per entry (`bridge fdb replace` + `ip neigh replace`, as at 3cce870)",
+            &mut fork_prog,
+            true,
+        ),
         row(program, "netlink, pipelined on one socket (goal ≥ 20×)", &mut nl_prog, false),
         row(restart, "old start: re-program all by forks", &mut fork_restart, true),
         row(restart, "observe + plan + apply (nothing to do)", &mut nl_restart, false),

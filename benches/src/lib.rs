@@ -148,7 +148,10 @@ mod tests {
         let one = replace_section(readme, "netlink", "table A").unwrap();
         let two = replace_section(&one, "mesh", "table B").unwrap();
         let three = replace_section(&two, "netlink", "table C").unwrap();
-        assert!(three.contains("<!-- bench:netlink:start -->\ntable C\n<!-- bench:netlink:end -->"), "{three}");
+        assert!(
+            three.contains("<!-- bench:netlink:start -->\ntable C\n<!-- bench:netlink:end -->"),
+            "{three}"
+        );
         assert!(three.contains("table B") && !three.contains("table A"), "{three}");
         assert!(three.ends_with("<!-- bench:end -->\nrest\n"), "{three}");
         assert!(replace_section("no markers", "x", "t").is_none());

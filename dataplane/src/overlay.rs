@@ -783,9 +783,7 @@ impl KernelVxlan {
             for m in &fdb {
                 let Msg::NewNeighbour(n) = m else { continue };
                 let Some(&vni) = vxlans.get(&n.header.ifindex) else { continue };
-                if n.header.state != NeighbourState::Permanent
-                    || !n.header.flags.contains(NeighbourFlags::Own)
-                {
+                if !permanent(n.header.state) || !n.header.flags.contains(NeighbourFlags::Own) {
                     continue;
                 }
                 if let (Some(mac), Some(vtep)) = (neigh_mac(n), neigh_ip(n)) {
@@ -796,7 +794,7 @@ impl KernelVxlan {
             for m in &neigh {
                 let Msg::NewNeighbour(n) = m else { continue };
                 let Some(&vni) = vxlans.get(&n.header.ifindex) else { continue };
-                if n.header.state != NeighbourState::Permanent {
+                if !permanent(n.header.state) {
                     continue;
                 }
                 let (Some(ip), Some(mac)) = (neigh_ip(n), neigh_mac(n)) else { continue };
@@ -951,6 +949,13 @@ fn default_route(oif: u32, gateway: Ipv4Addr) -> RouteMessage {
     route.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
     route.attributes.push(RouteAttribute::Oif(oif));
     route
+}
+
+/// Whether an entry is permanent: iproute2 writes FDB entries as NOARP|PERMANENT, which
+/// the parser reports as a raw state, so the PERMANENT bit is what counts.
+fn permanent(state: NeighbourState) -> bool {
+    const NUD_PERMANENT: u16 = 0x80;
+    u16::from(state) & NUD_PERMANENT != 0
 }
 
 fn neigh_mac(n: &NeighbourMessage) -> Option<MacAddr> {

@@ -100,6 +100,7 @@ fn fdb_convergence(cluster: &Cluster) -> Result<Vec<Row>> {
 fn publish_to_serving(cluster: &mut Cluster, cold: bool) -> Result<Vec<Row>> {
     let client = cluster.client_netns();
     let mut times = Vec::new();
+    let mut failures = Vec::new();
     let rounds = if cold { 3 } else { ROUNDS };
     for round in 0..rounds {
         let (port, service) = if cold {
@@ -116,7 +117,7 @@ fn publish_to_serving(cluster: &mut Cluster, cold: bool) -> Result<Vec<Row>> {
         };
         let started = Instant::now();
         cluster.meshctl_ok(1, &["publish", &format!("{port}:80"), &service])?;
-        let slowest = std::thread::scope(|s| {
+        let slowest: Result<Vec<Duration>> = std::thread::scope(|s| {
             let pollers: Vec<_> = (1..=NODES)
                 .map(|i| {
                     let client = client.clone();
@@ -129,7 +130,16 @@ fn publish_to_serving(cluster: &mut Cluster, cold: bool) -> Result<Vec<Row>> {
                 })
                 .collect();
             pollers.into_iter().map(|p| p.join().expect("poller panicked")).collect::<Result<Vec<_>>>()
-        })?;
+        });
+        let slowest = match slowest {
+            Ok(slowest) => slowest,
+            Err(error) => {
+                // Reported, not fatal: the table says how many rounds never converged.
+                println!("publish round {round}: port {port} not served everywhere: {error:#}");
+                failures.push(format!("round {round}: {}", error.root_cause()));
+                continue;
+            }
+        };
         let worst = slowest.into_iter().max().unwrap_or_default();
         println!(
             "publish ({}) round {round}: port {port} served by all {NODES} nodes in {worst:?}",
@@ -137,9 +147,16 @@ fn publish_to_serving(cluster: &mut Cluster, cold: bool) -> Result<Vec<Row>> {
         );
         times.push((worst.as_secs_f64() * 1000.0, String::new()));
     }
-    let (median_ms, _) = median(&mut times);
+    let (median_ms, _) = if times.is_empty() { (f64::NAN, String::new()) } else { median(&mut times) };
     let max_ms = times.iter().map(|t| t.0).fold(0.0, f64::max);
-    let runs = times.iter().map(|t| format!("{:.0}", t.0)).collect::<Vec<_>>().join(" / ");
+    let mut runs = times.iter().map(|t| format!("{:.0}", t.0)).collect::<Vec<_>>().join(" / ");
+    if !failures.is_empty() {
+        runs = format!(
+            "{runs}; {} of {rounds} rounds never served on every node within 15 s ({})",
+            failures.len(),
+            failures.join("; ")
+        );
+    }
     let path = if cold {
         "cold: network new to 9 of the nodes; meshctl publish on n1 → port answers on all 10 (goal ≤ 1000 ms)"
     } else {

@@ -242,9 +242,11 @@ fn tcp_stream(
         let mut buf = [0u8; 4096];
         let mut total = 0u64;
         loop {
-            match conn.read(&mut buf)? {
-                0 => return Ok(total),
-                n => total += n as u64,
+            match conn.read(&mut buf) {
+                Ok(0) => return Ok(total),
+                Ok(n) => total += n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
             }
         }
     });

@@ -26,7 +26,9 @@ test: bootstrap
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
+# `make bench` runs every group; `make bench ONLY=netlink` runs one
+# (policy, mesh, gossip_sim, netlink, convergence).
 bench: bootstrap
 	$(CARGO) build --release --workspace --bins
-	$(CARGO) bench -p meshd-benches
+	$(CARGO) bench -p meshd-benches $(if $(ONLY),--bench $(ONLY))
 

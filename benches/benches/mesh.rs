@@ -7,17 +7,17 @@
 //! - TCP throughput (iperf3): container to container across nodes over kernel VXLAN,
 //!   and client → published port → task, against node to node on the underlay.
 //!
-//! Writes `benches/RESULTS.md` and the table in README.md between its bench markers.
+//! Writes `benches/results/mesh.md` and its table in README.md (see `write_results`).
+//! The 10-node convergence rows are in `convergence.rs`.
 
 use std::{
     net::SocketAddr,
-    path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result};
-use meshd_benches::{in_ns, parse_iperf3, parse_wrk, write_results, Row};
+use meshd_benches::{in_ns, median, parse_iperf3, parse_wrk, write_results, Row};
 use meshd_tests::{http_get, node_addr, poll, Cluster};
 
 const WRK_SECONDS: &str = "4s";
@@ -28,12 +28,6 @@ const ROUNDS: usize = 3;
 
 /// How many times each throughput path is measured.
 const TPUT_ROUNDS: usize = 5;
-
-/// The median sample (by value), sorting `runs` in place.
-fn median(runs: &mut [(f64, String)]) -> (f64, String) {
-    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-    runs[runs.len() / 2].clone()
-}
 
 struct Killed(Child);
 
@@ -184,88 +178,7 @@ fn main() -> Result<()> {
     }
 
     drop(cluster);
-    rows.extend(fdb_convergence()?);
-
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let text = write_results(&here.join("RESULTS.md"), "Mesh benchmarks", &rows)?;
+    let text = write_results("mesh", "Mesh data paths", &rows)?;
     println!("\n{text}");
-    update_readme(&here.join("../README.md"), &text)
-}
-
-/// Ten real nodes: time from `meshctl attach` on one node until every other node has
-/// the new task's MAC in its VXLAN FDB (polled with `bridge fdb` in every namespace).
-fn fdb_convergence() -> Result<Vec<Row>> {
-    const NODES: usize = 10;
-    const ROUNDS: usize = 5;
-    let cluster = Cluster::start(NODES)?;
-    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/22"])?;
-    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
-    // A published port makes every node take part in the network (the routing mesh),
-    // so every node programs the new task's FDB entry.
-    cluster.meshctl_ok(1, &["publish", "3000:80", "web"])?;
-    for i in 1..=NODES {
-        cluster.wait_for_service(i, "web")?;
-        poll(&format!("n{i} has the overlay"), Duration::from_secs(10), || {
-            in_ns(&cluster.nodes[i - 1].ns, "ip", &["link", "show", "dev", "mvx4096"]).map(drop)
-        })?;
-    }
-    let mut times = Vec::new();
-    for round in 0..ROUNDS {
-        let origin = 1 + (round * 3) % NODES;
-        let ns = cluster.add_netns(&format!("fdb{round}"))?;
-        let started = std::time::Instant::now();
-        let attached = cluster.meshctl_json(
-            origin,
-            &["attach", "web", "--netns", &ns.to_string_lossy(), "--name", &format!("web.fdb{round}")],
-        )?;
-        let mac = attached["mac"].as_str().unwrap_or_default().to_owned();
-        let others: Vec<String> =
-            cluster.nodes.iter().filter(|n| n.index != origin).map(|n| n.ns.clone()).collect();
-        let slowest = std::thread::scope(|s| {
-            let pollers: Vec<_> = others
-                .iter()
-                .map(|ns| {
-                    let mac = mac.clone();
-                    s.spawn(move || {
-                        poll("FDB entry", Duration::from_secs(10), || {
-                            let fdb = in_ns(ns, "bridge", &["fdb", "show", "dev", "mvx4096"])?;
-                            anyhow::ensure!(fdb.contains(&mac), "not yet");
-                            Ok(started.elapsed())
-                        })
-                    })
-                })
-                .collect();
-            pollers.into_iter().map(|p| p.join().expect("poller panicked")).collect::<Result<Vec<_>>>()
-        })?;
-        let worst = slowest.into_iter().max().unwrap_or_default();
-        println!(
-            "FDB convergence round {round}: attach on n{origin} → all {} others in {worst:?}",
-            NODES - 1
-        );
-        times.push((worst.as_secs_f64() * 1000.0, String::new()));
-    }
-    let (median_ms, _) = median(&mut times);
-    let max_ms = times.iter().map(|t| t.0).fold(0.0, f64::max);
-    let runs = times.iter().map(|t| format!("{:.0}", t.0)).collect::<Vec<_>>().join(" / ");
-    Ok(vec![Row {
-        group: "FDB convergence, 10 nodes".into(),
-        path: "meshctl attach → FDB entry on all 9 other nodes (goal ≤ 1000 ms)".into(),
-        value: median_ms,
-        unit: "ms (median)".into(),
-        detail: format!("max {max_ms:.0} ms; runs: {runs}"),
-        baseline: false,
-    }])
-}
-
-/// Replaces the table between the bench markers in README.md.
-fn update_readme(path: &Path, text: &str) -> Result<()> {
-    let readme = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let (start, end) = ("<!-- bench:start -->", "<!-- bench:end -->");
-    match (readme.find(start), readme.find(end)) {
-        (Some(a), Some(b)) if a < b => {
-            let updated = format!("{}{start}\n{text}\n{}", &readme[..a], &readme[b..]);
-            std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))
-        }
-        _ => anyhow::bail!("{} has no {start} ... {end} markers for the table", path.display()),
-    }
+    Ok(())
 }

@@ -77,17 +77,50 @@ pub fn parse_iperf3(json: &str) -> Result<f64> {
         .ok_or_else(|| anyhow!("no sum_received in iperf3 output"))
 }
 
-/// Writes the table, with the command and date, where the README links it.
-pub fn write_results(path: &Path, title: &str, rows: &[Row]) -> Result<String> {
+/// Writes one benchmark group's table (with the date and its baseline rows, all from
+/// the same run) to `benches/results/<key>.md`, and into README.md between the markers
+/// `<!-- bench:<key>:start -->` and `<!-- bench:<key>:end -->` (added before
+/// `<!-- bench:end -->` the first time). Groups run alone (`make bench ONLY=<key>`)
+/// replace only their own section.
+pub fn write_results(key: &str, title: &str, rows: &[Row]) -> Result<String> {
     let date = meshd_tests::sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"])?;
     let text = format!(
-        "## {title}\n\nMeasured with `make bench` on {} ({} cores), one run, baseline in the same run.\n\n{}",
+        "### {title}\n\nMeasured with `make bench ONLY={key}` on {} ({} cores), one run, baseline in the same run.\n\n{}",
         date.trim(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         markdown(rows)
     );
-    std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = here.join("results");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{key}.md"));
+    std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+    let readme = here.join("../README.md");
+    let old = std::fs::read_to_string(&readme).with_context(|| format!("reading {}", readme.display()))?;
+    let updated = replace_section(&old, key, &text)
+        .ok_or_else(|| anyhow!("{} has no <!-- bench:end --> marker for the tables", readme.display()))?;
+    std::fs::write(&readme, updated).with_context(|| format!("writing {}", readme.display()))?;
     Ok(text)
+}
+
+/// `readme` with group `key`'s section replaced by `text` (or inserted before the end
+/// of the bench block). None when the bench block's end marker is missing.
+pub fn replace_section(readme: &str, key: &str, text: &str) -> Option<String> {
+    let (start, end) = (format!("<!-- bench:{key}:start -->"), format!("<!-- bench:{key}:end -->"));
+    let section = format!("{start}\n{text}\n{end}");
+    match (readme.find(&start), readme.find(&end)) {
+        (Some(a), Some(b)) if a < b => Some(format!("{}{section}{}", &readme[..a], &readme[b + end.len()..])),
+        _ => {
+            let at = readme.find("<!-- bench:end -->")?;
+            Some(format!("{}{section}\n\n{}", &readme[..at], &readme[at..]))
+        }
+    }
+}
+
+/// The median sample (by value), sorting `runs` in place.
+pub fn median(runs: &mut [(f64, String)]) -> (f64, String) {
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    runs[runs.len() / 2].clone()
 }
 
 #[cfg(test)]
@@ -107,6 +140,21 @@ mod tests {
         let table = markdown(&[row("direct", 200.0, true), row("meshd", 150.0, false)]);
         assert!(table.contains("| g | direct (baseline) | 200 req/s | 1.00× |"), "{table}");
         assert!(table.contains("| g | meshd | 150 req/s | 0.75× |"), "{table}");
+    }
+
+    #[test]
+    fn a_group_replaces_only_its_own_section() {
+        let readme = "intro\n<!-- bench:start -->\n<!-- bench:end -->\nrest\n";
+        let one = replace_section(readme, "netlink", "table A").unwrap();
+        let two = replace_section(&one, "mesh", "table B").unwrap();
+        let three = replace_section(&two, "netlink", "table C").unwrap();
+        assert!(
+            three.contains("<!-- bench:netlink:start -->\ntable C\n<!-- bench:netlink:end -->"),
+            "{three}"
+        );
+        assert!(three.contains("table B") && !three.contains("table A"), "{three}");
+        assert!(three.ends_with("<!-- bench:end -->\nrest\n"), "{three}");
+        assert!(replace_section("no markers", "x", "t").is_none());
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The reconciler's policy: from the store, what this node's dataplane should hold
-//! ([`desired`]), and the operations that take it from what it holds to that
-//! ([`plan`]). Pure functions; the agent executes the operations.
+//! ([`desired`]), and the operations that take it from what it actually holds — read
+//! back from the kernel and the proxy each period ([`actual`]) — to that ([`plan`]).
+//! Pure functions; the agent observes and executes. Because `actual` is observed, not
+//! remembered, a hand-deleted entry, a leftover of a `kill -9` and an object that went
+//! stale while meshd was down all converge the same way.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -9,7 +12,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 use meshd_dataplane::{
-    overlay::{OverlaySpec, PeerSpec, TaskLink},
+    overlay::{Observed, OverlaySpec, PeerSpec, TaskLink},
     proxy::Proto,
 };
 
@@ -145,8 +148,25 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: 
     out
 }
 
-/// The operations that turn `applied` into `desired`: removals first (so a re-used
-/// address or port is free again), then additions.
+/// What the node holds: the kernel objects meshd owns (as observed) and the proxy's
+/// listeners.
+pub fn actual(
+    observed: Observed,
+    listeners: impl IntoIterator<Item = ((Proto, u16), Vec<SocketAddr>)>,
+) -> Dataplane {
+    Dataplane {
+        overlays: observed.overlays,
+        peers: observed.peers,
+        local_tasks: observed.tasks,
+        listeners: listeners.into_iter().collect(),
+        isolation: observed.isolation,
+    }
+}
+
+/// The operations that turn `applied` (what the node actually holds) into `desired`:
+/// removals first (so a re-used address or port is free again), then additions and
+/// repairs. An object that exists but differs from what is wanted (an overlay not fully
+/// wired, a task link whose address or route changed) is ensured again.
 pub fn plan(applied: &Dataplane, desired: &Dataplane) -> Vec<Op> {
     let mut ops = Vec::new();
     ops.extend(applied.peers.difference(&desired.peers).cloned().map(Op::RemovePeer));
@@ -348,5 +368,42 @@ mod tests {
         assert!(ops.contains(&Op::Unlisten { proto: Proto::Tcp, port: 3000 }));
         assert!(ops.contains(&Op::DetachTask("mvweb.2".into())));
         assert!(ops.iter().any(|o| matches!(o, Op::RemovePeer(p) if p.ip == Ipv4Addr::new(10, 0, 0, 18))));
+    }
+
+    #[test]
+    fn observed_drift_is_repaired_and_strangers_on_meshds_devices_removed() {
+        let want = desired(&cluster(), &all(), "n1", 1450);
+        let mut seen = want.clone();
+        // An FDB entry deleted by hand: the neighbour alone is observed (vtep 0).
+        let lost = want.peers.iter().next().unwrap().clone();
+        seen.peers.remove(&lost);
+        let half = PeerSpec { vtep: Ipv4Addr::UNSPECIFIED, ..lost.clone() };
+        seen.peers.insert(half.clone());
+        // A peer that went stale while meshd was down.
+        let stale = PeerSpec {
+            ip: Ipv4Addr::new(10, 0, 0, 99),
+            mac: mac_for_ip(Ipv4Addr::new(10, 0, 0, 99)),
+            ..lost.clone()
+        };
+        seen.peers.insert(stale.clone());
+        // A task whose address was removed inside its namespace.
+        let task = seen.local_tasks.values_mut().next().unwrap();
+        task.ip = Ipv4Addr::UNSPECIFIED;
+        let broken = task.host_if.clone();
+        // An overlay not fully wired (observe reports MTU 0).
+        seen.overlays.get_mut(&4096).unwrap().mtu = 0;
+
+        let ops = plan(&seen, &want);
+        assert!(ops.contains(&Op::RemovePeer(half)));
+        assert!(ops.contains(&Op::RemovePeer(stale)));
+        assert!(ops.contains(&Op::AddPeer(lost)));
+        assert!(ops.contains(&Op::EnsureTask(want.local_tasks[&broken].clone())));
+        assert!(ops.contains(&Op::EnsureOverlay(want.overlays[&4096].clone())));
+        let removals = ops.iter().take_while(|o| matches!(o, Op::RemovePeer(_))).count();
+        assert_eq!(removals, 2, "removals come first: {ops:?}");
+        for op in &ops {
+            seen.record(op);
+        }
+        assert!(plan(&seen, &want).is_empty(), "one pass converges");
     }
 }

@@ -3,20 +3,28 @@ use std::{io, net::SocketAddr, path::PathBuf};
 /// Everything the dataplane can fail at.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A netlink change made through iproute2 failed.
-    #[error("`{command}` failed: {stderr}")]
+    /// The kernel refused a netlink request.
+    #[error("`{command}` failed: {message}")]
     Netlink {
-        /// The command line that ran.
+        /// The equivalent iproute2 command line.
         command: String,
-        /// What it printed.
-        stderr: String,
+        /// What the kernel answered.
+        message: String,
     },
-    /// iproute2 or util-linux could not be started at all.
-    #[error("could not run `{program}` ({source}); install iproute2 and util-linux (`make bootstrap`)")]
-    Spawn {
-        /// The program.
-        program: String,
-        /// Why.
+    /// A netlink request got no answer within its time limit.
+    #[error(
+        "`{command}` got no answer from the kernel within 5 s; the netlink socket is wedged — restart meshd"
+    )]
+    Timeout {
+        /// The equivalent iproute2 command line.
+        command: String,
+    },
+    /// A system call around netlink failed (socket, namespace).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
         #[source]
         source: io::Error,
     },
@@ -64,6 +72,13 @@ pub enum Error {
         /// What is wrong and what to use instead.
         message: String,
     },
+}
+
+impl Error {
+    /// An I/O error while doing `what`.
+    pub fn io(what: impl Into<String>, source: io::Error) -> Error {
+        Error::Io { what: what.into(), source }
+    }
 }
 
 /// The dataplane's result type.

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod ebpf;
 mod error;
 pub mod lb;
+pub mod netlink;
 pub mod overlay;
 pub mod proxy;
 pub mod socklb;

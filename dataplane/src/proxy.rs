@@ -286,6 +286,30 @@ pub struct Proxy {
     listeners: HashMap<(Proto, u16), Listener>,
 }
 
+/// Reads a [`Proxy`]'s counters from anywhere (see [`Proxy::stats`]).
+#[derive(Clone)]
+pub struct ProxyStats(Arc<Shared>);
+
+impl ProxyStats {
+    /// What the proxy has done so far, over all ports.
+    pub fn counters(&self) -> ProxyCounters {
+        let s = &self.0;
+        let c = &s.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ProxyCounters {
+            tcp_active: (s.config.tcp_max_connections - s.tcp_slots.available_permits()) as u64,
+            tcp_accepted: get(&c.tcp_accepted),
+            tcp_refused_at_cap: get(&c.tcp_refused_at_cap),
+            tcp_idle_closed: get(&c.tcp_idle_closed),
+            tcp_no_backend: get(&c.tcp_no_backend),
+            udp_flows_active: s.udp_flows.load(Ordering::Relaxed) as u64,
+            udp_flows_opened: get(&c.udp_flows_opened),
+            udp_flows_refused: get(&c.udp_flows_refused),
+            udp_flows_expired: get(&c.udp_flows_expired),
+        }
+    }
+}
+
 impl Default for Proxy {
     fn default() -> Self {
         Proxy::new(ProxyConfig::default())
@@ -348,20 +372,19 @@ impl Proxy {
 
     /// What the proxy has done so far, over all ports.
     pub fn counters(&self) -> ProxyCounters {
-        let s = &self.shared;
-        let c = &s.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        ProxyCounters {
-            tcp_active: (s.config.tcp_max_connections - s.tcp_slots.available_permits()) as u64,
-            tcp_accepted: get(&c.tcp_accepted),
-            tcp_refused_at_cap: get(&c.tcp_refused_at_cap),
-            tcp_idle_closed: get(&c.tcp_idle_closed),
-            tcp_no_backend: get(&c.tcp_no_backend),
-            udp_flows_active: s.udp_flows.load(Ordering::Relaxed) as u64,
-            udp_flows_opened: get(&c.udp_flows_opened),
-            udp_flows_refused: get(&c.udp_flows_refused),
-            udp_flows_expired: get(&c.udp_flows_expired),
-        }
+        self.stats().counters()
+    }
+
+    /// A handle that reads the counters without going through the proxy's owner (whose
+    /// lock may be held across a reconcile pass).
+    pub fn stats(&self) -> ProxyStats {
+        ProxyStats(self.shared.clone())
+    }
+
+    /// The ports served now with their backends: the proxy's side of what the reconciler
+    /// observes.
+    pub fn served(&self) -> impl Iterator<Item = ((Proto, u16), Vec<SocketAddr>)> + '_ {
+        self.listeners.iter().map(|(key, listener)| (*key, listener.backends.read().to_vec()))
     }
 }
 

@@ -69,7 +69,7 @@ fn published_port_answers_on_every_node_and_reaches_every_task() -> Result<()> {
 }
 
 #[test]
-fn status_shows_the_loaded_program_and_sigterm_removes_what_meshd_programmed() -> Result<()> {
+fn status_shows_the_loaded_program_sigterm_keeps_the_data_path_and_cleanup_removes_it() -> Result<()> {
     let mut cluster = Cluster::start(1)?;
     let status = cluster.meshctl_json(1, &["status"])?;
     let program = &status["ebpf"][0];
@@ -110,13 +110,33 @@ fn status_shows_the_loaded_program_and_sigterm_removes_what_meshd_programmed() -
 
     let status = cluster.stop_node(1)?;
     assert!(status.success(), "meshd exits cleanly on SIGTERM: {status}");
+    // SIGTERM keeps the data path (a restart must not cut the containers off)...
     let after = links(&node_ns)?;
-    assert!(!after.contains("mvx4096") && !after.contains("mbr4096"), "overlay links removed: {after}");
-    assert!(!links(&task_ns)?.contains("eth0"), "task interface removed");
+    assert!(after.contains("mvx4096") && after.contains("mbr4096"), "overlay links kept: {after}");
+    assert!(links(&task_ns)?.contains("eth0"), "task interface kept");
+    // ...but the programs, owned by the process, are gone with it.
     let attached = meshd_tests::sh("bpftool", &["cgroup", "show", &cgroup.to_string_lossy()])?;
     assert!(!attached.contains("connect4"), "program detached from the cgroup: {attached}");
     let loaded = meshd_tests::sh("bpftool", &["prog", "show", "id", &prog_id.to_string()]);
     assert!(loaded.is_err(), "program {prog_id} unloaded, but bpftool shows {loaded:?}");
+
+    // `meshd --cleanup` removes what meshd programmed.
+    let meshd = meshd_tests::bin_path("meshd")?;
+    let socket = cluster.nodes[0].socket.to_string_lossy().into_owned();
+    meshd_tests::sh(
+        "nsenter",
+        &[
+            &format!("--net={}", node_ns.display()),
+            "--",
+            &meshd.to_string_lossy(),
+            "--cleanup",
+            "--api-socket",
+            &socket,
+        ],
+    )?;
+    let after = links(&node_ns)?;
+    assert!(!after.contains("mvx4096") && !after.contains("mbr4096"), "overlay links removed: {after}");
+    assert!(!links(&task_ns)?.contains("eth0"), "task interface removed");
     Ok(())
 }
 

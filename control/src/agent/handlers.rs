@@ -363,7 +363,7 @@ impl Agent {
             gateway,
             mtu: network.mtu.unwrap_or(self.mtu),
         };
-        let mut plane = self.plane.lock().await;
+        let plane = self.plane.lock().await;
         let attached = self.overlay.attach_task(&link).await;
         self.alloc().reserved.remove(&ip);
         attached?;
@@ -378,15 +378,16 @@ impl Agent {
             host_if: Some(host_if),
             netns: Some(netns.to_owned()),
         };
-        plane.applied.record(&Op::EnsureTask(link));
+        self.seen.lock().actual.record(&Op::EnsureTask(link));
         self.write(|g, now| g.put(Object::Endpoint(endpoint.clone()), now));
         drop(plane);
         Ok(json!(endpoint))
     }
 
-    /// This node's address on overlay `vni`, once the overlay is programmed.
+    /// This node's address on overlay `vni`, once the overlay is programmed (as last
+    /// observed: an overlay not fully wired has MTU 0).
     fn local_overlay_ip(&self, vni: u32) -> Option<Ipv4Addr> {
-        self.plane.try_lock().ok().and_then(|p| p.applied.overlays.get(&vni).map(|o| o.node_ip))
+        self.seen.lock().actual.overlays.get(&vni).filter(|o| o.mtu != 0).map(|o| o.node_ip)
     }
 
     async fn wait_for<T>(
@@ -450,7 +451,6 @@ impl Agent {
         // Bind here first: a port held by another process is refused with nothing written.
         let mut plane = self.plane.lock().await;
         plane.proxy.publish(spec.proto, spec.published, Vec::new()).await?;
-        plane.applied.record(&Op::Listen { proto: spec.proto, port: spec.published, backends: Vec::new() });
         self.write(|g, now| g.put(Object::Published(port.clone()), now));
         drop(plane);
         self.reconcile().await;
@@ -544,28 +544,30 @@ impl Agent {
     /// Rewrites this node's confirmation when it changed: the ports it listens on and
     /// those it serves with backends, the digest of the catalog it holds, and why it cannot take part in a
     /// network it needs.
-    pub(super) fn confirm(&self, plane: &super::Plane) {
-        let ports = |with_backends: bool| -> Vec<String> {
-            // BTreeMap keys: already sorted.
-            plane
-                .applied
-                .listeners
-                .iter()
-                .filter(|(_, backends)| !with_backends || !backends.is_empty())
-                .map(|((proto, port), _)| format!("{port}/{proto}"))
-                .collect()
-        };
-        let (serving, listening) = (ports(true), ports(false));
-        // Why a port may not be served here: no address on its network, or a failed
-        // listener (e.g. another process holds the port).
-        let mut problems: Vec<String> = self.alloc().errors.values().cloned().collect();
-        problems.extend(
-            plane
+    pub(super) fn confirm(&self) {
+        let (serving, listening, failed) = {
+            let seen = self.seen.lock();
+            let ports = |with_backends: bool| -> Vec<String> {
+                // BTreeMap keys: already sorted.
+                seen.actual
+                    .listeners
+                    .iter()
+                    .filter(|(_, backends)| !with_backends || !backends.is_empty())
+                    .map(|((proto, port), _)| format!("{port}/{proto}"))
+                    .collect()
+            };
+            let failed: Vec<String> = seen
                 .errors
                 .iter()
                 .filter(|(op, _)| op.starts_with("published port"))
-                .map(|(op, e)| format!("{op}: {e}")),
-        );
+                .map(|(op, e)| format!("{op}: {e}"))
+                .collect();
+            (ports(true), ports(false), failed)
+        };
+        // Why a port may not be served here: no address on its network, or a failed
+        // listener (e.g. another process holds the port).
+        let mut problems: Vec<String> = self.alloc().errors.values().cloned().collect();
+        problems.extend(failed);
         let me = self.cfg.node_name.clone();
         self.write(|g, now| {
             let catalog = g.store().catalog_digest();
@@ -637,13 +639,13 @@ impl Agent {
             let alloc = self.alloc();
             (alloc.errors.clone(), alloc.readdressed, alloc.recent.iter().cloned().collect::<Vec<_>>())
         };
-        let plane = self.plane.lock().await;
-        let mut errors = plane.errors.clone();
+        let seen = self.seen.lock();
+        let mut errors = seen.errors.clone();
         errors.extend(address_errors.into_iter().map(|(k, v)| (format!("address on {k}"), v)));
         let mut served: Vec<String> =
-            plane.proxy.ports().map(|(proto, port)| format!("{port}/{proto}")).collect();
+            seen.actual.listeners.keys().map(|(proto, port)| format!("{port}/{proto}")).collect();
         served.sort();
-        let proxy_config = plane.proxy.config();
+        let proxy_config = &self.cfg.proxy;
         let fd_budget = crate::limits::FdBudget::for_caps(proxy_config);
         let nofile = crate::limits::nofile_limit().ok();
         let secs = |d: std::time::Duration| d.as_secs_f64();
@@ -657,9 +659,9 @@ impl Agent {
             "networks": networks,
             "services": services,
             "tasks": endpoints,
-            "local_tasks": plane.applied.local_tasks.len(),
-            "overlays": plane.applied.overlays.len(),
-            "overlay_peers": plane.applied.peers.len(),
+            "local_tasks": seen.actual.local_tasks.len(),
+            "overlays": seen.actual.overlays.len(),
+            "overlay_peers": seen.actual.peers.len(),
             "published_ports": served,
             "gossip": {
                 "alive_members": members,
@@ -683,7 +685,7 @@ impl Agent {
                 "tcp_keepalive_dead_after_secs": proxy_config.tcp_keepalive.map(|k| secs(k.dead_after())),
                 "udp_max_flows": proxy_config.udp_max_flows,
                 "udp_idle_timeout_secs": secs(proxy_config.udp_idle_timeout),
-                "counters": plane.proxy.counters(),
+                "counters": self.proxy_stats.counters(),
             },
             "api": self.api_stats.snapshot(),
             "errors": errors,

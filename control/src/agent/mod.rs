@@ -30,13 +30,16 @@ use parking_lot::{Mutex, MutexGuard};
 
 use meshd_dataplane::{
     ebpf::SocketPrograms,
-    overlay::{self, KernelVxlan, VXLAN_OVERHEAD},
-    proxy::{Proxy, ProxyConfig},
+    overlay::{KernelVxlan, PeerSpec, VXLAN_OVERHEAD},
+    proxy::{Proxy, ProxyConfig, ProxyStats},
 };
-use tokio::net::{TcpListener, UdpSocket, UnixListener};
+use tokio::{
+    net::{TcpListener, UdpSocket, UnixListener},
+    task::JoinHandle,
+};
 
 use crate::{
-    gossip::{self as protocol, seal::Keyring, Gossip},
+    gossip::{self as protocol, seal::Keyring, Gossip, MemberState},
     model::{Key, Node, Object},
     reconcile::{self, Dataplane, Op},
     source::gossip::{self, Shared},
@@ -63,8 +66,6 @@ pub struct AgentConfig {
     pub api_socket: PathBuf,
     /// cgroup v2 directory the socket programs attach to.
     pub cgroup: PathBuf,
-    /// Leave links and entries in place on shutdown.
-    pub keep_datapath: bool,
     /// The cluster keyring.
     pub keyring: Keyring,
     /// Where the keyring is kept (rewritten when a rotation changes it).
@@ -87,11 +88,28 @@ impl AgentConfig {
     }
 }
 
-/// What the dataplane side tracks (guarded by an async mutex: held across netlink calls).
+/// How often the reconciler reads the kernel back and repairs drift, when no change
+/// wakes it earlier.
+pub const RECONCILE_PERIOD: Duration = Duration::from_secs(1);
+
+/// After a start, how long the reconciler treats every node of the persisted store as
+/// alive if the cluster has not answered yet: removing the FDB entries of nodes it has
+/// merely not heard from yet would cut the data path that a restart must keep.
+pub const ADOPT_GRACE: Duration = Duration::from_secs(10);
+
+/// What the dataplane side changes (guarded by an async mutex: held across netlink
+/// calls, each bounded by a timeout).
 #[derive(Default)]
 struct Plane {
-    applied: Dataplane,
     proxy: Proxy,
+}
+
+/// What the last reconcile saw, readable at once by `status` and `attach` (never waits
+/// on netlink).
+#[derive(Default)]
+struct Seen {
+    /// The node's dataplane as last observed, with the changes applied since.
+    actual: Dataplane,
     /// The last error of each failing operation, shown by `meshctl status`.
     errors: BTreeMap<String, String>,
 }
@@ -105,12 +123,15 @@ pub struct Agent {
     shared: Arc<Shared>,
     alloc: Mutex<Alloc>,
     plane: tokio::sync::Mutex<Plane>,
+    seen: Mutex<Seen>,
     /// The keyring generation this node runs.
     key_generation: Mutex<u64>,
     /// The change counter at the last successful save of the store.
     saved_generation: Mutex<Option<u64>>,
     /// What the API server turned away.
     api_stats: api_server::ApiStats,
+    /// The proxy's counters, readable without the plane lock.
+    proxy_stats: ProxyStats,
     /// A corrupt store found at start, moved aside (reported by `meshctl status`).
     store_recovered: Option<String>,
 }
@@ -123,7 +144,8 @@ impl Agent {
             .map_err(|e| Error::io(format!("creating --state-dir {}", cfg.state_dir.display()), e))?;
         let mut loaded = load_store(&cfg)?;
         let node = Node { name: cfg.node_name.clone(), addr: cfg.advertise_addr };
-        let mtu = overlay::underlay_mtu(cfg.advertise_addr).await? - VXLAN_OVERHEAD;
+        let overlay = KernelVxlan::connect(cfg.advertise_addr)?;
+        let mtu = overlay.underlay_mtu(cfg.advertise_addr).await? - VXLAN_OVERHEAD;
         let programs = SocketPrograms::attach(cfg.cgroup.clone())?;
         let epoch = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let gossip_addr = SocketAddr::from((cfg.advertise_addr, cfg.control_port));
@@ -138,17 +160,17 @@ impl Agent {
             Instant::now(),
             cfg.gossip.udp_limit + protocol::seal::OVERHEAD,
         ));
+        let proxy = Proxy::new(cfg.proxy.clone());
         let agent = Agent {
-            overlay: KernelVxlan { local_vtep: cfg.advertise_addr },
+            overlay,
             mtu,
             programs: Mutex::new(Some(programs)),
             shared,
             alloc: Mutex::default(),
-            plane: tokio::sync::Mutex::new(Plane {
-                proxy: Proxy::new(cfg.proxy.clone()),
-                ..Plane::default()
-            }),
+            proxy_stats: proxy.stats(),
+            plane: tokio::sync::Mutex::new(Plane { proxy }),
             api_stats: Default::default(),
+            seen: Default::default(),
             key_generation: Mutex::new(0),
             saved_generation: Mutex::new(None),
             store_recovered: loaded.recovered,
@@ -172,42 +194,38 @@ impl Agent {
         let api = bind_api_socket(&self.cfg.api_socket).await?;
         tracing::info!(node = %self.cfg.node_name, %addr, api = %self.cfg.api_socket.display(), "meshd running");
 
-        let tasks = [
-            tokio::spawn(gossip::run(self.shared.clone(), udp.clone(), tcp, self.cfg.join.clone())),
-            tokio::spawn(self.clone().reconcile_loop()),
-            tokio::spawn(api_server::serve_api(api, self.clone())),
+        let loops = vec![
+            (
+                "gossip",
+                tokio::spawn(gossip::run(self.shared.clone(), udp.clone(), tcp, self.cfg.join.clone())),
+            ),
+            ("reconcile", tokio::spawn(self.clone().reconcile_loop())),
+            ("API", tokio::spawn(api_server::serve_api(api, self.clone()))),
         ];
-        shutdown.await;
-        tracing::info!("leaving the cluster and shutting down");
-        tasks[2].abort();
+        let outcome = supervise(loops, shutdown).await;
+        match &outcome {
+            Ok(()) => tracing::info!("leaving the cluster and shutting down"),
+            Err(error) => tracing::error!(%error, "a background loop stopped; shutting down"),
+        }
         let _ = std::fs::remove_file(&self.cfg.api_socket);
         gossip::leave(&self.shared, &udp).await;
-        for task in &tasks {
-            task.abort();
-        }
         self.teardown().await;
-        Ok(())
+        outcome
     }
 
+    /// Stops serving: the published-port listeners close and the socket programs detach
+    /// (both live in this process). Links, FDB and neighbour entries and rules stay as
+    /// they are, so containers keep talking while meshd restarts; the next start adopts
+    /// them through the reconcile loop. `meshd --cleanup` removes them.
     async fn teardown(&self) {
         let mut plane = self.plane.lock().await;
-        let applied = std::mem::take(&mut plane.applied);
-        for (proto, port) in applied.listeners.keys() {
-            plane.proxy.unpublish(*proto, *port);
+        let ports: Vec<_> = plane.proxy.ports().collect();
+        for (proto, port) in ports {
+            plane.proxy.unpublish(proto, port);
         }
-        if self.cfg.keep_datapath {
-            tracing::info!("keeping overlay links and entries (--keep-datapath)");
-        } else {
-            for host_if in applied.local_tasks.keys() {
-                log_failure("removing task link", self.overlay.detach_task(host_if).await);
-            }
-            for vni in applied.overlays.keys() {
-                log_failure("removing overlay", self.overlay.remove_network(*vni).await);
-            }
-            for (a, b) in &applied.isolation {
-                log_failure("removing isolation rule", self.overlay.unisolate(*a, *b).await);
-            }
-        }
+        tracing::info!(
+            "keeping overlay links, entries and rules in place (remove them with `meshd --cleanup`)"
+        );
         // Dropping the programs closes their links: the cgroup hooks detach.
         drop(self.programs.lock().take());
     }
@@ -241,42 +259,87 @@ impl Agent {
         let mut changes = self.shared.changes.subscribe();
         loop {
             self.reconcile().await;
-            let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+            let _ = tokio::time::timeout(RECONCILE_PERIOD, changes.changed()).await;
         }
     }
 
-    /// Brings this node's own addresses and the dataplane in line with the store.
+    /// Whether membership is known again since the start: every node that has
+    /// endpoints in the store is a known member (in any state), or the grace is over.
+    fn membership_settled(&self) -> bool {
+        if self.shared.started.elapsed() >= ADOPT_GRACE {
+            return true;
+        }
+        let g = self.gossip();
+        let known: std::collections::BTreeSet<&str> = g.members().map(|m| m.name.as_str()).collect();
+        let settled =
+            g.store().endpoints().all(|e| e.node == self.cfg.node_name || known.contains(e.node.as_str()));
+        settled
+    }
+
+    /// Brings this node's own addresses and the dataplane in line with the store: reads
+    /// back what the node holds, plans the difference, applies it.
     async fn reconcile(&self) {
         self.sync_keyring();
         self.ensure_node_addresses();
+        // The plane lock is taken before the store is read and the kernel observed, so an
+        // attach (which creates its link and writes its endpoint under this lock) is
+        // either wholly before or wholly after this pass: never a link seen without its
+        // endpoint.
+        let mut plane = self.plane.lock().await;
         // Read before the store, so a change arriving meanwhile is saved next time.
         let generation = *self.shared.changes.borrow();
+        let settled = self.membership_settled();
         let (store, live) = {
             let g = self.gossip();
-            (g.store().clone(), g.live_nodes())
+            let mut live = g.live_nodes();
+            // A node that left (SIGTERM) kept its data path: its tasks still answer
+            // through the kernel, so they stay programmed and load-balanced to. Only a
+            // node that stopped answering (dead) is suspended.
+            live.extend(g.members().filter(|m| m.state == MemberState::Left).map(|m| m.name.clone()));
+            if !settled {
+                live.extend(g.store().endpoints().map(|e| e.node.clone()));
+            }
+            (g.store().clone(), live)
         };
         let want = reconcile::desired(&store, &live, &self.cfg.node_name, self.mtu);
-        let mut plane = self.plane.lock().await;
-        for op in reconcile::plan(&plane.applied, &want) {
-            let key = op_key(&op);
-            match self.apply(&mut plane, &op).await {
-                Ok(()) => {
-                    plane.applied.record(&op);
-                    plane.errors.remove(&key);
-                }
-                Err(error) => {
-                    let message = error.to_string();
-                    if plane.errors.get(&key) != Some(&message) {
-                        tracing::warn!(op = %key, %message, "dataplane operation failed; will retry");
+        match self.overlay.observe().await {
+            Ok(observed) => {
+                let mut actual = reconcile::actual(observed, plane.proxy.served());
+                let ops = reconcile::plan(&actual, &want);
+                let errors = self.apply_all(&mut plane, &ops).await;
+                for (op, result) in ops.iter().zip(&errors) {
+                    if result.is_none() {
+                        actual.record(op);
                     }
-                    if let (Op::EnsureTask(link), meshd_dataplane::Error::NoNetns { .. }) = (&op, &error) {
-                        self.forget_vanished_task(&link.host_if);
-                    }
-                    plane.errors.insert(key, message);
                 }
+                let mut seen = self.seen.lock();
+                seen.actual = actual;
+                for (op, error) in ops.iter().zip(errors) {
+                    let key = op_key(op);
+                    match error {
+                        None => {
+                            seen.errors.remove(&key);
+                        }
+                        Some(message) => {
+                            if seen.errors.get(&key) != Some(&message) {
+                                tracing::warn!(op = %key, %message, "dataplane operation failed; will retry");
+                            }
+                            seen.errors.insert(key, message);
+                        }
+                    }
+                }
+                seen.errors.remove("observe");
+            }
+            Err(error) => {
+                let message = error.to_string();
+                let mut seen = self.seen.lock();
+                if seen.errors.get("observe") != Some(&message) {
+                    tracing::warn!(%message, "reading the dataplane back failed; will retry");
+                }
+                seen.errors.insert("observe".into(), message);
             }
         }
-        self.confirm(&plane);
+        self.confirm();
         drop(plane);
         let mut saved = self.saved_generation.lock();
         if *saved != Some(generation) {
@@ -285,6 +348,42 @@ impl Agent {
                 Err(error) => tracing::warn!(%error, "could not persist the store"),
             }
         }
+    }
+
+    /// Applies `ops` in order; runs of peer additions or removals go out as one
+    /// pipelined batch. Returns each operation's error, if any.
+    async fn apply_all(&self, plane: &mut Plane, ops: &[Op]) -> Vec<Option<String>> {
+        let mut out = Vec::with_capacity(ops.len());
+        let mut i = 0;
+        while i < ops.len() {
+            let run: Vec<PeerSpec> = ops[i..]
+                .iter()
+                .map_while(|op| match (op, &ops[i]) {
+                    (Op::AddPeer(p), Op::AddPeer(_)) | (Op::RemovePeer(p), Op::RemovePeer(_)) => {
+                        Some(p.clone())
+                    }
+                    _ => None,
+                })
+                .collect();
+            if run.is_empty() {
+                let result = self.apply(plane, &ops[i]).await;
+                if let (Op::EnsureTask(link), Err(meshd_dataplane::Error::NoNetns { .. })) =
+                    (&ops[i], &result)
+                {
+                    self.forget_vanished_task(&link.host_if);
+                }
+                out.push(result.err().map(|e| e.to_string()));
+                i += 1;
+                continue;
+            }
+            let results = match ops[i] {
+                Op::AddPeer(_) => self.overlay.add_peers(&run).await,
+                _ => self.overlay.remove_peers(&run).await,
+            };
+            out.extend(results.into_iter().map(|r| r.err().map(|e| e.to_string())));
+            i += run.len();
+        }
+        out
     }
 
     async fn apply(&self, plane: &mut Plane, op: &Op) -> meshd_dataplane::Result<()> {
@@ -336,9 +435,49 @@ fn op_key(op: &Op) -> String {
     }
 }
 
-fn log_failure(what: &str, result: meshd_dataplane::Result<()>) {
-    if let Err(error) = result {
-        tracing::warn!(%error, "{what}");
+/// Removes everything meshd owns in this network namespace (`meshd --cleanup`);
+/// returns how many objects it removed.
+pub async fn remove_datapath() -> Result<usize> {
+    let overlay = KernelVxlan::connect(Ipv4Addr::UNSPECIFIED)?;
+    Ok(overlay.remove_all().await?)
+}
+
+/// Waits for `shutdown`, and meanwhile watches the background loops: none of them may
+/// end while the agent runs, so one that returns or panics is an error naming it (an
+/// agent that answers on its socket but no longer gossips or reconciles would lie to
+/// its operator). Every loop is aborted before this returns.
+pub async fn supervise(
+    loops: Vec<(&'static str, JoinHandle<()>)>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let aborts: Vec<_> = loops.iter().map(|(_, handle)| handle.abort_handle()).collect();
+    let watch = futures_select_first(loops);
+    let outcome = tokio::select! {
+        () = shutdown => Ok(()),
+        (name, result) = watch => Err(Error::invalid(match result {
+            Ok(()) => format!("the {name} loop stopped unexpectedly; restart meshd (its log says why)"),
+            Err(e) if e.is_panic() => format!("the {name} loop panicked; restart meshd and report the log above"),
+            Err(e) => format!("the {name} loop was cancelled ({e}); restart meshd"),
+        })),
+    };
+    for abort in aborts {
+        abort.abort();
+    }
+    outcome
+}
+
+/// The first of `loops` to finish, with its name.
+async fn futures_select_first(
+    loops: Vec<(&'static str, JoinHandle<()>)>,
+) -> (&'static str, std::result::Result<(), tokio::task::JoinError>) {
+    let mut set = tokio::task::JoinSet::new();
+    for (name, handle) in loops {
+        set.spawn(async move { (name, handle.await) });
+    }
+    match set.join_next().await {
+        Some(Ok(first)) => first,
+        Some(Err(e)) => ("supervisor", Err(e)),
+        None => std::future::pending().await,
     }
 }
 
@@ -373,5 +512,42 @@ impl Agent {
             }
             None => Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forever() -> JoinHandle<()> {
+        tokio::spawn(std::future::pending())
+    }
+
+    #[tokio::test]
+    async fn a_panicking_loop_stops_the_agent_with_its_name() {
+        let loops = vec![
+            ("gossip", forever()),
+            ("reconcile", tokio::spawn(async { panic!("injected failure") })),
+            ("API", forever()),
+        ];
+        let error = supervise(loops, std::future::pending()).await.unwrap_err().to_string();
+        assert!(error.contains("reconcile loop panicked"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_loop_that_returns_stops_the_agent_and_the_others_are_aborted() {
+        let survivor = forever();
+        let abort = survivor.abort_handle();
+        let loops = vec![("API", tokio::spawn(async {})), ("gossip", survivor)];
+        let error = supervise(loops, std::future::pending()).await.unwrap_err().to_string();
+        assert!(error.contains("API loop stopped unexpectedly"), "{error}");
+        tokio::task::yield_now().await;
+        assert!(abort.is_finished(), "the other loops are aborted");
+    }
+
+    #[tokio::test]
+    async fn shutdown_is_not_an_error() {
+        let loops = vec![("gossip", forever()), ("reconcile", forever())];
+        assert!(supervise(loops, async {}).await.is_ok());
     }
 }

@@ -27,11 +27,11 @@ use meshd_dataplane::proxy::{Keepalive, ProxyConfig};
 #[command(version)]
 struct Args {
     /// This node's unique name in the cluster.
-    #[arg(long)]
-    node_name: String,
+    #[arg(long, required_unless_present = "cleanup")]
+    node_name: Option<String>,
     /// This node's underlay address: peers reach its control port and VXLAN here.
-    #[arg(long)]
-    advertise_addr: Ipv4Addr,
+    #[arg(long, required_unless_present = "cleanup")]
+    advertise_addr: Option<Ipv4Addr>,
     /// A member to join through, as IP or IP:PORT (repeatable).
     #[arg(long = "join", value_name = "ADDR")]
     join: Vec<String>,
@@ -89,9 +89,13 @@ struct Args {
     /// before authentication stay below this times 2 x --max-frame-mib.
     #[arg(long, default_value_t = 4)]
     max_push_pulls: usize,
-    /// On shutdown, leave overlay links, task interfaces and entries in place.
-    #[arg(long)]
+    /// Deprecated, does nothing: shutdown always leaves the data path in place now.
+    #[arg(long, hide = true)]
     keep_datapath: bool,
+    /// Remove everything meshd programmed on this node (task links, overlays with their
+    /// FDB and neighbour entries, isolation rules), then exit. Run it with meshd stopped.
+    #[arg(long)]
+    cleanup: bool,
     #[command(flatten)]
     proxy: ProxyArgs,
 }
@@ -256,6 +260,15 @@ async fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if args.keep_datapath {
+        tracing::warn!("--keep-datapath is deprecated and does nothing: meshd always keeps the data path on shutdown; remove it with `meshd --cleanup`");
+    }
+    if args.cleanup {
+        return cleanup(&args.api_socket).await;
+    }
+    let (Some(node_name), Some(advertise_addr)) = (args.node_name.clone(), args.advertise_addr) else {
+        bail!("--node-name and --advertise-addr are required (unless --cleanup)");
+    };
     // Checked before anything is created (the keyring, the state dir).
     let proxy = args.proxy.config();
     proxy.validate()?;
@@ -291,14 +304,13 @@ async fn run() -> anyhow::Result<()> {
         ..gossip::Config::default()
     };
     let cfg = AgentConfig {
-        node_name: args.node_name,
-        advertise_addr: args.advertise_addr,
+        node_name,
+        advertise_addr,
         join,
         control_port: args.control_port,
         state_dir: args.state_dir,
         api_socket: args.api_socket,
         cgroup,
-        keep_datapath: args.keep_datapath,
         keyring,
         keyring_file,
         gossip,
@@ -306,5 +318,19 @@ async fn run() -> anyhow::Result<()> {
     };
     let agent = Agent::new(cfg).await.context("starting meshd")?;
     agent.run(shutdown_signal()).await.context("running meshd")?;
+    Ok(())
+}
+
+/// `meshd --cleanup`: removes every object meshd owns in this network namespace.
+async fn cleanup(api_socket: &std::path::Path) -> anyhow::Result<()> {
+    if tokio::net::UnixStream::connect(api_socket).await.is_ok() {
+        bail!(
+            "meshd is running here (it answers on {}); stop it first, or it re-creates what --cleanup removes",
+            api_socket.display()
+        );
+    }
+    let removed =
+        meshd_control::agent::remove_datapath().await.context("removing meshd's links, entries and rules")?;
+    eprintln!("meshd: removed {removed} objects meshd had programmed on this node");
     Ok(())
 }

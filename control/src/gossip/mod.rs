@@ -494,6 +494,7 @@ impl Gossip {
         }
         let entry = self.store.entry(&key).cloned().expect("just written");
         self.record_entry(key, entry, now);
+        self.gossip_soon(now);
         true
     }
 
@@ -504,7 +505,17 @@ impl Gossip {
         }
         let entry = self.store.entry(key).cloned().expect("just written");
         self.record_entry(key.to_owned(), entry, now);
+        self.gossip_soon(now);
         true
+    }
+
+    /// A local write, or news received, goes out on the next tick instead of waiting up
+    /// to a whole gossip interval: these waits dominated attach → FDB-on-every-node
+    /// (one per hop). The update's
+    /// transmissions stay bounded by the retransmit limit, so this moves packets
+    /// earlier, it does not add any.
+    fn gossip_soon(&mut self, now: Millis) {
+        self.next_gossip_at = self.next_gossip_at.min(now);
     }
 
     /// Writes a block claim (see [`Store::put_claim`]) and spreads it.
@@ -978,6 +989,8 @@ impl Gossip {
                 if self.store.merge_one(key.clone(), entry.clone()) {
                     self.record_entry(key.clone(), entry.clone(), now);
                     self.welcome_participant(entry);
+                    // News is relayed on the next tick too (see `gossip_soon`).
+                    self.gossip_soon(now);
                 }
                 return;
             }

@@ -617,16 +617,11 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
             f.get(1) == Some(&BPFFS) && f.get(2) == Some(&"bpf")
         });
         if !mounted {
-            let out = std::process::Command::new("mount")
-                .args(["-t", "bpf", "bpf", BPFFS])
-                .output()
-                .map_err(|source| Error::Spawn { program: "mount".into(), source })?;
-            if !out.status.success() {
-                return Err(err(format!(
-                    "mounting bpffs at {BPFFS}: {}; mount it (`mount -t bpf bpf {BPFFS}`)",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
-            }
+            // mount(2) directly: no dependency on util-linux being installed.
+            nix::mount::mount(Some("bpf"), BPFFS, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+                .map_err(|e| {
+                    err(format!("mounting bpffs at {BPFFS}: {e}; mount it (`mount -t bpf bpf {BPFFS}`)"))
+                })?;
         }
     }
     std::fs::create_dir_all(pin_dir)

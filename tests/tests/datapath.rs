@@ -128,10 +128,14 @@ fn hand_deleted_fdb_entry_and_neighbour_come_back_and_foreign_objects_are_never_
 
     cluster.stop_node(1)?;
     cluster.restart_node(1)?;
-    // Wait for a reconcile after the start to have happened: status reports its count.
+    // Wait for a reconcile after the start to have happened: status reports what it
+    // observed. The peers are web.2 and n2's own address, plus n2's spare address if
+    // IPAM holds one (it pre-programs spares).
     poll("n1 adopted its peer after the restart", Duration::from_secs(10), || {
         let status = cluster.meshctl_json(1, &["status"])?;
-        (status["overlay_peers"] == 2 && status["overlays"] == 1 && status["local_tasks"] == 1)
+        (status["overlay_peers"].as_u64().is_some_and(|n| n >= 2)
+            && status["overlays"] == 1
+            && status["local_tasks"] == 1)
             .then_some(())
             .ok_or_else(|| anyhow!("{status}"))
     })?;
@@ -295,9 +299,11 @@ fn restarts_of_either_meshd_lose_no_packet_between_containers() -> Result<()> {
     }
     // Let both restarted agents reconcile at least once before the traffic ends.
     poll("both nodes report their peer again", Duration::from_secs(10), || {
+        // Peers: the other task and node, plus the other node's spare address if IPAM
+        // holds one.
         for i in [1, 2] {
             let status = cluster.meshctl_json(i, &["status"])?;
-            if status["overlay_peers"] != 2 || status["local_tasks"] != 1 {
+            if status["overlay_peers"].as_u64().is_none_or(|n| n < 2) || status["local_tasks"] != 1 {
                 bail!("n{i}: {status}");
             }
         }

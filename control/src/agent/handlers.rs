@@ -458,31 +458,31 @@ impl Agent {
             return Ok(json!({ "port": port, "detached": true }));
         }
         // Done when every alive node serves it (with a task, if any is running): a
-        // script may use any node next.
+        // script may use any node next. This node may not know the service's tasks yet
+        // (task tables reach only the nodes taking part in their network, and it may
+        // have joined just now), but a node hosting a task knows it and reports the
+        // port served as soon as it listens. So: first every node listens; then, if any
+        // node serves it (or this node knows a running task), every node must serve it.
         let served = format!("{}/{}", port.published, port.proto);
+        let not_served = |missing: String| {
+            format!(
+                "published {}:{}/{} for service {}, but after {CONFIRM_WAIT:?} it is not served on {missing}; see `meshctl status` there",
+                port.published, port.target, port.proto, port.service
+            )
+        };
+        let nodes = self.wait_for_nodes(|state, _| state.listening.contains(&served), not_served).await?;
         let has_tasks = {
             let gossip = self.gossip();
             let live = gossip.live_nodes();
-            let any = gossip.store().tasks_of(service).any(|t| live.contains(&t.node));
-            any
+            let store = gossip.store();
+            store.tasks_of(service).any(|t| live.contains(&t.node))
+                || live.iter().filter_map(|n| store.node_state(n)).any(|s| s.serving.contains(&served))
         };
-        let nodes = self
-            .wait_for_nodes(
-                |state, _| {
-                    if has_tasks {
-                        state.serving.contains(&served)
-                    } else {
-                        state.listening.contains(&served)
-                    }
-                },
-                |missing| {
-                    format!(
-                        "published {}:{}/{} for service {}, but after {CONFIRM_WAIT:?} it is not served on {missing}; see `meshctl status` there",
-                        port.published, port.target, port.proto, port.service
-                    )
-                },
-            )
-            .await?;
+        let nodes = if has_tasks {
+            self.wait_for_nodes(|state, _| state.serving.contains(&served), not_served).await?
+        } else {
+            nodes
+        };
         Ok(json!({ "port": port, "detached": false, "served_on": nodes, "has_tasks": has_tasks }))
     }
 

@@ -1,0 +1,150 @@
+//! DNS benchmark: `dnsperf` against meshd's embedded resolver (the dataplane library
+//! serving 127.0.0.11:53 in a namespace, on a 2-worker tokio runtime like meshd's) and
+//! against dnsmasq serving the same names from a hosts file, in the same namespace,
+//! with the same client settings. A second, rate-limited pass with per-query output
+//! gives each server's latency percentiles.
+//!
+//! Prints a markdown table (rows in the shape of `meshd_benches::Row`); another session
+//! wires it into `make bench ONLY=dns`. `MESHD_DNS_SECONDS` sets the throughput run
+//! length (default 5).
+
+use std::{collections::BTreeMap, fs, net::Ipv4Addr, path::Path};
+
+use anyhow::{bail, Context as _, Result};
+use meshd_benches::{in_ns, markdown, Row};
+use meshd_dataplane::dns::{
+    open_in_netns, EndpointMode, NameTable, NetworkNames, Resolver, ResolverConfig, ServiceNames,
+    TableHandle, RESOLVER_ADDR,
+};
+use meshd_tests::dnslab::DnsLab;
+
+/// Queries both servers are asked, round-robin (each answered locally by both).
+const QUERIES: &str = "web A\napi A\ntasks.web A\nweb.1 A\nweb.front A\nweb AAAA\n";
+
+/// The same names as a hosts file for dnsmasq (`api` and `tasks.web` with every task).
+const HOSTS: &str = "10.0.1.2 web web.front\n10.0.1.20 api\n10.0.1.21 api\n10.0.1.22 api\n\
+10.0.1.10 tasks.web web.1\n10.0.1.11 tasks.web\n";
+
+fn table() -> NameTable {
+    let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+    let mut front = NetworkNames::default();
+    front.services.insert(
+        "web".into(),
+        ServiceNames {
+            mode: EndpointMode::Vip,
+            vip: Some(ip("10.0.1.2")),
+            task_ips: vec![ip("10.0.1.10"), ip("10.0.1.11")],
+        },
+    );
+    front.services.insert(
+        "api".into(),
+        ServiceNames {
+            mode: EndpointMode::Dnsrr,
+            vip: None,
+            task_ips: vec![ip("10.0.1.20"), ip("10.0.1.21"), ip("10.0.1.22")],
+        },
+    );
+    front.tasks.insert("web.1".into(), ip("10.0.1.10"));
+    NameTable { networks: BTreeMap::from([("front".into(), front)]) }
+}
+
+/// dnsperf's summary: queries/s, mean latency (ms), lost queries.
+fn throughput(ns: &str, server: &str, data: &Path, seconds: &str) -> Result<(f64, f64, u64)> {
+    let out = in_ns(
+        ns,
+        "dnsperf",
+        &["-s", server, "-d", &data.to_string_lossy(), "-l", seconds, "-c", "4", "-q", "100"],
+    )?;
+    let field = |label: &str| -> Result<String> {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(label))
+            .map(|v| v.trim().to_owned())
+            .with_context(|| format!("no `{label}` in dnsperf output:\n{out}"))
+    };
+    let qps: f64 = field("Queries per second:")?.parse()?;
+    let mean: f64 = field("Average Latency (s):")?.split_whitespace().next().unwrap_or("0").parse()?;
+    let lost: u64 = field("Queries lost:")?.split_whitespace().next().unwrap_or("0").parse()?;
+    Ok((qps, mean * 1000.0, lost))
+}
+
+/// p50/p99 latency (ms) at a fixed rate, from dnsperf's per-query lines.
+fn percentiles(ns: &str, server: &str, data: &Path, rate: &str) -> Result<(f64, f64)> {
+    let out =
+        in_ns(ns, "dnsperf", &["-s", server, "-d", &data.to_string_lossy(), "-l", "2", "-Q", rate, "-v"])?;
+    // Lines look like `> NOERROR web A 0.000071`.
+    let mut samples: Vec<f64> = out
+        .lines()
+        .filter(|l| l.starts_with('>'))
+        .filter_map(|l| l.split_whitespace().last()?.parse().ok())
+        .collect();
+    if samples.len() < 100 {
+        bail!(
+            "too few latency samples from dnsperf -v ({}):\n{}",
+            samples.len(),
+            &out[..out.len().min(2000)]
+        );
+    }
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize] * 1000.0;
+    Ok((at(0.50), at(0.99)))
+}
+
+fn main() -> Result<()> {
+    let seconds = std::env::var("MESHD_DNS_SECONDS").unwrap_or_else(|_| "5".into());
+    let mut lab = DnsLab::new(&["127.0.0.53"])?;
+    let dir = tempdir(&lab.ns)?;
+    let hosts = dir.join("hosts");
+    let data = dir.join("queries");
+    fs::write(&hosts, HOSTS)?;
+    fs::write(&data, QUERIES)?;
+    lab.start_dnsmasq(
+        "127.0.0.53",
+        &[&format!("--addn-hosts={}", hosts.display()), "--local-ttl=5", "--dns-forward-max=1000"],
+        "web",
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let sockets = open_in_netns(&lab.netns(), RESOLVER_ADDR, None)?;
+    let resolver = {
+        let _guard = rt.enter();
+        Resolver::start(
+            &lab.netns(),
+            sockets,
+            TableHandle::new(&table()),
+            vec!["front".into()],
+            ResolverConfig::default(),
+        )?
+    };
+    // Both must answer the same names before they are compared.
+    for server in ["127.0.0.11", "127.0.0.53"] {
+        for name in ["web", "api", "tasks.web", "web.1", "web.front"] {
+            let d = lab.dig(&[&format!("@{server}"), name])?;
+            if d.answers.is_empty() {
+                bail!("{server} does not answer {name}: {d:?}");
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for (path, server, baseline) in [("dnsmasq", "127.0.0.53", true), ("meshd resolver", "127.0.0.11", false)]
+    {
+        let (qps, mean, lost) = throughput(&lab.ns, server, &data, &seconds)?;
+        let (p50, p99) = percentiles(&lab.ns, server, &data, "20000")?;
+        rows.push(Row {
+            group: "DNS (dnsperf -c4 -q100)".into(),
+            path: path.into(),
+            value: qps,
+            unit: "q/s".into(),
+            detail: format!("mean {mean:.3} ms, lost {lost}; at 20k q/s: p50 {p50:.3} ms, p99 {p99:.3} ms"),
+            baseline,
+        });
+    }
+    rt.block_on(resolver.shutdown());
+    println!("{}", markdown(&rows));
+    let _ = fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tempdir(label: &str) -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("meshd-dnsbench-{label}"));
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

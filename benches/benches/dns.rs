@@ -11,10 +11,17 @@
 use std::{collections::BTreeMap, fs, net::Ipv4Addr, path::Path};
 
 use anyhow::{bail, Context as _, Result};
+use hickory_proto::op::Message;
+use hickory_server::{
+    net::runtime::Time,
+    server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
+    zone_handler::MessageResponseBuilder,
+    Server,
+};
 use meshd_benches::{in_ns, markdown, Row};
 use meshd_dataplane::dns::{
-    open_in_netns, EndpointMode, NameTable, NetworkNames, Resolver, ResolverConfig, ServiceNames,
-    TableHandle, RESOLVER_ADDR,
+    answer, open_in_netns, Action, AnswerConfig, EndpointMode, NameIndex, NameTable, NetworkNames, Resolver,
+    ResolverConfig, ServiceNames, TableHandle, Transport, RESOLVER_ADDR,
 };
 use meshd_tests::dnslab::DnsLab;
 
@@ -95,9 +102,47 @@ fn percentiles(ns: &str, server: &str, data: &Path, rate: &str) -> Result<(f64, 
     Ok((at(0.50), at(0.99)))
 }
 
+/// The same answers served through hickory-server's request path (its UDP loop, a
+/// task per request, its request decoding and response encoding). The handler reuses
+/// the resolver's `answer` on the raw request and re-parses the reply into records —
+/// one extra parse, small next to what the server path itself costs.
+struct HickoryHandler {
+    index: NameIndex,
+    networks: Vec<String>,
+    config: AnswerConfig,
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for HickoryHandler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response: R,
+    ) -> ResponseInfo {
+        let action = answer(
+            &self.index,
+            &self.networks,
+            request.as_slice(),
+            Transport::Udp,
+            &self.config,
+            &mut rand::thread_rng(),
+        );
+        let Action::Reply(bytes) = action else { panic!("bench names are all local") };
+        let reply = Message::from_vec(&bytes).expect("our reply parses");
+        let built = MessageResponseBuilder::from_message_request(request).build(
+            reply.metadata,
+            reply.answers.iter(),
+            [].iter(),
+            [].iter(),
+            [].iter(),
+        );
+        response.send_response(built).await.expect("hickory-server sends the reply")
+    }
+}
+
 fn main() -> Result<()> {
     let seconds = std::env::var("MESHD_DNS_SECONDS").unwrap_or_else(|_| "5".into());
-    let mut lab = DnsLab::new(&["127.0.0.53"])?;
+    let mut lab = DnsLab::new(&["127.0.0.53", "127.0.0.12"])?;
     let dir = tempdir(&lab.ns)?;
     let hosts = dir.join("hosts");
     let data = dir.join("queries");
@@ -120,8 +165,21 @@ fn main() -> Result<()> {
             ResolverConfig::default(),
         )?
     };
-    // Both must answer the same names before they are compared.
-    for server in ["127.0.0.11", "127.0.0.53"] {
+    let hickory_addr = std::net::SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 12), 53);
+    let hickory_sockets = open_in_netns(&lab.netns(), hickory_addr, None)?;
+    let _hickory = {
+        let _guard = rt.enter();
+        let handler = HickoryHandler {
+            index: NameIndex::build(&table()),
+            networks: vec!["front".into()],
+            config: AnswerConfig::default(),
+        };
+        let mut server = Server::new(handler);
+        server.register_socket(tokio::net::UdpSocket::from_std(hickory_sockets.udp)?);
+        server
+    };
+    // All must answer the same names before they are compared.
+    for server in ["127.0.0.11", "127.0.0.53", "127.0.0.12"] {
         for name in ["web", "api", "tasks.web", "web.1", "web.front"] {
             let d = lab.dig(&[&format!("@{server}"), name])?;
             if d.answers.is_empty() {
@@ -131,7 +189,11 @@ fn main() -> Result<()> {
     }
     // Alternate the servers over several rounds and keep each one's median: the
     // machine is shared, and a burst of other load should hit both alike.
-    let servers = [("dnsmasq", "127.0.0.53", true), ("meshd resolver", "127.0.0.11", false)];
+    let servers = [
+        ("dnsmasq", "127.0.0.53", true),
+        ("meshd resolver", "127.0.0.11", false),
+        ("hickory-server, same answers", "127.0.0.12", false),
+    ];
     let mut runs: Vec<Vec<(f64, f64, u64)>> = vec![Vec::new(); servers.len()];
     for _ in 0..ROUNDS {
         for (i, (_, server, _)) in servers.iter().enumerate() {

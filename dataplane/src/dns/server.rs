@@ -140,6 +140,11 @@ pub fn open_in_netns(
     listen: SocketAddrV4,
     forward_netns: Option<&Path>,
 ) -> Result<ResolverSockets> {
+    for path in [Some(netns), forward_netns].into_iter().flatten() {
+        if !path.exists() {
+            return Err(Error::NoNetns { path: path.to_owned() });
+        }
+    }
     let (udp, tcp) = in_netns(netns, move || {
         let udp = std::net::UdpSocket::bind(listen)?;
         let tcp = std::net::TcpListener::bind(listen)?;

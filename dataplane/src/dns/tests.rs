@@ -364,3 +364,10 @@ fn config_bounds_are_checked() {
     let bad = ResolverConfig { max_forwards: 0, ..ResolverConfig::default() };
     assert!(bad.validate().unwrap_err().to_string().contains("max forwards"));
 }
+
+#[test]
+fn a_missing_namespace_is_named_in_the_error() {
+    let error =
+        open_in_netns(std::path::Path::new("/run/netns/no-such-ns"), RESOLVER_ADDR, None).unwrap_err();
+    assert!(error.to_string().contains("no-such-ns"), "{error}");
+}

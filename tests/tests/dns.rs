@@ -208,7 +208,9 @@ fn silent_upstream_gives_servfail_and_stalled_tcp_clients_are_cut() -> Result<()
         s.write_all(&[0, 40, 0x12])?;
         let started = Instant::now();
         let mut buf = [0u8; 64];
-        let n = s.read(&mut buf)?;
+        let n = s
+            .read(&mut buf)
+            .map_err(|e| std::io::Error::other(format!("stalled TCP client still open after 5 s ({e})")))?;
         if n != 0 {
             return Err(std::io::Error::other(format!("got {n} bytes instead of a close")));
         }

@@ -70,9 +70,21 @@ fn serve(
     table: &TableHandle,
     config: ResolverConfig,
 ) -> Result<Resolver> {
+    serve_on(rt, lab, table, config, &["front"])
+}
+
+/// Starts a resolver in `lab`'s namespace for a container on `networks`.
+fn serve_on(
+    rt: &tokio::runtime::Runtime,
+    lab: &DnsLab,
+    table: &TableHandle,
+    config: ResolverConfig,
+    networks: &[&str],
+) -> Result<Resolver> {
     let sockets = open_in_netns(&lab.netns(), RESOLVER_ADDR, None)?;
     let _guard = rt.enter();
-    Ok(Resolver::start(&lab.netns(), sockets, table.clone(), vec!["front".into()], config)?)
+    let networks = networks.iter().map(|n| n.to_string()).collect();
+    Ok(Resolver::start(&lab.netns(), sockets, table.clone(), networks, config)?)
 }
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
@@ -225,5 +237,32 @@ fn silent_upstream_gives_servfail_and_stalled_tcp_clients_are_cut() -> Result<()
     poll("127.0.0.11:53 is free after shutdown", Duration::from_secs(2), || {
         Ok(open_in_netns(&lab.netns(), RESOLVER_ADDR, None)?)
     })?;
+    Ok(())
+}
+
+#[test]
+fn one_process_serves_many_namespaces_each_seeing_its_own_networks() -> Result<()> {
+    let front = DnsLab::new(&[])?;
+    let back = DnsLab::new(&[])?;
+    let rt = runtime();
+    let table = TableHandle::new(&table());
+    let _front = serve_on(&rt, &front, &table, ResolverConfig::default(), &["front"])?;
+    let back_resolver = serve_on(&rt, &back, &table, ResolverConfig::default(), &["back"])?;
+    let ask = |lab: &DnsLab, name: &str| lab.dig(&["@127.0.0.11", name]);
+
+    ensure!(ask(&front, "web")?.answers == ["10.0.1.2"]);
+    ensure!(ask(&front, "db")?.status == "NXDOMAIN");
+    ensure!(ask(&back, "db")?.answers == ["10.0.2.2"]);
+    ensure!(ask(&back, "web")?.status == "NXDOMAIN");
+    // The back container joins front too: both networks' names, at once.
+    back_resolver.set_networks(vec!["back".into(), "front".into()]);
+    ensure!(ask(&back, "web")?.answers == ["10.0.1.2"]);
+    ensure!(ask(&back, "db.back")?.answers == ["10.0.2.2"]);
+    // One table update reaches every namespace.
+    let mut next = self::table();
+    next.networks.get_mut("front").unwrap().services.get_mut("web").unwrap().vip = Some(ip("10.0.1.77"));
+    table.update(&next);
+    ensure!(ask(&front, "web")?.answers == ["10.0.1.77"]);
+    ensure!(ask(&back, "web")?.answers == ["10.0.1.77"]);
     Ok(())
 }

@@ -21,7 +21,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream, UdpSocket},
     sync::{oneshot, Semaphore},
-    task::JoinHandle,
+    task::{JoinHandle, JoinSet},
     time::timeout,
 };
 
@@ -270,7 +270,11 @@ impl Shared {
 async fn udp_loop(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
     let mut rng = SmallRng::from_entropy();
     let mut buf = vec![0u8; DATAGRAM_MAX + 1];
+    // Forwards in flight belong to this loop: aborting it (shutdown) aborts them, so no
+    // socket of the namespace outlives the resolver.
+    let mut forwards = JoinSet::new();
     loop {
+        while forwards.try_join_next().is_some() {}
         let (len, peer) = match socket.recv_from(&mut buf).await {
             Ok(r) => r,
             // ICMP errors from earlier sends surface here; the socket itself is fine.
@@ -283,7 +287,7 @@ async fn udp_loop(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
             Action::Drop => {}
             Action::Forward(forward) => {
                 let (socket, shared) = (socket.clone(), shared.clone());
-                tokio::spawn(async move {
+                forwards.spawn(async move {
                     let bytes = shared.forwarder.forward(&forward, &shared.config).await;
                     let _ = socket.send_to(&bytes, peer).await;
                 });
@@ -293,7 +297,10 @@ async fn udp_loop(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
 }
 
 async fn tcp_loop(listener: TcpListener, shared: Arc<Shared>) {
+    // Connections belong to this loop, like the UDP loop's forwards.
+    let mut connections = JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let Ok((stream, _)) = listener.accept().await else {
             // Descriptor exhaustion and the like: wait a little rather than spin.
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -304,7 +311,7 @@ async fn tcp_loop(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         };
         let shared = shared.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _ = serve_tcp(stream, &shared).await;
             drop(permit);
         });

@@ -77,10 +77,12 @@ fn throughput(ns: &str, server: &str, data: &Path, seconds: &str) -> Result<(f64
     Ok((qps, mean * 1000.0, lost))
 }
 
-/// p50/p99 latency (ms) at a fixed rate, from dnsperf's per-query lines.
-fn percentiles(ns: &str, server: &str, data: &Path, rate: &str) -> Result<(f64, f64)> {
-    let out =
-        in_ns(ns, "dnsperf", &["-s", server, "-d", &data.to_string_lossy(), "-l", "2", "-Q", rate, "-v"])?;
+/// p50/p99 latency (ms) with one query outstanding (a closed loop: each stall of the
+/// shared machine delays one sample, not every query sent during it), from dnsperf's
+/// per-query lines.
+fn percentiles(ns: &str, server: &str, data: &Path) -> Result<(f64, f64)> {
+    let data = data.to_string_lossy();
+    let out = in_ns(ns, "dnsperf", &["-s", server, "-d", &data, "-l", "2", "-c", "1", "-q", "1", "-v"])?;
     // Lines look like `> NOERROR web A 0.000071`.
     let mut samples: Vec<f64> = out
         .lines()

@@ -1,8 +1,8 @@
 //! DNS benchmark: `dnsperf` against meshd's embedded resolver (the dataplane library
 //! serving 127.0.0.11:53 in a namespace, on a 2-worker tokio runtime like meshd's) and
 //! against dnsmasq serving the same names from a hosts file, in the same namespace,
-//! with the same client settings. A second pass with one query outstanding and
-//! per-query output gives each server's latency percentiles.
+//! with the same client settings. A closed-loop client (one query outstanding) gives
+//! each server's latency percentiles.
 //!
 //! Prints a markdown table (rows in the shape of `meshd_benches::Row`); another session
 //! wires it into `make bench ONLY=dns`. `MESHD_DNS_SECONDS` sets the throughput run
@@ -11,7 +11,10 @@
 use std::{collections::BTreeMap, fs, net::Ipv4Addr, path::Path};
 
 use anyhow::{bail, Context as _, Result};
-use hickory_proto::op::Message;
+use hickory_proto::{
+    op::{Message, Query},
+    rr::{Name, RecordType},
+};
 use hickory_server::{
     net::runtime::Time,
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
@@ -77,27 +80,42 @@ fn throughput(ns: &str, server: &str, data: &Path, seconds: &str) -> Result<(f64
     Ok((qps, mean * 1000.0, lost))
 }
 
-/// p50/p99 latency (ms) with one query outstanding (a closed loop: each stall of the
-/// shared machine delays one sample, not every query sent during it), from dnsperf's
-/// per-query lines.
-fn percentiles(ns: &str, server: &str, data: &Path) -> Result<(f64, f64)> {
-    let data = data.to_string_lossy();
-    let out = in_ns(ns, "dnsperf", &["-s", server, "-d", &data, "-l", "2", "-c", "1", "-q", "1", "-v"])?;
-    // Lines look like `> NOERROR web A 0.000071`.
-    let mut samples: Vec<f64> = out
+/// Closed-loop latency samples per server.
+const LATENCY_SAMPLES: usize = 20_000;
+
+/// p50/p99 latency (ms) with one query outstanding: a client inside the namespace sends
+/// the benchmark's queries one at a time and times each reply (a stall of the shared
+/// machine then delays one sample, not every query sent during it). dnsperf cannot do
+/// this: with one query outstanding it waits on a coarse timer between queries.
+fn percentiles(netns: &Path, server: Ipv4Addr) -> Result<(f64, f64)> {
+    let queries: Vec<Vec<u8>> = QUERIES
         .lines()
-        .filter(|l| l.starts_with('>'))
-        .filter_map(|l| l.split_whitespace().last()?.parse().ok())
+        .map(|l| {
+            let (name, qtype) = l.split_once(' ').unwrap_or((l, "A"));
+            let mut m = Message::query();
+            m.metadata.recursion_desired = true;
+            let qtype = if qtype == "AAAA" { RecordType::AAAA } else { RecordType::A };
+            m.add_query(Query::query(Name::from_ascii(name).expect("bench name"), qtype));
+            m.to_vec().expect("bench query encodes")
+        })
         .collect();
-    if samples.len() < 100 {
-        bail!(
-            "too few latency samples from dnsperf -v ({}):\n{}",
-            samples.len(),
-            &out[..out.len().min(2000)]
-        );
-    }
+    let mut samples = meshd_tests::in_netns(netns, move || -> std::io::Result<Vec<f64>> {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        socket.connect((server, 53))?;
+        socket.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+        let mut buf = [0u8; 1500];
+        let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
+        for i in 0..LATENCY_SAMPLES {
+            let query = &queries[i % queries.len()];
+            let started = std::time::Instant::now();
+            socket.send(query)?;
+            socket.recv(&mut buf)?;
+            samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        Ok(samples)
+    })??;
     samples.sort_by(f64::total_cmp);
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize] * 1000.0;
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
     Ok((at(0.50), at(0.99)))
 }
 
@@ -204,7 +222,7 @@ fn main() -> Result<()> {
         samples.sort_by(|a, b| a.0.total_cmp(&b.0));
         let all: Vec<String> = samples.iter().map(|s| format!("{:.0}", s.0)).collect();
         let (qps, mean, lost) = samples[samples.len() / 2];
-        let (p50, p99) = percentiles(&lab.ns, server, &data)?;
+        let (p50, p99) = percentiles(&lab.netns(), server.parse()?)?;
         rows.push(Row {
             group: "DNS (dnsperf -c4 -q100)".into(),
             path: path.into(),

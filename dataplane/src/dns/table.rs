@@ -118,10 +118,4 @@ impl NameIndex {
             .push(Entry { network, target: target.clone() });
         self.forward.entry(name.to_owned()).or_default().push(Entry { network, target });
     }
-
-    /// Positions of the named networks (an asking container's networks) in this index;
-    /// names the index does not know are skipped.
-    pub fn network_ids(&self, names: &[String]) -> Vec<usize> {
-        names.iter().filter_map(|n| self.networks.iter().position(|m| m.eq_ignore_ascii_case(n))).collect()
-    }
 }

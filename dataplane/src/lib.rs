@@ -4,6 +4,7 @@
 //! from: the control crate tells it what to program.
 
 pub mod backoff;
+pub mod dns;
 pub mod ebpf;
 mod error;
 pub mod lb;

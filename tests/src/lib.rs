@@ -22,6 +22,8 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
+pub mod dnslab;
+
 /// Directory holding the state dirs, sockets and logs of harness clusters.
 pub const RUN_DIR: &str = "/tmp/meshd-harness";
 

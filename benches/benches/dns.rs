@@ -4,9 +4,10 @@
 //! with the same client settings. A closed-loop client (one query outstanding) gives
 //! each server's latency percentiles.
 //!
-//! Prints a markdown table (rows in the shape of `meshd_benches::Row`); another session
-//! wires it into `make bench ONLY=dns`. `MESHD_DNS_SECONDS` sets the throughput run
-//! length (default 5).
+//! `make bench ONLY=dns` runs it alone; it writes its table to `benches/results/dns.md`
+//! and README.md. `MESHD_DNS_SECONDS` sets the throughput run length (default 5). The
+//! resolver is not wired into meshd's control side yet (issue #5): this measures the
+//! dataplane library that meshd will run.
 
 use std::{collections::BTreeMap, fs, net::Ipv4Addr, path::Path};
 
@@ -21,7 +22,7 @@ use hickory_server::{
     zone_handler::MessageResponseBuilder,
     Server,
 };
-use meshd_benches::{in_ns, markdown, Row};
+use meshd_benches::{in_ns, write_results, Row};
 use meshd_dataplane::dns::{
     answer, open_in_netns, Action, AnswerConfig, EndpointMode, NameIndex, NameTable, NetworkNames, Resolver,
     ResolverConfig, ServiceNames, TableHandle, Transport, RESOLVER_ADDR,
@@ -236,7 +237,7 @@ fn main() -> Result<()> {
         });
     }
     rt.block_on(resolver.shutdown());
-    println!("{}", markdown(&rows));
+    println!("{}", write_results("dns", "Embedded DNS resolver", &rows)?);
     let _ = fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -151,7 +151,8 @@ fn a_partitioned_underlay_heals_and_converges_within_30_seconds() -> Result<()> 
             }
         }
         Ok(())
-    })?;
+    })
+    .map_err(|e| (1..=4).fold(e, |e, i| e.context(cluster.log_tail(i, 40))))?;
     println!("converged {:.1} s after healing", healed.elapsed().as_secs_f64());
     Ok(())
 }

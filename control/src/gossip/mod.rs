@@ -43,6 +43,9 @@ use crate::{
 /// Milliseconds on the driver's clock.
 pub type Millis = u64;
 
+/// Shortest time between two push-pulls that pass on news learned by push-pull.
+pub const NEWS_PULL_INTERVAL: Millis = 1000;
+
 /// Gossip tuning, defaults in the spirit of memberlist's LAN profile.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -222,6 +225,12 @@ pub struct Gossip {
     /// Nodes that just started taking part in a network this node hosts tasks on: each
     /// gets a push-pull from here, so the tasks reach it directly.
     pending_welcomes: BTreeSet<String>,
+    /// A push-pull brought entries this node did not have (e.g. a healed partition):
+    /// pass them on with one push-pull to another member (not the one they came from),
+    /// at most once per [`NEWS_PULL_INTERVAL`], so bulk news spreads in a few rounds
+    /// instead of waiting for the periodic push-pull.
+    news_from: Option<String>,
+    next_news_pull_at: Millis,
     health: u32,
     leaving: bool,
     changed: bool,
@@ -274,6 +283,8 @@ impl Gossip {
             participants_dirty: true,
             pending_syncs: Vec::new(),
             pending_welcomes: BTreeSet::new(),
+            news_from: None,
+            next_news_pull_at: 0,
             health: 0,
             leaving: false,
             changed: false,
@@ -741,6 +752,20 @@ impl Gossip {
                 self.members.values().filter(|m| m.state == MemberState::Alive).map(|m| m.addr).collect();
             if let Some(&to) = alive.choose(&mut self.rng) {
                 out.push(Out::PushPull { to, join: false });
+            }
+        }
+        if now >= self.next_news_pull_at {
+            if let Some(from) = self.news_from.take() {
+                self.next_news_pull_at = now + NEWS_PULL_INTERVAL;
+                let others: Vec<SocketAddr> = self
+                    .members
+                    .values()
+                    .filter(|m| m.state == MemberState::Alive && m.name != from)
+                    .map(|m| m.addr)
+                    .collect();
+                if let Some(&to) = others.choose(&mut self.rng) {
+                    out.push(Out::PushPull { to, join: false });
+                }
             }
         }
         for node in std::mem::take(&mut self.pending_welcomes) {
@@ -1241,11 +1266,13 @@ impl Gossip {
                     self.participants_dirty = true;
                     self.welcome_participant(entry);
                 }
-                // Learned in bulk: record, but leave spreading to later push-pulls.
+                // Learned in bulk: record, and pass on with one push-pull (see
+                // `news_from`) rather than as individual gossip updates.
                 if entry.value.is_none() {
                     self.tombstones_seen.entry(key.clone()).or_insert(now);
                 }
                 self.changed = true;
+                self.news_from = Some(theirs.from.clone());
             }
         }
         if theirs.complete {

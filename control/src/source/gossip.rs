@@ -401,6 +401,7 @@ async fn push_pull(shared: &Shared, to: SocketAddr, join: bool) -> Result<(), Ex
     let covers = mine.covers;
     write_frame(&mut stream, shared, mine).await?;
     let theirs = read_frame(&mut stream, shared).await?;
+    tracing::debug!(%to, from = %theirs.from, join, "push-pull answered");
     let mut g = shared.gossip();
     g.note_pushed(covers);
     g.merge_push_pull(theirs, shared.now());

@@ -46,6 +46,10 @@ pub type Millis = u64;
 /// Shortest time between two push-pulls that pass on news learned by push-pull.
 pub const NEWS_PULL_INTERVAL: Millis = 1000;
 
+/// Up to this many entries learned by one push-pull are spread by gossip; more are
+/// passed on by push-pull.
+pub const NEWS_GOSSIP_MAX: usize = 64;
+
 /// Gossip tuning, defaults in the spirit of memberlist's LAN profile.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -1256,6 +1260,7 @@ impl Gossip {
             };
             self.apply(&update, now);
         }
+        let mut fresh = Vec::new();
         for (key, entry) in theirs.store.entries() {
             if let Some(unconfirmed) = &mut self.unconfirmed {
                 // The cluster knows this key: merged by version like any other.
@@ -1266,14 +1271,26 @@ impl Gossip {
                     self.participants_dirty = true;
                     self.welcome_participant(entry);
                 }
-                // Learned in bulk: record, and pass on with one push-pull (see
-                // `news_from`) rather than as individual gossip updates.
                 if entry.value.is_none() {
                     self.tombstones_seen.entry(key.clone()).or_insert(now);
                 }
                 self.changed = true;
-                self.news_from = Some(theirs.from.clone());
+                fresh.push((key.clone(), entry.clone()));
             }
+        }
+        // What the push-pull brought is news to this node, and perhaps to others (a
+        // healed partition: each side's writes reached one node of the other side).
+        // A few entries spread by gossip like local writes; a bulk of them (a join
+        // learning the whole cluster) is passed on with one push-pull instead of
+        // flooding the gossip queue (see `news_from`).
+        if fresh.is_empty() {
+        } else if fresh.len() <= NEWS_GOSSIP_MAX {
+            for (key, entry) in fresh {
+                self.enqueue(Update::Entry { key, entry });
+            }
+            self.gossip_soon(now);
+        } else {
+            self.news_from = Some(theirs.from.clone());
         }
         if theirs.complete {
             self.finish_resync(&theirs.store);

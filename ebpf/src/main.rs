@@ -88,7 +88,7 @@ mod programs {
             port_raw,
             proto,
             |key| unsafe { LB_SERVICES.get(key) }.copied(),
-            |addr| unsafe { LB_LOCAL_ADDRS.get(&addr) }.is_some(),
+            |addr| unsafe { LB_LOCAL_ADDRS.get(addr) }.is_some(),
         );
         match forward {
             Forward::Pass => {
@@ -104,7 +104,7 @@ mod programs {
                 let slot = choose_slot(unsafe { bpf_get_prandom_u32() }, backends);
                 let key = BackendKey { service_id, slot };
                 // SAFETY: read-only lookup, copied out.
-                let Some(backend) = (unsafe { LB_BACKENDS.get(&key) }).copied() else {
+                let Some(backend) = (unsafe { LB_BACKENDS.get(key) }).copied() else {
                     // A slot below the count is always written first; a miss means the
                     // maps are being torn down. Refusing beats leaving for a VIP nobody holds.
                     count(stats, false);
@@ -116,8 +116,8 @@ mod programs {
                 // Best effort: with the LRU full the oldest entry goes; a failure only
                 // costs the frontend's name in getpeername/recvmsg, not the connection.
                 let _ = LB_REVERSE.insert(
-                    &ReverseKey::new(cookie, backend.addr_raw, backend.port_raw),
-                    &reverse,
+                    ReverseKey::new(cookie, backend.addr_raw, backend.port_raw),
+                    reverse,
                     0,
                 );
                 sa.user_ip4 = backend.addr_raw;
@@ -142,7 +142,7 @@ mod programs {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let key = ReverseKey::new(cookie, sa.user_ip4, port_from_user(sa.user_port));
         // SAFETY: read-only lookup, copied out.
-        match unsafe { LB_REVERSE.get(&key) }.copied() {
+        match unsafe { LB_REVERSE.get(key) }.copied() {
             Some(frontend) => {
                 sa.user_ip4 = frontend.addr_raw;
                 sa.user_port = u32::from(frontend.port_raw);

@@ -6,7 +6,7 @@ set -euo pipefail
 APT_PACKAGES=(
   llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
   iproute2 bridge-utils iputils-ping procps psmisc util-linux bpftool
-  iperf3 wrk dnsutils dnsperf curl netcat-openbsd socat
+  iperf3 wrk dnsutils dnsperf curl netcat-openbsd socat python3
   haproxy dnsmasq
 )
 BPF_LINKER_VERSION=0.13

@@ -9,7 +9,7 @@
 //! resolver is not wired into meshd's control side yet (issue #5): this measures the
 //! dataplane library that meshd will run.
 
-use std::{collections::BTreeMap, fs, net::Ipv4Addr, path::Path};
+use std::{fs, net::Ipv4Addr, path::Path};
 
 use anyhow::{bail, Context as _, Result};
 use hickory_proto::{
@@ -24,8 +24,8 @@ use hickory_server::{
 };
 use meshd_benches::{in_ns, write_results, Row};
 use meshd_dataplane::dns::{
-    answer, open_in_netns, Action, AnswerConfig, EndpointMode, NameIndex, NameTable, NetworkNames, Resolver,
-    ResolverConfig, ServiceNames, TableHandle, Transport, RESOLVER_ADDR,
+    answer, open_in_netns, Action, AnswerConfig, NameIndex, NameTable, Resolver, ResolverConfig, TableHandle,
+    Transport, RESOLVER_ADDR,
 };
 use meshd_tests::dnslab::DnsLab;
 
@@ -39,27 +39,9 @@ const QUERIES: &str = "web A\napi A\ntasks.web A\nweb.1 A\nweb.front A\nweb AAAA
 const HOSTS: &str = "10.0.1.2 web web.front\n10.0.1.20 api\n10.0.1.21 api\n10.0.1.22 api\n\
 10.0.1.10 tasks.web web.1\n10.0.1.11 tasks.web\n";
 
+/// The DNS tests' sample table (the names in `QUERIES` and `HOSTS` among them).
 fn table() -> NameTable {
-    let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-    let mut front = NetworkNames::default();
-    front.services.insert(
-        "web".into(),
-        ServiceNames {
-            mode: EndpointMode::Vip,
-            vip: Some(ip("10.0.1.2")),
-            task_ips: vec![ip("10.0.1.10"), ip("10.0.1.11")],
-        },
-    );
-    front.services.insert(
-        "api".into(),
-        ServiceNames {
-            mode: EndpointMode::Dnsrr,
-            vip: None,
-            task_ips: vec![ip("10.0.1.20"), ip("10.0.1.21"), ip("10.0.1.22")],
-        },
-    );
-    front.tasks.insert("web.1".into(), ip("10.0.1.10"));
-    NameTable { networks: BTreeMap::from([("front".into(), front)]) }
+    meshd_tests::dnslab::sample_table(0)
 }
 
 /// dnsperf's summary: queries/s, mean latency (ms), lost queries.

@@ -125,10 +125,22 @@ pub enum Request {
     /// (out of band: for a compromised key; run it on every node).
     KeyInstall {
         /// The keys as 64 hex digits each; the first seals.
-        keys: Vec<String>,
+        keys: SecretKeys,
     },
     /// `status`.
     Status,
+}
+
+/// Key material inside a request: sent as is, never shown by `Debug` (so a request
+/// that is logged or printed in a panic cannot leak the cluster key).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretKeys(pub Vec<String>);
+
+impl std::fmt::Debug for SecretKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{} keys, redacted]", self.0.len())
+    }
 }
 
 /// meshd's answer.
@@ -251,5 +263,14 @@ mod tests {
         assert!(matches!(ok, Response::Ok { .. }));
         let err: Response = serde_json::from_str(r#"{"error":"no"}"#).unwrap();
         assert_eq!(err, Response::Err { error: "no".into() });
+    }
+
+    #[test]
+    fn key_install_requests_never_print_their_keys() {
+        let key = "ab".repeat(32);
+        let req = Request::KeyInstall { keys: SecretKeys(vec![key.clone()]) };
+        assert!(!format!("{req:?}").contains(&key), "{req:?}");
+        // ...but travel whole.
+        assert!(serde_json::to_string(&req).unwrap().contains(&key));
     }
 }

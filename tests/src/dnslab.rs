@@ -136,3 +136,22 @@ impl Drop for DnsLab {
         remove_prefix(&self.prefix);
     }
 }
+
+/// The name table the DNS tests and the DNS benchmark serve. `front`: `web` (vip
+/// 10.0.1.2, tasks web.1 10.0.1.10 and web.2 10.0.1.11), `api` (dnsrr, 10.0.1.20-22),
+/// `big` (dnsrr, `big` tasks at 10.0.3.x); `back`: `db` (vip 10.0.2.2, task db.1
+/// 10.0.2.10).
+pub fn sample_table(big: u8) -> meshd_dataplane::dns::NameTable {
+    use meshd_dataplane::dns::{EndpointMode::*, NameTable, NetworkNames};
+    let ip = |last: u8, third: u8| std::net::Ipv4Addr::new(10, 0, third, last);
+    let front = NetworkNames::default()
+        .with_service("web", Vip, Some(ip(2, 1)), vec![ip(10, 1), ip(11, 1)])
+        .with_service("api", Dnsrr, None, vec![ip(20, 1), ip(21, 1), ip(22, 1)])
+        .with_service("big", Dnsrr, None, (0..big).map(|i| ip(i, 3)).collect())
+        .with_task("web.1", ip(10, 1))
+        .with_task("web.2", ip(11, 1));
+    let back = NetworkNames::default()
+        .with_service("db", Vip, Some(ip(2, 2)), vec![ip(10, 2)])
+        .with_task("db.1", ip(10, 2));
+    NameTable { networks: [("front".into(), front), ("back".into(), back)].into() }
+}

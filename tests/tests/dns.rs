@@ -3,7 +3,6 @@
 //! real dnsmasq with failover, a silent upstream, a forwarding loop, a stalled TCP client.
 
 use std::{
-    collections::BTreeMap,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     time::{Duration, Instant},
@@ -11,8 +10,8 @@ use std::{
 
 use anyhow::{ensure, Result};
 use meshd_dataplane::dns::{
-    open_in_netns, EndpointMode, NameTable, NetworkNames, Resolver, ResolverConfig, ServiceNames,
-    TableHandle, RESOLVER_ADDR,
+    open_in_netns, EndpointMode, NameTable, Resolver, ResolverConfig, ServiceNames, TableHandle,
+    RESOLVER_ADDR,
 };
 use meshd_tests::{dnslab::DnsLab, in_netns, poll};
 
@@ -20,43 +19,10 @@ fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
 
-/// `front`: `web` (vip 10.0.1.2, tasks web.1/web.2), `api` (dnsrr, three tasks), `big`
-/// (dnsrr, 60 tasks); `back`: `db` (vip 10.0.2.2). The container is on `front` only.
+/// The shared sample (see `dnslab::sample_table`) with 60 tasks in `big`. The
+/// container is on `front` only.
 fn table() -> NameTable {
-    let mut front = NetworkNames::default();
-    front.services.insert(
-        "web".into(),
-        ServiceNames {
-            mode: EndpointMode::Vip,
-            vip: Some(ip("10.0.1.2")),
-            task_ips: vec![ip("10.0.1.10"), ip("10.0.1.11")],
-        },
-    );
-    front.services.insert(
-        "api".into(),
-        ServiceNames {
-            mode: EndpointMode::Dnsrr,
-            vip: None,
-            task_ips: vec![ip("10.0.1.20"), ip("10.0.1.21"), ip("10.0.1.22")],
-        },
-    );
-    front.services.insert(
-        "big".into(),
-        ServiceNames {
-            mode: EndpointMode::Dnsrr,
-            vip: None,
-            task_ips: (0..60).map(|i| Ipv4Addr::new(10, 0, 3, i)).collect(),
-        },
-    );
-    front.tasks.insert("web.1".into(), ip("10.0.1.10"));
-    front.tasks.insert("web.2".into(), ip("10.0.1.11"));
-    let mut back = NetworkNames::default();
-    back.services.insert(
-        "db".into(),
-        ServiceNames { mode: EndpointMode::Vip, vip: Some(ip("10.0.2.2")), task_ips: vec![ip("10.0.2.10")] },
-    );
-    back.tasks.insert("db.1".into(), ip("10.0.2.10"));
-    NameTable { networks: BTreeMap::from([("front".into(), front), ("back".into(), back)]) }
+    meshd_tests::dnslab::sample_table(60)
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -51,11 +51,8 @@ pub(super) fn task_host_if(task: &str, ip: Ipv4Addr) -> String {
 /// Indexes (inside `net`'s subnet) that anyone claims or uses, as this node sees them.
 fn taken(store: &Store, net: &Network, reserved: &HashSet<Ipv4Addr>) -> HashSet<u32> {
     let claimed = store.claims().filter(|c| c.network == net.name).map(|c| c.index);
-    let used = store
-        .endpoints()
-        .filter(|e| e.network == net.name)
-        .map(|e| e.ip)
-        .chain(reserved.iter().copied())
+    let used = addresses_in_use(store, reserved, &net.name)
+        .into_iter()
         .filter_map(|ip| ipam::index_of(net.subnet, ip));
     claimed.chain(used).collect()
 }
@@ -170,12 +167,7 @@ impl Agent {
         let mut alloc = self.alloc();
         let now = Instant::now();
         let store = gossip.store();
-        let in_use: HashSet<Ipv4Addr> = store
-            .endpoints()
-            .filter(|e| e.network == net.name)
-            .map(|e| e.ip)
-            .chain(alloc.reserved.iter().copied())
-            .collect();
+        let in_use = addresses_in_use(store, &alloc.reserved, &net.name);
         let unused: Vec<&BlockClaim> = store
             .claims()
             .filter(|c| c.network == net.name && &c.node == me)
@@ -245,12 +237,7 @@ impl Agent {
         let mut claims = Vec::new();
         let mut releases = Vec::new();
         for net in store.networks() {
-            let in_use: HashSet<Ipv4Addr> = store
-                .endpoints()
-                .filter(|e| e.network == net.name)
-                .map(|e| e.ip)
-                .chain(alloc.reserved.iter().copied())
-                .collect();
+            let in_use = addresses_in_use(store, &alloc.reserved, &net.name);
             let claimed = store
                 .claims()
                 .filter(|c| c.network == net.name && ipam::is_usable(net.subnet, c.index))
@@ -441,4 +428,10 @@ impl Agent {
         alloc.reserved.insert(ip);
         Ok(Some(ip))
     }
+}
+
+/// The addresses of `network` that endpoints hold, plus those an attach in progress
+/// has `reserved`.
+fn addresses_in_use(store: &Store, reserved: &HashSet<Ipv4Addr>, network: &str) -> HashSet<Ipv4Addr> {
+    store.endpoints().filter(|e| e.network == network).map(|e| e.ip).chain(reserved.iter().copied()).collect()
 }

@@ -63,7 +63,7 @@ impl Agent {
             Request::NodeLs => Ok(self.node_ls()),
             Request::KeyRotate => self.key_rotate().await,
             Request::KeyLs => Ok(self.key_ls()),
-            Request::KeyInstall { keys } => self.key_install(&keys),
+            Request::KeyInstall { keys } => self.key_install(&keys.0),
             Request::Status => Ok(self.status().await),
         }
     }

@@ -199,7 +199,7 @@ fn request(command: Command) -> Result<Request, String> {
             keys.extend(
                 ring.keys.iter().enumerate().filter(|(i, _)| *i != ring.primary).map(|(_, k)| k.to_hex()),
             );
-            Request::KeyInstall { keys }
+            Request::KeyInstall { keys: meshd_control::api::SecretKeys(keys) }
         }
         Command::Status => Request::Status,
     })

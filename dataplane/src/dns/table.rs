@@ -36,6 +36,27 @@ pub struct NetworkNames {
     pub tasks: BTreeMap<String, Ipv4Addr>,
 }
 
+impl NetworkNames {
+    /// This network with service `name` added: how it resolves, its VIP (vip mode) and
+    /// its healthy tasks' addresses.
+    pub fn with_service(
+        mut self,
+        name: &str,
+        mode: EndpointMode,
+        vip: Option<Ipv4Addr>,
+        task_ips: Vec<Ipv4Addr>,
+    ) -> Self {
+        self.services.insert(name.to_owned(), ServiceNames { mode, vip, task_ips });
+        self
+    }
+
+    /// This network with task `name` at `ip` added.
+    pub fn with_task(mut self, name: &str, ip: Ipv4Addr) -> Self {
+        self.tasks.insert(name.to_owned(), ip);
+        self
+    }
+}
+
 /// Everything the resolver knows: per network name, the names on it. The control side
 /// builds it from the store whenever the cluster changes and hands it over whole.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -18,39 +18,28 @@ fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
 
-/// Two networks: `front` (web vip, api dnsrr with three tasks) and `back` (db vip);
-/// `back` also has `web` with another VIP.
+/// Two networks: `front` (web vip, api dnsrr with three tasks, big dnsrr with 100) and
+/// `back` (db vip).
 fn table() -> NameTable {
-    let mut front = NetworkNames::default();
-    front.services.insert(
-        "web".into(),
-        ServiceNames {
-            mode: EndpointMode::Vip,
-            vip: Some(ip("10.0.1.2")),
-            task_ips: vec![ip("10.0.1.10"), ip("10.0.1.11")],
-        },
-    );
-    front.services.insert(
-        "api".into(),
-        ServiceNames {
-            mode: EndpointMode::Dnsrr,
-            vip: None,
-            task_ips: vec![ip("10.0.1.20"), ip("10.0.1.21"), ip("10.0.1.22")],
-        },
-    );
-    front.tasks.insert("web.1".into(), ip("10.0.1.10"));
-    front.tasks.insert("web.2".into(), ip("10.0.1.11"));
-    let mut big = Vec::new();
-    for i in 0..100u8 {
-        big.push(Ipv4Addr::new(10, 0, 3, i));
-    }
-    front.services.insert("big".into(), ServiceNames { mode: EndpointMode::Dnsrr, vip: None, task_ips: big });
-    let mut back = NetworkNames::default();
-    back.services.insert(
-        "db".into(),
-        ServiceNames { mode: EndpointMode::Vip, vip: Some(ip("10.0.2.2")), task_ips: vec![ip("10.0.2.10")] },
-    );
-    back.tasks.insert("db.1".into(), ip("10.0.2.10"));
+    let front = NetworkNames::default()
+        .with_service("web", EndpointMode::Vip, Some(ip("10.0.1.2")), vec![ip("10.0.1.10"), ip("10.0.1.11")])
+        .with_service(
+            "api",
+            EndpointMode::Dnsrr,
+            None,
+            vec![ip("10.0.1.20"), ip("10.0.1.21"), ip("10.0.1.22")],
+        )
+        .with_service(
+            "big",
+            EndpointMode::Dnsrr,
+            None,
+            (0..100u8).map(|i| Ipv4Addr::new(10, 0, 3, i)).collect(),
+        )
+        .with_task("web.1", ip("10.0.1.10"))
+        .with_task("web.2", ip("10.0.1.11"));
+    let back = NetworkNames::default()
+        .with_service("db", EndpointMode::Vip, Some(ip("10.0.2.2")), vec![ip("10.0.2.10")])
+        .with_task("db.1", ip("10.0.2.10"));
     NameTable { networks: BTreeMap::from([("front".into(), front), ("back".into(), back)]) }
 }
 

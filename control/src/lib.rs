@@ -47,5 +47,11 @@ impl Error {
     }
 }
 
+/// Milliseconds since the Unix epoch on the wall clock (0 if the clock is before it):
+/// the time that means the same on every node (epochs, save and send times).
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Control's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -88,18 +88,22 @@ impl Agent {
         }
         let subnet = subnet.trunc();
         let network = self.put_network(name, subnet, mtu)?;
+        self.known_everywhere(format!("network {}", network.name), json!(network)).await
+    }
+
+    /// After a create: waits until every alive node holds the same catalog, and returns
+    /// `created` with how many nodes that is (`known_to`).
+    async fn known_everywhere(&self, what: String, mut created: Value) -> Result<Value> {
         self.changed();
         let nodes = self
             .wait_for_catalog(|missing| {
                 format!(
-                    "network {} was created, but after {CONFIRM_WAIT:?} {missing} do not know it yet; check `meshctl node ls`",
-                    network.name
+                    "{what} was created, but after {CONFIRM_WAIT:?} {missing} do not know it yet; check `meshctl node ls`"
                 )
             })
             .await?;
-        let mut out = json!(network);
-        out["known_to"] = json!(nodes);
-        Ok(out)
+        created["known_to"] = json!(nodes);
+        Ok(created)
     }
 
     /// Writes a new network after checking its name and subnet against the others.
@@ -151,18 +155,7 @@ impl Agent {
     ) -> Result<Value> {
         check_name("service", &name)?;
         let service = self.put_service(name, network, endpoint_mode)?;
-        self.changed();
-        let nodes = self
-            .wait_for_catalog(|missing| {
-                format!(
-                    "service {} was created, but after {CONFIRM_WAIT:?} {missing} do not know it yet; check `meshctl node ls`",
-                    service.name
-                )
-            })
-            .await?;
-        let mut out = json!(service);
-        out["known_to"] = json!(nodes);
-        Ok(out)
+        self.known_everywhere(format!("service {}", service.name), json!(service)).await
     }
 
     /// Writes a new service after checking its network and name.

@@ -23,7 +23,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use parking_lot::{Mutex, MutexGuard};
@@ -147,7 +147,7 @@ impl Agent {
         let overlay = KernelVxlan::connect(cfg.advertise_addr)?;
         let mtu = overlay.underlay_mtu(cfg.advertise_addr).await? - VXLAN_OVERHEAD;
         let programs = SocketPrograms::attach(cfg.cgroup.clone())?;
-        let epoch = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let epoch = crate::wall_clock_ms();
         let gossip_addr = SocketAddr::from((cfg.advertise_addr, cfg.control_port));
         let store = std::mem::take(&mut loaded.store);
         let mut state =

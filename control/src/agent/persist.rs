@@ -10,7 +10,6 @@ use std::{
     io::Write,
     os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
@@ -97,7 +96,7 @@ fn tighten(path: &Path, mode: u32) -> Result<Option<u32>> {
 }
 
 /// The store file: the store and when it was saved.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Persisted {
     /// Wall-clock milliseconds since the Unix epoch at the save.
     saved_at_ms: u64,
@@ -128,10 +127,6 @@ pub(super) fn state_file(cfg: &AgentConfig) -> PathBuf {
     cfg.state_dir.join("store.json")
 }
 
-fn wall_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// Reads the store; a corrupt one is moved aside (never deleted), reported, and the
 /// node starts empty: it rebuilds from the cluster by push-pull.
 pub(super) fn load_store(cfg: &AgentConfig) -> Result<Loaded> {
@@ -147,7 +142,7 @@ pub(super) fn load_store(cfg: &AgentConfig) -> Result<Loaded> {
         }
         Ok(OnDisk::Bare(store)) => Ok(Loaded { store, saved_at_ms: None, recovered: None }),
         Err(error) => {
-            let aside = path.with_file_name(format!("store.json.corrupt-{}", wall_ms() / 1000));
+            let aside = path.with_file_name(format!("store.json.corrupt-{}", crate::wall_clock_ms() / 1000));
             std::fs::rename(&path, &aside).map_err(|e| {
                 Error::io(
                     format!("moving the corrupt store {} aside to {}", path.display(), aside.display()),
@@ -167,7 +162,13 @@ pub(super) fn load_store(cfg: &AgentConfig) -> Result<Loaded> {
 
 /// Persists the store (0600, atomic, durable), stamped with the save time.
 pub(super) fn save_store(cfg: &AgentConfig, store: &Store) -> Result<()> {
-    let persisted = Persisted { saved_at_ms: wall_ms(), store: store.clone() };
+    /// [`Persisted`] borrowing the store: saving does not copy it.
+    #[derive(Serialize)]
+    struct PersistedRef<'a> {
+        saved_at_ms: u64,
+        store: &'a Store,
+    }
+    let persisted = PersistedRef { saved_at_ms: crate::wall_clock_ms(), store };
     let bytes = serde_json::to_vec(&persisted).expect("stores always serialize");
     write_private(&state_file(cfg), &bytes)
 }
@@ -177,7 +178,7 @@ pub(super) fn save_store(cfg: &AgentConfig, store: &Store) -> Result<()> {
 /// entries count (see [`Gossip::resync_loaded`]).
 pub(super) fn resync_if_stale(gossip: &mut Gossip, loaded: &Loaded, ttl: Millis, now: Millis) {
     let Some(saved) = loaded.saved_at_ms else { return };
-    let away = wall_ms().saturating_sub(saved);
+    let away = crate::wall_clock_ms().saturating_sub(saved);
     if away > ttl {
         tracing::warn!(
             away_secs = away / 1000,

@@ -321,13 +321,6 @@ impl ExchangeError {
     }
 }
 
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Whether a push-pull frame sent at `sent_at` (sender's wall clock) may be merged at
 /// `now`: a frame older than `max_age` might carry an entry whose tombstone has been
 /// reaped since (`max_age` is half the tombstone TTL, leaving the other half for
@@ -343,7 +336,7 @@ async fn write_frame(
 ) -> Result<(), ExchangeError> {
     state.seq = shared.frame_seq.fetch_add(1, Ordering::Relaxed) + 1;
     state.epoch = shared.epoch;
-    state.sent_at_ms = wall_ms();
+    state.sent_at_ms = crate::wall_clock_ms();
     let sealed = shared.keyring.read().seal(&encode(&state));
     stream.write_all(&(sealed.len() as u32).to_be_bytes()).await?;
     stream.write_all(&sealed).await?;
@@ -382,7 +375,7 @@ async fn read_frame(stream: &mut TcpStream, shared: &Shared) -> Result<PushPull,
         Counters::bump(&shared.counters.dropped_malformed);
         ExchangeError::Malformed
     })?;
-    if !frame_is_fresh(frame.sent_at_ms, wall_ms(), shared.max_frame_age_ms)
+    if !frame_is_fresh(frame.sent_at_ms, crate::wall_clock_ms(), shared.max_frame_age_ms)
         || !shared.frame_replay.lock().accept(&frame.from, frame.epoch, frame.seq)
     {
         Counters::bump(&shared.counters.dropped_replay);
@@ -589,12 +582,12 @@ mod tests {
 
         // Recorded long ago (older than half the tombstone TTL): refused, not merged.
         let half_ttl = Config::default().tombstone_ttl / 2;
-        assert_eq!(exchange(addr, &frame(&keyring, 1, wall_ms() - half_ttl - 60_000)).await, 0);
+        assert_eq!(exchange(addr, &frame(&keyring, 1, crate::wall_clock_ms() - half_ttl - 60_000)).await, 0);
         assert!(!has_entry(&shared), "a stale frame was merged");
         assert_eq!(replays(), 1);
 
         // A fresh frame is merged and answered...
-        let fresh = frame(&keyring, 2, wall_ms());
+        let fresh = frame(&keyring, 2, crate::wall_clock_ms());
         assert!(exchange(addr, &fresh).await > 0);
         assert!(has_entry(&shared));
         // ...and the same bytes again are a replay: dropped, unanswered.
@@ -630,7 +623,7 @@ mod tests {
         while shared.push_pull_slots.available_permits() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(exchange(addr, &frame(&keyring, 1, wall_ms())).await, 0);
+        assert_eq!(exchange(addr, &frame(&keyring, 1, crate::wall_clock_ms())).await, 0);
         assert_eq!(shared.counters.dropped_busy.load(Ordering::Relaxed), 1);
     }
 

@@ -16,7 +16,9 @@ use serde::Serialize;
 use crate::api::MAX_API_CLIENTS;
 
 /// Descriptors gossip may hold: its UDP and TCP sockets plus concurrent push-pull
-/// connections, in and out. An upper estimate; the gossip layer caps those itself.
+/// connections, in and out. An estimate: push-pulls served are capped
+/// (`--max-push-pulls`); those this node starts are not capped, only bounded by what
+/// the state machine emits per tick and by the 5 s exchange timeout.
 pub const GOSSIP_FDS: u64 = 128;
 
 /// Descriptors for everything else: the runtime, eBPF programs and maps, netlink

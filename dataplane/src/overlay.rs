@@ -808,7 +808,7 @@ impl KernelVxlan {
         }
 
         // Task links: veths named mv*, with their namespace side.
-        for link in links.iter().filter(|l| l.kind == Some(InfoKind::Veth) && l.name.starts_with("mv")) {
+        for link in links.iter().filter(|l| l.kind == Some(InfoKind::Veth) && is_task_if(&l.name)) {
             out.tasks.insert(link.name.clone(), self.observe_task(link, &bridges).await);
         }
 
@@ -976,6 +976,13 @@ fn neigh_ip(n: &NeighbourMessage) -> Option<Ipv4Addr> {
         }
         _ => None,
     })
+}
+
+/// Whether `name` is a task veth as meshd names them (`mv` and 8 hex digits, see the
+/// control crate's `task_host_if`): an operator's `mvlan0` is not meshd's, and must
+/// never be adopted and then deleted.
+pub fn is_task_if(name: &str) -> bool {
+    name.strip_prefix("mv").is_some_and(|h| h.len() == 8 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]

@@ -322,11 +322,6 @@ impl Proxy {
         Proxy { shared: Arc::new(Shared::new(config)), listeners: HashMap::new() }
     }
 
-    /// The limits it runs with.
-    pub fn config(&self) -> &ProxyConfig {
-        &self.shared.config
-    }
-
     /// Starts serving `port`, or updates its backends if it is served already.
     pub async fn publish(&mut self, proto: Proto, port: u16, backends: Vec<SocketAddr>) -> Result<()> {
         if let Some(listener) = self.listeners.get(&(proto, port)) {
@@ -569,7 +564,6 @@ async fn serve_udp(socket: Arc<UdpSocket>, backends: Backends, shared: Arc<Share
                 continue;
             }
         };
-        while replies.try_join_next().is_some() {}
         let now = shared.now_ms();
         // Stamped under the table's lock, so an expiry that checks under the same lock
         // never removes a flow this datagram is about to use.
@@ -594,6 +588,9 @@ async fn serve_udp(socket: Arc<UdpSocket>, backends: Backends, shared: Arc<Share
                 let flow = Arc::new(UdpFlow { upstream, last_active: AtomicU64::new(now) });
                 flows.lock().insert(client, flow.clone());
                 bump(&shared.counters.udp_flows_opened);
+                // Reap finished reply tasks only when one is added (not per datagram):
+                // the set stays below twice the flow cap.
+                while replies.try_join_next().is_some() {}
                 replies.spawn(relay_udp_replies(
                     socket.clone(),
                     flow.clone(),

@@ -77,6 +77,8 @@ fn add_foreign_objects(node_ns: &Path) -> Result<()> {
         &["ip", "neigh", "add", "10.9.0.5", "lladdr", "02:42:0a:09:00:05", "dev", "fvx9", "nud", "permanent"],
     )?;
     ns_sh(node_ns, &["ip", "link", "add", "fveth0", "type", "veth", "peer", "name", "fveth1"])?;
+    // An operator's veth whose name merely starts like meshd's task veths (`mv` + 8 hex).
+    ns_sh(node_ns, &["ip", "link", "add", "mvlan0", "type", "veth", "peer", "name", "mvlan1"])?;
     ns_sh(
         node_ns,
         &["ip", "rule", "add", "from", "10.9.0.0/24", "to", "10.8.0.0/24", "priority", "1000", "prohibit"],
@@ -90,7 +92,10 @@ fn assert_foreign_objects_intact(node_ns: &Path, when: &str) -> Result<()> {
     let neigh = ns_sh(node_ns, &["ip", "neigh", "show", "dev", "fvx9"])?;
     assert!(neigh.contains("10.9.0.5 lladdr 02:42:0a:09:00:05"), "{when}: foreign neighbour gone: {neigh}");
     let links = ns_sh(node_ns, &["ip", "-o", "link"])?;
-    assert!(links.contains("fveth0") && links.contains("fvx9"), "{when}: foreign link gone: {links}");
+    assert!(
+        links.contains("fveth0") && links.contains("fvx9") && links.contains("mvlan0"),
+        "{when}: foreign link gone: {links}"
+    );
     let rules = ns_sh(node_ns, &["ip", "rule", "show"])?;
     assert!(rules.contains("from 10.9.0.0/24 to 10.8.0.0/24 prohibit"), "{when}: foreign rule gone: {rules}");
     Ok(())

@@ -49,11 +49,10 @@ pub(super) fn task_host_if(task: &str, ip: Ipv4Addr) -> String {
 }
 
 /// Indexes (inside `net`'s subnet) that anyone claims or uses, as this node sees them.
-fn taken(store: &Store, net: &Network, reserved: &HashSet<Ipv4Addr>) -> HashSet<u32> {
+/// `in_use` is what [`addresses_in_use`] returned for `net`.
+fn taken(store: &Store, net: &Network, in_use: &HashSet<Ipv4Addr>) -> HashSet<u32> {
     let claimed = store.claims().filter(|c| c.network == net.name).map(|c| c.index);
-    let used = addresses_in_use(store, reserved, &net.name)
-        .into_iter()
-        .filter_map(|ip| ipam::index_of(net.subnet, ip));
+    let used = in_use.iter().filter_map(|&ip| ipam::index_of(net.subnet, ip));
     claimed.chain(used).collect()
 }
 
@@ -82,9 +81,14 @@ impl Agent {
                     ports.entry(s.network.clone()).or_default().push(format!("{}/{}", p.published, p.proto));
                 }
             }
+            let hosting: HashSet<&str> = store
+                .endpoints()
+                .filter(|e| e.node == me && e.service.is_some())
+                .map(|e| e.network.as_str())
+                .collect();
             let needed = |net: &Network| {
                 wanted.contains(&net.name)
-                    || store.endpoints().any(|e| e.node == me && e.network == net.name && e.service.is_some())
+                    || hosting.contains(net.name.as_str())
                     || ports.contains_key(&net.name)
             };
             let has = |net: &Network| store.get(&Key::endpoint(&Endpoint::node_id(&me, &net.name))).is_some();
@@ -187,7 +191,7 @@ impl Agent {
         if !unused.is_empty() {
             return Ok(None);
         }
-        let taken = taken(store, net, &alloc.reserved);
+        let taken = taken(store, net, &in_use);
         let Some(index) = ipam::pick(me, net.subnet, &taken) else {
             // Others' spares are given back once the subnet runs short; this node can
             // count them only if it sees the network's tasks (it takes part).
@@ -251,7 +255,7 @@ impl Agent {
             let unclaimed = ipam::usable(net.subnet).saturating_sub(claimed);
             let change = ipam::spare_change(ipam::usable(net.subnet), unclaimed, nodes, spares.len() as u32);
             if change > 0 {
-                if let Some(index) = ipam::pick(me, net.subnet, &taken(store, net, &alloc.reserved)) {
+                if let Some(index) = ipam::pick(me, net.subnet, &taken(store, net, &in_use)) {
                     claims.push((net.clone(), index));
                 }
             } else if change < 0 && !joining.contains(&net.name) && !alloc.wanted.contains(&net.name) {

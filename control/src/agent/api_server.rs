@@ -141,9 +141,9 @@ pub(super) async fn serve_api(listener: UnixListener, agent: Arc<Agent>) {
         let Some((id, evicted)) = admitted else {
             bump(&agent.api_stats.refused_busy);
             // A fresh socket's buffer takes one short line without blocking.
-            let _ = stream.try_write(&error_line(&format!(
-                "meshd is handling {MAX_API_CLIENTS} API requests already; retry in a moment"
-            )));
+            let _ = stream.try_write(&line(&Response::Err {
+                error: format!("meshd is handling {MAX_API_CLIENTS} API requests already; retry in a moment"),
+            }));
             continue;
         };
         let agent = agent.clone();
@@ -223,14 +223,12 @@ async fn serve_one(
 }
 
 async fn respond(write: &mut OwnedWriteHalf, response: &Response) -> std::io::Result<()> {
-    let mut out = serde_json::to_vec(response).expect("responses always serialize");
-    out.push(b'\n');
-    timeout(RESPONSE_WRITE_TIMEOUT, write.write_all(&out)).await.map_err(std::io::Error::other)?
+    timeout(RESPONSE_WRITE_TIMEOUT, write.write_all(&line(response))).await.map_err(std::io::Error::other)?
 }
 
-fn error_line(message: &str) -> Vec<u8> {
-    let mut out =
-        serde_json::to_vec(&Response::Err { error: message.into() }).expect("responses always serialize");
+/// A response as the protocol sends it: one JSON line.
+fn line(response: &Response) -> Vec<u8> {
+    let mut out = serde_json::to_vec(response).expect("responses always serialize");
     out.push(b'\n');
     out
 }

@@ -328,6 +328,8 @@ impl Agent {
                 },
             )
             .await?;
+        // One nudge (see `wait_for`); a claim made below wakes the reconciler itself.
+        self.changed();
         let ip = loop {
             let allocated = match requested {
                 Some(ip) => self.allocate_exact(network, ip),
@@ -342,7 +344,6 @@ impl Agent {
                     network.name
                 )));
             }
-            self.changed();
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         };
         let host_if = super::addresses::task_host_if(&task, ip);
@@ -389,6 +390,11 @@ impl Agent {
         mut probe: impl FnMut() -> Option<T>,
         timeout_message: impl FnOnce() -> String,
     ) -> Result<T> {
+        // One nudge: the reconciler runs after it, and every store change (a local
+        // write, a gossip merge, a claim settling) wakes it again, with its 1 s period
+        // behind that. Nudging on every poll ran a full reconcile and a store save 50
+        // times a second while a command waited.
+        self.changed();
         loop {
             if let Some(value) = probe() {
                 return Ok(value);
@@ -396,7 +402,6 @@ impl Agent {
             if Instant::now() >= deadline {
                 return Err(Error::invalid(timeout_message()));
             }
-            self.changed();
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
@@ -495,6 +500,9 @@ impl Agent {
         timeout_message: impl FnOnce(String) -> String,
     ) -> Result<usize> {
         let deadline = Instant::now() + CONFIRM_WAIT;
+        // One nudge (see `wait_for`): confirmations arrive by gossip, which wakes the
+        // reconciler, and this node confirms after each reconcile.
+        self.changed();
         loop {
             let (count, missing) = {
                 let gossip = self.gossip();
@@ -529,7 +537,6 @@ impl Agent {
                     format!("node{} {}", if missing.len() == 1 { "" } else { "s" }, missing.join(", "));
                 return Err(Error::invalid(timeout_message(list)));
             }
-            self.changed();
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }

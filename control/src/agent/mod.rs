@@ -145,7 +145,15 @@ impl Agent {
         let mut loaded = load_store(&cfg)?;
         let node = Node { name: cfg.node_name.clone(), addr: cfg.advertise_addr };
         let overlay = KernelVxlan::connect(cfg.advertise_addr)?;
-        let mtu = overlay.underlay_mtu(cfg.advertise_addr).await? - VXLAN_OVERHEAD;
+        let underlay = overlay.underlay_mtu(cfg.advertise_addr).await?;
+        // 68: the smallest MTU IPv4 allows.
+        let mtu = underlay.checked_sub(VXLAN_OVERHEAD).filter(|&m| m >= 68).ok_or_else(|| {
+            Error::invalid(format!(
+                "the interface holding {} has MTU {underlay}, too small for VXLAN (needs at least {}); raise it",
+                cfg.advertise_addr,
+                68 + VXLAN_OVERHEAD
+            ))
+        })?;
         let programs = SocketPrograms::attach(cfg.cgroup.clone())?;
         let epoch = crate::wall_clock_ms();
         let gossip_addr = SocketAddr::from((cfg.advertise_addr, cfg.control_port));

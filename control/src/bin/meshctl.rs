@@ -195,10 +195,8 @@ fn request(command: Command) -> Result<Request, String> {
             let ring = meshd_control::gossip::seal::Keyring::parse(&text).map_err(|e| {
                 format!("keyring {} is invalid: {e}; write one 64-hex-digit key per line", file.display())
             })?;
-            let mut keys = vec![ring.primary().to_hex()];
-            keys.extend(
-                ring.keys.iter().enumerate().filter(|(i, _)| *i != ring.primary).map(|(_, k)| k.to_hex()),
-            );
+            // A parsed keyring seals with its first key: the file's order is the order.
+            let keys = ring.keys.iter().map(|k| k.to_hex()).collect();
             Request::KeyInstall { keys: meshd_control::api::SecretKeys(keys) }
         }
         Command::Status => Request::Status,

@@ -272,15 +272,6 @@ async fn run() -> anyhow::Result<()> {
     // Checked before anything is created (the keyring, the state dir).
     let proxy = args.proxy.config();
     proxy.validate()?;
-    raise_open_files_limit(&proxy);
-    let join = args.join.iter().map(|a| parse_join(a, args.control_port)).collect::<anyhow::Result<_>>()?;
-    let cgroup = match args.cgroup {
-        Some(path) => path,
-        None => cgroup2_root()?,
-    };
-    secure_state_dir(&args.state_dir)?;
-    let keyring_file = args.keyring_file.clone().unwrap_or_else(|| args.state_dir.join("keyring"));
-    let keyring = load_or_create_keyring(&keyring_file)?;
     if args.max_frame_mib == 0 || args.max_frame_mib > 1024 {
         bail!("--max-frame-mib {} is out of range: use 1 to 1024", args.max_frame_mib);
     }
@@ -290,6 +281,15 @@ async fn run() -> anyhow::Result<()> {
     if args.udp_size < 576 || args.udp_size > 65_507 {
         bail!("--udp-size {} is out of range: use 576 to 65507 bytes", args.udp_size);
     }
+    raise_open_files_limit(&proxy);
+    let join = args.join.iter().map(|a| parse_join(a, args.control_port)).collect::<anyhow::Result<_>>()?;
+    let cgroup = match args.cgroup {
+        Some(path) => path,
+        None => cgroup2_root()?,
+    };
+    secure_state_dir(&args.state_dir)?;
+    let keyring_file = args.keyring_file.clone().unwrap_or_else(|| args.state_dir.join("keyring"));
+    let keyring = load_or_create_keyring(&keyring_file)?;
     let gossip = gossip::Config {
         probe_interval: args.probe_interval_ms,
         probe_timeout: args.probe_timeout_ms,

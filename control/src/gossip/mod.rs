@@ -1275,7 +1275,7 @@ impl Gossip {
                     self.tombstones_seen.entry(key.clone()).or_insert(now);
                 }
                 self.changed = true;
-                fresh.push((key.clone(), entry.clone()));
+                fresh.push((key, entry));
             }
         }
         // What the push-pull brought is news to this node, and perhaps to others (a
@@ -1283,14 +1283,13 @@ impl Gossip {
         // A few entries spread by gossip like local writes; a bulk of them (a join
         // learning the whole cluster) is passed on with one push-pull instead of
         // flooding the gossip queue (see `news_from`).
-        if fresh.is_empty() {
-        } else if fresh.len() <= NEWS_GOSSIP_MAX {
+        if fresh.len() > NEWS_GOSSIP_MAX {
+            self.news_from = Some(theirs.from.clone());
+        } else if !fresh.is_empty() {
             for (key, entry) in fresh {
-                self.enqueue(Update::Entry { key, entry });
+                self.enqueue(Update::Entry { key: key.clone(), entry: entry.clone() });
             }
             self.gossip_soon(now);
-        } else {
-            self.news_from = Some(theirs.from.clone());
         }
         if theirs.complete {
             self.finish_resync(&theirs.store);

@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use meshd_dataplane::backoff::AcceptBackoff;
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -33,11 +34,6 @@ pub const PORT: u16 = 7946;
 /// Default largest TCP push-pull frame (`--max-frame-mib`): the sealed cluster state
 /// must fit. A store of 10,000 task endpoints encodes to about 1.5 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 4 << 20;
-
-/// How long accept/receive errors (e.g. EMFILE) pause their loop: doubled per error in
-/// a row up to [`MAX_ERROR_BACKOFF`], so a lack of descriptors never spins a core.
-const ERROR_BACKOFF: Duration = Duration::from_millis(10);
-const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(1);
 
 /// At most one warning per reason in this period; the rest are counted.
 pub const LOG_PERIOD: Duration = Duration::from_secs(10);
@@ -181,7 +177,9 @@ pub async fn run(shared: Arc<Shared>, udp: Arc<UdpSocket>, tcp: TcpListener, see
     let mut replay = ReplayGuard::default();
     let mut buf = vec![0u8; 65536];
     let mut next_join_retry = Instant::now() + Duration::from_secs(1);
-    let mut backoff = ERROR_BACKOFF;
+    // Accept/receive errors (e.g. EMFILE) pause the loop, doubling up to 1 s, so a
+    // lack of descriptors never spins a core.
+    let mut backoff = AcceptBackoff::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -201,14 +199,13 @@ pub async fn run(shared: Arc<Shared>, udp: Arc<UdpSocket>, tcp: TcpListener, see
             received = udp.recv_from(&mut buf) => {
                 let (len, from) = match received {
                     Ok(received) => {
-                        backoff = ERROR_BACKOFF;
+                        backoff.succeeded();
                         received
                     }
                     Err(error) => {
                         Counters::bump(&shared.counters.socket_errors);
                         shared.log.warn("udp_receive", |s| tracing::warn!(%error, suppressed = s, "gossip UDP receive failed; backing off"));
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_ERROR_BACKOFF);
+                        tokio::time::sleep(backoff.failed()).await;
                         continue;
                     }
                 };
@@ -406,11 +403,13 @@ async fn push_pull(shared: &Shared, to: SocketAddr, join: bool) -> Result<(), Ex
 /// Serves push-pulls: at most `max_push_pulls` at once (more are closed at once and
 /// counted), each bounded in size and, as a whole exchange, in time.
 async fn serve_push_pull(shared: Arc<Shared>, listener: TcpListener) {
-    let mut backoff = ERROR_BACKOFF;
+    // Accept/receive errors (e.g. EMFILE) pause the loop, doubling up to 1 s, so a
+    // lack of descriptors never spins a core.
+    let mut backoff = AcceptBackoff::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => {
-                backoff = ERROR_BACKOFF;
+                backoff.succeeded();
                 accepted
             }
             Err(error) => {
@@ -420,8 +419,7 @@ async fn serve_push_pull(shared: Arc<Shared>, listener: TcpListener) {
                     "tcp_accept",
                     |s| tracing::warn!(%error, suppressed = s, "accepting a push-pull failed; backing off"),
                 );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_ERROR_BACKOFF);
+                tokio::time::sleep(backoff.failed()).await;
                 continue;
             }
         };

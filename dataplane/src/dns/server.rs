@@ -35,9 +35,6 @@ use crate::{Error, Result};
 /// address; on Linux all of 127.0.0.0/8 is local on `lo` once `lo` is up).
 pub const RESOLVER_ADDR: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 11), 53);
 
-/// Largest datagram read; longer requests are cut here and answered FORMERR.
-const DATAGRAM_MAX: usize = 4096;
-
 /// Settings of one resolver (the same for every namespace in practice).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResolverConfig {
@@ -72,11 +69,11 @@ impl ResolverConfig {
     /// Checks the bounds are usable.
     pub fn validate(&self) -> Result<()> {
         let bad = |setting, message: &str| Err(Error::Config { setting, message: message.to_owned() });
-        if self.answer.max_request < 512 {
-            return bad("dns max request", "must be at least 512 bytes");
+        if self.answer.max_request < 512 || self.answer.max_request > usize::from(u16::MAX) {
+            return bad("dns max request", "must be 512 to 65535 bytes");
         }
-        if self.max_forwards == 0 {
-            return bad("dns max forwards", "must be at least 1");
+        if self.max_forwards == 0 || self.max_forwards > 32_768 {
+            return bad("dns max forwards", "must be 1 to 32768 (message ids are 16 bits)");
         }
         if self.max_tcp_clients == 0 {
             return bad("dns max tcp clients", "must be at least 1");
@@ -269,7 +266,8 @@ impl Shared {
 
 async fn udp_loop(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
     let mut rng = SmallRng::from_entropy();
-    let mut buf = vec![0u8; DATAGRAM_MAX + 1];
+    // One byte over the bound, so a longer request is seen as too long (FORMERR).
+    let mut buf = vec![0u8; shared.config.answer.max_request + 1];
     // Forwards in flight belong to this loop: aborting it (shutdown) aborts them, so no
     // socket of the namespace outlives the resolver.
     let mut forwards = JoinSet::new();
@@ -404,7 +402,7 @@ async fn forward_receive_loop(shared: Arc<Shared>) {
     let mut buf = vec![0u8; 65_536];
     loop {
         let Ok((len, from)) = forwarder.socket.recv_from(&mut buf).await else { continue };
-        let Some(id) = buf.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else { continue };
+        let Some(id) = buf[..len].get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else { continue };
         let mut pending = forwarder.pending.lock();
         if pending.get(&id).is_some_and(|(upstream, _)| *upstream == from) {
             if let Some((_, tx)) = pending.remove(&id) {

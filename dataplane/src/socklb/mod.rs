@@ -380,14 +380,21 @@ impl SocketLb {
             self.ebpf.map_mut(LOCAL_ADDRS_MAP).ok_or_else(|| err("local address map missing".into()))?,
         )
         .map_err(|e| err(format!("local address map: {e}")))?;
-        let want: Vec<u32> = addrs.iter().map(|a| ip4_raw(a.octets())).collect();
+        let want: std::collections::BTreeSet<u32> = addrs.iter().map(|a| ip4_raw(a.octets())).collect();
+        if want.len() > MAX_LOCAL_ADDRS as usize {
+            return Err(Error::Config {
+                setting: "socket-lb local addresses",
+                message: format!("{} addresses; at most {MAX_LOCAL_ADDRS} fit the map", want.len()),
+            });
+        }
         let stale: Vec<u32> = map.keys().filter_map(|k| k.ok()).filter(|k| !want.contains(k)).collect();
+        // Stale ones first: a map full of them would refuse the new ones.
+        for addr in stale {
+            map.remove(&addr).map_err(|e| err(format!("removing a local address: {e}")))?;
+        }
         for addr in want {
             map.insert(addr, LOCAL_ADDR_PRESENT, 0)
                 .map_err(|e| err(format!("adding a local address: {e}")))?;
-        }
-        for addr in stale {
-            map.remove(&addr).map_err(|e| err(format!("removing a local address: {e}")))?;
         }
         Ok(())
     }
@@ -451,6 +458,19 @@ impl SocketLb {
 /// frontend, or backends on a wildcard form that never receives traffic itself (the
 /// VIP marker `addr:0`, or `0.0.0.0:0`).
 pub fn check_desired(desired: &BTreeMap<Frontend, Vec<Backend>>) -> Result<()> {
+    if desired.len() > MAX_SERVICES as usize {
+        return Err(Error::Config {
+            setting: "socket-lb frontends",
+            message: format!("{} frontends; at most {MAX_SERVICES} fit the map", desired.len()),
+        });
+    }
+    let slots: usize = desired.values().map(Vec::len).sum();
+    if slots > MAX_BACKEND_SLOTS as usize {
+        return Err(Error::Config {
+            setting: "socket-lb backends",
+            message: format!("{slots} backend slots in all; at most {MAX_BACKEND_SLOTS} fit the map"),
+        });
+    }
     for (frontend, backends) in desired {
         if backends.len() > usize::from(MAX_BACKENDS_PER_SERVICE) {
             return Err(Error::Config {

@@ -197,7 +197,7 @@ const _: () = assert!(core::mem::size_of::<ReverseValue>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY (all four): `repr(C)`, fixed-width integer fields, no implicit padding
+    // SAFETY (all six): `repr(C)`, fixed-width integer fields, no implicit padding
     // (sizes asserted above), and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::FrontendKey {}
     unsafe impl aya::Pod for super::ServiceValue {}

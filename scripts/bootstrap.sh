@@ -7,7 +7,7 @@ APT_PACKAGES=(
   llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
   iproute2 bridge-utils iputils-ping procps psmisc util-linux bpftool
   iperf3 wrk dnsutils dnsperf curl netcat-openbsd socat python3
-  haproxy dnsmasq
+  haproxy dnsmasq nftables mariadb-server mariadb-client
 )
 BPF_LINKER_VERSION=0.13
 
@@ -42,7 +42,7 @@ install_packages() {
   # shellcheck disable=SC2086
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
   # The packaged services must not run on the host: tests start their own.
-  for svc in haproxy dnsmasq; do
+  for svc in haproxy dnsmasq mariadb; do
     systemctl disable --now "$svc" >/dev/null 2>&1 || true
   done
 }

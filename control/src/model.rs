@@ -69,6 +69,10 @@ pub struct Service {
     pub network: String,
     /// How its name resolves.
     pub endpoint_mode: EndpointMode,
+    /// Its virtual IP on its network (`vip` mode, once allocated; see
+    /// [`crate::ipam`]): connections to any port of it reach a task on the same port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<Ipv4Addr>,
 }
 
 /// A port answered on every node and forwarded to one task of a service.

@@ -172,7 +172,7 @@ impl Agent {
                 "service {name} already exists; pick another name or `meshctl service rm {name}`"
             )));
         }
-        let service = Service { name, network, endpoint_mode };
+        let service = Service { name, network, endpoint_mode, vip: None };
         gossip.put(Object::Service(service.clone()), self.shared.now());
         Ok(service)
     }

@@ -23,6 +23,7 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 
 pub mod dnslab;
+pub mod mariadb;
 
 /// Directory holding the state dirs, sockets and logs of harness clusters.
 pub const RUN_DIR: &str = "/tmp/meshd-harness";
@@ -595,18 +596,8 @@ impl Cluster {
         port: u16,
         extra: &[&str],
     ) -> Result<&Container> {
-        self.wait_for_service(node, service)?;
-        let ns = format!("{}-c{}", self.prefix, self.containers.len() + 1);
-        sh("ip", &["netns", "add", &ns])?;
-        let path = netns_path(&ns);
-        let mut container =
-            Container { task: task.into(), ns, node, ip: Ipv4Addr::UNSPECIFIED, server: None };
-        let path_arg = path.to_string_lossy().into_owned();
-        let mut args = vec!["attach", service, "--netns", &path_arg, "--name", task];
-        args.extend_from_slice(extra);
-        let attached = self.meshctl_json(node, &args)?;
-        container.ip =
-            attached["ip"].as_str().ok_or_else(|| anyhow!("attach returned no ip: {attached}"))?.parse()?;
+        let mut container = self.attach_new_container(node, service, task, extra)?;
+        let path = container.netns();
         let server = Command::new("nsenter")
             .arg(format!("--net={}", path.display()))
             .arg("--")
@@ -628,6 +619,36 @@ impl Cluster {
         })?;
         self.containers.push(container);
         Ok(self.containers.last().expect("just pushed"))
+    }
+
+    /// Creates a container namespace on node `node` and attaches it to `service` as
+    /// task `task`, with nothing running in it yet (the caller starts its server).
+    pub fn add_empty_container(&mut self, node: usize, service: &str, task: &str) -> Result<&Container> {
+        let container = self.attach_new_container(node, service, task, &[])?;
+        self.containers.push(container);
+        Ok(self.containers.last().expect("just pushed"))
+    }
+
+    fn attach_new_container(
+        &mut self,
+        node: usize,
+        service: &str,
+        task: &str,
+        extra: &[&str],
+    ) -> Result<Container> {
+        self.wait_for_service(node, service)?;
+        let ns = format!("{}-c{}", self.prefix, self.containers.len() + 1);
+        sh("ip", &["netns", "add", &ns])?;
+        let path = netns_path(&ns);
+        let mut container =
+            Container { task: task.into(), ns, node, ip: Ipv4Addr::UNSPECIFIED, server: None };
+        let path_arg = path.to_string_lossy().into_owned();
+        let mut args = vec!["attach", service, "--netns", &path_arg, "--name", task];
+        args.extend_from_slice(extra);
+        let attached = self.meshctl_json(node, &args)?;
+        container.ip =
+            attached["ip"].as_str().ok_or_else(|| anyhow!("attach returned no ip: {attached}"))?.parse()?;
+        Ok(container)
     }
 }
 
@@ -709,6 +730,7 @@ pub fn remove_prefix(prefix: &str) {
         }
     }
     let _ = fs::remove_dir_all(PathBuf::from(RUN_DIR).join(prefix));
+    mariadb::remove_resolvers(prefix);
 }
 
 /// Removes what harness runs that were killed left behind: objects whose prefix names

@@ -1,6 +1,8 @@
 //! `make demo`: a three-node meshd cluster in network namespaces, with services
-//! `mvcapp` (5 tasks) and `mysql` (1 task on 3306), `meshctl publish 3000:80 mvcapp`,
-//! and a handful of requests from an external client landing on different tasks.
+//! `mvcapp` (5 tasks) and `mysql` (a real MariaDB server as task `mysql.1`),
+//! `meshctl publish 3000:80 mvcapp`, a handful of requests from an external client
+//! landing on different tasks, and the real `mariadb` client in an `mvcapp` container
+//! querying `mysql:3306` by name (embedded DNS + socket load balancing).
 //! Everything is torn down on exit or Ctrl-C.
 
 use std::{
@@ -11,7 +13,7 @@ use std::{
 };
 
 use anyhow::{bail, Result};
-use meshd_tests::{http_get, node_addr, remove_prefix, Cluster, CLIENT_ADDR};
+use meshd_tests::{http_get, mariadb, node_addr, remove_prefix, Cluster, CLIENT_ADDR};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
 const PREFIX: &str = "meshdemo";
@@ -58,14 +60,16 @@ fn main() -> Result<()> {
     show(&cluster, 1, &["service", "create", "mvcapp", "--network", "backend"])?;
     show(&cluster, 1, &["service", "create", "mysql", "--network", "backend"])?;
 
-    step("attaching 5 mvcapp tasks on n2 and n3, and a mysql task (TCP 3306) on n3");
+    step("attaching 5 mvcapp tasks on n2 and n3, and mysql.1 (a real MariaDB server) on n2");
     for (node, task) in [(2, "mvcapp.1"), (3, "mvcapp.2"), (2, "mvcapp.3"), (3, "mvcapp.4"), (2, "mvcapp.5")]
     {
         let c = cluster.add_container(node, "mvcapp", task)?;
         println!("  {task:<9} on n{node}  {}", c.ip);
     }
-    let mysql = cluster.add_task(3, "mysql", "mysql.1", 3306)?.ip;
-    println!("  mysql.1   on n3  {mysql}:3306");
+    let mysql = cluster.add_empty_container(2, "mysql", "mysql.1")?;
+    let (mysql_ns, mysql_ip) = (mysql.netns(), mysql.ip);
+    let _mariadb = mariadb::MariaDb::start(&mysql_ns, &cluster.nodes[1].cgroup, &cluster.dir, "mysql.1")?;
+    println!("  mysql.1   on n2  {mysql_ip}:3306  (mariadbd)");
     check_stop()?;
     meshd_tests::poll("n2 sees all five mvcapp tasks", Duration::from_secs(10), || {
         let tasks = cluster.meshctl_json(2, &["service", "ps", "mvcapp"])?;
@@ -93,6 +97,25 @@ fn main() -> Result<()> {
         println!("  curl http://{}:3000/  x5  ->  {}", node_addr(i), answers.join(" "));
     }
     show(&cluster, 2, &["service", "ls"])?;
+
+    check_stop()?;
+    step("from mvcapp.2's container on n3: `mariadb -h mysql -P 3306` (resolved by meshd on 127.0.0.11, balanced by eBPF)");
+    let app_ns = cluster.containers.iter().find(|c| c.task == "mvcapp.2").expect("attached above").ns.clone();
+    mariadb::use_embedded_resolver(&app_ns)?;
+    let vip = meshd_tests::poll("mysql resolves", Duration::from_secs(10), || {
+        let out =
+            meshd_tests::sh("ip", &["netns", "exec", &app_ns, "dig", "+short", "@127.0.0.11", "mysql"])?;
+        anyhow::ensure!(!out.trim().is_empty(), "no answer yet");
+        Ok(out.trim().to_owned())
+    })?;
+    println!("  dig +short @127.0.0.11 mysql          ->  {vip}   (the service VIP)");
+    let node3 = cluster.nodes[2].cgroup.clone();
+    let row = meshd_tests::poll("mariadb answers", Duration::from_secs(15), || {
+        mariadb::query(&app_ns, &node3, "mysql", "SELECT name FROM tasks")
+    })?;
+    println!("  mariadb -h mysql -e 'SELECT name FROM tasks'  ->  {row}");
+    let peer = mariadb::query(&app_ns, &node3, "mysql", "SELECT SUBSTRING_INDEX(USER(), '@', -1)")?;
+    println!("  the server saw the client as {peer} (the container itself: no proxy hop)");
 
     let meshctl = meshd_tests::bin_path("meshctl")?;
     step("try it yourself");

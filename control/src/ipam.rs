@@ -104,7 +104,7 @@ pub fn shadowed(store: &Store) -> BTreeSet<&str> {
 /// Store keys of the endpoints and `vip` services whose address — task address or
 /// VIP — an older endpoint or service of their network holds. The older write keeps
 /// the address, whichever kind it is; the newer one moves (its node re-addresses the
-/// endpoint; the node that wrote the service gives it a new VIP) and meanwhile is not
+/// endpoint; a node that sees the conflict gives the service a new VIP) and meanwhile is not
 /// programmed: a shadowed VIP gets no socket-LB frontend, which would capture
 /// connections meant for the task that keeps the address.
 pub fn shadowed_keys(store: &Store) -> BTreeSet<&str> {

@@ -451,3 +451,52 @@ fn socket_lb_off_says_why_and_a_bogus_mode_is_refused() -> Result<()> {
     assert!(path.starts_with("none: ") && path.contains("--socket-lb off"), "{status}");
     Ok(())
 }
+
+#[test]
+fn a_vip_handed_out_again_during_a_partition_is_resolved_after_the_heal() -> Result<()> {
+    let mut cluster = Cluster::start(3)?;
+    cluster.wait_all_alive(1)?;
+    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
+    cluster.wait_for_service(3, "web")?;
+    cluster.partition(&[3])?;
+    for (observer, node) in [(1, 3), (3, 1)] {
+        poll(&format!("n{observer} declares n{node} dead"), Duration::from_secs(30), || {
+            let state = cluster.member_state(observer, node)?;
+            ensure!(state == "dead", "{state}");
+            Ok(())
+        })?;
+    }
+    // n1's side creates two services: the first takes n1's spare (known to n3), the
+    // second a claim made during the partition. n3, which cannot know, gives the
+    // second's VIP to a task.
+    cluster.meshctl_ok(1, &["service", "create", "first", "--network", "backend"])?;
+    cluster.meshctl_ok(1, &["service", "create", "api", "--network", "backend"])?;
+    let taken = vip_of(&cluster, 1, "api")?.ok_or_else(|| anyhow!("api has no VIP"))?;
+    cluster.add_task_with(3, "web", "web.3", 80, &["--ip", &taken.to_string()])?;
+    cluster.heal()?;
+    let started = Instant::now();
+    // Every node agrees on the VIP, and the task (whose table reaches only n3, the node
+    // taking part in the network) ends up on another address.
+    let (vip, task) =
+        poll("the VIP and the task no longer share an address", Duration::from_secs(40), || {
+            let vips: Vec<_> = (1..=3).map(|i| vip_of(&cluster, i, "api")).collect::<Result<_>>()?;
+            ensure!(vips.iter().all(|v| *v == vips[0]), "nodes disagree on the VIP: {vips:?}");
+            let vip = vips[0].ok_or_else(|| anyhow!("api lost its VIP"))?;
+            let ps = cluster.meshctl_json(3, &["service", "ps", "web"])?;
+            let task: Ipv4Addr = ps[0]["ip"].as_str().ok_or_else(|| anyhow!("no task: {ps}"))?.parse()?;
+            ensure!(vip != task, "still shared: VIP {vip}, task {task}");
+            Ok((vip, task))
+        })?;
+    println!("resolved {:?} after the heal: VIP {vip}, task {task} (both had {taken})", started.elapsed());
+    // Exactly one of them moved, and a node reports the move.
+    let moved_vip = vip != taken;
+    assert!(moved_vip != (task != taken), "exactly one moves: VIP {vip}, task {task}");
+    let what = if moved_vip { "the VIP of service api" } else { "web.3" };
+    let reports: Vec<String> = (1..=3)
+        .map(|i| Ok(cluster.meshctl_json(i, &["status"])?["ipam"]["recent_readdresses"].to_string()))
+        .collect::<Result<_>>()?;
+    let expected = format!("{what} on network backend moved from {taken}");
+    assert!(reports.iter().any(|r| r.contains(&expected)), "{expected}: {reports:?}");
+    Ok(())
+}

@@ -331,9 +331,9 @@ impl Agent {
         })
     }
 
-    /// Moves what this node wrote and lost to an older holder of the same address (both
-    /// sides of a partition handed it out) to a new address: its endpoints (the
-    /// reconciler replaces the task's link) and the VIPs of the services it created.
+    /// Moves what lost its address to an older holder (both sides of a partition handed
+    /// it out) to a new address: this node's endpoints (the reconciler replaces the
+    /// task's link), and any service VIP this node sees lose.
     /// Reported in the log and in `meshctl status`.
     fn resolve_duplicates(&self) {
         let me = &self.cfg.node_name;
@@ -349,7 +349,12 @@ impl Agent {
                     let entry = store.entry(key)?;
                     let (network, ip, mine) = match entry.value.as_ref()? {
                         Object::Endpoint(e) => (&e.network, e.ip, &e.node == me),
-                        Object::Service(s) => (&s.network, s.vip?, &entry.version.node == me),
+                        // Any node that sees a VIP lose moves it: the service's
+                        // creator may not see the network's task table (it arrives only
+                        // where tasks run). Two nodes moving it at once write two
+                        // versions; the later wins everywhere, and the other's claim
+                        // stays a spare, given back like any extra one.
+                        Object::Service(s) => (&s.network, s.vip?, true),
                         _ => return None,
                     };
                     if !mine {

@@ -107,7 +107,9 @@ struct Args {
     #[arg(long, hide = true)]
     keep_datapath: bool,
     /// Remove everything meshd programmed on this node (task links, overlays with their
-    /// FDB and neighbour entries, isolation rules), then exit. Run it with meshd stopped.
+    /// FDB and neighbour entries, isolation rules, and — given --node-name or
+    /// --bpf-pin-dir — its pinned socket load balancer), then exit. Run it with meshd
+    /// stopped.
     #[arg(long)]
     cleanup: bool,
     #[command(flatten)]

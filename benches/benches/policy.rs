@@ -30,6 +30,7 @@ fn cluster(tasks: u32) -> Store {
             name: "web".into(),
             network: "backend".into(),
             endpoint_mode: EndpointMode::Vip,
+            vip: None,
         }),
     );
     s.put(

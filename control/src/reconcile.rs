@@ -287,6 +287,7 @@ mod tests {
                 name: "web".into(),
                 network: "backend".into(),
                 endpoint_mode: EndpointMode::Vip,
+                vip: None,
             }),
         );
         s.put("n1", endpoint(&Endpoint::node_id("n1", "backend"), None, "n1", [10, 0, 0, 1]));

@@ -322,6 +322,7 @@ mod tests {
             name: name.into(),
             network: network.into(),
             endpoint_mode: EndpointMode::Vip,
+            vip: None,
         })
     }
 

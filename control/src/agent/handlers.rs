@@ -301,7 +301,9 @@ impl Agent {
         self.alloc().wanted.insert(network.name.clone());
         let result = self.attach_on(&network, service, netns, task, ip).await;
         self.alloc().wanted.remove(&network.name);
-        result
+        let mut reply = result?;
+        self.report_resolver(netns, &mut reply).await;
+        Ok(reply)
     }
 
     async fn attach_on(
@@ -639,6 +641,8 @@ impl Agent {
             let alloc = self.alloc();
             (alloc.errors.clone(), alloc.readdressed, alloc.recent.iter().cloned().collect::<Vec<_>>())
         };
+        // Before `seen` is locked: it reads `seen` itself.
+        let dns = self.resolvers_status();
         let seen = self.seen.lock();
         let mut errors = seen.errors.clone();
         errors.extend(address_errors.into_iter().map(|(k, v)| (format!("address on {k}"), v)));
@@ -688,6 +692,7 @@ impl Agent {
                 "counters": self.proxy_stats.counters(),
             },
             "api": self.api_stats.snapshot(),
+            "dns": dns,
             "errors": errors,
             "ipam": { "readdressed": readdressed, "recent_readdresses": recent },
             "store": {

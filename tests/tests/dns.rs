@@ -161,6 +161,34 @@ fn unknown_names_are_forwarded_to_dnsmasq_with_failover_and_no_loop() -> Result<
 }
 
 #[test]
+fn tcp_clients_are_forwarded_over_tcp_and_udp_clients_get_tc() -> Result<()> {
+    let mut lab = DnsLab::new(&["127.0.0.53"])?;
+    // Eight 200-byte TXT strings: about 1.7 kB, more than any UDP answer we relay.
+    let records: Vec<String> = (b'a'..=b'h')
+        .map(|c| format!("--txt-record=big.txt.test,{}", String::from(c as char).repeat(200)))
+        .collect();
+    let mut args: Vec<&str> = records.iter().map(String::as_str).collect();
+    args.push("--address=/example.test/192.0.2.1");
+    lab.start_dnsmasq("127.0.0.53", &args, "example.test")?;
+    let rt = runtime();
+    let table = TableHandle::new(&table());
+    let config = ResolverConfig { upstreams: vec!["127.0.0.53:53".parse()?], ..ResolverConfig::default() };
+    let _resolver = serve(&rt, &lab, &table, config)?;
+
+    // A UDP client gets the truncated answer with TC (and would retry over TCP itself).
+    let d = lab.dig(&["@127.0.0.11", "+ignore", "+notcp", "TXT", "big.txt.test"])?;
+    ensure!(d.flags.contains(&"tc".to_owned()) && d.answers.len() < 8, "udp: {d:?}");
+    // A TCP client gets every record: its question went upstream over TCP.
+    let d = lab.dig(&["@127.0.0.11", "+tcp", "TXT", "big.txt.test"])?;
+    ensure!(d.status == "NOERROR", "tcp: {d:?}");
+    ensure!(d.answers.len() == 8 && !d.flags.contains(&"tc".to_owned()), "tcp: {d:?}");
+    // dig's own fallback: UDP first, TC, then TCP: the whole set.
+    let d = lab.dig(&["@127.0.0.11", "TXT", "big.txt.test"])?;
+    ensure!(d.answers.len() == 8, "fallback: {d:?}");
+    Ok(())
+}
+
+#[test]
 fn silent_upstream_gives_servfail_and_stalled_tcp_clients_are_cut() -> Result<()> {
     let lab = DnsLab::new(&["127.0.0.54"])?;
     let _silent = in_netns(&lab.netns(), || std::net::UdpSocket::bind("127.0.0.54:53"))??;

@@ -71,7 +71,9 @@ pub struct Service {
     pub endpoint_mode: EndpointMode,
     /// Its virtual IP on its network (`vip` mode, once allocated; see
     /// [`crate::ipam`]): connections to any port of it reach a task on the same port.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Always encoded (gossip's postcard is not self-describing: a field skipped when
+    /// `None` makes every later field unreadable); `default` reads older JSON stores.
+    #[serde(default)]
     pub vip: Option<Ipv4Addr>,
 }
 

@@ -145,8 +145,8 @@ fn every_name_form_from_a_container_and_forwarding_to_dnsmasq() -> Result<()> {
     ensure!(orders.len() == 2, "dnsrr answers never changed order in 20 queries: {orders:?}");
     ensure!(dig(&client, &["mysql.appnet"])?.answers.len() == 2);
     // Task names, with and without the network.
-    ensure!(dig(&client, &["mysql.2"])?.answers == [db2.clone()]);
-    ensure!(dig(&client, &["mysql.2.appnet"])?.answers == [db2.clone()]);
+    ensure!(dig(&client, &["mysql.2"])?.answers == [db2.as_str()]);
+    ensure!(dig(&client, &["mysql.2.appnet"])?.answers == [db2.as_str()]);
     // PTR of a task address.
     let reverse = |ip: &str| {
         let mut o: Vec<&str> = ip.split('.').collect();

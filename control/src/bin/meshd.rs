@@ -132,7 +132,16 @@ impl DnsArgs {
     /// none is given).
     fn config(&self) -> anyhow::Result<ResolverConfig> {
         if self.dns_ttl > 86_400 {
-            bail!("--dns-ttl {} is out of range: use 0 to 86400 seconds", self.dns_ttl);
+            bail!("invalid --dns-ttl {}: use 0 to 86400 seconds", self.dns_ttl);
+        }
+        if self.dns_upstream_timeout_ms == 0 || self.dns_upstream_timeout_ms > 60_000 {
+            bail!("invalid --dns-upstream-timeout-ms {}: use 1 to 60000", self.dns_upstream_timeout_ms);
+        }
+        if self.dns_max_forwards == 0 || self.dns_max_forwards > 32_768 {
+            bail!(
+                "invalid --dns-max-forwards {}: use 1 to 32768 (0 would refuse every forward)",
+                self.dns_max_forwards
+            );
         }
         let upstreams = if self.dns_upstream.is_empty() {
             match std::fs::read_to_string("/etc/resolv.conf") {

@@ -360,6 +360,18 @@ fn a_resolver_answers_again_after_meshd_is_killed_and_restarted() -> Result<()> 
     );
     let status = cluster.meshctl_json(3, &["status"])?;
     ensure!(status["dns"]["running"] == 1, "status: {}", status["dns"]);
+
+    // The container goes away (`ip netns del`): the resolver's sockets must not keep
+    // its namespace, and so the task, alive.
+    let ns = client.file_name().and_then(|n| n.to_str()).context("namespace name")?.to_owned();
+    meshd_tests::sh("ip", &["netns", "del", &ns])?;
+    poll("the deleted container's task and resolver are gone", Duration::from_secs(10), || {
+        let status = cluster.meshctl_json(3, &["status"])?;
+        let rows = cluster.meshctl_json(3, &["service", "ps", "mvcapp"])?;
+        let listed = rows.as_array().into_iter().flatten().any(|r| r["task"] == "mvcapp.3");
+        ensure!(status["dns"]["running"] == 0 && !listed, "{} {rows}", status["dns"]);
+        Ok(())
+    })?;
     Ok(())
 }
 

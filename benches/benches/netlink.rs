@@ -130,7 +130,7 @@ fn restart_reconcile(netns: &std::path::Path, peers: &[PeerSpec]) -> Result<(Dur
     };
     on_node(netns, move |vx| async move {
         let started = Instant::now();
-        let seen = actual(vx.observe().await?, []);
+        let seen = actual(vx.observe().await?, [], Default::default());
         let ops = plan(&seen, &want);
         let peers_to_add: Vec<PeerSpec> = ops
             .iter()

@@ -30,7 +30,7 @@ fn cluster(tasks: u32) -> Store {
             name: "web".into(),
             network: "backend".into(),
             endpoint_mode: EndpointMode::Vip,
-            vip: None,
+            vip: Some(std::net::Ipv4Addr::new(10, 0, 0, 250)),
         }),
     );
     s.put(

@@ -131,7 +131,12 @@ pub fn spare_peers(
     networks: &BTreeMap<String, u32>,
 ) -> Vec<PeerSpec> {
     let vteps: BTreeMap<&str, Ipv4Addr> = store.nodes().map(|n| (n.name.as_str(), n.addr)).collect();
-    let used: BTreeSet<(&str, Ipv4Addr)> = store.endpoints().map(|e| (e.network.as_str(), e.ip)).collect();
+    // A VIP is never on the wire: its claim is in use, not a spare to answer for.
+    let used: BTreeSet<(&str, Ipv4Addr)> = store
+        .endpoints()
+        .map(|e| (e.network.as_str(), e.ip))
+        .chain(store.services().filter_map(|s| Some((s.network.as_str(), s.vip?))))
+        .collect();
     let hosting: BTreeSet<&str> = store
         .endpoints()
         .filter(|e| e.node == node && e.service.is_some())

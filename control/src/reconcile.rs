@@ -7,18 +7,19 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
 };
 
 use ipnet::Ipv4Net;
 use meshd_dataplane::{
     overlay::{Observed, OverlaySpec, PeerSpec, TaskLink},
     proxy::Proto,
+    socklb::{self, Backend, Frontend},
 };
 
 use crate::{
     ipam::mac_for_ip,
-    model::{Endpoint, Vni},
+    model::{Endpoint, EndpointMode, Vni},
     store::Store,
 };
 
@@ -35,6 +36,9 @@ pub struct Dataplane {
     pub listeners: BTreeMap<(Proto, u16), Vec<SocketAddr>>,
     /// Ordered pairs of network subnets kept apart: (from, to).
     pub isolation: BTreeSet<(Ipv4Net, Ipv4Net)>,
+    /// The socket load balancer's frontends (service VIPs, published ports for local
+    /// clients) and their backends, sorted.
+    pub frontends: BTreeMap<Frontend, Vec<Backend>>,
 }
 
 /// One change to the dataplane.
@@ -72,6 +76,9 @@ pub enum Op {
         /// Published port.
         port: u16,
     },
+    /// Make the socket load balancer hold exactly these frontends (one operation for
+    /// the whole table: the mechanism writes only the difference, in a safe order).
+    Frontends(BTreeMap<Frontend, Vec<Backend>>),
 }
 
 /// What `node`'s dataplane should hold given the cluster `store`; overlay devices get
@@ -145,6 +152,56 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: 
         backends.sort();
         out.listeners.insert((port.proto, port.published), backends);
     }
+    out.frontends = frontends(store, live, &joined);
+    out
+}
+
+/// The socket load balancer's protocol of a published port's protocol.
+pub fn lb_proto(proto: Proto) -> socklb::Proto {
+    match proto {
+        Proto::Tcp => socklb::Proto::Tcp,
+        Proto::Udp => socklb::Proto::Udp,
+    }
+}
+
+/// The socket load balancer's table: for each `vip` service with a VIP on a network
+/// this node takes part in (`joined`), `VIP:0` for TCP and UDP with its tasks at port
+/// 0 (any port of the VIP reaches a task at the same port; none refuses); for each
+/// published port, `0.0.0.0:published` with its tasks at the target port (local
+/// clients skip the proxy). Backends are tasks on `live` nodes, sorted.
+fn frontends(
+    store: &Store,
+    live: &BTreeSet<String>,
+    joined: &BTreeMap<String, Vni>,
+) -> BTreeMap<Frontend, Vec<Backend>> {
+    let shadowed = crate::ipam::shadowed(store);
+    let backends = |service: &str, port: u16| -> Vec<Backend> {
+        let mut out: Vec<Backend> = store
+            .tasks_of(service)
+            .filter(|t| live.contains(&t.node) && !shadowed.contains(t.id.as_str()))
+            .map(|t| Backend { addr: t.ip, port })
+            .collect();
+        out.sort();
+        out
+    };
+    let mut out = BTreeMap::new();
+    for service in store.services().filter(|s| s.endpoint_mode == EndpointMode::Vip) {
+        let Some(vip) = service.vip else { continue };
+        if !joined.contains_key(&service.network) {
+            continue;
+        }
+        for proto in [socklb::Proto::Tcp, socklb::Proto::Udp] {
+            out.insert(Frontend { addr: vip, port: 0, proto }, backends(&service.name, 0));
+        }
+    }
+    for port in store.published() {
+        if store.service(&port.service).is_none() {
+            continue;
+        }
+        let frontend =
+            Frontend { addr: Ipv4Addr::UNSPECIFIED, port: port.published, proto: lb_proto(port.proto) };
+        out.insert(frontend, backends(&port.service, port.target));
+    }
     out
 }
 
@@ -153,6 +210,7 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: 
 pub fn actual(
     observed: Observed,
     listeners: impl IntoIterator<Item = ((Proto, u16), Vec<SocketAddr>)>,
+    frontends: BTreeMap<Frontend, Vec<Backend>>,
 ) -> Dataplane {
     Dataplane {
         overlays: observed.overlays,
@@ -160,6 +218,7 @@ pub fn actual(
         local_tasks: observed.tasks,
         listeners: listeners.into_iter().collect(),
         isolation: observed.isolation,
+        frontends,
     }
 }
 
@@ -207,6 +266,9 @@ pub fn plan(applied: &Dataplane, desired: &Dataplane) -> Vec<Op> {
             ops.push(Op::Listen { proto, port, backends: backends.clone() });
         }
     }
+    if applied.frontends != desired.frontends {
+        ops.push(Op::Frontends(desired.frontends.clone()));
+    }
     ops
 }
 
@@ -244,6 +306,7 @@ impl Dataplane {
             Op::Unisolate(a, b) => {
                 self.isolation.remove(&(*a, *b));
             }
+            Op::Frontends(table) => self.frontends = table.clone(),
         }
     }
 }
@@ -287,7 +350,7 @@ mod tests {
                 name: "web".into(),
                 network: "backend".into(),
                 endpoint_mode: EndpointMode::Vip,
-                vip: None,
+                vip: Some(Ipv4Addr::new(10, 0, 0, 100)),
             }),
         );
         s.put("n1", endpoint(&Endpoint::node_id("n1", "backend"), None, "n1", [10, 0, 0, 1]));
@@ -322,6 +385,60 @@ mod tests {
             d.listeners[&(Proto::Tcp, 3000)],
             vec!["10.0.0.2:80".parse().unwrap(), "10.0.0.18:80".parse().unwrap()]
         );
+    }
+
+    fn lb(addr: [u8; 4], port: u16, proto: socklb::Proto) -> Frontend {
+        Frontend { addr: Ipv4Addr::from(addr), port, proto }
+    }
+
+    fn backend(addr: [u8; 4], port: u16) -> Backend {
+        Backend { addr: Ipv4Addr::from(addr), port }
+    }
+
+    #[test]
+    fn vip_and_published_frontends_list_live_tasks_sorted() {
+        let d = desired(&cluster(), &all(), "n1", 1450);
+        let tasks = vec![backend([10, 0, 0, 2], 0), backend([10, 0, 0, 18], 0)];
+        assert_eq!(d.frontends[&lb([10, 0, 0, 100], 0, socklb::Proto::Tcp)], tasks);
+        assert_eq!(d.frontends[&lb([10, 0, 0, 100], 0, socklb::Proto::Udp)], tasks);
+        assert_eq!(
+            d.frontends[&lb([0, 0, 0, 0], 3000, socklb::Proto::Tcp)],
+            vec![backend([10, 0, 0, 2], 80), backend([10, 0, 0, 18], 80)]
+        );
+        assert_eq!(d.frontends.len(), 3);
+        // A dead node's task leaves every frontend.
+        let live: BTreeSet<String> = ["n1".to_owned()].into();
+        let d = desired(&cluster(), &live, "n1", 1450);
+        assert_eq!(d.frontends[&lb([10, 0, 0, 100], 0, socklb::Proto::Tcp)], vec![backend([10, 0, 0, 2], 0)]);
+        assert_eq!(
+            d.frontends[&lb([0, 0, 0, 0], 3000, socklb::Proto::Tcp)],
+            vec![backend([10, 0, 0, 2], 80)]
+        );
+    }
+
+    #[test]
+    fn no_vip_frontend_off_the_network_or_for_dnsrr_and_empty_without_tasks() {
+        // n3 takes no part in the network: no VIP frontend, the published port stays.
+        let d = desired(&cluster(), &all(), "n3", 1450);
+        assert_eq!(
+            d.frontends.keys().copied().collect::<Vec<_>>(),
+            [lb([0, 0, 0, 0], 3000, socklb::Proto::Tcp)]
+        );
+        let mut store = cluster();
+        store.delete("n1", "endpoint/web.2");
+        store.delete("n2", "endpoint/web.1");
+        store.put(
+            "n1",
+            Object::Service(Service {
+                name: "names".into(),
+                network: "backend".into(),
+                endpoint_mode: EndpointMode::Dnsrr,
+                vip: None,
+            }),
+        );
+        let d = desired(&store, &all(), "n1", 1450);
+        assert_eq!(d.frontends[&lb([10, 0, 0, 100], 0, socklb::Proto::Tcp)], vec![], "no tasks: refuse");
+        assert_eq!(d.frontends.len(), 3, "the dnsrr service has no frontend: {:?}", d.frontends);
     }
 
     #[test]

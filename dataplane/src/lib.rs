@@ -5,7 +5,6 @@
 
 pub mod backoff;
 pub mod dns;
-pub mod ebpf;
 mod error;
 pub mod lb;
 pub mod netlink;

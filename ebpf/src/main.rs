@@ -112,16 +112,13 @@ mod programs {
                 };
                 // SAFETY: sock_addr programs may call this helper with their context.
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                let (to_addr, to_port) = backend.destination(port_raw);
                 let reverse = ReverseValue { addr_raw, port_raw, pad: 0 };
                 // Best effort: with the LRU full the oldest entry goes; a failure only
                 // costs the frontend's name in getpeername/recvmsg, not the connection.
-                let _ = LB_REVERSE.insert(
-                    ReverseKey::new(cookie, backend.addr_raw, backend.port_raw),
-                    reverse,
-                    0,
-                );
-                sa.user_ip4 = backend.addr_raw;
-                sa.user_port = u32::from(backend.port_raw);
+                let _ = LB_REVERSE.insert(ReverseKey::new(cookie, to_addr, to_port), reverse, 0);
+                sa.user_ip4 = to_addr;
+                sa.user_port = u32::from(to_port);
                 count(stats, true);
                 SOCK_ADDR_ALLOW
             }

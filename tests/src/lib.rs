@@ -149,6 +149,9 @@ pub struct Node {
     pub state_dir: PathBuf,
     /// The node's cgroup v2 directory.
     pub cgroup: PathBuf,
+    /// Where its socket load balancer pins maps and links (`--bpf-pin-dir`), named
+    /// after the node's namespace so concurrent test processes never share one.
+    pub pin_dir: PathBuf,
     /// meshd's log file.
     pub log: PathBuf,
     /// The keyring file meshd runs with (the cluster's, or the node's own copy).
@@ -471,6 +474,7 @@ impl Cluster {
             socket: node_dir.join("meshd.sock"),
             state_dir: node_dir.join("state"),
             cgroup,
+            pin_dir: meshd_dataplane::socklb::pin_dir_for(&ns),
             log: node_dir.join("meshd.log"),
             ns,
             keyring,
@@ -502,6 +506,8 @@ impl Cluster {
             .arg(&node.socket)
             .arg("--cgroup")
             .arg(&node.cgroup)
+            .arg("--bpf-pin-dir")
+            .arg(&node.pin_dir)
             .arg("--keyring-file")
             .arg(&node.keyring)
             .env("RUST_LOG", std::env::var("MESHD_LOG").unwrap_or_else(|_| "info".into()))
@@ -708,6 +714,15 @@ pub fn remove_prefix(prefix: &str) {
             }
         }
     }
+    // The nodes' pinned socket load balancers (`Node::pin_dir`): detached and unpinned.
+    let pins = meshd_dataplane::socklb::pin_dir_for("");
+    for entry in fs::read_dir(&pins).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&format!("{prefix}-")) {
+            if let Err(error) = meshd_dataplane::socklb::cleanup_pins(&entry.path()) {
+                eprintln!("harness: removing pins {}: {error}", entry.path().display());
+            }
+        }
+    }
     let _ = fs::remove_dir_all(PathBuf::from(RUN_DIR).join(prefix));
 }
 
@@ -716,6 +731,7 @@ pub fn remove_prefix(prefix: &str) {
 pub fn clean_leftovers() {
     let mut prefixes: Vec<String> = fs::read_dir("/run/netns")
         .into_iter()
+        .chain(fs::read_dir(meshd_dataplane::socklb::pin_dir_for("")))
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())

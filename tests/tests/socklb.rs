@@ -188,7 +188,7 @@ fn desired() -> BTreeMap<Frontend, Vec<Backend>> {
     let backends = |port| BACKENDS.iter().map(|addr| Backend { addr: *addr, port }).collect::<Vec<_>>();
     BTreeMap::from([
         (Frontend { addr: VIP, port: 80, proto: Proto::Tcp }, backends(8080)),
-        // The VIP marker: other TCP ports of the VIP are refused.
+        // The empty wildcard: other TCP ports of the VIP are refused.
         (Frontend { addr: VIP, port: 0, proto: Proto::Tcp }, vec![]),
         (Frontend { addr: VIP, port: 53, proto: Proto::Udp }, backends(5353)),
         (Frontend { addr: EMPTY_VIP, port: 80, proto: Proto::Tcp }, vec![]),
@@ -322,6 +322,66 @@ fn frontends_balance_restore_the_peer_survive_the_loader_and_clean_up() -> Resul
     assert!(!setup.pin_dir.exists(), "pin directory removed");
     let results = setup.client(true, serde_json::json!([["tcp", "10.99.0.1", 80, 1]]))?;
     assert_eq!(errnos(&results), vec![ENETUNREACH], "no rewrite after cleanup: {results:?}");
+    Ok(())
+}
+
+#[test]
+fn a_wildcard_vip_forwards_every_port_and_keeps_it() -> Result<()> {
+    const WILD: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 3);
+    const FIXED: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 4);
+    let setup = Setup::new()?;
+    setup.start_backends()?;
+    let mut lb = SocketLb::open(setup.config())?;
+    let backends = |port| BACKENDS.iter().map(|addr| Backend { addr: *addr, port }).collect::<Vec<_>>();
+    let want = BTreeMap::from([
+        // Docker's VIP: every port, kept (backends with port 0), TCP and UDP.
+        (Frontend { addr: WILD, port: 0, proto: Proto::Tcp }, backends(0)),
+        (Frontend { addr: WILD, port: 0, proto: Proto::Udp }, backends(0)),
+        // An exact port of the same VIP wins over its wildcard.
+        (Frontend { addr: WILD, port: 80, proto: Proto::Tcp }, backends(8080)),
+        // A wildcard whose backends name a port: every port goes there.
+        (Frontend { addr: FIXED, port: 0, proto: Proto::Tcp }, backends(8080)),
+    ]);
+    lb.apply(&want)?;
+    assert_eq!(lb.observe()?, want, "port-0 backends read back as written");
+    let results = setup.client(
+        true,
+        serde_json::json!([
+            ["tcp", "10.99.0.3", 8080, 60],
+            ["tcp", "10.99.0.3", 80, 60],
+            ["udp", "10.99.0.3", 5353, 60],
+            ["udpc", "10.99.0.3", 5353, 60],
+            ["tcp", "10.99.0.4", 4444, 60],
+            ["tcp", "10.99.0.3", 8081, 1]
+        ]),
+    )?;
+    // The backend saw the port the application used; getpeername/recvfrom name the VIP
+    // with that port.
+    check_spread(&results[0..60], "10.99.0.3:8080")?;
+    // Without the exact frontend port 80 would have gone to the backends' port 80.
+    check_spread(&results[60..120], "10.99.0.3:80")?;
+    check_spread(&results[120..180], "10.99.0.3:5353")?;
+    check_spread(&results[180..240], "10.99.0.3:5353")?;
+    check_spread(&results[240..300], "10.99.0.4:4444")?;
+    // Port kept: nobody listens on the backends' 8081, the backend's kernel refuses.
+    assert_eq!(errnos(&results[300..]), vec![ECONNREFUSED], "{:?}", &results[300..]);
+
+    // Without backends the wildcard refuses every port without an exact frontend.
+    let mut empty = want.clone();
+    empty.insert(Frontend { addr: WILD, port: 0, proto: Proto::Tcp }, vec![]);
+    lb.apply(&empty)?;
+    let results = setup
+        .client(true, serde_json::json!([["tcp", "10.99.0.3", 8080, 1], ["tcp", "10.99.0.3", 80, 30]]))?;
+    assert_eq!(errnos(&results[..1]), vec![ECONNREFUSED], "{:?}", &results[..1]);
+    check_spread(&results[1..], "10.99.0.3:80")?;
+
+    // A port-0 backend under an exact port cannot be expressed: refused, maps unchanged.
+    let mut bad = empty.clone();
+    bad.insert(Frontend { addr: WILD, port: 80, proto: Proto::Tcp }, backends(0));
+    let message = lb.apply(&bad).expect_err("a port-0 backend on an exact port").to_string();
+    assert!(message.contains("port 0") && message.contains("10.99.0.3:0"), "{message}");
+    assert_eq!(lb.observe()?, empty, "nothing written on a refused state");
+    lb.cleanup()?;
     Ok(())
 }
 

@@ -399,6 +399,12 @@ impl Agent {
                 net.name, e.id, e.node
             )));
         }
+        if let Some(s) = store.services().find(|s| s.network == net.name && s.vip == Some(ip)) {
+            return Err(Error::invalid(format!(
+                "address {ip} on network {} is the VIP of service {}; pick another address or omit --ip",
+                net.name, s.name
+            )));
+        }
         match store.get(&Key::block(&net.name, index)) {
             Some(Object::Block(c)) if c.node != self.cfg.node_name => Err(Error::invalid(format!(
                 "address {ip} on network {} is claimed by node {}; pick another address or omit --ip",
@@ -434,8 +440,14 @@ impl Agent {
     }
 }
 
-/// The addresses of `network` that endpoints hold, plus those an attach in progress
-/// has `reserved`.
+/// The addresses of `network` that endpoints and service VIPs hold, plus those an
+/// attach or service create in progress has `reserved`.
 fn addresses_in_use(store: &Store, reserved: &HashSet<Ipv4Addr>, network: &str) -> HashSet<Ipv4Addr> {
-    store.endpoints().filter(|e| e.network == network).map(|e| e.ip).chain(reserved.iter().copied()).collect()
+    store
+        .endpoints()
+        .filter(|e| e.network == network)
+        .map(|e| e.ip)
+        .chain(store.services().filter(|s| s.network == network).filter_map(|s| s.vip))
+        .chain(reserved.iter().copied())
+        .collect()
 }

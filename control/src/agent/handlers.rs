@@ -11,7 +11,7 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use meshd_dataplane::{overlay::TaskLink, proxy::Proto};
+use meshd_dataplane::{overlay::TaskLink, proxy::Proto, socklb::Frontend};
 use serde_json::{json, Value};
 
 use super::{Agent, ATTACH_WAIT};
@@ -154,26 +154,42 @@ impl Agent {
         endpoint_mode: EndpointMode,
     ) -> Result<Value> {
         check_name("service", &name)?;
-        let service = self.put_service(name, network, endpoint_mode)?;
+        let net = self.check_new_service(&name, &network)?;
+        // A VIP comes from this node's settled claims like a task address (usually its
+        // spare, so no wait); a dnsrr service has none: its name resolves to tasks.
+        let vip = match endpoint_mode {
+            EndpointMode::Vip => Some(self.allocate_until(&net, None, Instant::now() + ATTACH_WAIT).await?),
+            EndpointMode::Dnsrr => None,
+        };
+        let put = self.put_service(Service { name, network, endpoint_mode, vip });
+        if let Some(ip) = vip {
+            self.alloc().reserved.remove(&ip);
+        }
+        let service = put?;
         self.known_everywhere(format!("service {}", service.name), json!(service)).await
     }
 
-    /// Writes a new service after checking its network and name.
-    fn put_service(&self, name: String, network: String, endpoint_mode: EndpointMode) -> Result<Service> {
-        let mut gossip = self.gossip();
+    /// Checks that service `name` may be created on `network`; returns the network.
+    fn check_new_service(&self, name: &str, network: &str) -> Result<Network> {
+        let gossip = self.gossip();
         let store = gossip.store();
-        if store.network(&network).is_none() {
-            return Err(Error::invalid(format!(
-                "network {network} does not exist; create it with `meshctl network create {network} --subnet CIDR`"
-            )));
-        }
-        if store.service(&name).is_some() {
+        if store.service(name).is_some() {
             return Err(Error::invalid(format!(
                 "service {name} already exists; pick another name or `meshctl service rm {name}`"
             )));
         }
-        let service = Service { name, network, endpoint_mode, vip: None };
-        gossip.put(Object::Service(service.clone()), self.shared.now());
+        store.network(network).cloned().ok_or_else(|| {
+            Error::invalid(format!(
+                "network {network} does not exist; create it with `meshctl network create {network} --subnet CIDR`"
+            ))
+        })
+    }
+
+    /// Writes a new service after checking its network and name again (the VIP
+    /// allocation may have waited).
+    fn put_service(&self, service: Service) -> Result<Service> {
+        self.check_new_service(&service.name, &service.network)?;
+        self.write(|g, now| g.put(Object::Service(service.clone()), now));
         Ok(service)
     }
 
@@ -190,6 +206,7 @@ impl Agent {
                     .collect();
                 json!({
                     "name": s.name, "network": s.network, "endpoint_mode": s.endpoint_mode,
+                    "vip": s.vip.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
                     "tasks": store.tasks_of(&s.name).count(), "published": ports,
                 })
             })
@@ -234,8 +251,14 @@ impl Agent {
         {
             let mut gossip = self.gossip();
             let store = gossip.store();
-            store.service(name).ok_or_else(|| Self::unknown_service(name))?;
+            let service = store.service(name).ok_or_else(|| Self::unknown_service(name))?;
             let mut keys = vec![Key::service(name)];
+            // The VIP's claim goes with it: the address is free for anyone again.
+            let vip_index = service.vip.and_then(|vip| {
+                let net = store.network(&service.network)?;
+                Some(Key::block(&net.name, ipam::index_of(net.subnet, vip)?))
+            });
+            keys.extend(vip_index);
             keys.extend(
                 store.published().filter(|p| p.service == name).map(|p| Key::published(p.proto, p.published)),
             );
@@ -332,22 +355,7 @@ impl Agent {
             .await?;
         // One nudge (see `wait_for`); a claim made below wakes the reconciler itself.
         self.changed();
-        let ip = loop {
-            let allocated = match requested {
-                Some(ip) => self.allocate_exact(network, ip),
-                None => self.allocate(network),
-            };
-            if let Some(ip) = allocated? {
-                break ip;
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::invalid(format!(
-                    "no settled address claim on network {} after {ATTACH_WAIT:?}: the subnet is nearly full or peers are unreachable; check `meshctl network ls` and `meshctl node ls`",
-                    network.name
-                )));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        };
+        let ip = self.allocate_until(network, requested, deadline).await?;
         let host_if = super::addresses::task_host_if(&task, ip);
         let link = TaskLink {
             vni: network.vni,
@@ -378,6 +386,33 @@ impl Agent {
         self.write(|g, now| g.put(Object::Endpoint(endpoint.clone()), now));
         drop(plane);
         Ok(json!(endpoint))
+    }
+
+    /// Reserves an address on `network` (the `requested` one, or any) from a settled
+    /// claim of this node's, waiting for a claim to settle until `deadline`. The caller
+    /// removes it from `reserved` once it is in the store (or given up).
+    async fn allocate_until(
+        &self,
+        network: &Network,
+        requested: Option<Ipv4Addr>,
+        deadline: Instant,
+    ) -> Result<Ipv4Addr> {
+        loop {
+            let allocated = match requested {
+                Some(ip) => self.allocate_exact(network, ip),
+                None => self.allocate(network),
+            };
+            if let Some(ip) = allocated? {
+                return Ok(ip);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::invalid(format!(
+                    "no settled address claim on network {} after {ATTACH_WAIT:?}: the subnet is nearly full or peers are unreachable; check `meshctl network ls` and `meshctl node ls`",
+                    network.name
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// This node's address on overlay `vni`, once the overlay is programmed (as last
@@ -624,6 +659,59 @@ impl Agent {
         json!(rows)
     }
 
+    /// Which path serves each VIP and each published port on this node, with the
+    /// backends the socket load balancer's maps hold (read back from the kernel).
+    fn serving_paths(&self) -> (Vec<Value>, Vec<Value>) {
+        let (services, ports) = {
+            let gossip = self.gossip();
+            let store = gossip.store();
+            let services: Vec<_> =
+                store.services().filter_map(|s| Some((s.name.clone(), s.network.clone(), s.vip?))).collect();
+            let ports: Vec<_> = store.published().cloned().collect();
+            (services, ports)
+        };
+        let seen = self.seen.lock();
+        let table = &seen.actual.frontends;
+        let off = self.socklb_missing.as_ref().map(|why| format!("none: {why}"));
+        let vips = services
+            .into_iter()
+            .map(|(service, network, vip)| {
+                let frontend =
+                    Frontend { addr: vip, port: 0, proto: meshd_dataplane::socklb::Proto::Tcp };
+                let (path, backends) = match (&off, table.get(&frontend)) {
+                    (Some(off), _) => (off.clone(), Vec::new()),
+                    (None, Some(backends)) => ("socket-lb".to_owned(), backends.iter().map(|b| b.addr).collect()),
+                    (None, None) => ("none: this node takes no part in the network".to_owned(), Vec::new()),
+                };
+                json!({ "service": service, "network": network, "vip": vip, "path": path, "backends": backends })
+            })
+            .collect();
+        let published = ports
+            .into_iter()
+            .map(|p| {
+                let frontend = Frontend {
+                    addr: Ipv4Addr::UNSPECIFIED,
+                    port: p.published,
+                    proto: crate::reconcile::lb_proto(p.proto),
+                };
+                let local = match (&off, table.get(&frontend)) {
+                    (Some(off), _) => off.clone(),
+                    (None, Some(_)) => "socket-lb".to_owned(),
+                    (None, None) => "proxy".to_owned(),
+                };
+                let backends: Vec<String> = table
+                    .get(&frontend)
+                    .map(|b| b.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect())
+                    .unwrap_or_default();
+                json!({
+                    "port": format!("{}/{}", p.published, p.proto), "service": p.service,
+                    "local_clients": local, "remote_clients": "proxy", "backends": backends,
+                })
+            })
+            .collect();
+        (vips, published)
+    }
+
     async fn status(&self) -> Value {
         let (networks, services, endpoints, members, incarnation, health) = {
             let gossip = self.gossip();
@@ -643,6 +731,8 @@ impl Agent {
         };
         // Before `seen` is locked: it reads `seen` itself.
         let dns = self.resolvers_status();
+        let programs = self.programs_status();
+        let paths = self.serving_paths();
         let seen = self.seen.lock();
         let mut errors = seen.errors.clone();
         errors.extend(address_errors.into_iter().map(|(k, v)| (format!("address on {k}"), v)));
@@ -659,7 +749,9 @@ impl Agent {
             "control_port": self.cfg.control_port,
             "uptime_secs": self.shared.started.elapsed().as_secs(),
             "overlay_mtu": self.mtu,
-            "ebpf": self.programs_status(),
+            "ebpf": programs,
+            "vips": paths.0,
+            "published_paths": paths.1,
             "networks": networks,
             "services": services,
             "tasks": endpoints,

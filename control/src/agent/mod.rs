@@ -30,9 +30,9 @@ use std::{
 use parking_lot::{Mutex, MutexGuard};
 
 use meshd_dataplane::{
-    ebpf::SocketPrograms,
     overlay::{KernelVxlan, PeerSpec, VXLAN_OVERHEAD},
     proxy::{Proxy, ProxyConfig, ProxyStats},
+    socklb::{Backend, Frontend, ProgramStatus, SocketLb, SocketLbConfig},
 };
 use tokio::{
     net::{TcpListener, UdpSocket, UnixListener},
@@ -67,6 +67,11 @@ pub struct AgentConfig {
     pub api_socket: PathBuf,
     /// cgroup v2 directory the socket programs attach to.
     pub cgroup: PathBuf,
+    /// Whether to run the eBPF socket load balancer (`--socket-lb`).
+    pub socket_lb: SocketLbMode,
+    /// bpffs directory where the socket load balancer pins its maps and links, so
+    /// they outlive the process (`--bpf-pin-dir`; default `/sys/fs/bpf/meshd/<node>`).
+    pub pin_dir: PathBuf,
     /// The cluster keyring.
     pub keyring: Keyring,
     /// Where the keyring is kept (rewritten when a rotation changes it).
@@ -77,6 +82,15 @@ pub struct AgentConfig {
     pub proxy: ProxyConfig,
     /// The embedded resolvers' settings: upstreams, TTL, timeouts and bounds.
     pub dns: meshd_dataplane::dns::ResolverConfig,
+}
+
+/// Whether the agent runs the eBPF socket load balancer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketLbMode {
+    /// Load it; where the kernel cannot, say why and leave VIPs to the fallback.
+    Auto,
+    /// Never load it (the fallback's tests, or an operator's choice).
+    Off,
 }
 
 impl AgentConfig {
@@ -114,6 +128,8 @@ struct Plane {
 struct Seen {
     /// The node's dataplane as last observed, with the changes applied since.
     actual: Dataplane,
+    /// The local addresses last written to the socket load balancer.
+    local_addrs: Vec<Ipv4Addr>,
     /// The last error of each failing operation, shown by `meshctl status`.
     errors: BTreeMap<String, String>,
 }
@@ -123,7 +139,10 @@ pub struct Agent {
     cfg: AgentConfig,
     mtu: u32,
     overlay: KernelVxlan,
-    programs: Mutex<Option<SocketPrograms>>,
+    /// The socket load balancer (pinned); `None` when it is off or could not load.
+    socklb: Mutex<Option<SocketLb>>,
+    /// Why there is no socket load balancer, if there is none.
+    socklb_missing: Option<String>,
     shared: Arc<Shared>,
     alloc: Mutex<Alloc>,
     plane: tokio::sync::Mutex<Plane>,
@@ -160,7 +179,7 @@ impl Agent {
                 68 + VXLAN_OVERHEAD
             ))
         })?;
-        let programs = SocketPrograms::attach(cfg.cgroup.clone())?;
+        let (socklb, socklb_missing) = open_socket_lb(&cfg);
         let epoch = crate::wall_clock_ms();
         let gossip_addr = SocketAddr::from((cfg.advertise_addr, cfg.control_port));
         let store = std::mem::take(&mut loaded.store);
@@ -178,7 +197,8 @@ impl Agent {
         let agent = Agent {
             overlay,
             mtu,
-            programs: Mutex::new(Some(programs)),
+            socklb: Mutex::new(socklb),
+            socklb_missing,
             shared,
             alloc: Mutex::default(),
             proxy_stats: proxy.stats(),
@@ -228,10 +248,10 @@ impl Agent {
         outcome
     }
 
-    /// Stops serving: the published-port listeners close and the socket programs detach
-    /// (both live in this process). Links, FDB and neighbour entries and rules stay as
-    /// they are, so containers keep talking while meshd restarts; the next start adopts
-    /// them through the reconcile loop. `meshd --cleanup` removes them.
+    /// Stops serving: the published-port listeners close (they live in this process).
+    /// Links, FDB and neighbour entries, rules and the pinned socket load balancer stay
+    /// as they are, so containers and local clients keep working while meshd restarts;
+    /// the next start adopts them. `meshd --cleanup` removes them.
     async fn teardown(&self) {
         let mut plane = self.plane.lock().await;
         let ports: Vec<_> = plane.proxy.ports().collect();
@@ -239,10 +259,10 @@ impl Agent {
             plane.proxy.unpublish(proto, port);
         }
         tracing::info!(
-            "keeping overlay links, entries and rules in place (remove them with `meshd --cleanup`)"
+            "keeping overlay links, entries, rules and the pinned socket load balancer in place (remove them with `meshd --cleanup`)"
         );
-        // Dropping the programs closes their links: the cgroup hooks detach.
-        drop(self.programs.lock().take());
+        // Pinned links outlive our descriptors: dropping them keeps the hooks attached.
+        drop(self.socklb.lock().take());
         self.stop_resolvers().await;
     }
 
@@ -317,10 +337,11 @@ impl Agent {
             }
             (g.store().clone(), live)
         };
-        let want = reconcile::desired(&store, &live, &self.cfg.node_name, self.mtu);
+        let mut want = reconcile::desired(&store, &live, &self.cfg.node_name, self.mtu);
+        let frontends = self.observe_frontends(&mut want);
         match self.overlay.observe().await {
             Ok(observed) => {
-                let mut actual = reconcile::actual(observed, plane.proxy.served());
+                let mut actual = reconcile::actual(observed, plane.proxy.served(), frontends);
                 let ops = reconcile::plan(&actual, &want);
                 let errors = self.apply_all(&mut plane, &ops).await;
                 for (op, result) in ops.iter().zip(&errors) {
@@ -422,6 +443,53 @@ impl Agent {
             }
             Op::Isolate(a, b) => self.overlay.isolate(*a, *b).await,
             Op::Unisolate(a, b) => self.overlay.unisolate(*a, *b).await,
+            Op::Frontends(table) => match self.socklb.lock().as_mut() {
+                Some(lb) => lb.apply(table).map(drop),
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// Reads the socket load balancer's table back from the kernel, and keeps its list
+    /// of this node's addresses (for local clients of published ports) current: the
+    /// advertise address and this node's overlay addresses. Without a socket load
+    /// balancer, `want` drops its frontends (nothing could serve them).
+    fn observe_frontends(&self, want: &mut Dataplane) -> BTreeMap<Frontend, Vec<Backend>> {
+        let mut addrs: Vec<Ipv4Addr> =
+            [self.cfg.advertise_addr].into_iter().chain(want.overlays.values().map(|o| o.node_ip)).collect();
+        addrs.sort();
+        addrs.dedup();
+        // Never hold `seen` and `socklb` at once (status reads them in turn).
+        let stale = self.seen.lock().local_addrs != addrs;
+        let (set, observed) = {
+            let mut guard = self.socklb.lock();
+            let Some(lb) = guard.as_mut() else {
+                want.frontends.clear();
+                return BTreeMap::new();
+            };
+            let set = stale.then(|| lb.set_local_addrs(&addrs));
+            (set, lb.observe())
+        };
+        let mut seen = self.seen.lock();
+        match set {
+            Some(Ok(())) => {
+                seen.local_addrs = addrs;
+                seen.errors.remove("socket-lb local addresses");
+            }
+            Some(Err(error)) => {
+                seen.errors.insert("socket-lb local addresses".into(), error.to_string());
+            }
+            None => {}
+        }
+        match observed {
+            Ok(table) => {
+                seen.errors.remove("socket-lb observe");
+                table
+            }
+            Err(error) => {
+                seen.errors.insert("socket-lb observe".into(), error.to_string());
+                BTreeMap::new()
+            }
         }
     }
 
@@ -451,12 +519,40 @@ fn op_key(op: &Op) -> String {
             format!("published port {port}/{proto}")
         }
         Op::Isolate(a, b) | Op::Unisolate(a, b) => format!("isolation {a} -> {b}"),
+        Op::Frontends(_) => "socket-lb frontends".into(),
     }
 }
 
-/// Removes everything meshd owns in this network namespace (`meshd --cleanup`);
-/// returns how many objects it removed.
-pub async fn remove_datapath() -> Result<usize> {
+/// Opens the pinned socket load balancer (adopting a previous run's pins), or says
+/// once, clearly, why there is none.
+fn open_socket_lb(cfg: &AgentConfig) -> (Option<SocketLb>, Option<String>) {
+    if cfg.socket_lb == SocketLbMode::Off {
+        tracing::info!("socket load balancer off (--socket-lb off): VIPs are left to the nftables fallback");
+        return (None, Some("the socket load balancer is off (--socket-lb off)".into()));
+    }
+    let lb_cfg = SocketLbConfig { cgroup: cfg.cgroup.clone(), pin_dir: Some(cfg.pin_dir.clone()) };
+    match SocketLb::open(lb_cfg) {
+        Ok(lb) => {
+            tracing::info!(adopted = lb.adopted(), pins = %cfg.pin_dir.display(), "socket load balancer ready");
+            (Some(lb), None)
+        }
+        Err(error) => {
+            let why = format!(
+                "the eBPF socket load balancer could not load ({error}); it needs cgroup v2 (--cgroup) and BPF with bpffs at /sys/fs/bpf: VIPs will be served by the nftables fallback instead"
+            );
+            tracing::warn!("{why}");
+            (None, Some(why))
+        }
+    }
+}
+
+/// Removes everything meshd owns in this network namespace (`meshd --cleanup`), and
+/// the socket load balancer pinned in `pin_dir` if given; returns how many network
+/// objects it removed.
+pub async fn remove_datapath(pin_dir: Option<&std::path::Path>) -> Result<usize> {
+    if let Some(dir) = pin_dir {
+        meshd_dataplane::socklb::cleanup_pins(dir)?;
+    }
     let overlay = KernelVxlan::connect(Ipv4Addr::UNSPECIFIED)?;
     Ok(overlay.remove_all().await?)
 }
@@ -522,8 +618,8 @@ async fn bind_api_socket(path: &std::path::Path) -> Result<UnixListener> {
 }
 
 impl Agent {
-    fn programs_status(&self) -> Vec<meshd_dataplane::ebpf::ProgramStatus> {
-        match self.programs.lock().as_ref().map(SocketPrograms::status) {
+    fn programs_status(&self) -> Vec<ProgramStatus> {
+        match self.socklb.lock().as_ref().map(SocketLb::status) {
             Some(Ok(status)) => status,
             Some(Err(error)) => {
                 tracing::warn!(%error, "reading program status");

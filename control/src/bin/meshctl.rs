@@ -241,7 +241,7 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
     }
     match request {
         Request::NetworkLs => table(result, &["name", "subnet", "vni", "mtu", "tasks", "free"]),
-        Request::ServiceLs => table(result, &["name", "network", "endpoint_mode", "tasks", "published"]),
+        Request::ServiceLs => table(result, &["name", "network", "endpoint_mode", "vip", "tasks", "published"]),
         Request::ServicePs { .. } => table(result, &["task", "node", "ip", "mac", "state"]),
         Request::NodeLs => table(result, &["name", "addr", "state", "incarnation", "changed_secs_ago"]),
         Request::NetworkCreate { .. } => format!(
@@ -252,7 +252,11 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
             all_nodes(&result["known_to"])
         ),
         Request::ServiceCreate { name, .. } => {
-            format!("service {name} created: known to {}", all_nodes(&result["known_to"]))
+            let vip = match result["vip"].as_str() {
+                Some(vip) => format!(" with VIP {vip}"),
+                None => String::new(),
+            };
+            format!("service {name} created{vip}: known to {}", all_nodes(&result["known_to"]))
         }
         Request::ServiceRm { name } => format!("service {name} removed"),
         Request::Attach { .. } => format!(

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use meshd_control::{
-    agent::{secure_dir, secure_key_file, write_keyring, Agent, AgentConfig},
+    agent::{secure_dir, secure_key_file, write_keyring, Agent, AgentConfig, SocketLbMode},
     api::DEFAULT_SOCKET,
     gossip::{
         self,
@@ -21,6 +21,7 @@ use meshd_control::{
 use meshd_dataplane::{
     dns::{AnswerConfig, ResolverConfig},
     proxy::{Keepalive, ProxyConfig},
+    socklb::pin_dir_for,
 };
 
 /// meshd — Swarm-style service networking for a cluster of Linux hosts: overlay
@@ -29,7 +30,8 @@ use meshd_dataplane::{
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// This node's unique name in the cluster.
+    /// This node's unique name in the cluster. With --cleanup: also remove this
+    /// node's pinned socket load balancer (its default --bpf-pin-dir).
     #[arg(long, required_unless_present = "cleanup")]
     node_name: Option<String>,
     /// This node's underlay address: peers reach its control port and VXLAN here.
@@ -49,6 +51,16 @@ struct Args {
     /// cgroup v2 directory the socket programs attach to [default: the cgroup2 mount root].
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// The eBPF socket load balancer (service VIPs, local clients of published ports):
+    /// `auto` loads it where the kernel can, `off` never does (VIPs are then left to
+    /// the nftables fallback).
+    #[arg(long, value_enum, default_value_t = SocketLbArg::Auto)]
+    socket_lb: SocketLbArg,
+    /// bpffs directory where the socket load balancer pins its maps and links, so the
+    /// data path outlives meshd (a restart adopts them) [default:
+    /// /sys/fs/bpf/meshd/NODE_NAME]. With --cleanup: the pins to remove.
+    #[arg(long)]
+    bpf_pin_dir: Option<PathBuf>,
     /// Port of gossip (UDP) and state sync (TCP) on every node.
     #[arg(long, default_value_t = PORT)]
     control_port: u16,
@@ -186,6 +198,15 @@ fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
         .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
         .map(|ip| SocketAddr::new(ip, 53))
         .collect()
+}
+
+/// `--socket-lb`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum SocketLbArg {
+    /// Load the socket load balancer where the kernel can.
+    Auto,
+    /// Never load it.
+    Off,
 }
 
 /// The published-port proxy's limits (see `ProxyConfig` for what each one does).
@@ -354,8 +375,14 @@ async fn run() -> anyhow::Result<()> {
     if args.keep_datapath {
         tracing::warn!("--keep-datapath is deprecated and does nothing: meshd always keeps the data path on shutdown; remove it with `meshd --cleanup`");
     }
+    let pin_dir = args.bpf_pin_dir.clone().or_else(|| args.node_name.as_deref().map(pin_dir_for));
+    if let Some(name) =
+        args.node_name.as_deref().filter(|n| n.is_empty() || n.contains('/') || n.starts_with('.'))
+    {
+        bail!("invalid --node-name {name:?}: use letters, digits, '-', '_' or '.', starting with a letter or digit");
+    }
     if args.cleanup {
-        return cleanup(&args.api_socket).await;
+        return cleanup(&args.api_socket, pin_dir.as_deref()).await;
     }
     let (Some(node_name), Some(advertise_addr)) = (args.node_name.clone(), args.advertise_addr) else {
         bail!("--node-name and --advertise-addr are required (unless --cleanup)");
@@ -396,13 +423,18 @@ async fn run() -> anyhow::Result<()> {
         ..gossip::Config::default()
     };
     let cfg = AgentConfig {
-        node_name,
+        node_name: node_name.clone(),
         advertise_addr,
         join,
         control_port: args.control_port,
         state_dir: args.state_dir,
         api_socket: args.api_socket,
         cgroup,
+        socket_lb: match args.socket_lb {
+            SocketLbArg::Auto => SocketLbMode::Auto,
+            SocketLbArg::Off => SocketLbMode::Off,
+        },
+        pin_dir: pin_dir.unwrap_or_else(|| pin_dir_for(&node_name)),
         keyring,
         keyring_file,
         gossip,
@@ -414,17 +446,25 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `meshd --cleanup`: removes every object meshd owns in this network namespace.
-async fn cleanup(api_socket: &std::path::Path) -> anyhow::Result<()> {
+/// `meshd --cleanup`: removes every object meshd owns in this network namespace, and
+/// the node's pinned socket load balancer when its pin directory is known.
+async fn cleanup(api_socket: &std::path::Path, pin_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
     if tokio::net::UnixStream::connect(api_socket).await.is_ok() {
         bail!(
             "meshd is running here (it answers on {}); stop it first, or it re-creates what --cleanup removes",
             api_socket.display()
         );
     }
-    let removed =
-        meshd_control::agent::remove_datapath().await.context("removing meshd's links, entries and rules")?;
+    let removed = meshd_control::agent::remove_datapath(pin_dir)
+        .await
+        .context("removing meshd's links, entries, rules and pins")?;
     eprintln!("meshd: removed {removed} objects meshd had programmed on this node");
+    match pin_dir {
+        Some(dir) => eprintln!("meshd: removed the socket load balancer pinned in {}", dir.display()),
+        None => eprintln!(
+            "meshd: socket load balancer pins not touched; pass --node-name (or --bpf-pin-dir) to remove them"
+        ),
+    }
     Ok(())
 }
 

@@ -18,6 +18,10 @@
 //!   desired = frontend → healthy backends. It writes only the difference and returns
 //!   how many writes it made. `set_local_addrs` lists the node's addresses for the
 //!   `0.0.0.0:port` (published port) form.
+//! - A service VIP forwards every port, as Docker's do: give `VIP:0` the tasks with
+//!   port 0 (`task:0` keeps the port, so `VIP:3306` reaches `task:3306`); exact
+//!   `VIP:port` frontends (published targets, other port mappings) win over it.
+//!   `VIP:0` with no backends refuses every port without an exact frontend.
 //! - `meshd --cleanup`: [`cleanup_pins`]`(&pin_dir_for(node))`, or `SocketLb::cleanup`.
 //! - Caveat: a map whose pinned layout differs from this build's (an upgrade that
 //!   changed a map type) is recreated empty; VIPs pass through untranslated until the
@@ -92,14 +96,15 @@ impl Proto {
 
 /// A service frontend: where applications connect.
 ///
-/// Forms: `addr:port` (a VIP port); `addr:0` with no backends — marks `addr` as a
-/// VIP so ports the service does not serve are refused; `0.0.0.0:port` — a published
-/// port reached at any loopback or local address (see [`SocketLb::set_local_addrs`]).
+/// Forms: `addr:port` (a VIP port); `addr:0` — every port of the VIP `addr` that has
+/// no exact frontend: with backends, balanced (a backend with port 0 keeps the port the
+/// application used), without, refused; `0.0.0.0:port` — a published port reached at
+/// any loopback or local address (see [`SocketLb::set_local_addrs`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Frontend {
     /// The address; `0.0.0.0` for "any local address".
     pub addr: Ipv4Addr,
-    /// The port; 0 for the VIP marker.
+    /// The port; 0 for the wildcard form (every port of `addr` without an exact frontend).
     pub port: u16,
     /// The protocol.
     pub proto: Proto,
@@ -129,7 +134,8 @@ impl Frontend {
 pub struct Backend {
     /// The backend's address.
     pub addr: Ipv4Addr,
-    /// The backend's port.
+    /// The backend's port; 0 keeps the port the application connected to (only under
+    /// a wildcard `addr:0` frontend).
     pub port: u16,
 }
 
@@ -455,8 +461,8 @@ impl SocketLb {
 }
 
 /// Refuses a desired state the maps cannot express: too many backends for one
-/// frontend, or backends on a wildcard form that never receives traffic itself (the
-/// VIP marker `addr:0`, or `0.0.0.0:0`).
+/// frontend, backends on `0.0.0.0:0` (a form that never receives traffic), or a
+/// port-0 backend ("keep the port") on a frontend with a fixed port.
 pub fn check_desired(desired: &BTreeMap<Frontend, Vec<Backend>>) -> Result<()> {
     if desired.len() > MAX_SERVICES as usize {
         return Err(Error::Config {
@@ -481,13 +487,25 @@ pub fn check_desired(desired: &BTreeMap<Frontend, Vec<Backend>>) -> Result<()> {
                 ),
             });
         }
-        if frontend.port == 0 && !backends.is_empty() {
+        if frontend.port == 0 && frontend.addr.is_unspecified() && !backends.is_empty() {
             return Err(Error::Config {
                 setting: "socket-lb frontend",
                 message: format!(
-                    "{frontend:?} has port 0, the VIP marker, which takes no backends; give the port it serves"
+                    "{frontend:?} is 0.0.0.0:0, which no connection ever matches; give the published port"
                 ),
             });
+        }
+        if frontend.port != 0 {
+            if let Some(backend) = backends.iter().find(|b| b.port == 0) {
+                return Err(Error::Config {
+                    setting: "socket-lb backends",
+                    message: format!(
+                        "{frontend:?} has backend {backend:?} with port 0, which only a wildcard {}:0 \
+                         frontend can use; give the backend's port",
+                        frontend.addr
+                    ),
+                });
+            }
         }
     }
     Ok(())
@@ -671,9 +689,16 @@ mod tests {
     #[test]
     fn desired_states_the_maps_cannot_hold_are_refused() {
         let backend = Backend { addr: Ipv4Addr::new(10, 0, 0, 1), port: 80 };
+        let keep_port = Backend { addr: Ipv4Addr::new(10, 0, 0, 1), port: 0 };
         assert!(check_desired(&BTreeMap::from([(fe(80), vec![backend]), (fe(0), vec![])])).is_ok());
-        let marker = check_desired(&BTreeMap::from([(fe(0), vec![backend])])).unwrap_err().to_string();
-        assert!(marker.contains("port 0"), "{marker}");
+        // The wildcard takes backends, with their own port or port 0 (keep the port).
+        assert!(check_desired(&BTreeMap::from([(fe(0), vec![keep_port, backend])])).is_ok());
+        let fixed =
+            check_desired(&BTreeMap::from([(fe(80), vec![backend, keep_port])])).unwrap_err().to_string();
+        assert!(fixed.contains("port 0") && fixed.contains("10.99.0.1:0"), "{fixed}");
+        let any = Frontend { addr: Ipv4Addr::UNSPECIFIED, port: 0, proto: Proto::Tcp };
+        let never = check_desired(&BTreeMap::from([(any, vec![backend])])).unwrap_err().to_string();
+        assert!(never.contains("0.0.0.0:0"), "{never}");
         let many = vec![backend; usize::from(MAX_BACKENDS_PER_SERVICE) + 1];
         let too_many = check_desired(&BTreeMap::from([(fe(80), many)])).unwrap_err().to_string();
         assert!(too_many.contains("at most"), "{too_many}");

@@ -10,11 +10,17 @@
 //!
 //! Three frontend forms share [`FrontendKey`]:
 //! - `addr:port/proto` — a service VIP port (or any exact address);
-//! - `addr:0/proto` with `count == 0` — "this address is a VIP": a port the service does
-//!   not serve is refused (`ECONNREFUSED`) instead of leaving for a network that
-//!   holds no such address;
+//! - `addr:0/proto` — every other port of the VIP `addr` (Docker's VIP semantics: a
+//!   VIP forwards every port). With backends, a connection to `addr:P` goes to a
+//!   backend; a backend whose port is 0 keeps `P` ([`BackendValue::destination`]),
+//!   so `VIP:3306` reaches `task:3306`. With `count == 0` it marks `addr` as a VIP
+//!   whose other ports are refused (`ECONNREFUSED`) instead of leaving for a network
+//!   that holds no such address. An exact `addr:port` frontend always wins;
 //! - `0.0.0.0:port/proto` — a published port, reached at any loopback address or any
 //!   address listed in [`LOCAL_ADDRS_MAP`] (the node's own addresses).
+//!
+//! The reverse entry records the port the application used, so `getpeername`/`recvmsg`
+//! show `VIP:3306` also through the wildcard form.
 
 /// Name of the hash map frontend → [`ServiceValue`].
 pub const SERVICES_MAP: &str = "LB_SERVICES";
@@ -86,7 +92,7 @@ pub const fn is_loopback(addr_raw: u32) -> bool {
 pub struct FrontendKey {
     /// The address (see [`ip4_raw`]); 0 for the "any local address" form.
     pub addr_raw: u32,
-    /// The port (see [`port_raw`]); 0 for the "this address is a VIP" marker.
+    /// The port (see [`port_raw`]); 0 for the wildcard form (every other port of `addr`).
     pub port_raw: u16,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
     pub proto: u8,
@@ -140,7 +146,8 @@ const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
 pub struct BackendValue {
     /// The backend's address (see [`ip4_raw`]).
     pub addr_raw: u32,
-    /// The backend's port (see [`port_raw`]).
+    /// The backend's port (see [`port_raw`]); 0 keeps the port the application asked
+    /// for (only behind a wildcard `addr:0` frontend).
     pub port_raw: u16,
     /// Always 0.
     pub pad: u16,
@@ -152,6 +159,13 @@ impl BackendValue {
     /// The backend `octets:port` (host-order port).
     pub const fn new(octets: [u8; 4], port: u16) -> Self {
         BackendValue { addr_raw: ip4_raw(octets), port_raw: port_raw(port), pad: 0 }
+    }
+
+    /// The raw address and port a destination port `dst_port_raw` is rewritten to on
+    /// this backend: its own port, or `dst_port_raw` when that is 0.
+    pub const fn destination(&self, dst_port_raw: u16) -> (u32, u16) {
+        let port = if self.port_raw == 0 { dst_port_raw } else { self.port_raw };
+        (self.addr_raw, port)
     }
 }
 
@@ -212,7 +226,8 @@ mod pod {
 pub enum Forward {
     /// Not a frontend: leave the call alone.
     Pass,
-    /// A frontend without backends, or a VIP port nobody serves: fail the call.
+    /// A frontend without backends, or a port of a VIP whose wildcard form has no
+    /// backends: fail the call.
     Refuse,
     /// A frontend with backends: pick one of `count` slots of `service_id`.
     Balance {
@@ -226,8 +241,9 @@ pub enum Forward {
 /// Decides what a `connect()`/`sendmsg()` to `addr_raw:port_raw/proto` is.
 ///
 /// `lookup` reads [`SERVICES_MAP`], `is_local` [`LOCAL_ADDRS_MAP`]; both are called
-/// only as far as the decision needs (an exact frontend wins, then the VIP marker,
-/// then the "any local address" form for loopback and local destinations).
+/// only as far as the decision needs (an exact frontend wins, then the VIP's wildcard
+/// `addr:0` form, then the "any local address" form for loopback and local
+/// destinations).
 pub fn resolve_frontend(
     addr_raw: u32,
     port_raw: u16,
@@ -242,8 +258,8 @@ pub fn resolve_frontend(
     if let Some(service) = lookup(&FrontendKey::from_raw(addr_raw, port_raw, proto)) {
         return by_count(service);
     }
-    if lookup(&FrontendKey::from_raw(addr_raw, 0, proto)).is_some() {
-        return Forward::Refuse;
+    if let Some(wildcard) = lookup(&FrontendKey::from_raw(addr_raw, 0, proto)) {
+        return by_count(wildcard);
     }
     if is_loopback(addr_raw) || is_local(addr_raw) {
         if let Some(service) = lookup(&FrontendKey::from_raw(0, port_raw, proto)) {
@@ -350,7 +366,7 @@ mod tests {
     }
 
     #[test]
-    fn vip_marker_refuses_ports_the_service_does_not_serve() {
+    fn an_empty_wildcard_refuses_ports_the_service_does_not_serve() {
         let map =
             services(&[(FrontendKey::new(VIP, 80, PROTO_TCP), 2), (FrontendKey::new(VIP, 0, PROTO_TCP), 0)]);
         assert_eq!(
@@ -358,8 +374,58 @@ mod tests {
             Forward::Balance { service_id: 1, count: 2 }
         );
         assert_eq!(resolve(&map, FrontendKey::new(VIP, 81, PROTO_TCP), &[]), Forward::Refuse);
-        // The marker is per protocol.
+        // The wildcard is per protocol.
         assert_eq!(resolve(&map, FrontendKey::new(VIP, 81, PROTO_UDP), &[]), Forward::Pass);
+    }
+
+    #[test]
+    fn wildcard_with_backends_balances_every_other_port() {
+        let map =
+            services(&[(FrontendKey::new(VIP, 80, PROTO_TCP), 2), (FrontendKey::new(VIP, 0, PROTO_TCP), 3)]);
+        // The exact frontend wins for its port; every other port takes the wildcard.
+        assert_eq!(
+            resolve(&map, FrontendKey::new(VIP, 80, PROTO_TCP), &[]),
+            Forward::Balance { service_id: 1, count: 2 }
+        );
+        for port in [1, 81, 3306, u16::MAX] {
+            assert_eq!(
+                resolve(&map, FrontendKey::new(VIP, port, PROTO_TCP), &[]),
+                Forward::Balance { service_id: 2, count: 3 }
+            );
+        }
+        // Per protocol and per address.
+        assert_eq!(resolve(&map, FrontendKey::new(VIP, 3306, PROTO_UDP), &[]), Forward::Pass);
+        assert_eq!(resolve(&map, FrontendKey::new([10, 99, 0, 2], 3306, PROTO_TCP), &[]), Forward::Pass);
+    }
+
+    #[test]
+    fn exact_frontend_without_backends_refuses_despite_a_wildcard() {
+        let map =
+            services(&[(FrontendKey::new(VIP, 80, PROTO_TCP), 0), (FrontendKey::new(VIP, 0, PROTO_TCP), 3)]);
+        assert_eq!(resolve(&map, FrontendKey::new(VIP, 80, PROTO_TCP), &[]), Forward::Refuse);
+        assert_eq!(
+            resolve(&map, FrontendKey::new(VIP, 81, PROTO_TCP), &[]),
+            Forward::Balance { service_id: 2, count: 3 }
+        );
+    }
+
+    #[test]
+    fn wildcard_wins_over_the_local_form_for_a_vip() {
+        // A VIP that is also listed as a local address: its own forms decide.
+        let map = services(&[
+            (FrontendKey::new(VIP, 0, PROTO_TCP), 0),
+            (FrontendKey::new([0; 4], 3000, PROTO_TCP), 2),
+        ]);
+        assert_eq!(resolve(&map, FrontendKey::new(VIP, 3000, PROTO_TCP), &[VIP]), Forward::Refuse);
+    }
+
+    #[test]
+    fn a_port_zero_backend_keeps_the_destination_port() {
+        let keep = BackendValue::new([10, 0, 0, 7], 0);
+        assert_eq!(keep.destination(port_raw(3306)), (ip4_raw([10, 0, 0, 7]), port_raw(3306)));
+        assert_eq!(keep.destination(port_raw(1)), (ip4_raw([10, 0, 0, 7]), port_raw(1)));
+        let fixed = BackendValue::new([10, 0, 0, 7], 8080);
+        assert_eq!(fixed.destination(port_raw(3306)), (ip4_raw([10, 0, 0, 7]), port_raw(8080)));
     }
 
     #[test]

@@ -244,7 +244,8 @@ fn churn_on_other_nodes_shows_within_a_second() -> Result<()> {
     for round in 0..4 {
         let node = 1 + round % 2;
         let task = format!("mvcapp.r{round}");
-        let (_, reply) = attach(&cluster, node, "mvcapp", &task)?;
+        let (task_ns, reply) = attach(&cluster, node, "mvcapp", &task)?;
+        ensure!(reply["resolver"] == "127.0.0.11:53", "attach reply: {reply}");
         let ip = ip_of(&reply)?;
         // From the moment `service ps` on the querying node shows it...
         let shown = poll(&format!("n3 lists {task}"), Duration::from_secs(10), || {
@@ -273,6 +274,13 @@ fn churn_on_other_nodes_shows_within_a_second() -> Result<()> {
                 "{task} ({ip}) still answered {after:?} after its detach"
             );
         }
+        // The detached container's own resolver is shut down with it.
+        poll(&format!("{task}'s resolver stops"), Duration::from_secs(3), || {
+            match dig(&task_ns, &["tasks.mvcapp"]) {
+                Ok(d) => bail!("still answers: {d:?}"),
+                Err(_) => Ok(()),
+            }
+        })?;
         eprintln!(
             "round {round}: attach: listed->answered {took:?}; detach: command started->last answer with it {:?}, ->first answer without it {:?}",
             last.map(|l| l.saturating_duration_since(detached)),

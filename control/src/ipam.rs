@@ -95,14 +95,32 @@ pub fn older(a: &Version, b: &Version) -> bool {
 
 /// Endpoints whose address an older endpoint of their network holds (both sides of a
 /// partition handed it out): until their node re-addresses them, only the older one
-/// is programmed, so peers keep reaching the endpoint that keeps the address.
+/// is programmed, so peers keep reaching the endpoint that keeps the address. An
+/// older service VIP on the address shadows an endpoint too (see [`shadowed_keys`]).
 pub fn shadowed(store: &Store) -> BTreeSet<&str> {
+    shadowed_keys(store).into_iter().filter_map(|key| key.strip_prefix("endpoint/")).collect()
+}
+
+/// Store keys of the endpoints and `vip` services whose address — task address or
+/// VIP — an older endpoint or service of their network holds. The older write keeps
+/// the address, whichever kind it is; the newer one moves (its node re-addresses the
+/// endpoint; the node that wrote the service gives it a new VIP) and meanwhile is not
+/// programmed: a shadowed VIP gets no socket-LB frontend, which would capture
+/// connections meant for the task that keeps the address.
+pub fn shadowed_keys(store: &Store) -> BTreeSet<&str> {
     let mut oldest: BTreeMap<(&str, Ipv4Addr), (&Version, &str)> = BTreeMap::new();
     let mut shadowed = BTreeSet::new();
-    for (_, entry) in store.entries() {
-        let Some(Object::Endpoint(ep)) = &entry.value else { continue };
-        let here = (&entry.version, ep.id.as_str());
-        match oldest.get_mut(&(ep.network.as_str(), ep.ip)) {
+    for (key, entry) in store.entries() {
+        let (network, ip) = match &entry.value {
+            Some(Object::Endpoint(ep)) => (ep.network.as_str(), ep.ip),
+            Some(Object::Service(s)) => match s.vip {
+                Some(vip) => (s.network.as_str(), vip),
+                None => continue,
+            },
+            _ => continue,
+        };
+        let here = (&entry.version, key.as_str());
+        match oldest.get_mut(&(network, ip)) {
             Some(held) if older(held.0, here.0) => {
                 shadowed.insert(here.1);
             }
@@ -111,7 +129,7 @@ pub fn shadowed(store: &Store) -> BTreeSet<&str> {
                 *held = here;
             }
             None => {
-                oldest.insert((ep.network.as_str(), ep.ip), here);
+                oldest.insert((network, ip), here);
             }
         }
     }
@@ -255,6 +273,51 @@ mod tests {
         assert_eq!(shadowed(&healed_a), expected);
         assert_eq!(shadowed(&healed_b), expected);
         assert!(shadowed(&a).is_empty());
+    }
+
+    #[test]
+    fn a_vip_and_a_task_address_handed_out_on_both_sides_go_to_the_older_write() {
+        use crate::model::{Endpoint, EndpointMode, Service};
+        let ip = Ipv4Addr::new(10, 0, 0, 5);
+        let task = Object::Endpoint(Endpoint {
+            id: "web.1".into(),
+            service: Some("web".into()),
+            network: "backend".into(),
+            node: "n1".into(),
+            ip,
+            mac: mac_for_ip(ip),
+            vtep: Ipv4Addr::new(198, 18, 0, 11),
+            host_if: None,
+            netns: None,
+        });
+        let service = |name: &str, vip: u8| {
+            Object::Service(Service {
+                name: name.into(),
+                network: "backend".into(),
+                endpoint_mode: EndpointMode::Vip,
+                vip: Some(Ipv4Addr::new(10, 0, 0, vip)),
+            })
+        };
+        // Side a: a task at .5 (counter 1). Side b: two services, the second's VIP .5
+        // (counter 2). Healed, the task keeps .5 and the service moves.
+        let mut a = Store::default();
+        a.put("n1", task);
+        let mut b = Store::default();
+        b.put("n2", service("db", 9));
+        b.put("n2", service("api", 5));
+        a.merge(&b);
+        let expected: BTreeSet<&str> = ["service/api"].into();
+        assert_eq!(shadowed_keys(&a), expected);
+        assert!(shadowed(&a).is_empty(), "the task keeps its address");
+        // The other way round: an older VIP keeps the address, the task moves.
+        let mut c = Store::default();
+        c.put("n2", service("api", 5));
+        let mut d = Store::default();
+        d.put("n1", service("db", 9));
+        d.put("n1", a.get("endpoint/web.1").cloned().unwrap());
+        c.merge(&d);
+        assert_eq!(shadowed(&c), ["web.1"].into());
+        assert!(!shadowed_keys(&c).contains("service/api"));
     }
 
     #[test]

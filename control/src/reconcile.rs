@@ -175,6 +175,7 @@ fn frontends(
     joined: &BTreeMap<String, Vni>,
 ) -> BTreeMap<Frontend, Vec<Backend>> {
     let shadowed = crate::ipam::shadowed(store);
+    let shadowed_vips = crate::ipam::shadowed_keys(store);
     let backends = |service: &str, port: u16| -> Vec<Backend> {
         let mut out: Vec<Backend> = store
             .tasks_of(service)
@@ -187,7 +188,10 @@ fn frontends(
     let mut out = BTreeMap::new();
     for service in store.services().filter(|s| s.endpoint_mode == EndpointMode::Vip) {
         let Some(vip) = service.vip else { continue };
-        if !joined.contains_key(&service.network) {
+        // A VIP that lost its address to an older task or VIP waits for its new one.
+        if !joined.contains_key(&service.network)
+            || shadowed_vips.contains(crate::model::Key::service(&service.name).as_str())
+        {
             continue;
         }
         for proto in [socklb::Proto::Tcp, socklb::Proto::Udp] {

@@ -69,9 +69,9 @@ fn a_slash_24_serves_a_published_port_on_all_20_nodes() -> Result<()> {
         })?;
         node_ips.insert(i, free_addresses(&cluster, i, "backend")?);
     }
-    // 20 node addresses and 2 tasks, plus at most one spare per node, are claimed.
+    // 20 node addresses, 2 tasks and web's VIP, plus at most one spare per node, are claimed.
     for (i, free) in node_ips {
-        assert!((254 - 22 - 20..=254 - 22).contains(&free), "n{i}: {free} free addresses");
+        assert!((254 - 23 - 20..=254 - 23).contains(&free), "n{i}: {free} free addresses");
     }
     Ok(())
 }
@@ -80,11 +80,11 @@ fn a_slash_24_serves_a_published_port_on_all_20_nodes() -> Result<()> {
 fn a_full_network_is_reported_by_attach_and_in_status() -> Result<()> {
     let mut cluster = Cluster::start(2)?;
     cluster.wait_all_alive(1)?;
-    // A /29 has 6 usable addresses: node addresses and tasks share them.
+    // A /29 has 6 usable addresses: VIPs, node addresses and tasks share them.
     cluster.meshctl_ok(1, &["network", "create", "tiny", "--subnet", "10.0.7.0/29"])?;
     cluster.meshctl_ok(1, &["service", "create", "web", "--network", "tiny"])?;
-    // n1's address and five tasks fill it.
-    for t in 1..=5 {
+    // web's VIP, n1's address and four tasks fill it.
+    for t in 1..=4 {
         cluster.add_container(1, "web", &format!("web.{t}"))?;
     }
     assert_eq!(free_addresses(&cluster, 1, "tiny")?, 0);
@@ -115,7 +115,7 @@ fn a_full_network_is_reported_by_attach_and_in_status() -> Result<()> {
         "{status}"
     );
     // Detaching a task frees an address: n2 joins and serves.
-    cluster.meshctl_ok(1, &["detach", "web.5"])?;
+    cluster.meshctl_ok(1, &["detach", "web.4"])?;
     poll("n2 serves 3000", Duration::from_secs(10), || {
         let body = http_get(&cluster.client_netns(), SocketAddr::from((node_addr(2), 3000)))?;
         body.starts_with("web.").then_some(()).ok_or_else(|| anyhow!("answered {body}"))
@@ -133,12 +133,12 @@ fn a_duplicate_address_after_a_partition_is_readdressed() -> Result<()> {
     cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
     // A watcher on n2, on n1's side of the partition to come.
     cluster.add_container(2, "web", "web.2")?;
-    // Before the partition every node knows every claim: the spares of n1 and n3, and
-    // n2's address, task and spare.
+    // Before the partition every node knows every claim: web's VIP, the spares of n1
+    // and n3, and n2's address, task and spare.
     for i in 1..=3 {
         poll(&format!("n{i} sees every claim"), Duration::from_secs(10), || {
             let free = free_addresses(&cluster, i, "backend")?;
-            (free == 249).then_some(()).ok_or_else(|| anyhow!("{free} free"))
+            (free == 248).then_some(()).ok_or_else(|| anyhow!("{free} free"))
         })?;
     }
     cluster.partition(&[3])?;
@@ -212,7 +212,11 @@ fn create_and_publish_return_once_every_node_knows_and_serves() -> Result<()> {
         format!("network backend created (subnet 10.0.0.0/24, vni 4096): known to all {n} nodes")
     );
     let out = cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
-    assert_eq!(out.trim(), format!("service web created: known to all {n} nodes"));
+    assert!(
+        out.trim().starts_with("service web created with VIP 10.0.0.")
+            && out.trim().ends_with(&format!(": known to all {n} nodes")),
+        "{out}"
+    );
     // Any node can be used next: attach on n3 right away.
     let ns = cluster.add_netns("t1")?;
     cluster.meshctl_ok(3, &["attach", "web", "--netns", &ns.to_string_lossy(), "--name", "web.1"])?;

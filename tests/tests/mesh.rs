@@ -69,7 +69,8 @@ fn published_port_answers_on_every_node_and_reaches_every_task() -> Result<()> {
 }
 
 #[test]
-fn status_shows_the_loaded_program_sigterm_keeps_the_data_path_and_cleanup_removes_it() -> Result<()> {
+fn status_shows_the_loaded_program_and_paths_sigterm_keeps_the_data_path_and_cleanup_removes_it() -> Result<()>
+{
     let mut cluster = Cluster::start(1)?;
     let status = cluster.meshctl_json(1, &["status"])?;
     let program = &status["ebpf"][0];
@@ -84,6 +85,21 @@ fn status_shows_the_loaded_program_sigterm_keeps_the_data_path_and_cleanup_remov
     cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
     cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
     let task_ns = cluster.add_container(1, "web", "web.1")?.netns();
+    cluster.meshctl_ok(1, &["publish", "3000:80", "web"])?;
+    // Which path serves what: the VIP and local clients of 3000 by the socket LB,
+    // remote clients of 3000 by the proxy.
+    poll("status lists the serving paths", std::time::Duration::from_secs(5), || {
+        let status = cluster.meshctl_json(1, &["status"])?;
+        let vip = &status["vips"][0];
+        let port = &status["published_paths"][0];
+        let ok = vip["service"] == "web"
+            && vip["path"] == "socket-lb"
+            && vip["backends"].as_array().is_some_and(|b| b.len() == 1)
+            && port["port"] == "3000/tcp"
+            && port["local_clients"] == "socket-lb"
+            && port["remote_clients"] == "proxy";
+        ok.then_some(()).ok_or_else(|| anyhow!("{} {}", status["vips"], status["published_paths"]))
+    })?;
     let node_ns = cluster.nodes[0].netns();
     let links = |ns: &std::path::Path| {
         meshd_tests::sh("nsenter", &[&format!("--net={}", ns.display()), "--", "ip", "-o", "link"])
@@ -114,13 +130,11 @@ fn status_shows_the_loaded_program_sigterm_keeps_the_data_path_and_cleanup_remov
     let after = links(&node_ns)?;
     assert!(after.contains("mvx4096") && after.contains("mbr4096"), "overlay links kept: {after}");
     assert!(links(&task_ns)?.contains("eth0"), "task interface kept");
-    // ...but the programs, owned by the process, are gone with it.
+    // ...and so are the pinned socket programs (local clients keep reaching VIPs).
     let attached = meshd_tests::sh("bpftool", &["cgroup", "show", &cgroup.to_string_lossy()])?;
-    assert!(!attached.contains("connect4"), "program detached from the cgroup: {attached}");
-    let loaded = meshd_tests::sh("bpftool", &["prog", "show", "id", &prog_id.to_string()]);
-    assert!(loaded.is_err(), "program {prog_id} unloaded, but bpftool shows {loaded:?}");
+    assert!(attached.contains(&prog_id.to_string()), "program still attached: {attached}");
 
-    // `meshd --cleanup` removes what meshd programmed.
+    // `meshd --cleanup` removes what meshd programmed, the node's pins included.
     let meshd = meshd_tests::bin_path("meshd")?;
     let socket = cluster.nodes[0].socket.to_string_lossy().into_owned();
     meshd_tests::sh(
@@ -132,8 +146,15 @@ fn status_shows_the_loaded_program_sigterm_keeps_the_data_path_and_cleanup_remov
             "--cleanup",
             "--api-socket",
             &socket,
+            "--bpf-pin-dir",
+            &cluster.nodes[0].pin_dir.to_string_lossy(),
         ],
     )?;
+    let attached = meshd_tests::sh("bpftool", &["cgroup", "show", &cgroup.to_string_lossy()])?;
+    assert!(!attached.contains("connect4"), "program detached from the cgroup: {attached}");
+    let loaded = meshd_tests::sh("bpftool", &["prog", "show", "id", &prog_id.to_string()]);
+    assert!(loaded.is_err(), "program {prog_id} unloaded, but bpftool shows {loaded:?}");
+    assert!(!cluster.nodes[0].pin_dir.exists(), "pins removed");
     let after = links(&node_ns)?;
     assert!(!after.contains("mvx4096") && !after.contains("mbr4096"), "overlay links removed: {after}");
     assert!(!links(&task_ns)?.contains("eth0"), "task interface removed");

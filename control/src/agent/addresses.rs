@@ -307,68 +307,99 @@ impl Agent {
         }
     }
 
-    /// Whether another endpoint of `e`'s network holds `e`'s address and was written
-    /// first (see [`ipam::older`]).
+    /// Whether another endpoint or VIP of `e`'s network holds `e`'s address and was
+    /// written first (see [`ipam::older`]).
     fn has_older_duplicate(store: &Store, e: &Endpoint) -> bool {
-        Self::older_duplicate(store, e).is_some()
+        Self::older_holder(store, &Key::endpoint(&e.id), &e.network, e.ip).is_some()
     }
 
-    fn older_duplicate<'a>(store: &'a Store, e: &Endpoint) -> Option<&'a Endpoint> {
-        let version = |id: &str| store.entry(&Key::endpoint(id)).map(|en| en.version.clone());
-        let mine = version(&e.id)?;
-        store
-            .endpoints()
-            .filter(|o| o.network == e.network && o.ip == e.ip && o.id != e.id)
-            .find(|o| version(&o.id).is_some_and(|v| ipam::older(&v, &mine)))
+    /// What holds `ip` on `network` and was written before the object at `key`: a
+    /// description ("endpoint web.1", "the VIP of service api") and the node that wrote it.
+    fn older_holder(store: &Store, key: &str, network: &str, ip: Ipv4Addr) -> Option<(String, String)> {
+        let mine = store.entry(key)?.version.clone();
+        store.entries().filter(|(k, _)| k.as_str() != key).find_map(|(_, entry)| {
+            let (what, node) = match &entry.value {
+                Some(Object::Endpoint(o)) if o.network == network && o.ip == ip => {
+                    (format!("endpoint {}", o.id), o.node.clone())
+                }
+                Some(Object::Service(s)) if s.network == network && s.vip == Some(ip) => {
+                    (format!("the VIP of service {}", s.name), entry.version.node.clone())
+                }
+                _ => return None,
+            };
+            ipam::older(&entry.version, &mine).then_some((what, node))
+        })
     }
 
-    /// Moves this node's endpoints that share an address with an older endpoint (both
-    /// sides of a partition handed it out) to a new address: the endpoint is rewritten,
-    /// and the reconciler replaces the task's link. Reported in the log and in
-    /// `meshctl status`.
+    /// Moves what this node wrote and lost to an older holder of the same address (both
+    /// sides of a partition handed it out) to a new address: its endpoints (the
+    /// reconciler replaces the task's link) and the VIPs of the services it created.
+    /// Reported in the log and in `meshctl status`.
     fn resolve_duplicates(&self) {
         let me = &self.cfg.node_name;
         self.alloc().errors.retain(|key, _| !key.contains('/'));
-        let losers: Vec<(Endpoint, Endpoint, Network)> = {
+        // (the object, its address, the older holder, its node, the network)
+        let losers: Vec<(Object, Ipv4Addr, String, String, Network)> = {
             let gossip = self.gossip();
             let store = gossip.store();
-            let shadowed = ipam::shadowed(store);
-            store
-                .endpoints()
-                .filter(|e| &e.node == me && shadowed.contains(e.id.as_str()))
-                .filter_map(|e| {
-                    let older = Self::older_duplicate(store, e)?;
-                    let net = store.network(&e.network)?;
-                    Some((e.clone(), older.clone(), net.clone()))
+            let shadowed = ipam::shadowed_keys(store);
+            shadowed
+                .iter()
+                .filter_map(|key| {
+                    let entry = store.entry(key)?;
+                    let (network, ip, mine) = match entry.value.as_ref()? {
+                        Object::Endpoint(e) => (&e.network, e.ip, &e.node == me),
+                        Object::Service(s) => (&s.network, s.vip?, &entry.version.node == me),
+                        _ => return None,
+                    };
+                    if !mine {
+                        return None;
+                    }
+                    let (what, node) = Self::older_holder(store, key, network, ip)?;
+                    let net = store.network(network)?;
+                    Some((entry.value.clone()?, ip, what, node, net.clone()))
                 })
                 .collect()
         };
-        for (endpoint, older, net) in losers {
+        for (object, old_ip, older, older_node, net) in losers {
+            let name = match &object {
+                Object::Endpoint(e) => e.id.clone(),
+                Object::Service(s) => format!("the VIP of service {}", s.name),
+                _ => continue,
+            };
             let ip = match self.allocate(&net) {
                 Ok(Some(ip)) => ip,
                 Ok(None) => continue,
                 Err(error) => {
                     let message = format!(
-                        "endpoint {} shares {} with {} on node {} and cannot move: {error}",
-                        endpoint.id, endpoint.ip, older.id, older.node
+                        "{name} shares {old_ip} with {older} (written by node {older_node}) and cannot move: {error}"
                     );
                     tracing::warn!(network = %net.name, %message, "duplicate address");
-                    self.alloc().errors.insert(format!("{}/{}", net.name, endpoint.id), message);
+                    self.alloc().errors.insert(format!("{}/{}", net.name, object.key()), message);
                     continue;
                 }
             };
-            let mut moved = endpoint.clone();
-            moved.ip = ip;
-            moved.mac = ipam::mac_for_ip(ip);
-            if moved.host_if.is_some() {
-                moved.host_if = Some(task_host_if(&moved.id, ip));
-            }
+            let moved = match object {
+                Object::Endpoint(mut e) => {
+                    e.ip = ip;
+                    e.mac = ipam::mac_for_ip(ip);
+                    if e.host_if.is_some() {
+                        e.host_if = Some(task_host_if(&e.id, ip));
+                    }
+                    Object::Endpoint(e)
+                }
+                Object::Service(mut s) => {
+                    s.vip = Some(ip);
+                    Object::Service(s)
+                }
+                other => other,
+            };
             let report = format!(
-                "{} on network {} moved from {} to {}: {} on node {} held {} first",
-                endpoint.id, net.name, endpoint.ip, ip, older.id, older.node, endpoint.ip
+                "{name} on network {} moved from {old_ip} to {ip}: {older} (node {older_node}) held {old_ip} first",
+                net.name
             );
-            tracing::warn!(network = %net.name, endpoint = %endpoint.id, old = %endpoint.ip, new = %ip, %report, "duplicate address resolved");
-            self.write(|g, now| g.put(Object::Endpoint(moved), now));
+            tracing::warn!(network = %net.name, old = %old_ip, new = %ip, %report, "duplicate address resolved");
+            self.write(|g, now| g.put(moved, now));
             let mut alloc = self.alloc();
             alloc.reserved.remove(&ip);
             alloc.readdressed += 1;

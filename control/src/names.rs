@@ -16,9 +16,12 @@ use crate::{
 /// are served (the same filter as [`crate::reconcile::desired`]): a task on a dead
 /// node is suspended, so it vanishes from every answer and returns with the node. A
 /// task whose address an older endpoint still holds ([`crate::ipam::shadowed`]) is left
-/// out too: the address answers for the older one.
+/// out too: the address answers for the older one. So is a VIP an older endpoint or
+/// service holds: until the service gets a new one, its name has no address.
 pub fn name_table(store: &Store, live: &BTreeSet<String>) -> NameTable {
-    let shadowed = crate::ipam::shadowed(store);
+    let shadowed_keys = crate::ipam::shadowed_keys(store);
+    let shadowed: BTreeSet<&str> =
+        shadowed_keys.iter().filter_map(|key| key.strip_prefix("endpoint/")).collect();
     let healthy =
         |e: &&Endpoint| e.service.is_some() && live.contains(&e.node) && !shadowed.contains(e.id.as_str());
     let mut table = NameTable::default();
@@ -36,7 +39,10 @@ pub fn name_table(store: &Store, live: &BTreeSet<String>) -> NameTable {
                 EndpointMode::Vip => DnsMode::Vip,
                 EndpointMode::Dnsrr => DnsMode::Dnsrr,
             };
-            let vip = service.vip.filter(|_| mode == DnsMode::Vip);
+            let vip = service
+                .vip
+                .filter(|_| mode == DnsMode::Vip)
+                .filter(|_| !shadowed_keys.contains(crate::model::Key::service(&service.name).as_str()));
             names = names.with_service(&service.name, mode, vip, ips);
         }
         for task in store.endpoints().filter(healthy).filter(on_net) {
@@ -186,6 +192,25 @@ mod tests {
             table.networks["front"].services["web"].task_ips,
             vec![ip([10, 0, 1, 10]), ip([10, 0, 1, 11])]
         );
+    }
+
+    #[test]
+    fn a_shadowed_vip_is_not_answered() {
+        let mut s = store();
+        // A service written later whose VIP is web.1's address: the task keeps it.
+        s.put(
+            "n2",
+            Object::Service(Service {
+                name: "late".into(),
+                network: "front".into(),
+                endpoint_mode: EndpointMode::Vip,
+                vip: Some(ip([10, 0, 1, 10])),
+            }),
+        );
+        let table = name_table(&s, &live(&["n1", "n2"]));
+        assert_eq!(table.networks["front"].services["late"].vip, None);
+        assert_eq!(table.networks["front"].services["web"].vip, Some(ip([10, 0, 1, 2])));
+        assert_eq!(table.networks["front"].tasks["web.1"], ip([10, 0, 1, 10]));
     }
 
     #[test]

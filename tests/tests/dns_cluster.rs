@@ -202,6 +202,35 @@ fn every_name_form_from_a_container_and_forwarding_to_dnsmasq() -> Result<()> {
     ensure!(d.answers.len() == 8 && !d.flags.contains(&"tc".to_owned()), "large answer over TCP: {d:?}");
     let d = dig(&client, &["+ignore", "TXT", "big.txt.test"])?;
     ensure!(d.flags.contains(&"tc".to_owned()), "large answer over UDP: {d:?}");
+
+    // A container whose 127.0.0.11:53 is taken: attached all the same, the reply and
+    // `meshctl status` say why it has no resolver, and it gets one once the port is free.
+    let busy = cluster.add_netns("busy")?;
+    let name = busy.file_name().and_then(|n| n.to_str()).context("namespace name")?.to_owned();
+    meshd_tests::sh("ip", &["-n", &name, "link", "set", "lo", "up"])?;
+    let squatter = meshd_tests::in_netns(&busy, || std::net::UdpSocket::bind("127.0.0.11:53"))??;
+    let path = busy.to_string_lossy().into_owned();
+    let reply = cluster.meshctl_json(3, &["attach", "mvcapp", "--netns", &path, "--name", "mvcapp.busy"])?;
+    ensure!(reply["resolver"].is_null(), "attach reply: {reply}");
+    let why = reply["resolver_error"].as_str().unwrap_or_default();
+    ensure!(why.starts_with("cannot serve DNS on 127.0.0.11:53"), "attach reply: {reply}");
+    let status = cluster.meshctl_json(3, &["status"])?;
+    let key = format!("resolver in {path}");
+    ensure!(status["dns"]["errors"][&key].is_string(), "status: {}", status["dns"]);
+    ensure!(status["errors"][&key].is_string(), "status errors: {}", status["errors"]);
+    drop(squatter);
+    poll("the freed container gets its resolver", Duration::from_secs(5), || {
+        let d = dig(&busy, &["tasks.mysql"])?;
+        ensure!(d.answers.len() == 2, "{d:?}");
+        let status = cluster.meshctl_json(3, &["status"])?;
+        ensure!(
+            status["dns"]["running"] == 3
+                && status["dns"]["errors"].as_object().is_some_and(|e| e.is_empty()),
+            "{}",
+            status["dns"]
+        );
+        Ok(())
+    })?;
     Ok(())
 }
 

@@ -110,7 +110,7 @@ impl Resolvers {
                     self.running.insert(ns.clone(), Running { resolver, networks });
                     out.ok.push(error_key(&ns));
                 }
-                Err(error) => out.failed.push((error_key(&ns), error.to_string())),
+                Err(error) => out.failed.push((error_key(&ns), start_error(&ns, &error))),
             }
         }
         out
@@ -239,6 +239,17 @@ pub(super) struct Applied {
     pub ok: Vec<String>,
     /// Error keys with their messages.
     pub failed: Vec<(String, String)>,
+}
+
+/// What `meshctl status` says about a resolver that could not start. The dataplane's
+/// bind error speaks of published ports; here the fix is in the container.
+fn start_error(netns: &str, error: &meshd_dataplane::Error) -> String {
+    match error {
+        meshd_dataplane::Error::Bind { addr, source } => format!(
+            "cannot serve DNS on {addr} in {netns}: {source}; stop what holds that port in the container (meshd retries every second)"
+        ),
+        other => other.to_string(),
+    }
 }
 
 /// The key of a namespace's resolver in `meshctl status` errors.

@@ -10,6 +10,7 @@ pub mod hash;
 pub mod ipam;
 pub mod limits;
 pub mod model;
+pub mod names;
 pub mod reconcile;
 pub mod source;
 pub mod spec;

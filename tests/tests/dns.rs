@@ -122,8 +122,10 @@ fn unknown_names_are_forwarded_to_dnsmasq_with_failover_and_no_loop() -> Result<
         &["--address=/example.test/192.0.2.1", "--server=/loop.test/127.0.0.11"],
         "example.test",
     )?;
-    // 127.0.0.54:53 is bound and never read: an upstream that never answers.
+    // 127.0.0.54:53 is bound and never read: an upstream that never answers, over UDP
+    // and over TCP (the kernel completes the handshake; nothing reads the question).
     let _silent = in_netns(&lab.netns(), || std::net::UdpSocket::bind("127.0.0.54:53"))??;
+    let _silent_tcp = in_netns(&lab.netns(), || std::net::TcpListener::bind("127.0.0.54:53"))??;
     let rt = runtime();
     let table = TableHandle::new(&table());
     let config = ResolverConfig {
@@ -142,8 +144,11 @@ fn unknown_names_are_forwarded_to_dnsmasq_with_failover_and_no_loop() -> Result<
     let d = lab.dig(&["@127.0.0.11", "www.example.test"])?;
     ensure!(d.status == "NOERROR" && d.answers == ["192.0.2.1"], "forwarded: {d:?}");
     ensure!(started.elapsed() < Duration::from_secs(2), "failover took {:?}", started.elapsed());
-    // Over TCP from the client too.
+    // Over TCP from the client too: forwarded over TCP, the silent upstream costs one
+    // timeout there as well.
+    let started = Instant::now();
     ensure!(lab.dig(&["@127.0.0.11", "+tcp", "example.test"])?.answers == ["192.0.2.1"]);
+    ensure!(started.elapsed() < Duration::from_secs(2), "TCP failover took {:?}", started.elapsed());
     // Table names are still ours, not the upstream's.
     ensure!(lab.dig(&["@127.0.0.11", "web"])?.answers == ["10.0.1.2"]);
 
@@ -157,6 +162,34 @@ fn unknown_names_are_forwarded_to_dnsmasq_with_failover_and_no_loop() -> Result<
     ensure!(d.answers.is_empty());
     ensure!(started.elapsed() < Duration::from_secs(2), "loop answered after {:?}", started.elapsed());
     ensure!(lab.dig(&["@127.0.0.11", "web"])?.answers == ["10.0.1.2"]);
+    Ok(())
+}
+
+#[test]
+fn tcp_clients_are_forwarded_over_tcp_and_udp_clients_get_tc() -> Result<()> {
+    let mut lab = DnsLab::new(&["127.0.0.53"])?;
+    // Eight 200-byte TXT strings: about 1.7 kB, more than any UDP answer we relay.
+    let records: Vec<String> = (b'a'..=b'h')
+        .map(|c| format!("--txt-record=big.txt.test,{}", String::from(c as char).repeat(200)))
+        .collect();
+    let mut args: Vec<&str> = records.iter().map(String::as_str).collect();
+    args.push("--address=/example.test/192.0.2.1");
+    lab.start_dnsmasq("127.0.0.53", &args, "example.test")?;
+    let rt = runtime();
+    let table = TableHandle::new(&table());
+    let config = ResolverConfig { upstreams: vec!["127.0.0.53:53".parse()?], ..ResolverConfig::default() };
+    let _resolver = serve(&rt, &lab, &table, config)?;
+
+    // A UDP client gets the truncated answer with TC (and would retry over TCP itself).
+    let d = lab.dig(&["@127.0.0.11", "+ignore", "+notcp", "TXT", "big.txt.test"])?;
+    ensure!(d.flags.contains(&"tc".to_owned()) && d.answers.len() < 8, "udp: {d:?}");
+    // A TCP client gets every record: its question went upstream over TCP.
+    let d = lab.dig(&["@127.0.0.11", "+tcp", "TXT", "big.txt.test"])?;
+    ensure!(d.status == "NOERROR", "tcp: {d:?}");
+    ensure!(d.answers.len() == 8 && !d.flags.contains(&"tc".to_owned()), "tcp: {d:?}");
+    // dig's own fallback: UDP first, TC, then TCP: the whole set.
+    let d = lab.dig(&["@127.0.0.11", "TXT", "big.txt.test"])?;
+    ensure!(d.answers.len() == 8, "fallback: {d:?}");
     Ok(())
 }
 

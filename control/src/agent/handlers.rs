@@ -324,7 +324,9 @@ impl Agent {
         self.alloc().wanted.insert(network.name.clone());
         let result = self.attach_on(&network, service, netns, task, ip).await;
         self.alloc().wanted.remove(&network.name);
-        result
+        let mut reply = result?;
+        self.report_resolver(netns, &mut reply).await;
+        Ok(reply)
     }
 
     async fn attach_on(
@@ -727,6 +729,8 @@ impl Agent {
             let alloc = self.alloc();
             (alloc.errors.clone(), alloc.readdressed, alloc.recent.iter().cloned().collect::<Vec<_>>())
         };
+        // Before `seen` is locked: it reads `seen` itself.
+        let dns = self.resolvers_status();
         let programs = self.programs_status();
         let paths = self.serving_paths();
         let seen = self.seen.lock();
@@ -780,6 +784,7 @@ impl Agent {
                 "counters": self.proxy_stats.counters(),
             },
             "api": self.api_stats.snapshot(),
+            "dns": dns,
             "errors": errors,
             "ipam": { "readdressed": readdressed, "recent_readdresses": recent },
             "store": {

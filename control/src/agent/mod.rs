@@ -8,6 +8,7 @@ mod api_server;
 mod handlers;
 mod keys;
 mod persist;
+mod resolvers;
 
 use self::{
     addresses::Alloc,
@@ -79,6 +80,8 @@ pub struct AgentConfig {
     pub gossip: protocol::Config,
     /// Limits and timeouts of the published-port proxy.
     pub proxy: ProxyConfig,
+    /// The embedded resolvers' settings: upstreams, TTL, timeouts and bounds.
+    pub dns: meshd_dataplane::dns::ResolverConfig,
 }
 
 /// Whether the agent runs the eBPF socket load balancer.
@@ -98,6 +101,7 @@ impl AgentConfig {
             return Err(Error::invalid("--advertise-addr must be this node's own address, not 0.0.0.0"));
         }
         self.proxy.validate()?;
+        self.dns.validate()?;
         Ok(())
     }
 }
@@ -153,6 +157,8 @@ pub struct Agent {
     proxy_stats: ProxyStats,
     /// A corrupt store found at start, moved aside (reported by `meshctl status`).
     store_recovered: Option<String>,
+    /// The embedded resolvers, one per local container namespace.
+    resolvers: Mutex<resolvers::Resolvers>,
 }
 
 impl Agent {
@@ -202,6 +208,7 @@ impl Agent {
             key_generation: Mutex::new(0),
             saved_generation: Mutex::new(None),
             store_recovered: loaded.recovered,
+            resolvers: Mutex::new(resolvers::Resolvers::new(cfg.dns.clone())),
             cfg,
         };
         Ok(Arc::new(agent))
@@ -256,6 +263,7 @@ impl Agent {
         );
         // Pinned links outlive our descriptors: dropping them keeps the hooks attached.
         drop(self.socklb.lock().take());
+        self.stop_resolvers().await;
     }
 
     /// The gossip state (membership and the replicated store).
@@ -368,6 +376,9 @@ impl Agent {
                 seen.errors.insert("observe".into(), message);
             }
         }
+        // After the task links: a resolver binds on the container's `lo`, which the
+        // task link brings up.
+        self.reconcile_resolvers(&store, &live).await;
         self.confirm();
         drop(plane);
         let mut saved = self.saved_generation.lock();

@@ -19,6 +19,7 @@ use meshd_control::{
     source::gossip::PORT,
 };
 use meshd_dataplane::{
+    dns::{AnswerConfig, ResolverConfig},
     proxy::{Keepalive, ProxyConfig},
     socklb::pin_dir_for,
 };
@@ -114,6 +115,91 @@ struct Args {
     cleanup: bool,
     #[command(flatten)]
     proxy: ProxyArgs,
+    #[command(flatten)]
+    dns: DnsArgs,
+}
+
+/// The embedded resolvers (127.0.0.11:53 in every attached container).
+#[derive(Debug, clap::Args)]
+struct DnsArgs {
+    /// An upstream resolver for names outside the cluster, as IP or IP:PORT
+    /// (repeatable, tried in order) [default: the nameservers of /etc/resolv.conf].
+    /// Forwards leave from meshd's own network namespace, so a resolver on the node's
+    /// loopback (127.0.0.53, a local dnsmasq) works as well.
+    #[arg(long = "dns-upstream", value_name = "ADDR")]
+    dns_upstream: Vec<String>,
+    /// TTL of the cluster's own answers, in seconds (Docker's 600 keeps clients on
+    /// dead tasks for ten minutes).
+    #[arg(long, default_value_t = 5)]
+    dns_ttl: u32,
+    /// How long one upstream gets to answer before the next is tried, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    dns_upstream_timeout_ms: u64,
+    /// Forwards in flight at once per container; a question beyond it is answered
+    /// REFUSED at once.
+    #[arg(long, default_value_t = ResolverConfig::default().max_forwards)]
+    dns_max_forwards: usize,
+}
+
+impl DnsArgs {
+    /// The resolver settings, upstreams parsed (and read from /etc/resolv.conf when
+    /// none is given).
+    fn config(&self) -> anyhow::Result<ResolverConfig> {
+        if self.dns_ttl > 86_400 {
+            bail!("invalid --dns-ttl {}: use 0 to 86400 seconds", self.dns_ttl);
+        }
+        if self.dns_upstream_timeout_ms == 0 || self.dns_upstream_timeout_ms > 60_000 {
+            bail!("invalid --dns-upstream-timeout-ms {}: use 1 to 60000", self.dns_upstream_timeout_ms);
+        }
+        if self.dns_max_forwards == 0 || self.dns_max_forwards > 32_768 {
+            bail!(
+                "invalid --dns-max-forwards {}: use 1 to 32768 (0 would refuse every forward)",
+                self.dns_max_forwards
+            );
+        }
+        let upstreams = if self.dns_upstream.is_empty() {
+            match std::fs::read_to_string("/etc/resolv.conf") {
+                Ok(text) => resolv_conf_nameservers(&text),
+                Err(error) => {
+                    tracing::warn!(%error, "reading /etc/resolv.conf; names outside the cluster get SERVFAIL (pass --dns-upstream)");
+                    Vec::new()
+                }
+            }
+        } else {
+            self.dns_upstream
+                .iter()
+                .map(|a| {
+                    parse_addr(a, 53).map_err(|_| {
+                        anyhow::anyhow!("invalid --dns-upstream {a:?}: use IP or IP:PORT, e.g. 198.18.0.1:53")
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?
+        };
+        if upstreams.is_empty() {
+            tracing::warn!("no upstream resolver (none in /etc/resolv.conf): names outside the cluster get SERVFAIL; pass --dns-upstream");
+        }
+        let defaults = ResolverConfig::default();
+        let config = ResolverConfig {
+            answer: AnswerConfig { ttl: self.dns_ttl, ..defaults.answer.clone() },
+            upstreams,
+            upstream_timeout: Duration::from_millis(self.dns_upstream_timeout_ms),
+            max_forwards: self.dns_max_forwards,
+            ..defaults
+        };
+        config.validate().map_err(|e| anyhow::anyhow!("{e} (--dns-* flags)"))?;
+        Ok(config)
+    }
+}
+
+/// The `nameserver` addresses of a resolv.conf, on port 53.
+fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.split_whitespace().next())
+        // A scoped IPv6 address (fe80::1%eth0) does not parse and is skipped.
+        .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
 }
 
 /// `--socket-lb`.
@@ -196,13 +282,16 @@ fn raise_open_files_limit(proxy: &ProxyConfig) {
 }
 
 fn parse_join(addr: &str, default_port: u16) -> anyhow::Result<SocketAddr> {
+    parse_addr(addr, default_port)
+        .map_err(|_| anyhow::anyhow!("invalid --join address {addr:?}: use IP or IP:PORT, e.g. 198.18.0.11"))
+}
+
+/// `IP:PORT`, or `IP` with `default_port`.
+fn parse_addr(addr: &str, default_port: u16) -> Result<SocketAddr, ()> {
     if let Ok(sa) = addr.parse::<SocketAddr>() {
         return Ok(sa);
     }
-    match addr.parse::<Ipv4Addr>() {
-        Ok(ip) => Ok(SocketAddr::from((ip, default_port))),
-        Err(_) => bail!("invalid --join address {addr:?}: use IP or IP:PORT, e.g. 198.18.0.11"),
-    }
+    addr.parse::<Ipv4Addr>().map(|ip| SocketAddr::from((ip, default_port))).map_err(drop)
 }
 
 /// The cgroup2 mount point, from /proc/mounts.
@@ -303,6 +392,7 @@ async fn run() -> anyhow::Result<()> {
     // Checked before anything is created (the keyring, the state dir).
     let proxy = args.proxy.config();
     proxy.validate()?;
+    let dns = args.dns.config()?;
     if args.max_frame_mib == 0 || args.max_frame_mib > 1024 {
         bail!("--max-frame-mib {} is out of range: use 1 to 1024", args.max_frame_mib);
     }
@@ -351,6 +441,7 @@ async fn run() -> anyhow::Result<()> {
         keyring_file,
         gossip,
         proxy,
+        dns,
     };
     let agent = Agent::new(cfg).await.context("starting meshd")?;
     agent.run(shutdown_signal()).await.context("running meshd")?;
@@ -377,4 +468,16 @@ async fn cleanup(api_socket: &std::path::Path, pin_dir: Option<&std::path::Path>
         ),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nameservers_come_from_resolv_conf() {
+        let text = "# comment\nsearch example\nnameserver 127.0.0.53\nnameserver  ::1 \nnameserver fe80::1%eth0\noptions edns0\n";
+        let got = resolv_conf_nameservers(text);
+        assert_eq!(got, ["127.0.0.53:53".parse::<SocketAddr>().unwrap(), "[::1]:53".parse().unwrap()]);
+    }
 }

@@ -124,6 +124,8 @@ pub struct ResolverSockets {
     pub tcp: std::net::TcpListener,
     /// An ephemeral UDP socket the forwarder asks upstreams from.
     pub forward: std::net::UdpSocket,
+    /// The namespace the forwarder's sockets live in (TCP forwards open theirs there).
+    pub forward_netns: PathBuf,
 }
 
 /// Opens the resolver's sockets inside the namespace at `netns` (a `/run/netns/NAME`
@@ -156,7 +158,7 @@ pub fn open_in_netns(
         s.set_nonblocking(true).map_err(|source| Error::Bind { addr: listen.into(), source })?;
     }
     tcp.set_nonblocking(true).map_err(|source| Error::Bind { addr: listen.into(), source })?;
-    Ok(ResolverSockets { udp, tcp, forward })
+    Ok(ResolverSockets { udp, tcp, forward, forward_netns: forward_ns.to_owned() })
 }
 
 fn in_netns<T: Send + 'static>(
@@ -207,6 +209,7 @@ impl Resolver {
             networks: Arc::new(ArcSwap::from_pointee(networks)),
             forwarder: Forwarder {
                 socket: forward,
+                netns: sockets.forward_netns,
                 pending: Mutex::new(HashMap::new()),
                 permits: Semaphore::new(config.max_forwards),
             },
@@ -286,7 +289,7 @@ async fn udp_loop(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
             Action::Forward(forward) => {
                 let (socket, shared) = (socket.clone(), shared.clone());
                 forwards.spawn(async move {
-                    let bytes = shared.forwarder.forward(&forward, &shared.config).await;
+                    let bytes = shared.forwarder.forward(&forward, &shared.config, Transport::Udp).await;
                     let _ = socket.send_to(&bytes, peer).await;
                 });
             }
@@ -338,7 +341,9 @@ async fn serve_tcp(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()
         let reply = match shared.decide(&request, Transport::Tcp, &mut rng) {
             Action::Reply(bytes) => bytes,
             Action::Drop => return Ok(()),
-            Action::Forward(forward) => shared.forwarder.forward(&forward, &shared.config).await,
+            Action::Forward(forward) => {
+                shared.forwarder.forward(&forward, &shared.config, Transport::Tcp).await
+            }
         };
         let mut out = Vec::with_capacity(reply.len() + 2);
         out.extend_from_slice(&u16::try_from(reply.len()).unwrap_or(0).to_be_bytes());
@@ -350,20 +355,41 @@ async fn serve_tcp(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()
 /// Forwards waiting for a reply: our message id → (the upstream asked, the waiter).
 type Pending = HashMap<u16, (SocketAddr, oneshot::Sender<Vec<u8>>)>;
 
-/// Asks upstreams over one UDP socket, matching replies by (upstream, message id).
+/// Asks upstreams over one UDP socket, matching replies by (upstream, message id), or
+/// over a fresh TCP connection per question for a TCP client.
 struct Forwarder {
     socket: Arc<UdpSocket>,
+    /// Where TCP forwards open their sockets (the UDP socket was opened there too).
+    netns: PathBuf,
     pending: Mutex<Pending>,
     permits: Semaphore,
 }
 
 impl Forwarder {
     /// The client's reply for `forward`: an upstream's answer, SERVFAIL when all fail
-    /// or time out, REFUSED when too many forwards are in flight.
-    async fn forward(&self, forward: &Forward, config: &ResolverConfig) -> Vec<u8> {
+    /// or time out, REFUSED when too many forwards are in flight. A TCP client's
+    /// question goes upstream over TCP (the answer may be larger than any datagram); a
+    /// UDP client's over UDP, and a truncated answer reaches it with TC set, so it
+    /// retries over TCP itself. Both share the bound on forwards in flight and the
+    /// per-upstream timeout.
+    async fn forward(&self, forward: &Forward, config: &ResolverConfig, transport: Transport) -> Vec<u8> {
         let Ok(_permit) = self.permits.try_acquire() else { return forward.refused.clone() };
         let mut query = forward.query.clone();
         for upstream in &config.upstreams {
+            if transport == Transport::Tcp {
+                let id: u16 = rand::thread_rng().gen();
+                query[..2].copy_from_slice(&id.to_be_bytes());
+                let asked = timeout(config.upstream_timeout, self.ask_tcp(*upstream, &query)).await;
+                if let Ok(Ok(reply)) = asked {
+                    let matches = reply.get(..2) == Some(&id.to_be_bytes()[..]);
+                    if matches && !is_servfail(&reply) {
+                        if let Some(bytes) = relay_reply(forward, &reply) {
+                            return bytes;
+                        }
+                    }
+                }
+                continue;
+            }
             let (tx, rx) = oneshot::channel();
             let id = {
                 let mut pending = self.pending.lock();
@@ -385,8 +411,7 @@ impl Forwarder {
             self.pending.lock().remove(&id);
             if let Some(reply) = outcome {
                 // An upstream's own SERVFAIL means "try another"; anything else is the answer.
-                let servfail = reply.get(3).is_some_and(|b| b & 0x0f == 2);
-                if !servfail {
+                if !is_servfail(&reply) {
                     if let Some(bytes) = relay_reply(forward, &reply) {
                         return bytes;
                     }
@@ -395,6 +420,34 @@ impl Forwarder {
         }
         forward.servfail.clone()
     }
+
+    /// One question to `upstream` over a new TCP connection from the forwarder's
+    /// namespace; the caller bounds the whole exchange in time.
+    async fn ask_tcp(&self, upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
+        let domain = socket2::Domain::for_address(upstream);
+        // The socket is created inside the namespace; connecting it works from any thread.
+        let socket = in_netns(&self.netns, move || {
+            let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+            socket.set_nonblocking(true)?;
+            Ok(std::net::TcpStream::from(socket))
+        })?;
+        let mut stream = tokio::net::TcpSocket::from_std_stream(socket).connect(upstream).await?;
+        let len = u16::try_from(query.len()).map_err(|_| std::io::Error::other("query too long"))?;
+        let mut out = Vec::with_capacity(query.len() + 2);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(query);
+        stream.write_all(&out).await?;
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).await?;
+        let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut reply).await?;
+        Ok(reply)
+    }
+}
+
+/// Whether `reply` carries rcode SERVFAIL (the upstream's way of saying "ask another").
+fn is_servfail(reply: &[u8]) -> bool {
+    reply.get(3).is_some_and(|b| b & 0x0f == 2)
 }
 
 async fn forward_receive_loop(shared: Arc<Shared>) {

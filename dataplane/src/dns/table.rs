@@ -111,8 +111,10 @@ impl NameIndex {
                 let service = service.to_ascii_lowercase();
                 let main = match (s.mode, s.vip) {
                     (EndpointMode::Vip, Some(vip)) => Some(Target::One(vip)),
-                    // A vip service whose VIP is not allocated yet has no address to give.
-                    (EndpointMode::Vip, None) => None,
+                    // A vip service whose VIP is not allocated yet has no address to
+                    // give, but the name is the cluster's: an empty answer on its
+                    // network, NXDOMAIN elsewhere, never a forward upstream.
+                    (EndpointMode::Vip, None) => Some(Target::All(Vec::new())),
                     (EndpointMode::Dnsrr, _) => Some(Target::Shuffled(s.task_ips.clone())),
                 };
                 if let Some(target) = main {

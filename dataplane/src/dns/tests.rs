@@ -360,3 +360,31 @@ fn a_missing_namespace_is_named_in_the_error() {
         open_in_netns(std::path::Path::new("/run/netns/no-such-ns"), RESOLVER_ADDR, None).unwrap_err();
     assert!(error.to_string().contains("no-such-ns"), "{error}");
 }
+
+#[test]
+fn a_vip_service_without_its_vip_yet_is_ours_not_forwarded() {
+    let mut t = table();
+    let front = t.networks.remove("front").unwrap().with_service("new", EndpointMode::Vip, None, vec![]);
+    t.networks.insert("front".into(), front);
+    let index = NameIndex::build(&t);
+    let mut rng = SmallRng::seed_from_u64(3);
+    let ask = |networks: &[&str], rng: &mut SmallRng| {
+        let networks: Vec<String> = networks.iter().map(|n| n.to_string()).collect();
+        match answer(
+            &index,
+            &networks,
+            &query("new", RecordType::A),
+            Transport::Udp,
+            &AnswerConfig::default(),
+            rng,
+        ) {
+            Action::Reply(r) => Message::from_vec(&r).unwrap(),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    };
+    // On its network: an empty answer; elsewhere: no such name. Never a forward.
+    let m = ask(&["front"], &mut rng);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.answers.is_empty());
+    assert_eq!(ask(&["back"], &mut rng).metadata.response_code, ResponseCode::NXDomain);
+}

@@ -8,6 +8,7 @@ pub mod dns;
 pub mod ebpf;
 mod error;
 pub mod lb;
+pub mod natlb;
 pub mod netlink;
 pub mod overlay;
 pub mod proxy;

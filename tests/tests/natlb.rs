@@ -422,3 +422,28 @@ fn observe_reads_back_apply_and_remove_touches_only_meshd() -> Result<()> {
     ensure!(nft(&["list", "ruleset"])? == before, "a refused apply changed the ruleset");
     Ok(())
 }
+
+#[test]
+fn a_thousand_frontends_apply_in_one_transaction_and_read_back() -> Result<()> {
+    let setup = Setup::new()?;
+    let ns = setup.container();
+    // 1000 VIP ports with 3 backends each: one `nft -f` within its 5 s bound.
+    let frontends: BTreeMap<Frontend, Vec<Backend>> = (0..1000u16)
+        .map(|i| {
+            let vip = Ipv4Addr::new(10, 99, (i / 200) as u8, (i % 200) as u8 + 1);
+            (fe(vip, 80, Proto::Tcp), BACKENDS.iter().map(|a| be(*a, 7000 + i % 2)).collect())
+        })
+        .collect();
+    let started = Instant::now();
+    natlb::apply(ns, &frontends)?;
+    let applied = started.elapsed();
+    let started = Instant::now();
+    let observed = natlb::observe(ns)?;
+    let read = started.elapsed();
+    eprintln!("natlb: 1000 frontends x 3 backends: apply {applied:?}, observe {read:?}");
+    ensure!(observed == frontends, "observe differs after a 1000-frontend apply");
+    // And it serves: one of them, end to end.
+    let seen = spread(&setup, sa(Ipv4Addr::new(10, 99, 4, 200), 80), 30)?;
+    ensure!(seen == tags(&BACKENDS, 7001), "10.99.4.200:80 reached {seen:?}");
+    Ok(())
+}

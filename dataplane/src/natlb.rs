@@ -20,6 +20,19 @@
 //! serves published ports. Unlike the socket LB, unconnected UDP picks a backend per
 //! conntrack flow (same 5-tuple), not per datagram.
 //!
+//! ## For control
+//! - At start, when the socket LB cannot open: [`probe`] once; log once what is missing
+//!   for BPF and that VIPs are served by this path (or, if `probe` fails too, its error).
+//! - Each reconcile, per attached container: `observe(netns)`; when it differs from the
+//!   desired frontends for the container's networks, `apply(netns, &desired)` (it
+//!   always writes the whole table, so compare first to avoid needless `nft` runs).
+//! - Detach needs nothing (the namespace goes away with its table); `meshd --cleanup`
+//!   on a namespace that stays: [`remove`].
+//! - Caveats: a UDP send to a refused VIP port fails with `EPERM` (the output hook
+//!   dropped it) and the next `recv` on a connected socket with `ECONNREFUSED`;
+//!   established flows keep their backend after it is removed, until they close or
+//!   conntrack forgets them.
+//!
 //! ## Mechanism
 //! Every [`apply`] writes the whole table in one `nft -f -` transaction (create,
 //! delete, re-create), so a reader never sees a half-written service and other tables

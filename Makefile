@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all bootstrap build demo test lint bench
+.PHONY: all bootstrap build demo test fuzz lint bench
 
 all: build
 
@@ -22,9 +22,22 @@ lint: bootstrap
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	cd ebpf && $(CARGO) +nightly clippy --target bpfel-unknown-none -Z build-std=core --bins -- -D warnings
 
+# After the tests: each DNS fuzz target for FUZZ_SECONDS (60 s in all). libFuzzer adds
+# what it finds to fuzz/work/ (ignored); the committed seeds in fuzz/corpus/ stay as they are.
+FUZZ_SECONDS ?= 30
+FUZZ_TARGETS := dns_answer dns_relay
+
 test: bootstrap
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
+	$(MAKE) fuzz
+
+fuzz: bootstrap
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/work/$$t && \
+	  (cd fuzz && $(CARGO) +nightly fuzz run $$t work/$$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1) || exit 1; \
+	done
 
 # `make bench` runs every group; `make bench ONLY=netlink` runs one
 # (policy, mesh, gossip_sim, netlink, convergence).

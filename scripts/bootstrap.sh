@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent bootstrap for meshd: Debian packages, nightly rust-src, bpf-linker
-# against Debian's LLVM 22. A second run only checks and returns in seconds.
+# against Debian's LLVM 22, cargo-fuzz. A second run only checks and returns in seconds.
 set -euo pipefail
 
 APT_PACKAGES=(
@@ -10,6 +10,7 @@ APT_PACKAGES=(
   haproxy dnsmasq nftables mariadb-server mariadb-client
 )
 BPF_LINKER_VERSION=0.13
+CARGO_FUZZ_VERSION=0.13
 
 log() { printf '[bootstrap] %s\n' "$*"; }
 
@@ -75,7 +76,18 @@ install_bpf_linker() {
       --no-default-features --features llvm-22
 }
 
+# cargo-fuzz drives the DNS fuzz targets in fuzz/ (`make test` runs them, bounded).
+install_cargo_fuzz() {
+  if cargo fuzz --version 2>/dev/null | grep -q "^cargo-fuzz ${CARGO_FUZZ_VERSION}\."; then
+    log "cargo-fuzz $(cargo fuzz --version | awk '{print $2}') present"
+    return
+  fi
+  log "installing cargo-fuzz ${CARGO_FUZZ_VERSION} (about a minute)"
+  cargo install cargo-fuzz --locked --version "~${CARGO_FUZZ_VERSION}"
+}
+
 install_packages
 install_rust_src
 install_bpf_linker
+install_cargo_fuzz
 log "done"

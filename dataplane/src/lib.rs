@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod dns;
 mod error;
 pub mod lb;
+pub mod natlb;
 pub mod netlink;
 pub mod overlay;
 pub mod proxy;

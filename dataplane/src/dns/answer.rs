@@ -362,7 +362,9 @@ pub fn relay_reply(forward: &Forward, reply: &[u8]) -> Option<Vec<u8>> {
     if bytes.len() <= forward.client_limit {
         return Some(bytes);
     }
-    message.truncate().to_vec().ok().map(|mut b| {
+    // Truncation keeps the question section; a reply whose questions alone exceed the
+    // client's limit (found by fuzzing: 8 echoed questions) is not usable either.
+    message.truncate().to_vec().ok().filter(|b| b.len() <= forward.client_limit).map(|mut b| {
         b[..2].copy_from_slice(&forward.client_id.to_be_bytes());
         b
     })

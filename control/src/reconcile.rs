@@ -209,6 +209,27 @@ fn frontends(
     out
 }
 
+/// A frontend table, as the socket load balancer and the nftables fallback take it.
+pub type FrontendTable = BTreeMap<Frontend, Vec<Backend>>;
+
+/// The nftables fallback's tables (VIPs without BPF): for each local task's namespace,
+/// the VIP frontends of the network its task is on — a container reaches the VIPs of
+/// its own networks, as with the socket load balancer. Published ports are not here:
+/// without BPF the proxy serves them.
+pub fn nat_tables(want: &Dataplane) -> BTreeMap<std::path::PathBuf, FrontendTable> {
+    let mut out: BTreeMap<std::path::PathBuf, FrontendTable> = BTreeMap::new();
+    for link in want.local_tasks.values() {
+        let Ok(subnet) = Ipv4Net::new(link.ip, link.prefix_len).map(|n| n.trunc()) else { continue };
+        let table = out.entry(link.netns.clone()).or_default();
+        for (frontend, backends) in &want.frontends {
+            if !frontend.addr.is_unspecified() && subnet.contains(&frontend.addr) {
+                table.insert(*frontend, backends.clone());
+            }
+        }
+    }
+    out
+}
+
 /// What the node holds: the kernel objects meshd owns (as observed) and the proxy's
 /// listeners.
 pub fn actual(
@@ -418,6 +439,23 @@ mod tests {
             d.frontends[&lb([0, 0, 0, 0], 3000, socklb::Proto::Tcp)],
             vec![backend([10, 0, 0, 2], 80)]
         );
+    }
+
+    #[test]
+    fn nat_tables_give_each_task_namespace_the_vips_of_its_network_only() {
+        let mut d = desired(&cluster(), &all(), "n1", 1450);
+        // A VIP of another network (another subnet) is not the container's business.
+        d.frontends.insert(lb([10, 9, 0, 5], 0, socklb::Proto::Tcp), vec![backend([10, 9, 0, 6], 0)]);
+        let tables = nat_tables(&d);
+        let ns = std::path::PathBuf::from("/run/netns/web.2");
+        assert_eq!(tables.keys().collect::<Vec<_>>(), [&ns]);
+        let tasks = vec![backend([10, 0, 0, 2], 0), backend([10, 0, 0, 18], 0)];
+        let want: FrontendTable = [
+            (lb([10, 0, 0, 100], 0, socklb::Proto::Tcp), tasks.clone()),
+            (lb([10, 0, 0, 100], 0, socklb::Proto::Udp), tasks),
+        ]
+        .into();
+        assert_eq!(tables[&ns], want, "published ports (0.0.0.0) and foreign VIPs left out");
     }
 
     #[test]

@@ -12,7 +12,18 @@ use meshd_tests::{mariadb, poll, sh, Cluster};
 
 #[test]
 fn mvcapp_queries_mysql_by_name_on_another_node() -> Result<()> {
-    let mut cluster = Cluster::start(3)?;
+    seed_scenario(&[])
+}
+
+/// The same scenario where the socket load balancer is off (as on a host without
+/// BPF): the VIP is served by meshd's nftables table in the client's namespace.
+#[test]
+fn mvcapp_queries_mysql_by_name_without_bpf() -> Result<()> {
+    seed_scenario(&["--socket-lb", "off"])
+}
+
+fn seed_scenario(meshd_args: &[&str]) -> Result<()> {
+    let mut cluster = Cluster::start_with_args(3, meshd_args)?;
     cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
     cluster.meshctl_ok(1, &["service", "create", "mysql", "--network", "backend"])?;
     cluster.meshctl_ok(1, &["service", "create", "mvcapp", "--network", "backend"])?;

@@ -432,7 +432,7 @@ fn a_dead_nodes_task_leaves_the_vip_within_a_second_of_it_being_declared_dead() 
 }
 
 #[test]
-fn socket_lb_off_says_why_and_a_bogus_mode_is_refused() -> Result<()> {
+fn socket_lb_off_says_once_that_nftables_serves_vips_and_a_bogus_mode_is_refused() -> Result<()> {
     let meshd = meshd_tests::bin_path("meshd")?;
     let out = Command::new(&meshd)
         .args(["--socket-lb", "bogus", "--node-name", "x", "--advertise-addr", "198.18.0.1"])
@@ -447,8 +447,12 @@ fn socket_lb_off_says_why_and_a_bogus_mode_is_refused() -> Result<()> {
     let status = cluster.meshctl_json(1, &["status"])?;
     assert_eq!(status["ebpf"], json!([]), "no programs: {status}");
     assert!(attached_ids(&cluster.nodes[0].cgroup)?.is_empty());
-    let path = status["vips"][0]["path"].as_str().unwrap_or("");
-    assert!(path.starts_with("none: ") && path.contains("--socket-lb off"), "{status}");
+    // It says once what is missing and which path serves VIPs instead.
+    assert_eq!(status["vips"][0]["path"], "nftables", "{status}");
+    assert_eq!(status["published_paths"], json!([]), "{status}");
+    let log = cluster.log_tail(1, 200);
+    let says = log.matches("--socket-lb off): VIPs are served by nftables DNAT").count();
+    assert_eq!(says, 1, "said once: {log}");
     Ok(())
 }
 

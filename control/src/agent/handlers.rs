@@ -670,6 +670,7 @@ impl Agent {
             let ports: Vec<_> = store.published().cloned().collect();
             (services, ports)
         };
+        let nat_vips = self.nat.as_ref().map(|nat| nat.lock().vips());
         let seen = self.seen.lock();
         let table = &seen.actual.frontends;
         let off = self.socklb_missing.as_ref().map(|why| format!("none: {why}"));
@@ -679,6 +680,10 @@ impl Agent {
                 let frontend =
                     Frontend { addr: vip, port: 0, proto: meshd_dataplane::socklb::Proto::Tcp };
                 let (path, backends) = match (&off, table.get(&frontend)) {
+                    (Some(_), _) if nat_vips.is_some() => (
+                        "nftables".to_owned(),
+                        nat_vips.as_ref().and_then(|v| v.get(&vip)).cloned().unwrap_or_default(),
+                    ),
                     (Some(off), _) => (off.clone(), Vec::new()),
                     (None, Some(backends)) => ("socket-lb".to_owned(), backends.iter().map(|b| b.addr).collect()),
                     (None, None) => ("none: this node takes no part in the network".to_owned(), Vec::new()),
@@ -694,8 +699,10 @@ impl Agent {
                     port: p.published,
                     proto: crate::reconcile::lb_proto(p.proto),
                 };
+                // Without the socket load balancer, local clients reach the proxy's
+                // listener like remote ones.
                 let local = match (&off, table.get(&frontend)) {
-                    (Some(off), _) => off.clone(),
+                    (Some(_), _) => "proxy".to_owned(),
                     (None, Some(_)) => "socket-lb".to_owned(),
                     (None, None) => "proxy".to_owned(),
                 };
@@ -751,6 +758,7 @@ impl Agent {
             "overlay_mtu": self.mtu,
             "ebpf": programs,
             "vips": paths.0,
+            "nftables_vip_tables": self.nat.as_ref().map(|nat| nat.lock().namespaces()),
             "published_paths": paths.1,
             "networks": networks,
             "services": services,

@@ -7,11 +7,13 @@ mod addresses;
 mod api_server;
 mod handlers;
 mod keys;
+mod natlb;
 mod persist;
 mod resolvers;
 
 use self::{
     addresses::Alloc,
+    natlb::NatFallback,
     persist::{load_store, save_store},
 };
 pub use self::{
@@ -141,6 +143,8 @@ pub struct Agent {
     overlay: KernelVxlan,
     /// The socket load balancer (pinned); `None` when it is off or could not load.
     socklb: Mutex<Option<SocketLb>>,
+    /// The nftables fallback serving VIPs where there is no socket load balancer.
+    nat: Option<Mutex<NatFallback>>,
     /// Why there is no socket load balancer, if there is none.
     socklb_missing: Option<String>,
     shared: Arc<Shared>,
@@ -179,7 +183,7 @@ impl Agent {
                 68 + VXLAN_OVERHEAD
             ))
         })?;
-        let (socklb, socklb_missing) = open_socket_lb(&cfg);
+        let (socklb, nat, socklb_missing) = open_vip_path(&cfg);
         let epoch = crate::wall_clock_ms();
         let gossip_addr = SocketAddr::from((cfg.advertise_addr, cfg.control_port));
         let store = std::mem::take(&mut loaded.store);
@@ -198,6 +202,7 @@ impl Agent {
             overlay,
             mtu,
             socklb: Mutex::new(socklb),
+            nat: nat.map(Mutex::new),
             socklb_missing,
             shared,
             alloc: Mutex::default(),
@@ -338,6 +343,7 @@ impl Agent {
             (g.store().clone(), live)
         };
         let mut want = reconcile::desired(&store, &live, &self.cfg.node_name, self.mtu);
+        let nat_want = self.nat.is_some().then(|| reconcile::nat_tables(&want));
         let frontends = self.observe_frontends(&mut want);
         match self.overlay.observe().await {
             Ok(observed) => {
@@ -375,6 +381,9 @@ impl Agent {
                 }
                 seen.errors.insert("observe".into(), message);
             }
+        }
+        if let Some(nat_want) = nat_want {
+            self.reconcile_nat(nat_want).await;
         }
         // After the task links: a resolver binds on the container's `lo`, which the
         // task link brings up.
@@ -523,25 +532,35 @@ fn op_key(op: &Op) -> String {
     }
 }
 
-/// Opens the pinned socket load balancer (adopting a previous run's pins), or says
-/// once, clearly, why there is none.
-fn open_socket_lb(cfg: &AgentConfig) -> (Option<SocketLb>, Option<String>) {
-    if cfg.socket_lb == SocketLbMode::Off {
-        tracing::info!("socket load balancer off (--socket-lb off): VIPs are left to the nftables fallback");
-        return (None, Some("the socket load balancer is off (--socket-lb off)".into()));
-    }
-    let lb_cfg = SocketLbConfig { cgroup: cfg.cgroup.clone(), pin_dir: Some(cfg.pin_dir.clone()) };
-    match SocketLb::open(lb_cfg) {
-        Ok(lb) => {
-            tracing::info!(adopted = lb.adopted(), pins = %cfg.pin_dir.display(), "socket load balancer ready");
-            (Some(lb), None)
+/// Opens the pinned socket load balancer (adopting a previous run's pins); where it
+/// is off or cannot load, the nftables fallback for VIPs. Says once, clearly, what is
+/// missing and which path serves VIPs instead. Returns the load balancer, the
+/// fallback, and why there is no load balancer.
+fn open_vip_path(cfg: &AgentConfig) -> (Option<SocketLb>, Option<NatFallback>, Option<String>) {
+    let why = match cfg.socket_lb {
+        SocketLbMode::Off => "the socket load balancer is off (--socket-lb off)".to_owned(),
+        SocketLbMode::Auto => {
+            let lb_cfg = SocketLbConfig { cgroup: cfg.cgroup.clone(), pin_dir: Some(cfg.pin_dir.clone()) };
+            match SocketLb::open(lb_cfg) {
+                Ok(lb) => {
+                    tracing::info!(adopted = lb.adopted(), pins = %cfg.pin_dir.display(), "socket load balancer ready");
+                    return (Some(lb), None, None);
+                }
+                Err(error) => format!(
+                    "the eBPF socket load balancer could not load ({error}); it needs cgroup v2 (--cgroup) and BPF with bpffs at /sys/fs/bpf"
+                ),
+            }
+        }
+    };
+    match meshd_dataplane::natlb::probe() {
+        Ok(()) => {
+            tracing::warn!("{why}: VIPs are served by nftables DNAT in each container namespace instead, published ports by the proxy");
+            (None, Some(NatFallback::default()), Some(why))
         }
         Err(error) => {
-            let why = format!(
-                "the eBPF socket load balancer could not load ({error}); it needs cgroup v2 (--cgroup) and BPF with bpffs at /sys/fs/bpf: VIPs will be served by the nftables fallback instead"
-            );
-            tracing::warn!("{why}");
-            (None, Some(why))
+            let why = format!("{why}, and the nftables fallback cannot run either ({error})");
+            tracing::error!("{why}: VIPs are not served on this node; published ports are, by the proxy");
+            (None, None, Some(why))
         }
     }
 }

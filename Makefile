@@ -27,7 +27,7 @@ test: bootstrap
 	$(CARGO) test --workspace --no-fail-fast
 
 # `make bench` runs every group; `make bench ONLY=netlink` runs one
-# (policy, mesh, gossip_sim, netlink, convergence).
+# (policy, mesh, gossip_sim, netlink, convergence, dns, socklb).
 bench: bootstrap
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p meshd-benches $(if $(ONLY),--bench $(ONLY))

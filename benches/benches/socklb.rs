@@ -12,8 +12,15 @@
 //! (`198.18.0.11`, the loader and the proxy run in it) and a task (`198.18.0.12`,
 //! `meshd-testsrv` on port 80 and `iperf3 -s` on 5201). Clients (wrk, iperf3) run in the
 //! node namespace inside a cgroup of the bench's own with the four programs attached.
-//! Each measurement is repeated `ROUNDS` times, the paths interleaved so drifting load
-//! hits them alike; the table shows medians and every run.
+//! Each measurement is repeated several times, the paths interleaved (each round starts
+//! at the next path, so none always runs right after another) so drifting load hits
+//! them alike; the table shows medians, every run, and the median of the per-round
+//! ratios to direct (paired runs, less sensitive to slow drift than the ratio of
+//! medians).
+//!
+//! Direct, VIP and proxy connections all run from the node's address to the task's
+//! port 80, so they share one 4-tuple space (the task holds the TIME_WAIT of each
+//! closed connection): the node namespace gets the full ephemeral port range.
 //!
 //! `make bench ONLY=socklb` writes `benches/results/socklb.md` and its README section.
 //! About 90 s.
@@ -36,10 +43,12 @@ use meshd_dataplane::{
 };
 use meshd_tests::{http_get, poll, sh};
 
-/// Repeats of each path, interleaved.
-const ROUNDS: usize = 5;
+/// Repeats of each path's connection rate, interleaved.
+const WRK_ROUNDS: usize = 7;
+/// Repeats of each path's throughput, interleaved.
+const IPERF_ROUNDS: usize = 5;
 /// Length of one wrk run.
-const WRK_SECONDS: &str = "3s";
+const WRK_SECONDS: &str = "2s";
 /// Length of one iperf3 run.
 const IPERF_SECONDS: &str = "2";
 
@@ -82,6 +91,11 @@ impl Lab {
             sh("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
             sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
         }
+        // A per-namespace setting: written from a thread inside the bench's node namespace.
+        meshd_tests::in_netns(&lab.netns("n"), || {
+            fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535")
+        })?
+        .context("widening the node namespace's ephemeral port range")?;
         fs::create_dir(&lab.cgroup).with_context(|| format!("creating cgroup {}", lab.cgroup.display()))?;
         Ok(lab)
     }
@@ -264,42 +278,36 @@ fn main() -> Result<()> {
 
     let mut rows = Vec::new();
     let group = "New TCP connection per request (wrk -t2 -c32, Connection: close)";
-    let mut samples: Vec<Vec<(f64, String)>> = vec![Vec::new(); paths.len()];
-    for round in 0..ROUNDS {
-        for (i, path) in paths.iter().enumerate() {
-            let out = lab.client(
-                "wrk",
-                &["-t2", "-c32", "-d", WRK_SECONDS, "--latency", "-H", "Connection: close", &path.http],
-            )?;
-            let (rps, detail) = parse_wrk(&out).with_context(|| path.name)?;
-            println!("{group}: {:<52} round {round}: {rps:>8.0} conn/s  {detail}", path.name);
-            samples[i].push((rps, detail));
-        }
-    }
+    let samples = interleaved(&paths, WRK_ROUNDS, |round, path| {
+        let out = lab.client(
+            "wrk",
+            &["-t2", "-c32", "-d", WRK_SECONDS, "--latency", "-H", "Connection: close", &path.http],
+        )?;
+        let (rps, detail) = parse_wrk(&out).with_context(|| path.name)?;
+        println!("{group}: {:<52} round {round}: {rps:>8.0} conn/s  {detail}", path.name);
+        Ok((rps, detail))
+    })?;
     let vip_connects = lb.status()?[0].rewritten - rewritten_before;
     push_rows(&mut rows, group, "conn/s", &paths, samples);
 
     let group = "TCP throughput (iperf3, one stream, 2 s)";
-    let mut samples: Vec<Vec<(f64, String)>> = vec![Vec::new(); paths.len()];
-    for round in 0..ROUNDS {
-        for (i, path) in paths.iter().enumerate() {
-            let port = path.iperf.1.to_string();
-            let out = lab.client(
-                "iperf3",
-                &["-c", &path.iperf.0, "-p", &port, "-t", IPERF_SECONDS, "--connect-timeout", "2000", "-J"],
-            )?;
-            let mbps = parse_iperf3(&out).with_context(|| path.name)? / 1e6;
-            println!("{group}: {:<52} round {round}: {mbps:>8.0} Mbit/s", path.name);
-            samples[i].push((mbps, String::new()));
-        }
-    }
+    let samples = interleaved(&paths, IPERF_ROUNDS, |round, path| {
+        let port = path.iperf.1.to_string();
+        let out = lab.client(
+            "iperf3",
+            &["-c", &path.iperf.0, "-p", &port, "-t", IPERF_SECONDS, "--connect-timeout", "2000", "-J"],
+        )?;
+        let mbps = parse_iperf3(&out).with_context(|| path.name)? / 1e6;
+        println!("{group}: {:<52} round {round}: {mbps:>8.0} Mbit/s", path.name);
+        Ok((mbps, String::new()))
+    })?;
     push_rows(&mut rows, group, "Mbit/s", &paths, samples);
 
     // The VIP rows were served by the rewrite: connect4 rewrote at least one connect
     // per request wrk counted for the VIP (it has no route otherwise).
     ensure!(vip_connects > 0, "connect4 rewrote nothing: the VIP rows did not go through the socket LB");
     if let Some(row) = rows.iter_mut().find(|r| r.path.starts_with("service VIP") && r.unit == "conn/s") {
-        row.detail.push_str(&format!("; connect4 rewrote {vip_connects} connects in the {ROUNDS} runs"));
+        row.detail.push_str(&format!("; connect4 rewrote {vip_connects} connects in the {WRK_ROUNDS} runs"));
     }
 
     drop(_proxy);
@@ -309,7 +317,25 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// One row per path: the median of its runs, every run in the detail.
+/// Measures every path `rounds` times; each round starts at the next path, so no path
+/// always runs right after the same other one. `samples[path][round]`.
+fn interleaved(
+    paths: &[Route],
+    rounds: usize,
+    mut measure: impl FnMut(usize, &Route) -> Result<(f64, String)>,
+) -> Result<Vec<Vec<(f64, String)>>> {
+    let mut samples = vec![Vec::with_capacity(rounds); paths.len()];
+    for round in 0..rounds {
+        for k in 0..paths.len() {
+            let i = (round + k) % paths.len();
+            samples[i].push(measure(round, &paths[i])?);
+        }
+    }
+    Ok(samples)
+}
+
+/// One row per path: the median of its runs, every run, and the median of its
+/// per-round ratios to the baseline path.
 fn push_rows(
     rows: &mut Vec<Row>,
     group: &str,
@@ -317,14 +343,21 @@ fn push_rows(
     paths: &[Route],
     samples: Vec<Vec<(f64, String)>>,
 ) {
+    let base = paths.iter().position(|p| p.baseline).and_then(|i| samples.get(i)).cloned();
     for (path, mut runs) in paths.iter().zip(samples) {
         let all: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.0)).collect();
-        let (value, detail) = median(&mut runs);
-        let detail = if detail.is_empty() {
-            format!("median of {ROUNDS}; runs: {}", all.join(" / "))
-        } else {
-            format!("median of {ROUNDS}; runs: {}; median run's {detail}", all.join(" / "))
-        };
+        let mut detail = format!("median of {}; runs: {}", runs.len(), all.join(" / "));
+        if let (Some(base), false) = (&base, path.baseline) {
+            let mut ratios: Vec<(f64, String)> =
+                runs.iter().zip(base).map(|(r, b)| (r.0 / b.0, String::new())).collect();
+            let (paired, _) = median(&mut ratios);
+            let (lo, hi) = (ratios[0].0, ratios[ratios.len() - 1].0);
+            detail.push_str(&format!("; per-round ratio to direct: median {paired:.2}× ({lo:.2}–{hi:.2})"));
+        }
+        let (value, latency) = median(&mut runs);
+        if !latency.is_empty() {
+            detail.push_str(&format!("; median run's {latency}"));
+        }
         rows.push(Row {
             group: group.into(),
             path: path.name.into(),

@@ -28,8 +28,9 @@
 //! What the VIP row costs (2026-11-22, this machine): the paired per-round ratio of new
 //! connections read 0.94× direct in three runs; with connect4's reverse-map write
 //! removed (an experiment, not kept: getpeername needs it) it read 0.99×, so the LRU
-//! insert per connect is that cost. A per-CPU LRU (`BPF_F_NO_COMMON_LRU`) did not
-//! change it. Throughput is unaffected (1.00–1.01×).
+//! insert per connect is that cost. Neither a per-CPU LRU (`BPF_F_NO_COMMON_LRU`, 0.94×)
+//! nor socket-local storage (`SK_STORAGE`) for connected sockets (0.95×) changed it.
+//! Throughput is unaffected (1.00–1.01×).
 
 use std::{
     collections::BTreeMap,

@@ -7,17 +7,18 @@
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+        helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
         macros::{cgroup_sock_addr, map},
-        maps::{HashMap, LruHashMap, PerCpuArray},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray},
         programs::SockAddrContext,
         EbpfContext as _,
     };
     use meshd_common::{
-        choose_slot, port_from_user, resolve_frontend, socket_proto, BackendKey, BackendValue, Forward,
-        FrontendKey, ReverseKey, ReverseValue, ServiceValue, SockStats, ECONNREFUSED, MAX_BACKEND_SLOTS,
-        MAX_LOCAL_ADDRS, MAX_REVERSE, MAX_SERVICES, SOCK_ADDR_ALLOW, SOCK_ADDR_DENY, STATS_CONNECT4,
-        STATS_ENTRIES, STATS_GETPEERNAME4, STATS_RECVMSG4, STATS_SENDMSG4,
+        choose_slot, local_form_applies, port_from_user, resolve_frontend, reverse_write_needed,
+        socket_proto, BackendKey, BackendValue, Forward, FrontendKey, LbConfig, ReverseKey, ReverseValue,
+        ServiceValue, SockStats, ECONNREFUSED, MAX_BACKEND_SLOTS, MAX_LOCAL_ADDRS, MAX_REVERSE, MAX_SERVICES,
+        SOCK_ADDR_ALLOW, SOCK_ADDR_DENY, STATS_CONNECT4, STATS_ENTRIES, STATS_GETPEERNAME4, STATS_RECVMSG4,
+        STATS_SENDMSG4,
     };
 
     /// Per-CPU counters of the socket-address hooks, indexed by `STATS_*`.
@@ -39,6 +40,10 @@ mod programs {
     /// The node's own addresses (`meshd_common::LOCAL_ADDRS_MAP`).
     #[map(name = "LB_LOCAL_ADDRS")]
     static LB_LOCAL_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+    /// The loader's settings (`meshd_common::CONFIG_MAP`, index 0).
+    #[map(name = "LB_CONFIG")]
+    static LB_CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
 
     /// cgroup `connect4`: a `connect()` to a frontend goes to one of its backends.
     #[cgroup_sock_addr(connect4)]
@@ -82,13 +87,18 @@ mod programs {
         let addr_raw = sa.user_ip4;
         let port_raw = port_from_user(sa.user_port);
         let proto = socket_proto(sa.protocol, sa.type_);
-        // SAFETY (both closures): read-only lookups of hash maps; values are copied out.
+        // SAFETY (first two closures): read-only lookups of hash maps; values are copied out.
         let forward = resolve_frontend(
             addr_raw,
             port_raw,
             proto,
             |key| unsafe { LB_SERVICES.get(key) }.copied(),
             |addr| unsafe { LB_LOCAL_ADDRS.get(addr) }.is_some(),
+            || {
+                let config = LB_CONFIG.get(0).copied().unwrap_or_default();
+                // SAFETY: sock_addr programs may call this helper with their context.
+                local_form_applies(&config, unsafe { bpf_get_netns_cookie(ctx.as_ptr()) })
+            },
         );
         match forward {
             Forward::Pass => {
@@ -114,9 +124,16 @@ mod programs {
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
                 let (to_addr, to_port) = backend.destination(port_raw);
                 let reverse = ReverseValue { addr_raw, port_raw, pad: 0 };
-                // Best effort: with the LRU full the oldest entry goes; a failure only
-                // costs the frontend's name in getpeername/recvmsg, not the connection.
-                let _ = LB_REVERSE.insert(ReverseKey::new(cookie, to_addr, to_port), reverse, 0);
+                let reverse_key = ReverseKey::new(cookie, to_addr, to_port);
+                // A connect is a fresh translation; a datagram often repeats the last one.
+                // SAFETY: read-only lookup, copied out.
+                let write = stats != STATS_SENDMSG4
+                    || reverse_write_needed(unsafe { LB_REVERSE.get(reverse_key) }.copied(), reverse);
+                if write {
+                    // Best effort: with the LRU full the oldest entry goes; a failure only
+                    // costs the frontend's name in getpeername/recvmsg, not the connection.
+                    let _ = LB_REVERSE.insert(reverse_key, reverse, 0);
+                }
                 sa.user_ip4 = to_addr;
                 sa.user_port = u32::from(to_port);
                 count(stats, true);

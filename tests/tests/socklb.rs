@@ -62,39 +62,29 @@ impl Setup {
         SocketLbConfig { cgroup: self.cgroup.clone(), pin_dir: Some(self.pin_dir.clone()) }
     }
 
+    /// Opens the load balancer from inside the test's namespace, as meshd does from its
+    /// node's: that namespace is the one its "any local address" form serves.
+    fn open(&self) -> Result<SocketLb> {
+        let config = self.config();
+        Ok(meshd_tests::in_netns(&self.netns, move || SocketLb::open(config))??)
+    }
+
     /// TCP servers on BACKENDS:8080 and UDP servers on BACKENDS:5353, each answering
-    /// its own index; they live as long as the test process.
+    /// its own index (`b1`..`b3`); they live as long as the test process.
     fn start_backends(&self) -> Result<()> {
-        let sockets =
-            meshd_tests::in_netns(&self.netns, || -> std::io::Result<Vec<(TcpListener, UdpSocket)>> {
-                BACKENDS
-                    .iter()
-                    .map(|addr| Ok((TcpListener::bind((*addr, 8080))?, UdpSocket::bind((*addr, 5353))?)))
-                    .collect()
-            })??;
-        for (i, (tcp, udp)) in sockets.into_iter().enumerate() {
-            let id = format!("b{}", i + 1);
-            let tcp_id = id.clone();
-            std::thread::spawn(move || {
-                for mut stream in tcp.incoming().flatten() {
-                    let _ = stream.write_all(tcp_id.as_bytes());
-                }
-            });
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 64];
-                while let Ok((_, from)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(id.as_bytes(), from);
-                }
-            });
-        }
-        Ok(())
+        start_servers(&self.netns, &BACKENDS, "b")
     }
 
     /// Runs the client script in the namespace, inside the test's cgroup when
     /// `in_cgroup`, and returns one result per attempt.
     fn client(&self, in_cgroup: bool, steps: Value) -> Result<Vec<Value>> {
+        self.client_in(&self.netns, in_cgroup, steps)
+    }
+
+    /// [`Setup::client`] in another namespace `netns` (still this test's cgroup).
+    fn client_in(&self, netns: &Path, in_cgroup: bool, steps: Value) -> Result<Vec<Value>> {
         let mut child = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns.display()))
+            .arg(format!("--net={}", netns.display()))
             .args(["--", "python3", "-c", CLIENT, &steps.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -128,6 +118,35 @@ impl Setup {
         }
         Ok(names)
     }
+}
+
+/// TCP servers on `addrs`:8080 and UDP servers on `addrs`:5353 inside `netns`, each
+/// answering `<tag><index from 1>`; they live as long as the test process.
+fn start_servers(netns: &Path, addrs: &[Ipv4Addr], tag: &str) -> Result<()> {
+    let addrs = addrs.to_vec();
+    let sockets =
+        meshd_tests::in_netns(netns, move || -> std::io::Result<Vec<(TcpListener, UdpSocket)>> {
+            addrs
+                .iter()
+                .map(|addr| Ok((TcpListener::bind((*addr, 8080))?, UdpSocket::bind((*addr, 5353))?)))
+                .collect()
+        })??;
+    for (i, (tcp, udp)) in sockets.into_iter().enumerate() {
+        let id = format!("{tag}{}", i + 1);
+        let tcp_id = id.clone();
+        std::thread::spawn(move || {
+            for mut stream in tcp.incoming().flatten() {
+                let _ = stream.write_all(tcp_id.as_bytes());
+            }
+        });
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((_, from)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(id.as_bytes(), from);
+            }
+        });
+    }
+    Ok(())
 }
 
 impl Drop for Setup {
@@ -200,12 +219,18 @@ fn desired() -> BTreeMap<Frontend, Vec<Backend>> {
 /// Every attempt succeeded, named the frontend as its peer, and together they
 /// reached every backend.
 fn check_spread(results: &[Value], frontend: &str) -> Result<()> {
+    check_spread_to(results, frontend, "b")
+}
+
+/// [`check_spread`] for servers started with `tag`.
+fn check_spread_to(results: &[Value], frontend: &str, tag: &str) -> Result<()> {
     let mut seen = BTreeSet::new();
     for r in results {
         ensure!(r["peer"] == frontend, "peer should be the frontend {frontend}: {r}");
         seen.insert(r["data"].as_str().unwrap_or_default().to_owned());
     }
-    ensure!(seen == BTreeSet::from(["b1".into(), "b2".into(), "b3".into()]), "backends reached: {seen:?}");
+    let want: BTreeSet<String> = (1..=3).map(|i| format!("{tag}{i}")).collect();
+    ensure!(seen == want, "backends reached: {seen:?}, want {want:?}");
     Ok(())
 }
 
@@ -221,7 +246,7 @@ fn all_four(names: &BTreeMap<String, usize>) -> bool {
 fn frontends_balance_restore_the_peer_survive_the_loader_and_clean_up() -> Result<()> {
     let setup = Setup::new()?;
     setup.start_backends()?;
-    let mut lb = SocketLb::open(setup.config())?;
+    let mut lb = setup.open()?;
     assert!(!lb.adopted(), "nothing to adopt on a fresh pin directory");
     let writes = lb.apply(&desired())?;
     lb.set_local_addrs(&[BACKENDS[0]])?;
@@ -297,7 +322,7 @@ fn frontends_balance_restore_the_peer_survive_the_loader_and_clean_up() -> Resul
 
     // A new loader adopts the pinned links (same programs, no second attachment) and
     // reads back the same frontends.
-    let mut lb = SocketLb::open(setup.config())?;
+    let mut lb = setup.open()?;
     assert!(lb.adopted(), "the pins were adopted");
     assert_eq!(lb.status()?.iter().map(|s| s.id).collect::<Vec<_>>(), ids, "the same programs stay attached");
     let attached = setup.attached()?;
@@ -331,7 +356,7 @@ fn a_wildcard_vip_forwards_every_port_and_keeps_it() -> Result<()> {
     const FIXED: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 4);
     let setup = Setup::new()?;
     setup.start_backends()?;
-    let mut lb = SocketLb::open(setup.config())?;
+    let mut lb = setup.open()?;
     let backends = |port| BACKENDS.iter().map(|addr| Backend { addr: *addr, port }).collect::<Vec<_>>();
     let want = BTreeMap::from([
         // Docker's VIP: every port, kept (backends with port 0), TCP and UDP.
@@ -386,6 +411,63 @@ fn a_wildcard_vip_forwards_every_port_and_keeps_it() -> Result<()> {
 }
 
 #[test]
+fn the_any_local_form_serves_only_the_loaders_namespace() -> Result<()> {
+    let setup = Setup::new()?;
+    setup.start_backends()?;
+    // A container: its own namespace, in the same cgroup, with its own service on
+    // 127.0.0.1:3000 (answering c1) and its own servers at the backend addresses.
+    let container = format!("{}c", setup.netns_name);
+    meshd_tests::sh("ip", &["netns", "add", &container])?;
+    let result = (|| -> Result<()> {
+        let netns = PathBuf::from("/run/netns").join(&container);
+        meshd_tests::sh("ip", &["-n", &container, "link", "set", "lo", "up"])?;
+        for backend in BACKENDS {
+            meshd_tests::sh("ip", &["-n", &container, "addr", "add", &format!("{backend}/32"), "dev", "lo"])?;
+        }
+        start_servers(&netns, &BACKENDS, "o")?;
+        let own = meshd_tests::in_netns(&netns, || TcpListener::bind((Ipv4Addr::LOCALHOST, 3000)))??;
+        std::thread::spawn(move || {
+            for mut stream in own.incoming().flatten() {
+                let _ = stream.write_all(b"c1");
+            }
+        });
+        let mut lb = setup.open()?;
+        lb.apply(&desired())?;
+        lb.set_local_addrs(&[BACKENDS[0]])?;
+
+        let steps = serde_json::json!([
+            ["tcp", "127.0.0.1", 3000, 30],
+            ["tcp", "10.0.0.1", 3000, 1],
+            ["tcp", "10.99.0.1", 80, 30],
+            ["tcp", "10.99.0.1", 81, 1]
+        ]);
+        // In the container: its own loopback port and its own address are untouched...
+        let results = setup.client_in(&netns, true, steps.clone())?;
+        let hijacked: Vec<&Value> =
+            results[..30].iter().filter(|r| r["data"] != "c1" || r["peer"] != "127.0.0.1:3000").collect();
+        ensure!(hijacked.is_empty(), "the container's own 127.0.0.1:3000 was not its own: {hijacked:?}");
+        ensure!(errnos(&results[30..31]) == [ECONNREFUSED], "nobody listens there: {:?}", &results[30..31]);
+        // ...while the VIP forms apply there too (its own servers at the backend addresses).
+        check_spread_to(&results[31..61], "10.99.0.1:80", "o")?;
+        ensure!(errnos(&results[61..]) == [ECONNREFUSED], "VIP wildcard refuses: {:?}", &results[61..]);
+        // In the loader's namespace the published port is balanced.
+        let results = setup.client(true, steps)?;
+        check_spread(&results[..30], "127.0.0.1:3000")?;
+        let local = &results[30];
+        ensure!(
+            local["peer"] == "10.0.0.1:3000" && local["data"].as_str().is_some_and(|d| d.starts_with('b')),
+            "the node's listed address is balanced too: {local}"
+        );
+        check_spread(&results[31..61], "10.99.0.1:80")?;
+        lb.cleanup()?;
+        Ok(())
+    })();
+    // The closure reports failures as errors (no panics), so this always runs.
+    let _ = meshd_tests::sh("ip", &["netns", "del", &container]);
+    result
+}
+
+#[test]
 fn a_missing_cgroup_is_a_clear_error() -> Result<()> {
     let missing = Path::new("/sys/fs/cgroup/unified/mt-no-such-cgroup");
     match SocketLb::open(SocketLbConfig { cgroup: missing.into(), pin_dir: None }) {
@@ -402,7 +484,7 @@ fn a_missing_cgroup_is_a_clear_error() -> Result<()> {
 fn a_pinned_map_of_another_layout_is_replaced_and_the_links_swapped_without_duplicates() -> Result<()> {
     let setup = Setup::new()?;
     setup.start_backends()?;
-    let mut lb = SocketLb::open(setup.config())?;
+    let mut lb = setup.open()?;
     lb.apply(&desired())?;
     let old_ids: Vec<u32> = lb.status()?.iter().map(|s| s.id).collect();
     drop(lb);
@@ -432,7 +514,7 @@ fn a_pinned_map_of_another_layout_is_replaced_and_the_links_swapped_without_dupl
     // The old programs still serve from the map they hold.
     check_spread(&setup.client(true, serde_json::json!([["tcp", "10.99.0.1", 80, 30]]))?, "10.99.0.1:80")?;
 
-    let mut lb = SocketLb::open(setup.config())?;
+    let mut lb = setup.open()?;
     // connect4/sendmsg4 read the services map: replaced by new programs on the new
     // map. recvmsg4/getpeername4 use only maps that were kept: adopted as they run.
     let new_ids: Vec<u32> = lb.status()?.iter().map(|s| s.id).collect();
@@ -481,7 +563,7 @@ print(json.dumps({"ok": ok, "failed": failed, "errors": errors}))
 fn connects_never_fail_while_the_loader_is_dropped_and_a_new_one_adopts() -> Result<()> {
     let setup = Setup::new()?;
     setup.start_backends()?;
-    let mut lb = SocketLb::open(setup.config())?;
+    let mut lb = setup.open()?;
     lb.apply(&desired())?;
     let rewritten = |lb: &SocketLb| -> Result<u64> { Ok(lb.status()?[0].rewritten) };
     let start = rewritten(&lb)?;
@@ -505,7 +587,7 @@ fn connects_never_fail_while_the_loader_is_dropped_and_a_new_one_adopts() -> Res
 
     // As after kill -9: the loader goes away without cleanup; a new one adopts.
     drop(lb);
-    let mut lb = SocketLb::open(setup.config())?;
+    let mut lb = setup.open()?;
     assert!(lb.adopted());
     assert_eq!(lb.apply(&desired())?, 0, "the maps kept every entry");
     let mid = rewritten(&lb)?;
@@ -529,7 +611,7 @@ fn connects_never_fail_while_the_loader_is_dropped_and_a_new_one_adopts() -> Res
 fn a_loader_on_another_cgroup_moves_the_links_there() -> Result<()> {
     let setup = Setup::new()?;
     setup.start_backends()?;
-    let mut lb = SocketLb::open(setup.config())?;
+    let mut lb = setup.open()?;
     lb.apply(&desired())?;
     drop(lb);
 

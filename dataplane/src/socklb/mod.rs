@@ -22,6 +22,9 @@
 //!   port 0 (`task:0` keeps the port, so `VIP:3306` reaches `task:3306`); exact
 //!   `VIP:port` frontends (published targets, other port mappings) win over it.
 //!   `VIP:0` with no backends refuses every port without an exact frontend.
+//! - The `0.0.0.0:port` form serves only sockets in the network namespace that called
+//!   `open` (meshd's own); containers' own loopback ports are left alone, VIPs apply
+//!   everywhere. Open it from the namespace whose published ports it serves.
 //! - `meshd --cleanup`: [`cleanup_pins`]`(&pin_dir_for(node))`, or `SocketLb::cleanup`.
 //! - Caveat: a map whose pinned layout differs from this build's (an upgrade that
 //!   changed a map type) is recreated empty; VIPs pass through untranslated until the
@@ -40,7 +43,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, MapInfo, MapType, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapInfo, MapType, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         loaded_programs, CgroupAttachMode, CgroupSockAddr,
@@ -48,10 +51,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use meshd_common::{
-    ip4_octets, ip4_raw, port_host, BackendKey, BackendValue, FrontendKey, ServiceValue, SockStats,
-    BACKENDS_MAP, LOCAL_ADDRS_MAP, LOCAL_ADDR_PRESENT, MAX_BACKENDS_PER_SERVICE, MAX_BACKEND_SLOTS,
-    MAX_LOCAL_ADDRS, MAX_REVERSE, MAX_SERVICES, PROTO_TCP, PROTO_UDP, REVERSE_MAP, SERVICES_MAP,
-    SOCK_STATS_MAP, STATS_CONNECT4, STATS_ENTRIES, STATS_GETPEERNAME4, STATS_RECVMSG4, STATS_SENDMSG4,
+    ip4_octets, ip4_raw, port_host, BackendKey, BackendValue, FrontendKey, LbConfig, ServiceValue, SockStats,
+    BACKENDS_MAP, CONFIG_MAP, LOCAL_ADDRS_MAP, LOCAL_ADDR_PRESENT, MAX_BACKENDS_PER_SERVICE,
+    MAX_BACKEND_SLOTS, MAX_LOCAL_ADDRS, MAX_REVERSE, MAX_SERVICES, PROTO_TCP, PROTO_UDP, REVERSE_MAP,
+    SERVICES_MAP, SOCK_STATS_MAP, STATS_CONNECT4, STATS_ENTRIES, STATS_GETPEERNAME4, STATS_RECVMSG4,
+    STATS_SENDMSG4,
 };
 pub use plan::{MapState, Write};
 
@@ -207,6 +211,9 @@ impl SocketLb {
     /// Loads the programs and attaches them to `cfg.cgroup`; with a pin directory,
     /// reuses compatible pinned maps and links of a previous run (the data path never
     /// drops), replacing links whose program differs by attach-new-then-detach-old.
+    ///
+    /// The "any local address" (`0.0.0.0:port`) form will serve only sockets in the
+    /// calling thread's network namespace.
     pub fn open(cfg: SocketLbConfig) -> Result<Self> {
         let err = ebpf_err("socket-lb");
         let dir =
@@ -232,6 +239,8 @@ impl SocketLb {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(OBJECT).map_err(|e| err(format!("loading the object: {}", chain(&e))))?;
+        // Written before any program is attached, so none runs with another namespace's.
+        write_config(&mut ebpf)?;
         let mut hooks = Vec::new();
         let mut adopted = false;
         for (name, stats_index) in HOOKS {
@@ -460,6 +469,22 @@ impl SocketLb {
     }
 }
 
+/// Records this thread's network namespace as the one the "any local address" form
+/// serves.
+fn write_config(ebpf: &mut Ebpf) -> Result<()> {
+    let err = ebpf_err("socket-lb");
+    let host_netns_cookie = sys::own_netns_cookie().map_err(|e| {
+        err(format!(
+            "reading this network namespace's cookie (SO_NETNS_COOKIE): {e}; the socket load \
+             balancer needs Linux 5.14 or later"
+        ))
+    })?;
+    let mut map: Array<_, LbConfig> =
+        Array::try_from(ebpf.map_mut(CONFIG_MAP).ok_or_else(|| err("config map missing".into()))?)
+            .map_err(|e| err(format!("config map: {e}")))?;
+    map.set(0, LbConfig { host_netns_cookie }, 0).map_err(|e| err(format!("writing the config map: {e}")))
+}
+
 /// Refuses a desired state the maps cannot express: too many backends for one
 /// frontend, backends on `0.0.0.0:0` (a form that never receives traffic), or a
 /// port-0 backend ("keep the port") on a frontend with a fixed port.
@@ -553,7 +578,7 @@ struct MapSpec {
     max_entries: u32,
 }
 
-fn map_specs() -> [MapSpec; 5] {
+fn map_specs() -> [MapSpec; 6] {
     use std::mem::size_of;
     let spec = |name, map_type, key_size: usize, value_size: usize, max_entries| MapSpec {
         name,
@@ -580,6 +605,7 @@ fn map_specs() -> [MapSpec; 5] {
             MAX_REVERSE,
         ),
         spec(LOCAL_ADDRS_MAP, MapType::Hash, 4, 4, MAX_LOCAL_ADDRS),
+        spec(CONFIG_MAP, MapType::Array, 4, size_of::<LbConfig>(), 1),
     ]
 }
 

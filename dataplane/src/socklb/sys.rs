@@ -1,5 +1,6 @@
 //! The two bpf(2) commands aya 0.14 does not expose: opening a pinned object as a
-//! plain descriptor and `BPF_LINK_DETACH`. Dropping a link's last reference (fd or
+//! plain descriptor and `BPF_LINK_DETACH`; and the calling thread's network namespace
+//! cookie (`SO_NETNS_COOKIE`, which neither nix nor socket2 wraps). Dropping a link's last reference (fd or
 //! pin) detaches it only later, from a kernel work queue; cleanup and link
 //! replacement must be done when they return, so they detach explicitly.
 
@@ -75,4 +76,29 @@ pub(crate) fn link_cgroup_id(fd: &OwnedFd) -> io::Result<u64> {
     let mut id = [0u8; 8];
     id.copy_from_slice(&info.0[16..24]);
     Ok(u64::from_ne_bytes(id))
+}
+
+/// The cookie of the calling thread's network namespace, as `bpf_get_netns_cookie`
+/// returns it for sockets there (Linux 5.14+ for `SO_NETNS_COOKIE`).
+pub(crate) fn own_netns_cookie() -> io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    // Any socket will do: the option reports the namespace it was created in.
+    let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .or_else(|_| std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)))?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes passed.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }

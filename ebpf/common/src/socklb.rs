@@ -17,7 +17,11 @@
 //!   whose other ports are refused (`ECONNREFUSED`) instead of leaving for a network
 //!   that holds no such address. An exact `addr:port` frontend always wins;
 //! - `0.0.0.0:port/proto` — a published port, reached at any loopback address or any
-//!   address listed in [`LOCAL_ADDRS_MAP`] (the node's own addresses).
+//!   address listed in [`LOCAL_ADDRS_MAP`] (the node's own addresses), and only from
+//!   sockets in the network namespace the loader runs in ([`LbConfig::host_netns_cookie`],
+//!   [`local_form_applies`]). In production the programs sit on the cgroup2 root and
+//!   so see every container: a container's own `127.0.0.1:port` is its own business.
+//!   The VIP forms apply in every namespace.
 //!
 //! The reverse entry records the port the application used, so `getpeername`/`recvmsg`
 //! show `VIP:3306` also through the wildcard form.
@@ -30,6 +34,8 @@ pub const BACKENDS_MAP: &str = "LB_BACKENDS";
 pub const REVERSE_MAP: &str = "LB_REVERSE";
 /// Name of the hash map of the node's own addresses (`addr_raw` → [`LOCAL_ADDR_PRESENT`]).
 pub const LOCAL_ADDRS_MAP: &str = "LB_LOCAL_ADDRS";
+/// Name of the one-entry array holding the [`LbConfig`] (index 0).
+pub const CONFIG_MAP: &str = "LB_CONFIG";
 
 /// Capacity of [`SERVICES_MAP`].
 pub const MAX_SERVICES: u32 = 16_384;
@@ -112,6 +118,24 @@ impl FrontendKey {
     pub const fn from_raw(addr_raw: u32, port_raw: u16, proto: u8) -> Self {
         FrontendKey { addr_raw, port_raw, proto, pad: 0 }
     }
+}
+
+/// The loader's settings the programs read, at index 0 of [`CONFIG_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbConfig {
+    /// Network namespace cookie (`SO_NETNS_COOKIE`) of the namespace the loader runs
+    /// in: the only one where the "any local address" form applies. 0 (never a real
+    /// cookie) until the loader writes it: the form then applies nowhere.
+    pub host_netns_cookie: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<LbConfig>() == 8);
+
+/// Whether the "any local address" (`0.0.0.0:port`) form applies to a socket in the
+/// namespace with cookie `socket_netns_cookie`, under `config`.
+pub const fn local_form_applies(config: &LbConfig, socket_netns_cookie: u64) -> bool {
+    config.host_netns_cookie != 0 && config.host_netns_cookie == socket_netns_cookie
 }
 
 /// Value of [`SERVICES_MAP`].
@@ -211,7 +235,7 @@ const _: () = assert!(core::mem::size_of::<ReverseValue>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY (all six): `repr(C)`, fixed-width integer fields, no implicit padding
+    // SAFETY (all seven): `repr(C)`, fixed-width integer fields, no implicit padding
     // (sizes asserted above), and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::FrontendKey {}
     unsafe impl aya::Pod for super::ServiceValue {}
@@ -219,6 +243,7 @@ mod pod {
     unsafe impl aya::Pod for super::BackendValue {}
     unsafe impl aya::Pod for super::ReverseKey {}
     unsafe impl aya::Pod for super::ReverseValue {}
+    unsafe impl aya::Pod for super::LbConfig {}
 }
 
 /// What `connect4`/`sendmsg4` do with a destination.
@@ -240,16 +265,18 @@ pub enum Forward {
 
 /// Decides what a `connect()`/`sendmsg()` to `addr_raw:port_raw/proto` is.
 ///
-/// `lookup` reads [`SERVICES_MAP`], `is_local` [`LOCAL_ADDRS_MAP`]; both are called
-/// only as far as the decision needs (an exact frontend wins, then the VIP's wildcard
-/// `addr:0` form, then the "any local address" form for loopback and local
-/// destinations).
+/// `lookup` reads [`SERVICES_MAP`], `is_local` [`LOCAL_ADDRS_MAP`], `in_host_netns`
+/// says whether the socket is in the loader's namespace ([`local_form_applies`]); each
+/// is called only as far as the decision needs (an exact frontend wins, then the VIP's
+/// wildcard `addr:0` form, then — in the loader's namespace only — the "any local
+/// address" form for loopback and local destinations).
 pub fn resolve_frontend(
     addr_raw: u32,
     port_raw: u16,
     proto: u8,
     lookup: impl Fn(&FrontendKey) -> Option<ServiceValue>,
     is_local: impl Fn(u32) -> bool,
+    in_host_netns: impl Fn() -> bool,
 ) -> Forward {
     if port_raw == 0 || addr_raw == 0 {
         // Port 0 and 0.0.0.0 are the map's wildcard forms, never a real destination.
@@ -261,7 +288,7 @@ pub fn resolve_frontend(
     if let Some(wildcard) = lookup(&FrontendKey::from_raw(addr_raw, 0, proto)) {
         return by_count(wildcard);
     }
-    if is_loopback(addr_raw) || is_local(addr_raw) {
+    if (is_loopback(addr_raw) || is_local(addr_raw)) && in_host_netns() {
         if let Some(service) = lookup(&FrontendKey::from_raw(0, port_raw, proto)) {
             return by_count(service);
         }
@@ -274,6 +301,14 @@ fn by_count(service: ServiceValue) -> Forward {
         0 => Forward::Refuse,
         count => Forward::Balance { service_id: service.service_id, count },
     }
+}
+
+/// Whether `sendmsg4` must write the reverse entry `want` when the map holds
+/// `existing` under the same key. An unconnected UDP socket sends many datagrams to
+/// the same backend; writing the LRU entry for each takes the bucket lock and
+/// replaces the element, where a lookup is lock-free and also marks it recently used.
+pub fn reverse_write_needed(existing: Option<ReverseValue>, want: ReverseValue) -> bool {
+    existing != Some(want)
 }
 
 /// The slot a connection goes to: maps a uniformly random `u32` onto `0..count`
@@ -313,13 +348,60 @@ mod tests {
     }
 
     fn resolve(map: &BTreeMap<FrontendKey, ServiceValue>, dst: FrontendKey, local: &[[u8; 4]]) -> Forward {
+        resolve_in(map, dst, local, true)
+    }
+
+    fn resolve_in(
+        map: &BTreeMap<FrontendKey, ServiceValue>,
+        dst: FrontendKey,
+        local: &[[u8; 4]],
+        host_netns: bool,
+    ) -> Forward {
         resolve_frontend(
             dst.addr_raw,
             dst.port_raw,
             dst.proto,
             |k| map.get(k).copied(),
             |a| local.iter().any(|l| ip4_raw(*l) == a),
+            || host_netns,
         )
+    }
+
+    #[test]
+    fn local_form_only_in_the_loaders_namespace() {
+        let map = services(&[
+            (FrontendKey::new([0; 4], 3000, PROTO_TCP), 2),
+            (FrontendKey::new(VIP, 80, PROTO_TCP), 1),
+            (FrontendKey::new(VIP, 0, PROTO_TCP), 0),
+        ]);
+        let node = [198, 18, 0, 11];
+        // Another namespace (a container): its own loopback and addresses are untouched...
+        for dst in [[127, 0, 0, 1], node] {
+            assert_eq!(
+                resolve_in(&map, FrontendKey::new(dst, 3000, PROTO_TCP), &[node], false),
+                Forward::Pass
+            );
+        }
+        // ...while VIPs, exact and wildcard, apply in every namespace.
+        assert_eq!(
+            resolve_in(&map, FrontendKey::new(VIP, 80, PROTO_TCP), &[node], false),
+            Forward::Balance { service_id: 2, count: 1 }
+        );
+        assert_eq!(resolve_in(&map, FrontendKey::new(VIP, 81, PROTO_TCP), &[node], false), Forward::Refuse);
+        assert_eq!(
+            resolve_in(&map, FrontendKey::new([127, 0, 0, 1], 3000, PROTO_TCP), &[node], true),
+            Forward::Balance { service_id: 1, count: 2 }
+        );
+    }
+
+    #[test]
+    fn the_namespace_check_matches_the_written_cookie_only() {
+        let config = LbConfig { host_netns_cookie: 4096 };
+        assert!(local_form_applies(&config, 4096));
+        assert!(!local_form_applies(&config, 4097));
+        // Not yet written: no socket's namespace matches, not even a zero cookie.
+        assert!(!local_form_applies(&LbConfig::default(), 0));
+        assert!(!local_form_applies(&LbConfig::default(), 4096));
     }
 
     #[test]
@@ -459,6 +541,17 @@ mod tests {
             (FrontendKey::new([127, 0, 0, 1], 3000, PROTO_TCP), 0),
         ]);
         assert_eq!(resolve(&map, FrontendKey::new([127, 0, 0, 1], 3000, PROTO_TCP), &[]), Forward::Refuse);
+    }
+
+    #[test]
+    fn the_reverse_entry_is_written_only_when_it_differs() {
+        let want = ReverseValue { addr_raw: ip4_raw(VIP), port_raw: port_raw(53), pad: 0 };
+        assert!(reverse_write_needed(None, want));
+        assert!(!reverse_write_needed(Some(want), want));
+        let other_port = ReverseValue { port_raw: port_raw(54), ..want };
+        assert!(reverse_write_needed(Some(other_port), want));
+        let other_vip = ReverseValue { addr_raw: ip4_raw([10, 99, 0, 2]), ..want };
+        assert!(reverse_write_needed(Some(other_vip), want));
     }
 
     #[test]

@@ -195,6 +195,22 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A task of service `web` at `10.0.0.LAST` on `network`, hosted by `node`.
+    fn task(id: &str, network: &str, node: &str, last: u8) -> Object {
+        let ip = Ipv4Addr::new(10, 0, 0, last);
+        Object::Endpoint(crate::model::Endpoint {
+            id: id.into(),
+            service: Some("web".into()),
+            network: network.into(),
+            node: node.into(),
+            ip,
+            mac: mac_for_ip(ip),
+            vtep: Ipv4Addr::new(198, 18, 0, 11),
+            host_if: None,
+            netns: None,
+        })
+    }
+
     #[test]
     fn a_slash_24_has_254_usable_addresses() {
         let subnet = net("10.0.0.0/24");
@@ -242,21 +258,7 @@ mod tests {
 
     #[test]
     fn the_newer_of_two_endpoints_on_one_address_is_shadowed_everywhere() {
-        use crate::model::Endpoint;
-        let ep = |id: &str, node: &str, last: u8| {
-            let ip = Ipv4Addr::new(10, 0, 0, last);
-            Object::Endpoint(Endpoint {
-                id: id.into(),
-                service: Some("web".into()),
-                network: "backend".into(),
-                node: node.into(),
-                ip,
-                mac: mac_for_ip(ip),
-                vtep: Ipv4Addr::new(198, 18, 0, 11),
-                host_if: None,
-                netns: None,
-            })
-        };
+        let ep = |id: &str, node: &str, last: u8| task(id, "backend", node, last);
         // Two sides of a partition each write a task at 10.0.0.5.
         let mut a = Store::default();
         a.put("n1", ep("web.1", "n1", 5));
@@ -277,19 +279,8 @@ mod tests {
 
     #[test]
     fn a_vip_and_a_task_address_handed_out_on_both_sides_go_to_the_older_write() {
-        use crate::model::{Endpoint, EndpointMode, Service};
-        let ip = Ipv4Addr::new(10, 0, 0, 5);
-        let task = Object::Endpoint(Endpoint {
-            id: "web.1".into(),
-            service: Some("web".into()),
-            network: "backend".into(),
-            node: "n1".into(),
-            ip,
-            mac: mac_for_ip(ip),
-            vtep: Ipv4Addr::new(198, 18, 0, 11),
-            host_if: None,
-            netns: None,
-        });
+        use crate::model::{EndpointMode, Service};
+        let task = task("web.1", "backend", "n1", 5);
         let service = |name: &str, vip: u8| {
             Object::Service(Service {
                 name: name.into(),
@@ -322,7 +313,7 @@ mod tests {
 
     #[test]
     fn other_live_nodes_spares_are_programmed_but_used_and_own_addresses_are_not() {
-        use crate::model::{BlockClaim, Endpoint, Network, Node};
+        use crate::model::{BlockClaim, Network, Node};
         let mut store = Store::default();
         let subnet = net("10.0.0.0/24");
         store.put("n1", Object::Network(Network { name: "b".into(), subnet, vni: 4096, mtu: None }));
@@ -333,40 +324,12 @@ mod tests {
             store.put_claim(BlockClaim { network: "b".into(), index, node: node.into() });
         }
         // n2's address .3 is in use by a task (programmed as an endpoint, not here).
-        let ip = Ipv4Addr::new(10, 0, 0, 3);
-        store.put(
-            "n2",
-            Object::Endpoint(Endpoint {
-                id: "web.1".into(),
-                service: Some("web".into()),
-                network: "b".into(),
-                node: "n2".into(),
-                ip,
-                mac: mac_for_ip(ip),
-                vtep: Ipv4Addr::new(198, 18, 0, 12),
-                host_if: None,
-                netns: None,
-            }),
-        );
+        store.put("n2", task("web.1", "b", "n2", 3));
         let live: BTreeSet<String> = ["n1", "n2"].into_iter().map(String::from).collect();
         let joined: BTreeMap<String, u32> = [("b".to_owned(), 4096)].into();
         // n1 hosts no task on b yet: nothing to answer, no entries.
         assert!(spare_peers(&store, &live, "n1", &joined).is_empty());
-        let ip = Ipv4Addr::new(10, 0, 0, 1);
-        store.put(
-            "n1",
-            Object::Endpoint(Endpoint {
-                id: "web.0".into(),
-                service: Some("web".into()),
-                network: "b".into(),
-                node: "n1".into(),
-                ip,
-                mac: mac_for_ip(ip),
-                vtep: Ipv4Addr::new(198, 18, 0, 11),
-                host_if: None,
-                netns: None,
-            }),
-        );
+        store.put("n1", task("web.0", "b", "n1", 1));
         let peers = spare_peers(&store, &live, "n1", &joined);
         // Only n2's spare .2: not n1's own, not the used .3, not dead n3's .4.
         assert_eq!(peers.len(), 1, "{peers:?}");

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
 
 pub mod dnslab;
 pub mod mariadb;
@@ -656,6 +656,21 @@ impl Cluster {
             attached["ip"].as_str().ok_or_else(|| anyhow!("attach returned no ip: {attached}"))?.parse()?;
         Ok(container)
     }
+}
+
+/// Checks that `meshd FLAG VALUE` (with state dir `dir`) is refused with one line
+/// starting `meshd: {says}`, a non-zero exit, and before `dir` is created.
+pub fn assert_flag_refused(dir: &Path, flag: &str, value: &str, says: &str) -> Result<()> {
+    let out = Command::new(bin_path("meshd")?)
+        .args(["--node-name", "x", "--advertise-addr", "198.18.0.250", flag, value])
+        .arg("--state-dir")
+        .arg(dir)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    ensure!(!out.status.success(), "meshd accepted {flag} {value}");
+    ensure!(stderr.lines().count() == 1 && stderr.starts_with(&format!("meshd: {says}")), "{stderr:?}");
+    ensure!(!dir.exists(), "meshd created {} before refusing {flag}", dir.display());
+    Ok(())
 }
 
 /// Writes `text` to `path` with mode 0600 (keyrings).

@@ -421,15 +421,7 @@ fn a_bad_dns_flag_is_refused_before_anything_is_created() -> Result<()> {
         ("--dns-upstream-timeout-ms", "0", "invalid --dns-upstream-timeout-ms 0: use 1 to 60000"),
         ("--dns-max-forwards", "0", "invalid --dns-max-forwards 0: use 1 to 32768"),
     ] {
-        let out = Command::new(meshd_tests::bin_path("meshd")?)
-            .args(["--node-name", "x", "--advertise-addr", "198.18.0.250", flag, value])
-            .arg("--state-dir")
-            .arg(&dir)
-            .output()?;
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        ensure!(!out.status.success(), "meshd accepted {flag} {value}");
-        ensure!(stderr.lines().count() == 1 && stderr.starts_with(&format!("meshd: {says}")), "{stderr:?}");
-        ensure!(!dir.exists(), "meshd created {} before refusing {flag}", dir.display());
+        meshd_tests::assert_flag_refused(&dir, flag, value, says)?;
     }
     Ok(())
 }

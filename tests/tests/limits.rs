@@ -346,15 +346,7 @@ fn an_out_of_range_proxy_flag_is_refused_before_anything_is_created() -> Result<
         ("--proxy-tcp-max-connections", "0", "invalid --proxy-tcp-max-connections: 0 would refuse every"),
         ("--proxy-tcp-keepalive-interval-secs", "0", "invalid --proxy-tcp-keepalive-secs: keepalive needs"),
     ] {
-        let out = Command::new(bin_path("meshd")?)
-            .args(["--node-name", "x", "--advertise-addr", "198.18.0.250", flag, value])
-            .arg("--state-dir")
-            .arg(&dir)
-            .output()?;
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        ensure!(!out.status.success(), "meshd accepted {flag} {value}");
-        ensure!(stderr.lines().count() == 1 && stderr.starts_with(&format!("meshd: {says}")), "{stderr:?}");
-        ensure!(!dir.exists(), "meshd created {} before refusing {flag}", dir.display());
+        meshd_tests::assert_flag_refused(&dir, flag, value, says)?;
     }
     Ok(())
 }

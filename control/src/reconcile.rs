@@ -23,6 +23,9 @@ use crate::{
     store::Store,
 };
 
+/// A frontend table, as the socket load balancer and the nftables fallback take it.
+pub type FrontendTable = BTreeMap<Frontend, Vec<Backend>>;
+
 /// What one node's dataplane holds (or should hold).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Dataplane {
@@ -38,7 +41,7 @@ pub struct Dataplane {
     pub isolation: BTreeSet<(Ipv4Net, Ipv4Net)>,
     /// The socket load balancer's frontends (service VIPs, published ports for local
     /// clients) and their backends, sorted.
-    pub frontends: BTreeMap<Frontend, Vec<Backend>>,
+    pub frontends: FrontendTable,
 }
 
 /// One change to the dataplane.
@@ -78,7 +81,7 @@ pub enum Op {
     },
     /// Make the socket load balancer hold exactly these frontends (one operation for
     /// the whole table: the mechanism writes only the difference, in a safe order).
-    Frontends(BTreeMap<Frontend, Vec<Backend>>),
+    Frontends(FrontendTable),
 }
 
 /// What `node`'s dataplane should hold given the cluster `store`; overlay devices get
@@ -169,11 +172,7 @@ pub fn lb_proto(proto: Proto) -> socklb::Proto {
 /// 0 (any port of the VIP reaches a task at the same port; none refuses); for each
 /// published port, `0.0.0.0:published` with its tasks at the target port (local
 /// clients skip the proxy). Backends are tasks on `live` nodes, sorted.
-fn frontends(
-    store: &Store,
-    live: &BTreeSet<String>,
-    joined: &BTreeMap<String, Vni>,
-) -> BTreeMap<Frontend, Vec<Backend>> {
+fn frontends(store: &Store, live: &BTreeSet<String>, joined: &BTreeMap<String, Vni>) -> FrontendTable {
     let shadowed = crate::ipam::shadowed(store);
     let shadowed_vips = crate::ipam::shadowed_keys(store);
     let backends = |service: &str, port: u16| -> Vec<Backend> {
@@ -209,9 +208,6 @@ fn frontends(
     out
 }
 
-/// A frontend table, as the socket load balancer and the nftables fallback take it.
-pub type FrontendTable = BTreeMap<Frontend, Vec<Backend>>;
-
 /// The nftables fallback's tables (VIPs without BPF): for each local task's namespace,
 /// the VIP frontends of the network its task is on — a container reaches the VIPs of
 /// its own networks, as with the socket load balancer. Published ports are not here:
@@ -235,7 +231,7 @@ pub fn nat_tables(want: &Dataplane) -> BTreeMap<std::path::PathBuf, FrontendTabl
 pub fn actual(
     observed: Observed,
     listeners: impl IntoIterator<Item = ((Proto, u16), Vec<SocketAddr>)>,
-    frontends: BTreeMap<Frontend, Vec<Backend>>,
+    frontends: FrontendTable,
 ) -> Dataplane {
     Dataplane {
         overlays: observed.overlays,

@@ -413,11 +413,18 @@ fn spawn_bounded(args: &[String], stdin: Option<&str>) -> Result<std::process::O
             };
             Error::io(what, e)
         })?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // Scripts are small (well under a pipe buffer per service); a failed write
-        // shows up as nft's own error below.
-        let _ = pipe.write_all(text.as_bytes());
-    }
+    // The script is written from its own thread too: a large table exceeds a pipe
+    // buffer, and a stalled nft must not block the write past the deadline below. A
+    // failed write shows up as nft's own error.
+    let writer = match (stdin, child.stdin.take()) {
+        (Some(text), Some(mut pipe)) => {
+            let text = text.to_owned();
+            Some(std::thread::spawn(move || {
+                let _ = pipe.write_all(text.as_bytes());
+            }))
+        }
+        _ => None,
+    };
     // Readers on their own threads: a full stdout pipe must not stall the child.
     let mut out = child.stdout.take().expect("stdout is piped");
     let mut err = child.stderr.take().expect("stderr is piped");
@@ -449,6 +456,9 @@ fn spawn_bounded(args: &[String], stdin: Option<&str>) -> Result<std::process::O
         }
         std::thread::sleep(Duration::from_millis(2));
     };
+    if let Some(writer) = writer {
+        let _ = writer.join();
+    }
     let stdout = out_reader.join().unwrap_or_default();
     let stderr = err_reader.join().unwrap_or_default();
     Ok(std::process::Output { status, stdout, stderr })

@@ -61,6 +61,12 @@ fn seed_scenario(meshd_args: &[&str]) -> Result<()> {
     })?;
     ensure!(row == "mysql.1", "the query returned {row:?}");
 
+    // `meshctl attach` says where the new container's resolver serves.
+    let extra = cluster.add_netns("extra")?;
+    let said = cluster
+        .meshctl_ok(3, &["attach", "mvcapp", "--netns", &extra.to_string_lossy(), "--name", "mvcapp.9"])?;
+    ensure!(said.contains("on node n3; DNS on 127.0.0.11:53"), "attach said {said:?}");
+
     // No proxy hop: the server sees the client container's own address.
     let peer = mariadb::query(&app_ns, &node3, "mysql", "SELECT SUBSTRING_INDEX(USER(), '@', -1)")?;
     ensure!(peer == app_ip.to_string(), "the server saw the client as {peer:?}, not {app_ip}");

@@ -740,6 +740,8 @@ impl Agent {
         let dns = self.resolvers_status();
         let programs = self.programs_status();
         let paths = self.serving_paths();
+        // Before `seen` too: the fallback's reconcile takes `nat`, then `seen`.
+        let nat_tables = self.nat.as_ref().map(|nat| nat.lock().namespaces());
         let seen = self.seen.lock();
         let mut errors = seen.errors.clone();
         errors.extend(address_errors.into_iter().map(|(k, v)| (format!("address on {k}"), v)));
@@ -758,7 +760,7 @@ impl Agent {
             "overlay_mtu": self.mtu,
             "ebpf": programs,
             "vips": paths.0,
-            "nftables_vip_tables": self.nat.as_ref().map(|nat| nat.lock().namespaces()),
+            "nftables_vip_tables": nat_tables,
             "published_paths": paths.1,
             "networks": networks,
             "services": services,

@@ -34,7 +34,7 @@ use parking_lot::{Mutex, MutexGuard};
 use meshd_dataplane::{
     overlay::{KernelVxlan, PeerSpec, VXLAN_OVERHEAD},
     proxy::{Proxy, ProxyConfig, ProxyStats},
-    socklb::{Backend, Frontend, ProgramStatus, SocketLb, SocketLbConfig},
+    socklb::{ProgramStatus, SocketLb, SocketLbConfig},
 };
 use tokio::{
     net::{TcpListener, UdpSocket, UnixListener},
@@ -463,7 +463,7 @@ impl Agent {
     /// of this node's addresses (for local clients of published ports) current: the
     /// advertise address and this node's overlay addresses. Without a socket load
     /// balancer, `want` drops its frontends (nothing could serve them).
-    fn observe_frontends(&self, want: &mut Dataplane) -> BTreeMap<Frontend, Vec<Backend>> {
+    fn observe_frontends(&self, want: &mut Dataplane) -> reconcile::FrontendTable {
         let mut addrs: Vec<Ipv4Addr> =
             [self.cfg.advertise_addr].into_iter().chain(want.overlays.values().map(|o| o.node_ip)).collect();
         addrs.sort();

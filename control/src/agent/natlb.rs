@@ -89,9 +89,18 @@ impl super::Agent {
             return;
         }
         // `nft` runs as a process (bounded by natlb::NFT_TIMEOUT): off the runtime.
-        let results = tokio::task::spawn_blocking(move || work.into_iter().map(run).collect::<Vec<_>>())
-            .await
-            .unwrap_or_default();
+        let results =
+            match tokio::task::spawn_blocking(move || work.into_iter().map(run).collect::<Vec<_>>()).await {
+                Ok(results) => results,
+                Err(error) => {
+                    // Nothing is known of what was written: read every table back next pass.
+                    tracing::error!(%error, "the nftables VIP pass failed; will read the tables back");
+                    nat.lock().tables.clear();
+                    self.seen.lock().errors.insert("nftables VIP tables".into(), error.to_string());
+                    return;
+                }
+            };
+        self.seen.lock().errors.remove("nftables VIP tables");
         let mut state = nat.lock();
         let mut seen = self.seen.lock();
         for (ns, outcome) in results {

@@ -259,12 +259,19 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
             format!("service {name} created{vip}: known to {}", all_nodes(&result["known_to"]))
         }
         Request::ServiceRm { name } => format!("service {name} removed"),
-        Request::Attach { .. } => format!(
-            "task {} attached with {} on node {}",
-            cell_str(&result["id"]),
-            cell_str(&result["ip"]),
-            cell_str(&result["node"])
-        ),
+        Request::Attach { .. } => {
+            let dns = match (result["resolver"].as_str(), result["resolver_error"].as_str()) {
+                (Some(resolver), _) => format!("; DNS on {resolver}"),
+                (None, Some(error)) => format!("; no DNS yet: {error}"),
+                (None, None) => String::new(),
+            };
+            format!(
+                "task {} attached with {} on node {}{dns}",
+                cell_str(&result["id"]),
+                cell_str(&result["ip"]),
+                cell_str(&result["node"])
+            )
+        }
         Request::Detach { name } => format!("task {name} detached"),
         Request::Publish { spec, service, detach: true } => format!(
             "published {}:{}/{} for service {service}; not waiting for the nodes to serve it (--detach): `meshctl status` on a node lists the ports it serves",

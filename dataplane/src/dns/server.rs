@@ -161,6 +161,15 @@ pub fn open_in_netns(
     Ok(ResolverSockets { udp, tcp, forward, forward_netns: forward_ns.to_owned() })
 }
 
+/// Whether the namespace at `netns` is the one this process runs in.
+fn same_netns(netns: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (fs::metadata(netns), fs::metadata("/proc/self/ns/net")) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 fn in_netns<T: Send + 'static>(
     netns: &Path,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
@@ -424,14 +433,26 @@ impl Forwarder {
     /// One question to `upstream` over a new TCP connection from the forwarder's
     /// namespace; the caller bounds the whole exchange in time.
     async fn ask_tcp(&self, upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
-        let domain = socket2::Domain::for_address(upstream);
-        // The socket is created inside the namespace; connecting it works from any thread.
-        let socket = in_netns(&self.netns, move || {
-            let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-            socket.set_nonblocking(true)?;
-            Ok(std::net::TcpStream::from(socket))
-        })?;
-        let mut stream = tokio::net::TcpSocket::from_std_stream(socket).connect(upstream).await?;
+        let mut stream = if same_netns(&self.netns) {
+            // meshd's own namespace (the agent's setting): an ordinary connect.
+            tokio::net::TcpStream::connect(upstream).await?
+        } else {
+            // The socket is created inside the namespace, by a thread that enters it —
+            // off the runtime's workers; connecting it works from any thread.
+            let domain = socket2::Domain::for_address(upstream);
+            let netns = self.netns.clone();
+            let socket = tokio::task::spawn_blocking(move || {
+                in_netns(&netns, move || {
+                    let socket =
+                        socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+                    socket.set_nonblocking(true)?;
+                    Ok(std::net::TcpStream::from(socket))
+                })
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            tokio::net::TcpSocket::from_std_stream(socket).connect(upstream).await?
+        };
         let len = u16::try_from(query.len()).map_err(|_| std::io::Error::other("query too long"))?;
         let mut out = Vec::with_capacity(query.len() + 2);
         out.extend_from_slice(&len.to_be_bytes());

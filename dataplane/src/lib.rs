@@ -9,6 +9,7 @@ mod error;
 pub mod lb;
 pub mod natlb;
 pub mod netlink;
+pub mod netns;
 pub mod overlay;
 pub mod proxy;
 pub mod socklb;

@@ -61,8 +61,7 @@ use std::{
     fmt::Write as _,
     io::{Read as _, Write as _},
     net::Ipv4Addr,
-    os::fd::AsFd as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -370,24 +369,12 @@ fn run_nft(netns: Option<&Path>, args: &[&str], stdin: Option<&str>) -> Result<S
         None => format!("nft {}", args.join(" ")),
     };
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let stdin = stdin.map(str::to_owned);
-    let ns: Option<PathBuf> = netns.map(Path::to_path_buf);
     // The child inherits the namespace of the thread that forks it; a thread of our
     // own enters it, so the process's other threads stay where they are.
-    let outcome = std::thread::spawn(move || -> Result<std::process::Output> {
-        if let Some(ns) = &ns {
-            let file = std::fs::File::open(ns).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Error::NoNetns { path: ns.clone() },
-                _ => Error::io(format!("opening network namespace {}", ns.display()), e),
-            })?;
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                Error::io(format!("entering network namespace {}", ns.display()), std::io::Error::from(e))
-            })?;
-        }
-        spawn_bounded(&args, stdin.as_deref())
-    })
-    .join()
-    .map_err(|_| Error::io("running nft", std::io::Error::other("the nft thread panicked")))??;
+    let outcome = match netns {
+        Some(ns) => crate::netns::run_in(ns, || spawn_bounded(&args, stdin))??,
+        None => spawn_bounded(&args, stdin)?,
+    };
     if !outcome.status.success() {
         return Err(Error::Netlink {
             command,

@@ -2,10 +2,9 @@
 //! [`TIMEOUT`], many requests pipelined on one socket. It sends what it is given and
 //! reports what the kernel answered; which objects should exist is decided elsewhere.
 
-use std::{fs::File, future::Future, path::Path, time::Duration};
+use std::{future::Future, path::Path, time::Duration};
 
 use futures::{future::join_all, StreamExt};
-use nix::sched::{setns, CloneFlags};
 use rtnetlink::{
     packet_core::{
         NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
@@ -77,23 +76,13 @@ impl Netlink {
     /// created in); the connection then runs on the current runtime. The calling thread
     /// never changes namespace.
     pub fn connect_in(netns: &Path) -> Result<Netlink> {
-        let file = File::open(netns).map_err(|_| Error::NoNetns { path: netns.into() })?;
         let runtime = tokio::runtime::Handle::current();
-        let (connection, handle) = std::thread::scope(|s| {
-            s.spawn(|| {
-                setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    Error::io(format!("entering network namespace {}", netns.display()), e.into())
-                })?;
-                let _guard = runtime.enter();
-                let (connection, handle, _) = rtnetlink::new_connection()
-                    .map_err(|e| Error::io(format!("opening a netlink socket in {}", netns.display()), e))?;
-                Ok::<_, Error>((connection, handle))
-            })
-            .join()
-            .unwrap_or_else(|_| {
-                Err(Error::io("entering a network namespace", std::io::Error::other("thread panicked")))
-            })
-        })?;
+        let (connection, handle) = crate::netns::run_in(netns, || {
+            let _guard = runtime.enter();
+            let (connection, handle, _) = rtnetlink::new_connection()
+                .map_err(|e| Error::io(format!("opening a netlink socket in {}", netns.display()), e))?;
+            Ok::<_, Error>((connection, handle))
+        })??;
         tokio::spawn(connection);
         Ok(Netlink { handle })
     }

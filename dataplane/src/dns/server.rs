@@ -8,7 +8,6 @@ use std::{
     collections::HashMap,
     fs,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    os::fd::AsFd,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -170,18 +169,9 @@ fn same_netns(netns: &Path) -> bool {
     }
 }
 
-fn in_netns<T: Send + 'static>(
-    netns: &Path,
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> std::io::Result<T> {
-    let file = fs::File::open(netns)?;
-    std::thread::spawn(move || {
-        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(std::io::Error::from)?;
-        f()
-    })
-    .join()
-    .map_err(|_| std::io::Error::other("namespace thread panicked"))?
+/// [`crate::netns::run_in`] for socket work whose errors are I/O errors.
+fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> std::io::Result<T> + Send) -> std::io::Result<T> {
+    crate::netns::run_in(netns, f).map_err(|e| std::io::Error::other(e.to_string()))?
 }
 
 /// One running resolver (one container namespace). Dropping it, or [`Resolver::shutdown`],

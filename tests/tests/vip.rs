@@ -504,3 +504,24 @@ fn a_vip_handed_out_again_during_a_partition_is_resolved_after_the_heal() -> Res
     assert!(reports.iter().any(|r| r.contains(&expected)), "{expected}: {reports:?}");
     Ok(())
 }
+
+#[test]
+fn a_vip_service_stored_without_a_vip_gets_one_after_the_upgrade() -> Result<()> {
+    let mut cluster = Cluster::start(1)?;
+    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
+    let vip = vip_of(&cluster, 1, "web")?.ok_or_else(|| anyhow!("web has no VIP"))?;
+    cluster.stop_node(1)?;
+    // The store as a meshd from before VIPs wrote it: the service without one.
+    let path = cluster.nodes[0].state_dir.join("store.json");
+    let text = std::fs::read_to_string(&path)?;
+    let old = text.replace(&format!("\"vip\":\"{vip}\""), "\"vip\":null");
+    ensure!(old != text, "store.json holds no \"vip\":\"{vip}\"");
+    std::fs::write(&path, old)?;
+    cluster.restart_node(1)?;
+    let given = poll("web gets a VIP again", Duration::from_secs(10), || {
+        vip_of(&cluster, 1, "web")?.ok_or_else(|| anyhow!("no VIP yet"))
+    })?;
+    ensure!(given.octets()[..3] == [10, 0, 0], "{given} is outside the network 10.0.0.0/24");
+    Ok(())
+}

@@ -12,7 +12,7 @@ use std::{
 use super::Agent;
 use crate::{
     ipam,
-    model::{BlockClaim, Endpoint, Key, Network, Object},
+    model::{BlockClaim, Endpoint, EndpointMode, Key, Network, Object, Service},
     store::Store,
     Error, Result,
 };
@@ -116,6 +116,7 @@ impl Agent {
             self.write(|g, now| g.delete(&key, now));
         }
         self.resolve_duplicates();
+        self.give_missing_vips();
         let joining: HashSet<String> = join.iter().map(|n| n.name.clone()).collect();
         for net in join {
             let id = Endpoint::node_id(&me, &net.name);
@@ -411,6 +412,45 @@ impl Agent {
             alloc.recent.push_back(report);
             while alloc.recent.len() > RECENT_READDRESSES {
                 alloc.recent.pop_front();
+            }
+        }
+    }
+}
+
+impl Agent {
+    /// Gives a VIP to every `vip` service that has none — one written by a meshd from
+    /// before VIPs existed (its store loads them with `vip: None`). One node does it:
+    /// the first live node by name, so a cluster upgrade does not make every node
+    /// allocate at once (if two do, the later write wins everywhere and the other
+    /// claim stays a spare, given back like any extra one).
+    fn give_missing_vips(&self) {
+        let me = &self.cfg.node_name;
+        let missing: Vec<(Service, Network)> = {
+            let gossip = self.gossip();
+            if gossip.live_nodes().iter().next() != Some(me) {
+                return;
+            }
+            let store = gossip.store();
+            store
+                .services()
+                .filter(|s| s.endpoint_mode == EndpointMode::Vip && s.vip.is_none())
+                .filter_map(|s| Some((s.clone(), store.network(&s.network)?.clone())))
+                .collect()
+        };
+        for (mut service, net) in missing {
+            // `Ok(None)`: a claim is settling; the next pass tries again.
+            match self.allocate(&net) {
+                Ok(Some(ip)) => {
+                    tracing::info!(service = %service.name, vip = %ip, "gave a VIP to a service created without one");
+                    service.vip = Some(ip);
+                    self.write(|g, now| g.put(Object::Service(service), now));
+                    self.alloc().reserved.remove(&ip);
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    let message = format!("service {} has no VIP and cannot get one: {error}", service.name);
+                    self.alloc().errors.insert(format!("{}/service/{}", net.name, service.name), message);
+                }
             }
         }
     }

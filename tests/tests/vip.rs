@@ -525,3 +525,26 @@ fn a_vip_service_stored_without_a_vip_gets_one_after_the_upgrade() -> Result<()>
     ensure!(given.octets()[..3] == [10, 0, 0], "{given} is outside the network 10.0.0.0/24");
     Ok(())
 }
+
+#[test]
+fn a_node_address_deleted_from_the_pinned_map_by_hand_comes_back() -> Result<()> {
+    let (cluster, _vip, _echoes) = web_cluster()?;
+    let map = cluster.nodes[0].pin_dir.join("LB_LOCAL_ADDRS");
+    let map = map.to_string_lossy().into_owned();
+    let key: Vec<String> = meshd_tests::node_addr(1).octets().iter().map(|b| format!("{b:02x}")).collect();
+    let lookup = |what: &str| -> Result<bool> {
+        let mut args = vec!["map", what, "pinned", map.as_str(), "key", "hex"];
+        args.extend(key.iter().map(String::as_str));
+        Ok(Command::new("bpftool").args(&args).output()?.status.success())
+    };
+    ensure!(lookup("lookup")?, "n1's address is not in {map}");
+    ensure!(lookup("delete")?, "bpftool could not delete it");
+    ensure!(!lookup("lookup")?, "still there after the delete");
+    let started = Instant::now();
+    poll("the reconciler writes n1's address back", Duration::from_secs(3), || {
+        ensure!(lookup("lookup")?, "not yet");
+        Ok(())
+    })?;
+    println!("n1's address was back in the map {:?} after the delete", started.elapsed());
+    Ok(())
+}

@@ -130,8 +130,6 @@ struct Plane {
 struct Seen {
     /// The node's dataplane as last observed, with the changes applied since.
     actual: Dataplane,
-    /// The local addresses last written to the socket load balancer.
-    local_addrs: Vec<Ipv4Addr>,
     /// The last error of each failing operation, shown by `meshctl status`.
     errors: BTreeMap<String, String>,
 }
@@ -469,26 +467,27 @@ impl Agent {
         addrs.sort();
         addrs.dedup();
         // Never hold `seen` and `socklb` at once (status reads them in turn).
-        let stale = self.seen.lock().local_addrs != addrs;
         let (set, observed) = {
             let mut guard = self.socklb.lock();
             let Some(lb) = guard.as_mut() else {
                 want.frontends.clear();
                 return BTreeMap::new();
             };
-            let set = stale.then(|| lb.set_local_addrs(&addrs));
+            // Read back like every other object: a hand-edited map is repaired.
+            let set = match lb.local_addrs() {
+                Ok(held) if held == addrs => Ok(()),
+                _ => lb.set_local_addrs(&addrs),
+            };
             (set, lb.observe())
         };
         let mut seen = self.seen.lock();
         match set {
-            Some(Ok(())) => {
-                seen.local_addrs = addrs;
+            Ok(()) => {
                 seen.errors.remove("socket-lb local addresses");
             }
-            Some(Err(error)) => {
+            Err(error) => {
                 seen.errors.insert("socket-lb local addresses".into(), error.to_string());
             }
-            None => {}
         }
         match observed {
             Ok(table) => {

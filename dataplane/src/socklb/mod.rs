@@ -387,6 +387,19 @@ impl SocketLb {
         Ok(writes.len())
     }
 
+    /// The node's addresses as the map holds them (read back from the kernel), sorted.
+    pub fn local_addrs(&self) -> Result<Vec<Ipv4Addr>> {
+        let err = ebpf_err("socket-lb");
+        let map: HashMap<_, u32, u32> = HashMap::try_from(
+            self.ebpf.map(LOCAL_ADDRS_MAP).ok_or_else(|| err("local address map missing".into()))?,
+        )
+        .map_err(|e| err(format!("local address map: {e}")))?;
+        let mut out: Vec<Ipv4Addr> =
+            map.keys().filter_map(|k| k.ok()).map(|k| Ipv4Addr::from(ip4_octets(k))).collect();
+        out.sort();
+        Ok(out)
+    }
+
     /// Sets the node's own addresses, where "any local address" frontends answer
     /// (loopback always does).
     pub fn set_local_addrs(&mut self, addrs: &[Ipv4Addr]) -> Result<()> {

@@ -38,6 +38,28 @@ pub struct Dig {
     pub answers: Vec<String>,
 }
 
+/// Starts dnsmasq in the namespace at `netns`, answering on `listen:53` only, with no
+/// configuration but `args` (no resolv.conf, no hosts file) and its pid in `pid_file`.
+pub fn spawn_dnsmasq(
+    netns: &std::path::Path,
+    listen: &str,
+    pid_file: &std::path::Path,
+    args: &[&str],
+) -> Result<Child> {
+    Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["--", "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null"])
+        .args(["--no-resolv", "--no-hosts", "--bind-interfaces", "--port=53", "--user=root"])
+        .arg(format!("--listen-address={listen}"))
+        .arg(format!("--pid-file={}", pid_file.display()))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting dnsmasq; install it with `apt-get install dnsmasq` (`make bootstrap`)")
+}
+
 impl DnsLab {
     /// Creates the namespace with `lo` up and `extra_loopback` addresses on it.
     pub fn new(extra_loopback: &[&str]) -> Result<DnsLab> {
@@ -64,17 +86,7 @@ impl DnsLab {
     /// and waits until it answers `probe` (a name it serves).
     pub fn start_dnsmasq(&mut self, listen: &str, args: &[&str], probe: &str) -> Result<u32> {
         let pid_file = self.dir.join(format!("dnsmasq-{listen}.pid"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null"])
-            .args(["--no-resolv", "--no-hosts", "--bind-interfaces", "--port=53", "--user=root"])
-            .arg(format!("--listen-address={listen}"))
-            .arg(format!("--pid-file={}", pid_file.display()))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting dnsmasq; install it with `apt-get install dnsmasq` (`make bootstrap`)")?;
+        let child = spawn_dnsmasq(&self.netns(), listen, &pid_file, args)?;
         let pid = child.id();
         self.children.push(child);
         poll(&format!("dnsmasq on {listen} answers {probe}"), Duration::from_secs(5), || {

@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -60,17 +60,13 @@ struct Dnsmasq(Child);
 
 impl Dnsmasq {
     fn start(cluster: &Cluster, node: usize, args: &[&str]) -> Result<Dnsmasq> {
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", cluster.nodes[node - 1].netns().display()))
-            .args(["--", "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv"])
-            .args(["--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1", "--port=53"])
-            .args(["--user=root", "--pid-file="])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting dnsmasq; install it with `apt-get install dnsmasq` (`make bootstrap`)")?;
+        let pid_file = cluster.dir.join(format!("dnsmasq-n{node}.pid"));
+        let child = meshd_tests::dnslab::spawn_dnsmasq(
+            &cluster.nodes[node - 1].netns(),
+            "127.0.0.1",
+            &pid_file,
+            args,
+        )?;
         Ok(Dnsmasq(child))
     }
 }

@@ -15,6 +15,7 @@
 //! Fields holding such values end in `_raw`.
 #![no_std]
 
+pub mod ingress;
 pub mod maglev;
 pub mod socklb;
 

@@ -1,0 +1,270 @@
+//! The kernel routing mesh for published ports (#6): the maps the XDP program on the
+//! node's underlay interface and the tc program on each local task's host veth share
+//! with the user side, and the decisions they take.
+//!
+//! ## Data flow
+//! - **New flow** (TCP SYN without ACK, or any UDP datagram without a flow entry) to
+//!   `NODE_IP:PUBLISHED/proto` ([`FrontendKey`] in [`INGRESS_FRONTENDS_MAP`]): the XDP
+//!   program hashes the 5-tuple ([`crate::maglev::flow_hash`]), reads the frontend's
+//!   Maglev table ([`INGRESS_MAGLEV_MAP`], slot `table * MAGLEV_TABLE_SIZE + hash %
+//!   MAGLEV_TABLE_SIZE`) for a backend id, and records the choice in
+//!   [`INGRESS_FLOWS_MAP`] under the client's 5-tuple. A TCP segment that is not a SYN
+//!   and has no flow entry passes to the stack untouched: it belongs to a connection
+//!   the userspace proxy (which keeps listening on every published port) accepted.
+//! - **Established flow**: the flow entry's backend is used while that backend is
+//!   live and of the same generation ([`IngressBackend::gen`]); otherwise the flow is
+//!   re-balanced (removing a backend moves only its flows).
+//! - **Local backend** ([`BACKEND_LOCAL`]): destination rewritten to the task
+//!   (DNAT only: the client's address is kept in both modes, because the reply always
+//!   crosses the task's host veth, where the tc program reverses it), inner Ethernet
+//!   set to `gw_mac → mac`, redirected to the host veth `ifindex`. The reverse entry
+//!   in [`INGRESS_NAT_MAP`] is keyed by the reply as the task sends it
+//!   (`task:target → client:cport`) and rewrites its source to `NODE_IP:PUBLISHED`.
+//! - **Remote backend, `snat`** ([`MODE_SNAT`]): source rewritten to this node's
+//!   address on the backend's network (`gw_raw`) and a NAT port
+//!   ([`nat_port_candidate`]), destination to the task; VXLAN-encapsulated to the
+//!   backend's node (`vtep_raw`) on `vni`, the same wire format as the kernel's VXLAN
+//!   devices, sent back out the underlay (XDP_TX). The task replies to `gw_raw`, so
+//!   the reply comes back over VXLAN to this node, where the XDP program finds the
+//!   reverse entry (`task:target → gw:natport`), strips the outer headers, rewrites the
+//!   reply to `NODE_IP:PUBLISHED → client:cport` and sends it out (XDP_TX).
+//! - **Remote backend, `dsr`** ([`MODE_DSR`]): source kept, destination rewritten to
+//!   the task, encapsulated as above with the DSR mark in the VXLAN header's reserved
+//!   bytes ([`dsr_mark`]): marker byte and the published port. The backend node's XDP
+//!   program sees the mark, records the reverse entry (`task:target → client:cport`
+//!   rewrites the source to `OUTER_SRC:PUBLISHED`), clears the mark (the kernel's
+//!   VXLAN device drops packets with reserved bits set) and passes the packet to the
+//!   kernel, which decapsulates it to the task. The task's reply crosses its host veth,
+//!   where the tc program rewrites the source and sends it straight to the client.
+//! - Anything else passes untouched.
+//!
+//! Byte orders as in the crate root: fields ending in `_raw` hold network-order bytes
+//! read as native integers.
+
+use crate::FrontendKey;
+
+/// Name of the hash map [`FrontendKey`] (node address, published port) → [`IngressFrontend`].
+pub const INGRESS_FRONTENDS_MAP: &str = "IN_FRONTENDS";
+/// Name of the array of [`IngressBackend`]s, indexed by backend id.
+pub const INGRESS_BACKENDS_MAP: &str = "IN_BACKENDS";
+/// Name of the array of Maglev slots (`u32` backend ids), `MAGLEV_TABLE_SIZE` per table.
+pub const INGRESS_MAGLEV_MAP: &str = "IN_MAGLEV";
+/// Name of the LRU hash map client 5-tuple ([`FlowKey`]) → [`Flow`].
+pub const INGRESS_FLOWS_MAP: &str = "IN_FLOWS";
+/// Name of the LRU hash map reply 5-tuple ([`FlowKey`]) → [`Nat`].
+pub const INGRESS_NAT_MAP: &str = "IN_NAT";
+/// Name of the one-entry array holding the [`IngressConfig`].
+pub const INGRESS_CONFIG_MAP: &str = "IN_CONFIG";
+/// Name of the per-CPU array of `u64` packet counters, indexed by `IN_STAT_*`.
+pub const INGRESS_STATS_MAP: &str = "IN_STATS";
+
+/// Name of the XDP program attached to the underlay interface.
+pub const INGRESS_XDP_PROGRAM: &str = "ingress_xdp";
+/// Name of the tc (ingress hook) program attached to each local task's host veth.
+pub const INGRESS_TC_PROGRAM: &str = "ingress_reply";
+
+/// Frontends (published ports) the kernel path can serve at once.
+pub const MAX_INGRESS_FRONTENDS: u32 = 1024;
+/// Maglev tables compiled into the object; the loader may lower it
+/// (`EbpfLoader::set_max_entries` on [`INGRESS_MAGLEV_MAP`]) to `tables *
+/// MAGLEV_TABLE_SIZE`. Each table costs 256 KiB of locked memory.
+pub const DEFAULT_INGRESS_TABLES: u32 = 16;
+/// Backend ids (one per published port and task).
+pub const MAX_INGRESS_BACKENDS: u32 = 16_384;
+/// Flows remembered (LRU).
+pub const MAX_INGRESS_FLOWS: u32 = 262_144;
+/// Reverse translations remembered (LRU).
+pub const MAX_INGRESS_NAT: u32 = 262_144;
+
+/// `IngressFrontend::mode`: replies return through the ingress node.
+pub const MODE_SNAT: u8 = 0;
+/// `IngressFrontend::mode`: the backend's node replies straight to the client.
+pub const MODE_DSR: u8 = 1;
+
+/// `IngressBackend::flags`: the slot holds a backend that takes flows.
+pub const BACKEND_LIVE: u16 = 1;
+/// `IngressBackend::flags`: the task runs on this node (redirect, no encapsulation).
+pub const BACKEND_LOCAL: u16 = 2;
+
+/// UDP port of VXLAN (IANA), as the kernel's devices use it.
+pub const VXLAN_PORT: u16 = 4789;
+/// Bytes the encapsulation adds in front of the inner Ethernet frame:
+/// Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8.
+pub const VXLAN_OVERHEAD: usize = 50;
+/// First byte of the VXLAN header: the I flag (a valid VNI follows).
+pub const VXLAN_FLAG_VNI: u8 = 0x08;
+/// Value of the VXLAN header's second byte (first reserved byte) that marks a DSR
+/// packet; the next two bytes hold the published port (network order).
+pub const DSR_MARKER: u8 = 0x4d;
+
+/// NAT ports (host order) the snat mode may pick when the client's own port is taken:
+/// above Linux's default ephemeral range (32768–60999), so they never collide with a
+/// connection the node itself opens from the same address.
+pub const NAT_PORT_MIN: u16 = 61_000;
+/// Last NAT port (host order), inclusive.
+pub const NAT_PORT_MAX: u16 = 65_535;
+
+/// Index into [`INGRESS_STATS_MAP`]: packets that passed untouched.
+pub const IN_STAT_PASS: u32 = 0;
+/// Packets redirected to a local task.
+pub const IN_STAT_LOCAL: u32 = 1;
+/// Packets encapsulated to a remote backend.
+pub const IN_STAT_ENCAP: u32 = 2;
+/// snat replies decapsulated and sent to the client by the XDP program.
+pub const IN_STAT_REPLY_XDP: u32 = 3;
+/// Replies rewritten and sent to the client by the tc program.
+pub const IN_STAT_REPLY_TC: u32 = 4;
+/// DSR packets recorded and unmarked on the backend's node.
+pub const IN_STAT_DSR_RECORDED: u32 = 5;
+/// New flows to a frontend without live backends (passed to the stack).
+pub const IN_STAT_NO_BACKEND: u32 = 6;
+/// Packets for a frontend that could not be forwarded (no route or neighbour to the
+/// next hop, no NAT port, failed helper): passed to the stack.
+pub const IN_STAT_UNROUTED: u32 = 7;
+/// Malformed packets dropped (truncated headers, bad lengths).
+pub const IN_STAT_DROP_MALFORMED: u32 = 8;
+/// Number of entries in [`INGRESS_STATS_MAP`].
+pub const IN_STAT_ENTRIES: u32 = 9;
+
+/// Value of [`INGRESS_FRONTENDS_MAP`]: one published port on this node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngressFrontend {
+    /// Its Maglev table (slots `table * MAGLEV_TABLE_SIZE ..`).
+    pub table: u32,
+    /// Live backends; 0: new flows pass to the stack (the proxy answers them).
+    pub count: u32,
+    /// [`MODE_SNAT`] or [`MODE_DSR`].
+    pub mode: u8,
+    /// Always 0.
+    pub pad: [u8; 3],
+}
+
+const _: () = assert!(core::mem::size_of::<IngressFrontend>() == 12);
+
+/// Value of [`INGRESS_BACKENDS_MAP`]: one task behind one published port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngressBackend {
+    /// The task's overlay address.
+    pub addr_raw: u32,
+    /// Underlay address of the task's node (the VXLAN destination); this node's own
+    /// for a local task.
+    pub vtep_raw: u32,
+    /// This node's address on the task's network (its bridge): the snat source.
+    pub gw_raw: u32,
+    /// Host-side veth of a local task (its ifindex in meshd's namespace); 0 if remote.
+    pub ifindex: u32,
+    /// The network's VXLAN id.
+    pub vni: u32,
+    /// Bumped by the user side whenever the id is given to another task, so flows
+    /// remembered for the old one re-balance.
+    pub gen: u32,
+    /// The task's MAC (inner destination).
+    pub mac: [u8; 6],
+    /// This node's MAC on the task's network (inner source).
+    pub gw_mac: [u8; 6],
+    /// The task's port (the published port's target).
+    pub port_raw: u16,
+    /// `BACKEND_*` bits.
+    pub flags: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<IngressBackend>() == 40);
+
+/// Key of [`INGRESS_FLOWS_MAP`] and [`INGRESS_NAT_MAP`]: a 5-tuple as it appears on
+/// the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address.
+    pub src_raw: u32,
+    /// Destination address.
+    pub dst_raw: u32,
+    /// Source port.
+    pub sport_raw: u16,
+    /// Destination port.
+    pub dport_raw: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// Always 0.
+    pub pad: [u8; 3],
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+
+/// Value of [`INGRESS_FLOWS_MAP`]: where a client's flow goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Backend id.
+    pub backend: u32,
+    /// [`IngressBackend::gen`] when the flow was balanced.
+    pub gen: u32,
+    /// snat to a remote backend: the source port used toward it.
+    pub nat_port_raw: u16,
+    /// Always 0.
+    pub pad: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<Flow>() == 12);
+
+/// Value of [`INGRESS_NAT_MAP`]: what a reply's addresses become.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Nat {
+    /// New source address (the published address).
+    pub src_raw: u32,
+    /// New destination address (the client).
+    pub dst_raw: u32,
+    /// New source port (the published port).
+    pub sport_raw: u16,
+    /// New destination port (the client's).
+    pub dport_raw: u16,
+    /// Always 0.
+    pub pad: u32,
+    /// `bpf_ktime_get_ns` when the entry was written: a snat entry of another client
+    /// older than the idle timeout may be taken over.
+    pub created_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Nat>() == 24);
+
+/// The loader's settings, index 0 of [`INGRESS_CONFIG_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngressConfig {
+    /// The node's underlay address (outer source of the encapsulation).
+    pub node_raw: u32,
+    /// The underlay interface's ifindex.
+    pub ifindex: u32,
+    /// First NAT port (host order), normally [`NAT_PORT_MIN`].
+    pub nat_port_min: u16,
+    /// Last NAT port (host order), normally [`NAT_PORT_MAX`].
+    pub nat_port_max: u16,
+    /// Always 0.
+    pub pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<IngressConfig>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all): `repr(C)`, no padding (sizes asserted above), every bit pattern valid.
+    unsafe impl aya::Pod for super::IngressFrontend {}
+    unsafe impl aya::Pod for super::IngressBackend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::Nat {}
+    unsafe impl aya::Pod for super::IngressConfig {}
+}
+
+/// Index of slot `slot` of Maglev table `table` in [`INGRESS_MAGLEV_MAP`].
+pub const fn maglev_index(table: u32, slot: u32) -> u32 {
+    table * crate::maglev::MAGLEV_TABLE_SIZE + slot
+}
+
+/// The frontend key the XDP program looks a packet up with.
+pub const fn frontend_key(dst_raw: u32, dport_raw: u16, proto: u8) -> FrontendKey {
+    FrontendKey::from_raw(dst_raw, dport_raw, proto)
+}

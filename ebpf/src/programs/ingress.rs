@@ -471,19 +471,18 @@ fn encap_remote(ctx: &XdpContext, p: &Parsed, job: &Job, hop: &Hop) -> Outcome<u
     let Some(h) = at::<[u8; OUTER_LEN]>(start, end, 0) else { return BAD };
     // SAFETY: `at` checked the 50 bytes lie inside the packet.
     write_outer_headers(unsafe { &mut *h }, &outer);
-    (transmit(ctx.ingress_ifindex() as u32, hop.ifindex), IN_STAT_ENCAP)
+    (transmit(hop.ifindex), IN_STAT_ENCAP)
 }
 
-/// XDP_TX when the next hop is behind the interface the packet came in on, else a
-/// redirect to the FIB's interface.
+/// Sends the rewritten frame out of `out_ifindex` (the FIB's answer) by a redirect,
+/// also when that is the interface the frame came in on. Not XDP_TX: on a veth in
+/// native mode (kernel 6.18) an XDP_TX frame is counted as sent (`xdp_tx`) but the
+/// peer drops it (`rx dropped`), while a redirect to the same device is delivered;
+/// on NICs a redirect to the receiving device costs about what XDP_TX does.
 #[inline(always)]
-fn transmit(in_ifindex: u32, out_ifindex: u32) -> u32 {
-    if in_ifindex == out_ifindex {
-        xdp_action::XDP_TX
-    } else {
-        // SAFETY: helper without preconditions.
-        unsafe { bpf_redirect(out_ifindex, 0) as u32 }
-    }
+fn transmit(out_ifindex: u32) -> u32 {
+    // SAFETY: helper without preconditions; it returns XDP_REDIRECT or XDP_ABORTED.
+    unsafe { bpf_redirect(out_ifindex, 0) as u32 }
 }
 
 #[inline(never)]
@@ -563,7 +562,7 @@ fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
     if write(start, end, 0, next.dmac).is_none() || write(start, end, 6, next.smac).is_none() {
         return BAD;
     }
-    (transmit(in_ifindex, next.ifindex), IN_STAT_REPLY_XDP)
+    (transmit(next.ifindex), IN_STAT_REPLY_XDP)
 }
 
 /// tc ingress on a local task's host veth: the task's replies to ingress clients.

@@ -1004,3 +1004,65 @@ fn native_xdp_on_veth_serves_a_local_task_and_transmits_encapsulated() {
 fn generic_xdp_on_veth_serves_a_local_task_and_transmits_encapsulated() {
     real_veths(aya::programs::XdpMode::Skb);
 }
+
+/// A router on the client's side of the path.
+const ROUTER: [u8; 4] = [198, 18, 0, 1];
+
+/// An ICMP "fragmentation needed" from `src` to `dst` quoting `quoted` (an Ethernet
+/// frame) from its IPv4 header on: the header and the first 8 transport bytes.
+fn frag_needed(smac: [u8; 6], dmac: [u8; 6], src: [u8; 4], dst: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type};
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(smac, dmac)
+        .ipv4(src, dst, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: 1400,
+        }))
+        .write(&mut out, &quoted[14..14 + 20 + 8])
+        .unwrap();
+    out
+}
+
+#[test]
+fn icmp_errors_follow_their_flow() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
+    f.backend(0, local_backend(f.underlay + 1));
+    f.fill_table(0, 0);
+    f.frontend(PUBLISHED + 1, PROTO_TCP, MODE_SNAT, 1);
+    f.backend(1, remote_backend(TASK2, TASK2_MAC));
+    f.fill_table(1, 1);
+    assert_eq!(f.xdp(&syn_from_client(CPORT)).0, XDP_REDIRECT);
+    let syn_remote = tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED + 1, Seg::Syn);
+    assert_eq!(f.xdp(&syn_remote).0, XDP_REDIRECT);
+
+    // A router could not forward the node's reply to the client (local backend): the
+    // error goes to the task, quoting the task's own packet.
+    let sent = tcp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED, CPORT, Seg::SynAck);
+    let icmp = frag_needed(CLIENT_MAC, NODE_MAC, ROUTER, NODE, &sent);
+    let (action, out) = f.xdp(&icmp);
+    assert_eq!(action, XDP_REDIRECT);
+    let as_task_sent = tcp(TASK_MAC, GW_MAC, TASK, CLIENT, TARGET, CPORT, Seg::SynAck);
+    assert_eq!(out, frag_needed(GW_MAC, TASK_MAC, ROUTER, TASK, &as_task_sent), "ICMP for the local task");
+
+    // The same for the remote snat backend: rewritten to quote task:80 → gw:cport and
+    // encapsulated (without a DSR mark) to its node.
+    let sent = tcp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED + 1, CPORT, Seg::SynAck);
+    let icmp = frag_needed(CLIENT_MAC, NODE_MAC, ROUTER, NODE, &sent);
+    let (action, out) = f.xdp(&icmp);
+    assert_eq!(action, XDP_REDIRECT);
+    let as_task_sent = tcp(TASK2_MAC, GW_MAC, TASK2, GW, TARGET, CPORT, Seg::SynAck);
+    let inner = frag_needed(GW_MAC, TASK2_MAC, ROUTER, TASK2, &as_task_sent);
+    let id = u16::from_be_bytes([out[18], out[19]]);
+    let sport = u16::from_be_bytes([out[34], out[35]]);
+    let expected = vxlan(NODE_MAC, NODE2_MAC, NODE, NODE2, id, sport, vxlan_bytes(VNI, None), &inner);
+    assert_eq!(out, expected, "ICMP for the remote task, encapsulated");
+
+    // An error about a flow the node does not carry is the stack's.
+    let unknown = tcp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED, CPORT + 1, Seg::SynAck);
+    assert_passes(
+        &mut f,
+        "ICMP about an unknown flow",
+        &frag_needed(CLIENT_MAC, NODE_MAC, ROUTER, NODE, &unknown),
+    );
+}

@@ -1066,3 +1066,90 @@ fn icmp_errors_follow_their_flow() {
         &frag_needed(CLIENT_MAC, NODE_MAC, ROUTER, NODE, &unknown),
     );
 }
+
+#[test]
+fn tc_rewrites_udp_replies_and_keeps_a_zero_checksum() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_UDP, MODE_SNAT, 0);
+    f.backend(0, local_backend(f.underlay + 1));
+    f.fill_table(0, 0);
+    assert_eq!(f.xdp(&udp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED)).0, XDP_REDIRECT);
+    let mut reply = udp(TASK_MAC, GW_MAC, TASK, CLIENT, TARGET, CPORT);
+    let (action, out) = f.tc(&reply);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(out, udp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED, CPORT), "UDP reply, byte for byte");
+    reply[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+    let (action, out) = f.tc(&reply);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(&out[14 + 20 + 6..14 + 20 + 8], &[0, 0], "no checksum stays no checksum");
+}
+
+#[test]
+fn dsr_mark_with_an_outer_udp_checksum_is_cleared_to_none() {
+    let mut f = fixture();
+    let inner = tcp(GW_MAC, TASK_MAC, CLIENT, TASK, CPORT, TARGET, Seg::Syn);
+    let mut frame =
+        vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 99, 51_000, vxlan_bytes(VNI, Some(PUBLISHED)), &inner);
+    // Some senders checksum the outer UDP header; clearing the mark would break it.
+    frame[40..42].copy_from_slice(&[0x12, 0x34]);
+    let (action, out) = f.xdp(&frame);
+    assert_eq!(action, XDP_PASS);
+    let expected = vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 99, 51_000, vxlan_bytes(VNI, None), &inner);
+    assert_eq!(out, expected, "mark cleared and the outer UDP checksum set to none (valid over IPv4)");
+}
+
+/// Not a benchmark (T's `make bench` measures the paths end to end): the program's own
+/// cost for traffic it passes and for an established flow, with `BPF_PROG_TEST_RUN`
+/// repeating one packet, so a regression that makes the common case expensive shows.
+#[test]
+fn common_paths_cost_little() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
+    f.backend(0, local_backend(f.underlay + 1));
+    f.fill_table(0, 0);
+    // A frontend whose backend is itself (same address, port and MACs): the rewrite
+    // leaves the packet as it was, so every repetition takes the whole established-
+    // flow path (flow lookup, backend check, rewrite, redirect).
+    let me = IngressBackend {
+        addr_raw: ip4_raw(NODE),
+        port_raw: port_raw(PUBLISHED + 1),
+        mac: NODE_MAC,
+        gw_mac: CLIENT_MAC,
+        ..local_backend(f.underlay + 1)
+    };
+    f.frontend(PUBLISHED + 1, PROTO_TCP, MODE_SNAT, 1);
+    f.backend(1, me);
+    f.fill_table(1, 1);
+    let established = tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED + 1, Seg::Ack);
+    assert_eq!(
+        f.xdp(&tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED + 1, Seg::Syn)).0,
+        XDP_REDIRECT
+    );
+    let inner = tcp(GW_MAC, TASK_MAC, CLIENT, TASK2, CPORT, TARGET, Seg::Ack);
+    let cases = [
+        ("TCP to another port", tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, 22, Seg::Ack), XDP_PASS),
+        (
+            "overlay VXLAN, no NAT entry",
+            vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 1, 50_000, vxlan_bytes(VNI, None), &inner),
+            XDP_PASS,
+        ),
+        ("established flow, local backend", established, XDP_REDIRECT),
+    ];
+    let underlay = f.underlay;
+    for (what, pkt, want) in cases {
+        let prog: &mut Xdp = f.ebpf.program_mut(INGRESS_XDP_PROGRAM).unwrap().try_into().unwrap();
+        let per_packet = f.ns.run(|| {
+            let md: Vec<u8> =
+                [0, pkt.len() as u32, 0, underlay, 0, 0].iter().flat_map(|v: &u32| v.to_ne_bytes()).collect();
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(&pkt);
+            opts.ctx_in = Some(&md);
+            opts.repeat = 1_000_000;
+            let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+            assert_eq!(r.return_value, want, "{what}");
+            r.duration
+        });
+        println!("ingress_xdp, {what}: {} ns per packet", per_packet.as_nanos());
+        assert!(per_packet.as_nanos() < 2_000, "{what}: {per_packet:?} per packet");
+    }
+}

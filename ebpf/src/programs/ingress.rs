@@ -24,10 +24,10 @@ use aya_ebpf::{
 };
 use meshd_common::{
     ingress::{
-        flow_choice, frontend_key, maglev_slot, nat_port_candidate, nat_port_usable, reply_key, Flow,
-        FlowChoice, FlowKey, IngressBackend, IngressConfig, IngressFrontend, Nat, BACKEND_LIVE,
-        BACKEND_LOCAL, DEFAULT_INGRESS_TABLES, IN_STAT_DROP_MALFORMED, IN_STAT_DSR_RECORDED, IN_STAT_ENCAP,
-        IN_STAT_ENTRIES, IN_STAT_LOCAL, IN_STAT_NO_BACKEND, IN_STAT_PASS, IN_STAT_REPLY_TC,
+        flow_choice, frontend_key, maglev_slot, nat_needs_refresh, nat_port_candidate, nat_port_usable,
+        reply_key, Flow, FlowChoice, FlowKey, IngressBackend, IngressConfig, IngressFrontend, Nat,
+        BACKEND_LIVE, BACKEND_LOCAL, DEFAULT_INGRESS_TABLES, IN_STAT_DROP_MALFORMED, IN_STAT_DSR_RECORDED,
+        IN_STAT_ENCAP, IN_STAT_ENTRIES, IN_STAT_LOCAL, IN_STAT_NO_BACKEND, IN_STAT_PASS, IN_STAT_REPLY_TC,
         IN_STAT_REPLY_XDP, IN_STAT_UNROUTED, MAX_INGRESS_BACKENDS, MAX_INGRESS_FLOWS, MAX_INGRESS_FRONTENDS,
         MAX_INGRESS_NAT, MODE_DSR, NAT_PORT_PROBES, VXLAN_OVERHEAD, VXLAN_PORT,
     },
@@ -549,8 +549,16 @@ fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
         proto: inner.proto,
         pad: [0; 3],
     };
-    // SAFETY: read-only lookup, copied out.
-    let Some(nat) = (unsafe { IN_NAT.get(key) }).copied() else { return PASS };
+    let Some(entry) = IN_NAT.get_ptr_mut(key) else { return PASS };
+    // SAFETY: a pointer to the map value from the lookup; copied out.
+    let nat = unsafe { *entry };
+    // A reply proves the translation in use: keep its NAT port from being taken over
+    // as idle (one write per second at most).
+    // SAFETY: helper without preconditions; the write goes to the same map value.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if nat_needs_refresh(nat.created_ns, now) {
+        unsafe { (*entry).created_ns = now };
+    }
     let to = Tuple {
         src_raw: nat.src_raw,
         dst_raw: nat.dst_raw,

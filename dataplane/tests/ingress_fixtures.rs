@@ -928,24 +928,41 @@ fn real_veths(mode: aya::programs::XdpMode) {
 
     // TCP through the published port to the local task, which reports its peer.
     let listener = task.run(|| TcpListener::bind((Ipv4Addr::from(TASK), TARGET)).expect("task listener"));
+    // 1 MiB each way: full-sized segments in, a GSO burst out through tc; the task's
+    // stack verifies every checksum the XDP program rewrote incrementally.
+    const BULK: usize = 1 << 20;
+    let pattern = |i: usize| (i % 251) as u8;
     let server = std::thread::spawn(move || {
         let (mut s, peer) = listener.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut buf = [0u8; 2];
-        s.read_exact(&mut buf).expect("request");
-        s.write_all(format!("peer={peer}").as_bytes()).expect("reply");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut upload = vec![0u8; BULK];
+        s.read_exact(&mut upload).expect("the client's upload");
+        let intact = upload.iter().enumerate().all(|(i, &b)| b == pattern(i));
+        let mut answer = format!("peer={peer} intact={intact}\n").into_bytes();
+        answer.extend((0..BULK).map(pattern));
+        s.write_all(&answer).expect("reply");
     });
     let published: SocketAddr = (Ipv4Addr::from(NODE), PUBLISHED).into();
     let mut stream = client
         .run(|| TcpStream::connect_timeout(&published, Duration::from_secs(5)))
         .unwrap_or_else(|e| panic!("client → {published} ({mode:?} XDP): {e}; counters {:?}", f.stats()));
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    stream.write_all(b"hi").unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("reading the task's answer");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(&(0..BULK).map(pattern).collect::<Vec<_>>()).unwrap();
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .unwrap_or_else(|e| panic!("reading the task's answer: {e}; counters {:?}", f.stats()));
     server.join().unwrap();
     let local = stream.local_addr().unwrap();
-    assert_eq!(answer, format!("peer={local}"), "the task saw the client's own address and port");
+    let head = format!("peer={local} intact=true\n");
+    assert_eq!(
+        String::from_utf8_lossy(&answer[..head.len().min(answer.len())]),
+        head,
+        "the task saw the client's address and the upload intact"
+    );
+    let download = &answer[head.len()..];
+    assert_eq!(download.len(), BULK, "download length");
+    assert!(download.iter().enumerate().all(|(i, &b)| b == pattern(i)), "download intact");
 
     // UDP to a frontend whose backend is on "node 2" (the client namespace's second
     // address): the encapsulated datagram comes back out of u0 (redirect).
@@ -990,7 +1007,10 @@ fn real_veths(mode: aya::programs::XdpMode) {
     assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "inner IPv4 checksum");
 
     let stats = f.stats();
-    assert!(stats[IN_STAT_LOCAL as usize] >= 2, "{stats:?}");
+    assert!(
+        stats[IN_STAT_LOCAL as usize] >= (BULK / 1500) as u64,
+        "every upload segment took the XDP path: {stats:?}"
+    );
     assert!(stats[IN_STAT_REPLY_TC as usize] >= 2, "{stats:?}");
     assert_eq!(stats[IN_STAT_ENCAP as usize], 1, "{stats:?}");
 }

@@ -24,8 +24,8 @@ use meshd_common::{
         BACKEND_LOCAL, INGRESS_BACKENDS_MAP, INGRESS_CONFIG_MAP, INGRESS_FLOWS_MAP, INGRESS_FRONTENDS_MAP,
         INGRESS_MAGLEV_MAP, INGRESS_NAT_MAP, INGRESS_STATS_MAP, INGRESS_TC_PROGRAM, INGRESS_XDP_PROGRAM,
         IN_STAT_DROP_MALFORMED, IN_STAT_DSR_RECORDED, IN_STAT_ENCAP, IN_STAT_ENTRIES, IN_STAT_LOCAL,
-        IN_STAT_NO_BACKEND, IN_STAT_PASS, IN_STAT_REPLY_TC, IN_STAT_REPLY_XDP, MODE_DSR, MODE_SNAT,
-        NAT_PORT_MAX, NAT_PORT_MIN,
+        IN_STAT_NO_BACKEND, IN_STAT_PASS, IN_STAT_REPLY_TC, IN_STAT_REPLY_XDP, IN_STAT_UNROUTED, MODE_DSR,
+        MODE_SNAT, NAT_PORT_MAX, NAT_PORT_MIN,
     },
     ip4_raw,
     maglev::{flow_hash, MAGLEV_TABLE_SIZE},
@@ -1172,4 +1172,19 @@ fn common_paths_cost_little() {
         println!("ingress_xdp, {what}: {} ns per packet", per_packet.as_nanos());
         assert!(per_packet.as_nanos() < 2_000, "{what}: {per_packet:?} per packet");
     }
+}
+
+#[test]
+fn a_remote_backend_without_a_resolved_next_hop_leaves_the_packet_to_the_stack() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
+    // 198.18.0.50 is on the underlay's subnet but has no neighbour entry.
+    f.backend(0, IngressBackend { vtep_raw: ip4_raw([198, 18, 0, 50]), ..remote_backend(TASK2, TASK2_MAC) });
+    f.fill_table(0, 0);
+    let syn = syn_from_client(CPORT);
+    assert_eq!(f.xdp(&syn), (XDP_PASS, syn.clone()), "passed untouched");
+    assert_eq!(f.stat(IN_STAT_UNROUTED), 1);
+    assert!(f.flow(&client_key(CPORT, PUBLISHED, PROTO_TCP)).is_none(), "no flow recorded");
+    let reply = reply_key(ip4_raw(TASK2), port_raw(TARGET), ip4_raw(GW), port_raw(CPORT), PROTO_TCP);
+    assert!(f.nat(&reply).is_none(), "no NAT port claimed");
 }

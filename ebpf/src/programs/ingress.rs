@@ -5,6 +5,21 @@
 //!
 //! Every header is read at a fixed offset (IPv4 options are passed to the stack), so
 //! each access is one explicit bounds check the verifier can follow.
+//!
+//! ## What the loader must provide (tested in `dataplane/tests/ingress_fixtures.rs`)
+//! - `IN_CONFIG[0]`: the node's underlay address and the underlay's ifindex (the tc
+//!   program looks next hops up through it), NAT port range. Without it every remote
+//!   or reply path passes to the stack, counted as unrouted.
+//! - IPv4 forwarding on the underlay (`net.ipv4.conf.<dev>.forwarding=1`):
+//!   `bpf_fib_lookup` answers `BPF_FIB_LKUP_RET_FWD_DISABLED` otherwise.
+//! - Resolved neighbours for the next hops (the programs never resolve one: a miss
+//!   passes the packet to the stack, which does, so the next packet goes fast).
+//! - `ingress_xdp` on the underlay (native where the driver has it, veth does; generic
+//!   works too), `ingress_reply` on each local task's host veth at tc ingress.
+//! - On veths: GRO on the task's `eth0` (a native-XDP redirect into a veth is dropped
+//!   unless its peer runs NAPI), and complete checksums from senders whose packets
+//!   native XDP rewrites (a veth sender leaves TCP/UDP checksums partial: the XDP
+//!   program sees bare bytes, and the redirected frame loses the skb's checksum state).
 
 use core::mem::size_of;
 

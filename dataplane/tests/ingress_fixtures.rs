@@ -1222,13 +1222,20 @@ fn attach(f: &mut Fixture, host_veth: Option<&str>) {
     });
 }
 
-/// DSR end to end through the kernel's own VXLAN device: node 1 (198.18.0.11) gets
-/// the client's connection and encapsulates it, marked, to node 2 (198.18.0.12),
-/// whose program records and unmarks it; node 2's VXLAN device and bridge deliver it
-/// to the task, and the task's reply leaves node 2 straight to the client from node
-/// 1's published address. The task sees the client's real address.
-#[test]
-fn dsr_through_a_kernel_vxlan_device_reaches_the_task_and_replies_directly() {
+/// Node 1's address on the task's network (snat source) and its MAC there.
+const NODE1_GW: [u8; 4] = [10, 0, 0, 2];
+const NODE1_GW_MAC: [u8; 6] = [0x02, 0x42, 10, 0, 0, 0xfe];
+
+/// A remote backend end to end through the kernel's own VXLAN device, on two nodes
+/// and a client on one switch, native XDP on both nodes' underlay. Node 1
+/// (198.18.0.11) gets the client's connection and encapsulates it to node 2
+/// (198.18.0.12), whose VXLAN device and bridge deliver it to the task.
+/// - `dsr`: node 2's program records and unmarks it; the task sees the client's real
+///   address and its reply leaves node 2 straight to the client, from node 1's
+///   published address.
+/// - snat: the task sees node 1's address on the network; its reply goes back over
+///   VXLAN to node 1, whose program decapsulates and rewrites it to the client.
+fn two_nodes(dsr: bool) {
     use std::{
         io::{Read as _, Write as _},
         net::{SocketAddr, TcpListener, TcpStream},
@@ -1328,13 +1335,25 @@ fn dsr_through_a_kernel_vxlan_device_reaches_the_task_and_replies_directly() {
     ip(&["-n", &t, "link", "set", "eth0", "up"]);
     ip(&["-n", &t, "route", "add", "default", "via", &addr(GW)]);
     ip(&["-n", &t, "neigh", "replace", &addr(GW), "lladdr", &mac(GW_MAC), "dev", "eth0", "nud", "permanent"]);
+    run("ip", &["netns", "exec", &t, "ethtool", "-K", "eth0", "tx", "off"], "apt-get install ethtool");
+    // Node 1's address on the network lives behind the VXLAN device (what the
+    // overlay's neighbour and FDB programming gives a real cluster).
+    let gw1 = mac(NODE1_GW_MAC);
+    ip(&["-n", &t, "neigh", "replace", &addr(NODE1_GW), "lladdr", &gw1, "dev", "eth0", "nud", "permanent"]);
+    run(
+        "bridge",
+        &["-n", &n2, "fdb", "add", &gw1, "dev", "vx0", "dst", &addr(NODE), "self", "permanent"],
+        "apt-get install iproute2",
+    );
 
     let u1 = node1.ifindex("u0");
     let u2 = node2.ifindex("u0");
     let mut f1 = node_fixture(node1, NODE, u1);
     let mut f2 = node_fixture(node2, NODE2, u2);
-    f1.frontend(PUBLISHED, PROTO_TCP, MODE_DSR, 0);
-    f1.backend(0, IngressBackend { gw_mac: [0x02, 0x42, 10, 0, 0, 0xfe], ..remote_backend(TASK, TASK_MAC) });
+    f1.frontend(PUBLISHED, PROTO_TCP, if dsr { MODE_DSR } else { MODE_SNAT }, 0);
+    let backend =
+        IngressBackend { gw_raw: ip4_raw(NODE1_GW), gw_mac: NODE1_GW_MAC, ..remote_backend(TASK, TASK_MAC) };
+    f1.backend(0, backend);
     f1.fill_table(0, 0);
     attach(&mut f1, None);
     attach(&mut f2, Some("t0"));
@@ -1358,14 +1377,28 @@ fn dsr_through_a_kernel_vxlan_device_reaches_the_task_and_replies_directly() {
     stream.read_to_string(&mut answer).expect("reading the task's answer");
     server.join().unwrap();
     let local = stream.local_addr().unwrap();
-    assert_eq!(answer, format!("peer={local}"), "the task saw the client's real address (DSR)");
     let (s1, s2) = (f1.stats(), f2.stats());
     assert!(s1[IN_STAT_ENCAP as usize] >= 2, "node 1 encapsulated: {s1:?}");
-    assert_eq!(
-        s1[IN_STAT_REPLY_XDP as usize] + s1[IN_STAT_REPLY_TC as usize],
-        0,
-        "no reply crossed node 1: {s1:?}"
-    );
-    assert!(s2[IN_STAT_DSR_RECORDED as usize] >= 2, "node 2 recorded: {s2:?}");
-    assert!(s2[IN_STAT_REPLY_TC as usize] >= 2, "node 2 replied directly: {s2:?}");
+    if dsr {
+        assert_eq!(answer, format!("peer={local}"), "the task saw the client's real address");
+        assert_eq!(s1[IN_STAT_REPLY_XDP as usize], 0, "no reply crossed node 1: {s1:?}");
+        assert!(s2[IN_STAT_DSR_RECORDED as usize] >= 2, "node 2 recorded: {s2:?}");
+        assert!(s2[IN_STAT_REPLY_TC as usize] >= 2, "node 2 replied directly: {s2:?}");
+    } else {
+        // The client's own port was free, so it is the NAT port.
+        let expected = SocketAddr::from((Ipv4Addr::from(NODE1_GW), local.port()));
+        assert_eq!(answer, format!("peer={expected}"), "the task saw node 1's address on the network");
+        assert!(s1[IN_STAT_REPLY_XDP as usize] >= 2, "node 1 decapsulated the replies: {s1:?}");
+        assert_eq!(s2[IN_STAT_DSR_RECORDED as usize] + s2[IN_STAT_REPLY_TC as usize], 0, "{s2:?}");
+    }
+}
+
+#[test]
+fn dsr_through_a_kernel_vxlan_device_reaches_the_task_and_replies_directly() {
+    two_nodes(true);
+}
+
+#[test]
+fn snat_through_a_kernel_vxlan_device_reaches_the_task_and_replies_through_the_ingress_node() {
+    two_nodes(false);
 }

@@ -33,7 +33,7 @@
 //!   the frontend per (socket, backend) in the reverse map.
 
 pub mod plan;
-mod sys;
+pub(crate) mod sys;
 
 use std::{
     collections::BTreeMap,
@@ -62,7 +62,7 @@ pub use plan::{MapState, Write};
 use crate::{Error, Result};
 
 /// The compiled kernel object, built by this crate's build script.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshd-ebpf"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshd-ebpf"));
 
 /// The programs, in the order `status()` lists them, with their stats index.
 const HOOKS: [(&str, u32); 4] = [
@@ -237,6 +237,17 @@ impl SocketLb {
         };
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
+        }
+        // The ingress path's maps come with the object; this copy never uses them, and
+        // at full size they would lock tens of MiB for nothing.
+        for unused in [
+            meshd_common::ingress::INGRESS_MAGLEV_MAP,
+            meshd_common::ingress::INGRESS_FLOWS_MAP,
+            meshd_common::ingress::INGRESS_NAT_MAP,
+            meshd_common::ingress::INGRESS_BACKENDS_MAP,
+            meshd_common::ingress::INGRESS_FRONTENDS_MAP,
+        ] {
+            loader.map_max_entries(unused, 1);
         }
         let mut ebpf = loader.load(OBJECT).map_err(|e| err(format!("loading the object: {}", chain(&e))))?;
         // Written before any program is attached, so none runs with another namespace's.
@@ -684,7 +695,7 @@ fn adoptable_link(
 
 /// Makes sure bpffs is mounted at [`BPFFS`] (when `pin_dir` is under it) and creates
 /// `pin_dir`.
-fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
+pub(crate) fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
     let err = ebpf_err("socket-lb");
     if pin_dir.starts_with(BPFFS) {
         let mounts =

@@ -168,6 +168,8 @@ mod programs {
         SOCK_ADDR_ALLOW
     }
 
+    mod ingress;
+
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo) -> ! {
         loop {}

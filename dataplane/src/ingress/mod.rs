@@ -181,6 +181,9 @@ impl IngressConfig {
 /// Default of [`IngressConfig::max_ports`].
 pub const DEFAULT_MAX_PORTS: u32 = DEFAULT_INGRESS_TABLES;
 
+/// Largest [`IngressConfig::max_ports`]: one table per frontend the map can hold.
+pub const MAX_PORTS: u32 = MAX_INGRESS_FRONTENDS;
+
 /// A published port's mode on the kernel path.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum IngressMode {

@@ -364,24 +364,22 @@ fn task_veths(cluster: &Cluster, i: usize) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Whether `dev` in namespace `ns` has a BPF program on its tc ingress hook: a TCX
-/// link, or a classic clsact filter.
-fn tc_ingress_attached(ns: &str, dev: &str) -> Result<bool> {
-    let filters = sh("ip", &["netns", "exec", ns, "tc", "filter", "show", "dev", dev, "ingress"])?;
-    if filters.contains("bpf") {
-        return Ok(true);
-    }
-    // TCX links are not tc filters; bpftool lists them per device.
-    let net = sh("ip", &["netns", "exec", ns, "bpftool", "-j", "net", "show", "dev", dev])
-        .context("listing TCX links (bpftool: `make bootstrap`)")?;
-    let v: Value = serde_json::from_str(&net)?;
-    Ok(v.as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|entry| entry["tc"].as_array().cloned().unwrap_or_default())
-        .any(|p| {
-            p["kind"].as_str().is_some_and(|k| k.contains("tcx/ingress")) || p["name"] == "ingress_reply"
-        }))
+/// The names of the BPF programs on `dev`'s tc ingress hook in node `i`'s namespace,
+/// asked of the kernel: TCX links (through aya's query) and classic clsact filters.
+fn tc_ingress_programs(cluster: &Cluster, i: usize, dev: &str) -> Result<Vec<String>> {
+    let ns = cluster.nodes[i - 1].ns.clone();
+    let filters = sh("ip", &["netns", "exec", &ns, "tc", "filter", "show", "dev", dev, "ingress"])?;
+    let mut names: Vec<String> = filters
+        .split_whitespace()
+        .filter_map(|w| w.strip_suffix(']').and_then(|w| w.split_once(':')).map(|(n, _)| n.to_owned()))
+        .collect();
+    let name = dev.to_owned();
+    let tcx = in_netns(&cluster.nodes[i - 1].netns(), move || {
+        aya::programs::SchedClassifier::query_tcx(&name, aya::programs::tc::TcAttachType::Ingress)
+    })?
+    .with_context(|| format!("querying the TCX programs of {dev} on n{i}"))?;
+    names.extend(tcx.1.iter().filter_map(|p| p.name_as_str().map(str::to_owned)));
+    Ok(names)
 }
 
 #[test]
@@ -395,9 +393,10 @@ fn programs_are_attached_in_the_kernel_and_keep_serving_after_kill_9() -> Result
         let veths = task_veths(&cluster, i)?;
         ensure!(!veths.is_empty(), "n{i} has no task veth");
         for dev in &veths {
+            let programs = tc_ingress_programs(&cluster, i, dev)?;
             assert!(
-                tc_ingress_attached(&cluster.nodes[i - 1].ns, dev)?,
-                "n{i}'s task veth {dev} has no program on its tc ingress hook"
+                programs.iter().any(|p| p == "ingress_reply"),
+                "n{i}'s task veth {dev} has no ingress_reply on its tc ingress hook: {programs:?}"
             );
         }
         let s = status(&cluster, i)?;

@@ -74,6 +74,23 @@ fn tcx_programs(ns: &Path, host_if: &str) -> Result<Vec<String>> {
     Ok(programs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()).collect())
 }
 
+/// `sysctl -w SETTING` in node `i`'s namespace (`nsenter`: `ip netns exec` would
+/// remount /sys, see DESIGN.md; /proc/sys/net follows the network namespace).
+fn sysctl(cluster: &Cluster, i: usize, setting: &str) -> Result<String> {
+    let ns = cluster.nodes[i - 1].netns();
+    meshd_tests::sh("nsenter", &[&format!("--net={}", ns.display()), "--", "sysctl", "-w", setting])
+}
+
+/// Node `i`'s `net.ipv4.conf.eth0.forwarding`.
+fn eth0_forwarding(cluster: &Cluster, i: usize) -> Result<String> {
+    let ns = cluster.nodes[i - 1].netns();
+    let out = meshd_tests::sh(
+        "nsenter",
+        &[&format!("--net={}", ns.display()), "--", "sysctl", "-n", "net.ipv4.conf.eth0.forwarding"],
+    )?;
+    Ok(out.trim().to_owned())
+}
+
 /// The task veths with a pinned tc link on node `i`.
 fn tc_pins(cluster: &Cluster, i: usize) -> Result<Vec<String>> {
     let dir = cluster.nodes[i - 1].pin_dir.join("ingress");
@@ -142,6 +159,20 @@ fn xdp_and_tc_are_attached_ports_written_in_their_mode_and_status_says_so() -> R
             "n{i}'s pinned frontends: {held:?}"
         );
     }
+    // The next-hop lookups of the programs need forwarding on the underlay interface:
+    // meshd turns it on, and on again after a hand edit.
+    for i in 1..=2 {
+        ensure!(eth0_forwarding(&cluster, i)? == "1", "n{i} forwards on eth0");
+    }
+    sysctl(&cluster, 2, "net.ipv4.conf.eth0.forwarding=0")?;
+    poll("n2 turns forwarding on eth0 on again", Duration::from_secs(5), || {
+        let held = eth0_forwarding(&cluster, 2)?;
+        if held == "1" {
+            Ok(())
+        } else {
+            Err(anyhow!("forwarding {held}"))
+        }
+    })?;
     let inspect = cluster.meshctl_json(2, &["service", "inspect", "web"])?;
     let modes: Vec<_> =
         inspect["published"].as_array().into_iter().flatten().map(|p| p["mode"].clone()).collect();
@@ -205,6 +236,7 @@ fn xdp_off_leaves_published_ports_to_the_proxy_and_says_why() -> Result<()> {
     ensure!(ingress["reason"].as_str().is_some_and(|r| r.contains("--xdp off")), "{ingress}");
     let link = underlay_link(&cluster, 1)?;
     ensure!(!link.contains("prog/xdp"), "no XDP program with --xdp off:\n{link}");
+    ensure!(eth0_forwarding(&cluster, 1)? == "0", "forwarding left as it was with --xdp off");
     cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
     cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
     cluster.meshctl_ok(1, &["publish", "3000:80", "web", "--mode", "dsr"])?;

@@ -6,7 +6,10 @@
 //! `meshd_common::ingress`; the write order is [`plan`].
 //!
 //! It owns only what sits in its pin directory: it never detaches a program it did
-//! not attach, and never touches another XDP or tc program.
+//! not attach, and never touches another XDP or tc program. Beside the pins it sets one
+//! thing: IPv4 forwarding on the underlay interface (`net.ipv4.conf.<if>.forwarding`),
+//! without which the programs' `bpf_fib_lookup` refuses every next hop; it is kept on
+//! (read back each pass) and left on at exit.
 //!
 //! ## Lifetime
 //! - Pinned links outlive the process: a `kill -9` or a SIGTERM of meshd leaves the
@@ -387,6 +390,30 @@ fn drop_incompatible_map(path: &Path, spec: &MapSpec) -> Result<()> {
     Ok(())
 }
 
+/// Turns on IPv4 forwarding on interface `name` (this namespace's
+/// `net.ipv4.conf.<name>.forwarding`) if it is off; returns whether it was off. The
+/// programs' `bpf_fib_lookup` (the next hop of an encapsulated packet or a reply) answers
+/// `BPF_FIB_LKUP_RET_FWD_DISABLED` on an interface that does not forward, and every
+/// packet would fall back to the stack.
+pub fn ensure_forwarding(name: &str) -> Result<bool> {
+    let path = Path::new("/proc/sys/net/ipv4/conf").join(name).join("forwarding");
+    let held =
+        std::fs::read_to_string(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    if held.trim() == "1" {
+        return Ok(false);
+    }
+    std::fs::write(&path, "1").map_err(|e| {
+        Error::io(
+            format!(
+                "enabling forwarding on {name} (writing 1 to {}); the kernel ingress path needs it",
+                path.display()
+            ),
+            e,
+        )
+    })?;
+    Ok(true)
+}
+
 /// The interface's index, or a clear error.
 pub fn ifindex_of(name: &str) -> Result<u32> {
     let c = CString::new(name).map_err(|_| Error::Config {
@@ -537,6 +564,9 @@ impl Ingress {
             }
         };
         let ifindex = ifindex_of(&cfg.interface)?;
+        if ensure_forwarding(&cfg.interface)? {
+            tracing::info!(interface = %cfg.interface, "enabled IPv4 forwarding on the underlay interface (the XDP/tc next-hop lookups need it)");
+        }
         crate::socklb::prepare_pin_dir(&cfg.pin_dir)?;
         let specs = map_specs(cfg.max_ports);
         for spec in &specs {
@@ -790,6 +820,10 @@ impl Ingress {
     /// whose tc link is attached (with the namespace given GRO by this process; an
     /// empty path until then, so the next apply checks it).
     pub fn observe(&mut self) -> Result<IngressSpec> {
+        // Read back like the maps: a hand-disabled flag is turned on again.
+        if ensure_forwarding(&self.cfg.interface)? {
+            tracing::warn!(interface = %self.cfg.interface, "IPv4 forwarding on the underlay interface was turned off; turned it on again (the kernel ingress path needs it)");
+        }
         let maps = self.maps()?;
         let mut spec = IngressSpec::default();
         for (key, f) in &maps.frontends {

@@ -24,8 +24,8 @@ use meshd_common::{
         BACKEND_LOCAL, INGRESS_BACKENDS_MAP, INGRESS_CONFIG_MAP, INGRESS_FLOWS_MAP, INGRESS_FRONTENDS_MAP,
         INGRESS_MAGLEV_MAP, INGRESS_NAT_MAP, INGRESS_STATS_MAP, INGRESS_TC_PROGRAM, INGRESS_XDP_PROGRAM,
         IN_STAT_DROP_MALFORMED, IN_STAT_DSR_RECORDED, IN_STAT_ENCAP, IN_STAT_ENTRIES, IN_STAT_LOCAL,
-        IN_STAT_NO_BACKEND, IN_STAT_PASS, IN_STAT_REPLY_TC, IN_STAT_REPLY_XDP, MODE_DSR, MODE_SNAT,
-        NAT_PORT_MAX, NAT_PORT_MIN,
+        IN_STAT_NO_BACKEND, IN_STAT_PASS, IN_STAT_REPLY_TC, IN_STAT_REPLY_XDP, IN_STAT_UNROUTED, MODE_DSR,
+        MODE_SNAT, NAT_PORT_MAX, NAT_PORT_MIN,
     },
     ip4_raw,
     maglev::{flow_hash, MAGLEV_TABLE_SIZE},
@@ -928,24 +928,41 @@ fn real_veths(mode: aya::programs::XdpMode) {
 
     // TCP through the published port to the local task, which reports its peer.
     let listener = task.run(|| TcpListener::bind((Ipv4Addr::from(TASK), TARGET)).expect("task listener"));
+    // 1 MiB each way: full-sized segments in, a GSO burst out through tc; the task's
+    // stack verifies every checksum the XDP program rewrote incrementally.
+    const BULK: usize = 1 << 20;
+    let pattern = |i: usize| (i % 251) as u8;
     let server = std::thread::spawn(move || {
         let (mut s, peer) = listener.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut buf = [0u8; 2];
-        s.read_exact(&mut buf).expect("request");
-        s.write_all(format!("peer={peer}").as_bytes()).expect("reply");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut upload = vec![0u8; BULK];
+        s.read_exact(&mut upload).expect("the client's upload");
+        let intact = upload.iter().enumerate().all(|(i, &b)| b == pattern(i));
+        let mut answer = format!("peer={peer} intact={intact}\n").into_bytes();
+        answer.extend((0..BULK).map(pattern));
+        s.write_all(&answer).expect("reply");
     });
     let published: SocketAddr = (Ipv4Addr::from(NODE), PUBLISHED).into();
     let mut stream = client
         .run(|| TcpStream::connect_timeout(&published, Duration::from_secs(5)))
         .unwrap_or_else(|e| panic!("client → {published} ({mode:?} XDP): {e}; counters {:?}", f.stats()));
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    stream.write_all(b"hi").unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("reading the task's answer");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(&(0..BULK).map(pattern).collect::<Vec<_>>()).unwrap();
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .unwrap_or_else(|e| panic!("reading the task's answer: {e}; counters {:?}", f.stats()));
     server.join().unwrap();
     let local = stream.local_addr().unwrap();
-    assert_eq!(answer, format!("peer={local}"), "the task saw the client's own address and port");
+    let head = format!("peer={local} intact=true\n");
+    assert_eq!(
+        String::from_utf8_lossy(&answer[..head.len().min(answer.len())]),
+        head,
+        "the task saw the client's address and the upload intact"
+    );
+    let download = &answer[head.len()..];
+    assert_eq!(download.len(), BULK, "download length");
+    assert!(download.iter().enumerate().all(|(i, &b)| b == pattern(i)), "download intact");
 
     // UDP to a frontend whose backend is on "node 2" (the client namespace's second
     // address): the encapsulated datagram comes back out of u0 (redirect).
@@ -990,7 +1007,10 @@ fn real_veths(mode: aya::programs::XdpMode) {
     assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "inner IPv4 checksum");
 
     let stats = f.stats();
-    assert!(stats[IN_STAT_LOCAL as usize] >= 2, "{stats:?}");
+    assert!(
+        stats[IN_STAT_LOCAL as usize] >= (BULK / 1500) as u64,
+        "every upload segment took the XDP path: {stats:?}"
+    );
     assert!(stats[IN_STAT_REPLY_TC as usize] >= 2, "{stats:?}");
     assert_eq!(stats[IN_STAT_ENCAP as usize], 1, "{stats:?}");
 }
@@ -1003,4 +1023,382 @@ fn native_xdp_on_veth_serves_a_local_task_and_transmits_encapsulated() {
 #[test]
 fn generic_xdp_on_veth_serves_a_local_task_and_transmits_encapsulated() {
     real_veths(aya::programs::XdpMode::Skb);
+}
+
+/// A router on the client's side of the path.
+const ROUTER: [u8; 4] = [198, 18, 0, 1];
+
+/// An ICMP "fragmentation needed" from `src` to `dst` quoting `quoted` (an Ethernet
+/// frame) from its IPv4 header on: the header and the first 8 transport bytes.
+fn frag_needed(smac: [u8; 6], dmac: [u8; 6], src: [u8; 4], dst: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type};
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(smac, dmac)
+        .ipv4(src, dst, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: 1400,
+        }))
+        .write(&mut out, &quoted[14..14 + 20 + 8])
+        .unwrap();
+    out
+}
+
+#[test]
+fn icmp_errors_follow_their_flow() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
+    f.backend(0, local_backend(f.underlay + 1));
+    f.fill_table(0, 0);
+    f.frontend(PUBLISHED + 1, PROTO_TCP, MODE_SNAT, 1);
+    f.backend(1, remote_backend(TASK2, TASK2_MAC));
+    f.fill_table(1, 1);
+    assert_eq!(f.xdp(&syn_from_client(CPORT)).0, XDP_REDIRECT);
+    let syn_remote = tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED + 1, Seg::Syn);
+    assert_eq!(f.xdp(&syn_remote).0, XDP_REDIRECT);
+
+    // A router could not forward the node's reply to the client (local backend): the
+    // error goes to the task, quoting the task's own packet.
+    let sent = tcp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED, CPORT, Seg::SynAck);
+    let icmp = frag_needed(CLIENT_MAC, NODE_MAC, ROUTER, NODE, &sent);
+    let (action, out) = f.xdp(&icmp);
+    assert_eq!(action, XDP_REDIRECT);
+    let as_task_sent = tcp(TASK_MAC, GW_MAC, TASK, CLIENT, TARGET, CPORT, Seg::SynAck);
+    assert_eq!(out, frag_needed(GW_MAC, TASK_MAC, ROUTER, TASK, &as_task_sent), "ICMP for the local task");
+
+    // The same for the remote snat backend: rewritten to quote task:80 → gw:cport and
+    // encapsulated (without a DSR mark) to its node.
+    let sent = tcp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED + 1, CPORT, Seg::SynAck);
+    let icmp = frag_needed(CLIENT_MAC, NODE_MAC, ROUTER, NODE, &sent);
+    let (action, out) = f.xdp(&icmp);
+    assert_eq!(action, XDP_REDIRECT);
+    let as_task_sent = tcp(TASK2_MAC, GW_MAC, TASK2, GW, TARGET, CPORT, Seg::SynAck);
+    let inner = frag_needed(GW_MAC, TASK2_MAC, ROUTER, TASK2, &as_task_sent);
+    let id = u16::from_be_bytes([out[18], out[19]]);
+    let sport = u16::from_be_bytes([out[34], out[35]]);
+    let expected = vxlan(NODE_MAC, NODE2_MAC, NODE, NODE2, id, sport, vxlan_bytes(VNI, None), &inner);
+    assert_eq!(out, expected, "ICMP for the remote task, encapsulated");
+
+    // An error about a flow the node does not carry is the stack's.
+    let unknown = tcp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED, CPORT + 1, Seg::SynAck);
+    assert_passes(
+        &mut f,
+        "ICMP about an unknown flow",
+        &frag_needed(CLIENT_MAC, NODE_MAC, ROUTER, NODE, &unknown),
+    );
+}
+
+#[test]
+fn tc_rewrites_udp_replies_and_keeps_a_zero_checksum() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_UDP, MODE_SNAT, 0);
+    f.backend(0, local_backend(f.underlay + 1));
+    f.fill_table(0, 0);
+    assert_eq!(f.xdp(&udp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED)).0, XDP_REDIRECT);
+    let mut reply = udp(TASK_MAC, GW_MAC, TASK, CLIENT, TARGET, CPORT);
+    let (action, out) = f.tc(&reply);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(out, udp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED, CPORT), "UDP reply, byte for byte");
+    reply[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+    let (action, out) = f.tc(&reply);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(&out[14 + 20 + 6..14 + 20 + 8], &[0, 0], "no checksum stays no checksum");
+}
+
+#[test]
+fn dsr_mark_with_an_outer_udp_checksum_is_cleared_to_none() {
+    let mut f = fixture();
+    let inner = tcp(GW_MAC, TASK_MAC, CLIENT, TASK, CPORT, TARGET, Seg::Syn);
+    let mut frame =
+        vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 99, 51_000, vxlan_bytes(VNI, Some(PUBLISHED)), &inner);
+    // Some senders checksum the outer UDP header; clearing the mark would break it.
+    frame[40..42].copy_from_slice(&[0x12, 0x34]);
+    let (action, out) = f.xdp(&frame);
+    assert_eq!(action, XDP_PASS);
+    let expected = vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 99, 51_000, vxlan_bytes(VNI, None), &inner);
+    assert_eq!(out, expected, "mark cleared and the outer UDP checksum set to none (valid over IPv4)");
+}
+
+/// Not a benchmark (T's `make bench` measures the paths end to end): the program's own
+/// cost for traffic it passes and for an established flow, with `BPF_PROG_TEST_RUN`
+/// repeating one packet, so a regression that makes the common case expensive shows.
+#[test]
+fn common_paths_cost_little() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
+    f.backend(0, local_backend(f.underlay + 1));
+    f.fill_table(0, 0);
+    // A frontend whose backend is itself (same address, port and MACs): the rewrite
+    // leaves the packet as it was, so every repetition takes the whole established-
+    // flow path (flow lookup, backend check, rewrite, redirect).
+    let me = IngressBackend {
+        addr_raw: ip4_raw(NODE),
+        port_raw: port_raw(PUBLISHED + 1),
+        mac: NODE_MAC,
+        gw_mac: CLIENT_MAC,
+        ..local_backend(f.underlay + 1)
+    };
+    f.frontend(PUBLISHED + 1, PROTO_TCP, MODE_SNAT, 1);
+    f.backend(1, me);
+    f.fill_table(1, 1);
+    let established = tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED + 1, Seg::Ack);
+    assert_eq!(
+        f.xdp(&tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED + 1, Seg::Syn)).0,
+        XDP_REDIRECT
+    );
+    let inner = tcp(GW_MAC, TASK_MAC, CLIENT, TASK2, CPORT, TARGET, Seg::Ack);
+    let cases = [
+        ("TCP to another port", tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, 22, Seg::Ack), XDP_PASS),
+        (
+            "overlay VXLAN, no NAT entry",
+            vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 1, 50_000, vxlan_bytes(VNI, None), &inner),
+            XDP_PASS,
+        ),
+        ("established flow, local backend", established, XDP_REDIRECT),
+    ];
+    let underlay = f.underlay;
+    for (what, pkt, want) in cases {
+        let prog: &mut Xdp = f.ebpf.program_mut(INGRESS_XDP_PROGRAM).unwrap().try_into().unwrap();
+        let per_packet = f.ns.run(|| {
+            let md: Vec<u8> =
+                [0, pkt.len() as u32, 0, underlay, 0, 0].iter().flat_map(|v: &u32| v.to_ne_bytes()).collect();
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(&pkt);
+            opts.ctx_in = Some(&md);
+            opts.repeat = 1_000_000;
+            let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+            assert_eq!(r.return_value, want, "{what}");
+            r.duration
+        });
+        println!("ingress_xdp, {what}: {} ns per packet", per_packet.as_nanos());
+        assert!(per_packet.as_nanos() < 2_000, "{what}: {per_packet:?} per packet");
+    }
+}
+
+#[test]
+fn a_remote_backend_without_a_resolved_next_hop_leaves_the_packet_to_the_stack() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
+    // 198.18.0.50 is on the underlay's subnet but has no neighbour entry.
+    f.backend(0, IngressBackend { vtep_raw: ip4_raw([198, 18, 0, 50]), ..remote_backend(TASK2, TASK2_MAC) });
+    f.fill_table(0, 0);
+    let syn = syn_from_client(CPORT);
+    assert_eq!(f.xdp(&syn), (XDP_PASS, syn.clone()), "passed untouched");
+    assert_eq!(f.stat(IN_STAT_UNROUTED), 1);
+    assert!(f.flow(&client_key(CPORT, PUBLISHED, PROTO_TCP)).is_none(), "no flow recorded");
+    let reply = reply_key(ip4_raw(TASK2), port_raw(TARGET), ip4_raw(GW), port_raw(CPORT), PROTO_TCP);
+    assert!(f.nat(&reply).is_none(), "no NAT port claimed");
+}
+
+/// Loads the object (maps only; programs are loaded and attached by the caller) and
+/// writes the config of a node at `node` with underlay ifindex `underlay`.
+fn node_fixture(ns: Netns, node: [u8; 4], underlay: u32) -> Fixture {
+    let ebpf = EbpfLoader::new()
+        .map_max_entries(INGRESS_MAGLEV_MAP, TABLES * MAGLEV_TABLE_SIZE)
+        .load(OBJECT)
+        .expect("loading the embedded kernel object");
+    let mut f = Fixture { ns, ebpf, underlay };
+    f.config(IngressConfig {
+        node_raw: ip4_raw(node),
+        ifindex: underlay,
+        nat_port_min: NAT_PORT_MIN,
+        nat_port_max: NAT_PORT_MAX,
+        pad: 0,
+    });
+    f
+}
+
+/// Attaches `ingress_xdp` (native) to `u0` and, if given, `ingress_reply` to a host veth.
+fn attach(f: &mut Fixture, host_veth: Option<&str>) {
+    let Fixture { ns, ebpf, .. } = f;
+    ns.run(|| {
+        let xdp: &mut Xdp = ebpf.program_mut(INGRESS_XDP_PROGRAM).unwrap().try_into().unwrap();
+        xdp.load().expect("verifier accepts ingress_xdp");
+        xdp.attach("u0", aya::programs::XdpMode::Driver).expect("attaching ingress_xdp natively to u0");
+        if let Some(dev) = host_veth {
+            let tc: &mut SchedClassifier = ebpf.program_mut(INGRESS_TC_PROGRAM).unwrap().try_into().unwrap();
+            tc.load().expect("verifier accepts ingress_reply");
+            tc.attach(dev, aya::programs::TcAttachType::Ingress).expect("attaching ingress_reply");
+        }
+    });
+}
+
+/// Node 1's address on the task's network (snat source) and its MAC there.
+const NODE1_GW: [u8; 4] = [10, 0, 0, 2];
+const NODE1_GW_MAC: [u8; 6] = [0x02, 0x42, 10, 0, 0, 0xfe];
+
+/// A remote backend end to end through the kernel's own VXLAN device, on two nodes
+/// and a client on one switch, native XDP on both nodes' underlay. Node 1
+/// (198.18.0.11) gets the client's connection and encapsulates it to node 2
+/// (198.18.0.12), whose VXLAN device and bridge deliver it to the task.
+/// - `dsr`: node 2's program records and unmarks it; the task sees the client's real
+///   address and its reply leaves node 2 straight to the client, from node 1's
+///   published address.
+/// - snat: the task sees node 1's address on the network; its reply goes back over
+///   VXLAN to node 1, whose program decapsulates and rewrites it to the client.
+fn two_nodes(dsr: bool) {
+    use std::{
+        io::{Read as _, Write as _},
+        net::{SocketAddr, TcpListener, TcpStream},
+        time::Duration,
+    };
+
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the ingress fixture tests attach BPF programs: run them as root"
+    );
+    let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let addr = |a: [u8; 4]| Ipv4Addr::from(a).to_string();
+    let switch = Netns::bare();
+    let node1 = Netns::bare();
+    let node2 = Netns::bare();
+    let client = Netns::bare();
+    let task = Netns::bare();
+    let s = switch.name.clone();
+    ip(&["-n", &s, "link", "add", "sw", "type", "bridge"]);
+    ip(&["-n", &s, "link", "set", "sw", "up"]);
+    for (ns, port, host_mac, host_addr) in [
+        (&node1, "p1", NODE_MAC, NODE),
+        (&node2, "p2", NODE2_MAC, NODE2),
+        (&client, "pc", CLIENT_MAC, CLIENT),
+    ] {
+        let n = ns.name.as_str();
+        ip(&["-n", &s, "link", "add", port, "type", "veth", "peer", "name", "u0", "netns", n]);
+        ip(&["-n", &s, "link", "set", port, "master", "sw", "up"]);
+        ip(&["-n", n, "link", "set", "u0", "address", &mac(host_mac)]);
+        ip(&["-n", n, "addr", "add", &format!("{}/24", addr(host_addr)), "dev", "u0"]);
+        ip(&["-n", n, "link", "set", "lo", "up"]);
+        ip(&["-n", n, "link", "set", "u0", "up"]);
+        // Native XDP on u0 sends into the switch port: NAPI (GRO) on it.
+        run("ip", &["netns", "exec", &s, "ethtool", "-K", port, "gro", "on"], "apt-get install ethtool");
+    }
+    // The client sends complete checksums (see `real_veths`).
+    run(
+        "ip",
+        &["netns", "exec", &client.name, "ethtool", "-K", "u0", "tx", "off"],
+        "apt-get install ethtool",
+    );
+    for (ns, peers) in [
+        (&node1, vec![(NODE2, NODE2_MAC), (CLIENT, CLIENT_MAC)]),
+        (&node2, vec![(NODE, NODE_MAC), (CLIENT, CLIENT_MAC)]),
+        (&client, vec![(NODE, NODE_MAC), (NODE2, NODE2_MAC)]),
+    ] {
+        for (a, m) in peers {
+            ip(&[
+                "-n",
+                &ns.name,
+                "neigh",
+                "replace",
+                &addr(a),
+                "lladdr",
+                &mac(m),
+                "dev",
+                "u0",
+                "nud",
+                "permanent",
+            ]);
+        }
+    }
+    for ns in [&node1, &node2] {
+        ns.run(|| {
+            std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").expect("enabling forwarding")
+        });
+    }
+    // Node 2: the kernel's VXLAN device and a bridge holding the task's host veth.
+    let n2 = node2.name.clone();
+    ip(&[
+        "-n",
+        &n2,
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "id",
+        &VNI.to_string(),
+        "local",
+        &addr(NODE2),
+        "dstport",
+        "4789",
+        "nolearning",
+    ]);
+    ip(&["-n", &n2, "link", "add", "br0", "address", &mac(GW_MAC), "type", "bridge"]);
+    ip(&["-n", &n2, "addr", "add", &format!("{}/24", addr(GW)), "dev", "br0"]);
+    ip(&["-n", &n2, "link", "add", "t0", "type", "veth", "peer", "name", "eth0", "netns", &task.name]);
+    for dev in ["vx0", "t0"] {
+        ip(&["-n", &n2, "link", "set", dev, "master", "br0", "up"]);
+    }
+    ip(&["-n", &n2, "link", "set", "br0", "up"]);
+    let t = task.name.clone();
+    ip(&["-n", &t, "link", "set", "eth0", "address", &mac(TASK_MAC)]);
+    ip(&["-n", &t, "addr", "add", &format!("{}/24", addr(TASK)), "dev", "eth0"]);
+    ip(&["-n", &t, "link", "set", "lo", "up"]);
+    ip(&["-n", &t, "link", "set", "eth0", "up"]);
+    ip(&["-n", &t, "route", "add", "default", "via", &addr(GW)]);
+    ip(&["-n", &t, "neigh", "replace", &addr(GW), "lladdr", &mac(GW_MAC), "dev", "eth0", "nud", "permanent"]);
+    run("ip", &["netns", "exec", &t, "ethtool", "-K", "eth0", "tx", "off"], "apt-get install ethtool");
+    // Node 1's address on the network lives behind the VXLAN device (what the
+    // overlay's neighbour and FDB programming gives a real cluster).
+    let gw1 = mac(NODE1_GW_MAC);
+    ip(&["-n", &t, "neigh", "replace", &addr(NODE1_GW), "lladdr", &gw1, "dev", "eth0", "nud", "permanent"]);
+    run(
+        "bridge",
+        &["-n", &n2, "fdb", "add", &gw1, "dev", "vx0", "dst", &addr(NODE), "self", "permanent"],
+        "apt-get install iproute2",
+    );
+
+    let u1 = node1.ifindex("u0");
+    let u2 = node2.ifindex("u0");
+    let mut f1 = node_fixture(node1, NODE, u1);
+    let mut f2 = node_fixture(node2, NODE2, u2);
+    f1.frontend(PUBLISHED, PROTO_TCP, if dsr { MODE_DSR } else { MODE_SNAT }, 0);
+    let backend =
+        IngressBackend { gw_raw: ip4_raw(NODE1_GW), gw_mac: NODE1_GW_MAC, ..remote_backend(TASK, TASK_MAC) };
+    f1.backend(0, backend);
+    f1.fill_table(0, 0);
+    attach(&mut f1, None);
+    attach(&mut f2, Some("t0"));
+
+    let listener = task.run(|| TcpListener::bind((Ipv4Addr::from(TASK), TARGET)).expect("task listener"));
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 2];
+        s.read_exact(&mut buf).expect("request");
+        s.write_all(format!("peer={peer}").as_bytes()).expect("reply");
+    });
+    let published: SocketAddr = (Ipv4Addr::from(NODE), PUBLISHED).into();
+    let mut stream =
+        client.run(|| TcpStream::connect_timeout(&published, Duration::from_secs(5))).unwrap_or_else(|e| {
+            panic!("client → {published}: {e}; node 1 {:?}, node 2 {:?}", f1.stats(), f2.stats())
+        });
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.write_all(b"hi").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("reading the task's answer");
+    server.join().unwrap();
+    let local = stream.local_addr().unwrap();
+    let (s1, s2) = (f1.stats(), f2.stats());
+    assert!(s1[IN_STAT_ENCAP as usize] >= 2, "node 1 encapsulated: {s1:?}");
+    if dsr {
+        assert_eq!(answer, format!("peer={local}"), "the task saw the client's real address");
+        assert_eq!(s1[IN_STAT_REPLY_XDP as usize], 0, "no reply crossed node 1: {s1:?}");
+        assert!(s2[IN_STAT_DSR_RECORDED as usize] >= 2, "node 2 recorded: {s2:?}");
+        assert!(s2[IN_STAT_REPLY_TC as usize] >= 2, "node 2 replied directly: {s2:?}");
+    } else {
+        // The client's own port was free, so it is the NAT port.
+        let expected = SocketAddr::from((Ipv4Addr::from(NODE1_GW), local.port()));
+        assert_eq!(answer, format!("peer={expected}"), "the task saw node 1's address on the network");
+        assert!(s1[IN_STAT_REPLY_XDP as usize] >= 2, "node 1 decapsulated the replies: {s1:?}");
+        assert_eq!(s2[IN_STAT_DSR_RECORDED as usize] + s2[IN_STAT_REPLY_TC as usize], 0, "{s2:?}");
+    }
+}
+
+#[test]
+fn dsr_through_a_kernel_vxlan_device_reaches_the_task_and_replies_directly() {
+    two_nodes(true);
+}
+
+#[test]
+fn snat_through_a_kernel_vxlan_device_reaches_the_task_and_replies_through_the_ingress_node() {
+    two_nodes(false);
 }

@@ -5,6 +5,21 @@
 //!
 //! Every header is read at a fixed offset (IPv4 options are passed to the stack), so
 //! each access is one explicit bounds check the verifier can follow.
+//!
+//! ## What the loader must provide (tested in `dataplane/tests/ingress_fixtures.rs`)
+//! - `IN_CONFIG[0]`: the node's underlay address and the underlay's ifindex (the tc
+//!   program looks next hops up through it), NAT port range. Without it every remote
+//!   or reply path passes to the stack, counted as unrouted.
+//! - IPv4 forwarding on the underlay (`net.ipv4.conf.<dev>.forwarding=1`):
+//!   `bpf_fib_lookup` answers `BPF_FIB_LKUP_RET_FWD_DISABLED` otherwise.
+//! - Resolved neighbours for the next hops (the programs never resolve one: a miss
+//!   passes the packet to the stack, which does, so the next packet goes fast).
+//! - `ingress_xdp` on the underlay (native where the driver has it, veth does; generic
+//!   works too), `ingress_reply` on each local task's host veth at tc ingress.
+//! - On veths: GRO on the task's `eth0` (a native-XDP redirect into a veth is dropped
+//!   unless its peer runs NAPI), and complete checksums from senders whose packets
+//!   native XDP rewrites (a veth sender leaves TCP/UDP checksums partial: the XDP
+//!   program sees bare bytes, and the redirected frame loses the skb's checksum state).
 
 use core::mem::size_of;
 
@@ -24,18 +39,19 @@ use aya_ebpf::{
 };
 use meshd_common::{
     ingress::{
-        flow_choice, frontend_key, maglev_slot, nat_port_candidate, nat_port_usable, reply_key, Flow,
-        FlowChoice, FlowKey, IngressBackend, IngressConfig, IngressFrontend, Nat, BACKEND_LIVE,
-        BACKEND_LOCAL, DEFAULT_INGRESS_TABLES, IN_STAT_DROP_MALFORMED, IN_STAT_DSR_RECORDED, IN_STAT_ENCAP,
-        IN_STAT_ENTRIES, IN_STAT_LOCAL, IN_STAT_NO_BACKEND, IN_STAT_PASS, IN_STAT_REPLY_TC,
+        flow_choice, frontend_key, maglev_slot, nat_needs_refresh, nat_port_candidate, nat_port_usable,
+        reply_key, Flow, FlowChoice, FlowKey, IngressBackend, IngressConfig, IngressFrontend, Nat,
+        BACKEND_LIVE, BACKEND_LOCAL, DEFAULT_INGRESS_TABLES, IN_STAT_DROP_MALFORMED, IN_STAT_DSR_RECORDED,
+        IN_STAT_ENCAP, IN_STAT_ENTRIES, IN_STAT_LOCAL, IN_STAT_NO_BACKEND, IN_STAT_PASS, IN_STAT_REPLY_TC,
         IN_STAT_REPLY_XDP, IN_STAT_UNROUTED, MAX_INGRESS_BACKENDS, MAX_INGRESS_FLOWS, MAX_INGRESS_FRONTENDS,
         MAX_INGRESS_NAT, MODE_DSR, NAT_PORT_PROBES, VXLAN_OVERHEAD, VXLAN_PORT,
     },
     maglev::{flow_hash, MAGLEV_TABLE_SIZE},
     packet::{
-        check_ipv4, ipv4_check_after, l4_check_after, tcp_doff_valid, tcp_opens, vxlan_dsr_port,
-        vxlan_src_port, write_outer_headers, Ipv4Verdict, Outer, Tuple, ETH_LEN, ETH_P_IP_BYTES, IPPROTO_TCP,
-        IPPROTO_UDP, IPV4_LEN, OUTER_LEN, TCP_LEN, UDP_LEN, VXLAN_LEN,
+        check_ipv4, icmp_is_flow_error, ipv4_check_after, l4_check_after, quote_checks_after, tcp_doff_valid,
+        tcp_opens, vxlan_dsr_port, vxlan_src_port, write_outer_headers, Ipv4Verdict, Outer, Tuple, ETH_LEN,
+        ETH_P_IP_BYTES, ICMP_LEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, OUTER_LEN, TCP_LEN,
+        UDP_LEN, VXLAN_LEN,
     },
     port_raw, FrontendKey,
 };
@@ -204,6 +220,8 @@ fn parse(start: usize, end: usize, ip_off: usize) -> Result<Parsed, Outcome<u32>
             read::<u16>(start, end, l4 + 6).ok_or(PASS)?;
             0
         }
+        // Its "ports" are type, code and checksum: only `handle_icmp` looks at it.
+        IPPROTO_ICMP => 0,
         _ => return Err(PASS),
     };
     let ports: [u16; 2] = read(start, end, l4).ok_or(PASS)?;
@@ -232,6 +250,9 @@ fn try_ingress_xdp(ctx: &XdpContext) -> Outcome<u32> {
     };
     if p.proto == IPPROTO_UDP && p.tuple.dport_raw == port_raw(VXLAN_PORT) {
         return handle_vxlan(ctx, &p);
+    }
+    if p.proto == IPPROTO_ICMP {
+        return handle_icmp(ctx, &p);
     }
     // SAFETY: read-only lookup, copied out.
     let Some(fe) =
@@ -290,6 +311,9 @@ struct Job {
     new: bool,
     /// The frontend's mode is DSR.
     dsr: bool,
+    /// The packet is an ICMP error about the flow (already rewritten by
+    /// [`icmp_rewrite`]; encapsulated without a DSR mark).
+    icmp: bool,
 }
 
 fn handle_frontend(ctx: &XdpContext, fe: &IngressFrontend, p: &Parsed) -> Outcome<u32> {
@@ -310,7 +334,7 @@ fn handle_frontend(ctx: &XdpContext, fe: &IngressFrontend, p: &Parsed) -> Outcom
     };
     let Some(b) = IN_BACKENDS.get(id) else { return (xdp_action::XDP_PASS, IN_STAT_NO_BACKEND) };
     let local = b.flags & BACKEND_LOCAL != 0;
-    let job = Job { key, hash, id, nat_port_raw, new, dsr: fe.mode == MODE_DSR };
+    let job = Job { key, hash, id, nat_port_raw, new, dsr: fe.mode == MODE_DSR, icmp: false };
     if local {
         return handle_local(ctx, p, &job);
     }
@@ -439,7 +463,7 @@ fn encap_remote(ctx: &XdpContext, p: &Parsed, job: &Job, hop: &Hop) -> Outcome<u
         Tuple { src_raw: b.gw_raw, dst_raw: b.addr_raw, sport_raw: hop.nat_port_raw, dport_raw: b.port_raw }
     };
     let (start, end) = (ctx.data(), ctx.data_end());
-    if rewrite(start, end, IP_OFF, p.proto, t, &to).is_none()
+    if (!job.icmp && rewrite(start, end, IP_OFF, p.proto, t, &to).is_none())
         || write(start, end, 0, b.mac).is_none()
         || write(start, end, 6, b.gw_mac).is_none()
     {
@@ -465,7 +489,7 @@ fn encap_remote(ctx: &XdpContext, p: &Parsed, job: &Job, hop: &Hop) -> Outcome<u
         sport: vxlan_src_port(job.hash),
         inner_len,
         vni: b.vni,
-        dsr_port_raw: if job.dsr { Some(t.dport_raw) } else { None },
+        dsr_port_raw: if job.dsr && !job.icmp { Some(t.dport_raw) } else { None },
     };
     let (start, end) = (ctx.data(), ctx.data_end());
     let Some(h) = at::<[u8; OUTER_LEN]>(start, end, 0) else { return BAD };
@@ -498,6 +522,9 @@ fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
         Ok(p) => p,
         Err(_) => return PASS,
     };
+    if inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP {
+        return PASS;
+    }
     let t = &inner.tuple;
     if let Some(published_raw) = vxlan_dsr_port(&vx) {
         let reply = reply_key(t.dst_raw, t.dport_raw, t.src_raw, t.sport_raw, inner.proto);
@@ -537,8 +564,16 @@ fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
         proto: inner.proto,
         pad: [0; 3],
     };
-    // SAFETY: read-only lookup, copied out.
-    let Some(nat) = (unsafe { IN_NAT.get(key) }).copied() else { return PASS };
+    let Some(entry) = IN_NAT.get_ptr_mut(key) else { return PASS };
+    // SAFETY: a pointer to the map value from the lookup; copied out.
+    let nat = unsafe { *entry };
+    // A reply proves the translation in use: keep its NAT port from being taken over
+    // as idle (one write per second at most).
+    // SAFETY: helper without preconditions; the write goes to the same map value.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if nat_needs_refresh(nat.created_ns, now) {
+        unsafe { (*entry).created_ns = now };
+    }
     let to = Tuple {
         src_raw: nat.src_raw,
         dst_raw: nat.dst_raw,
@@ -563,6 +598,125 @@ fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
         return BAD;
     }
     (transmit(next.ifindex), IN_STAT_REPLY_XDP)
+}
+
+/// Where the packet an ICMP error quotes starts (its IPv4 header).
+const QUOTE_OFF: usize = L4_OFF + ICMP_LEN;
+
+/// An ICMP error (destination unreachable, e.g. fragmentation needed; time exceeded)
+/// about a reply this node sent for a flow (`NODE:published → client:cport`) goes to
+/// the flow's backend, whose socket it concerns: rewritten as if it quoted the
+/// backend's own packet, redirected to a local task or encapsulated to a remote one.
+/// Anything else passes.
+#[inline(always)]
+fn handle_icmp(ctx: &XdpContext, p: &Parsed) -> Outcome<u32> {
+    const BAD: Outcome<u32> = (xdp_action::XDP_DROP, IN_STAT_DROP_MALFORMED);
+    let mut job =
+        Job { key: FlowKey::default(), hash: 0, id: 0, nat_port_raw: 0, new: false, dsr: false, icmp: true };
+    let local = match icmp_lookup(ctx, p, &mut job) {
+        Ok(local) => local,
+        Err(outcome) => return outcome,
+    };
+    if local {
+        if icmp_rewrite(ctx, p, &job, false).is_none() {
+            return BAD;
+        }
+        let Some(b) = IN_BACKENDS.get(job.id) else { return BAD };
+        return (transmit(b.ifindex), IN_STAT_LOCAL);
+    }
+    let mut hop = Hop::default();
+    if prepare_remote(ctx, p, &job, &mut hop).is_none() {
+        return (xdp_action::XDP_PASS, IN_STAT_UNROUTED);
+    }
+    job.nat_port_raw = hop.nat_port_raw;
+    if icmp_rewrite(ctx, p, &job, true).is_none() {
+        return BAD;
+    }
+    encap_remote(ctx, p, &job, &hop)
+}
+
+/// The flow an ICMP error is about, into `job`; whether its backend is local.
+#[inline(always)]
+fn icmp_lookup(ctx: &XdpContext, p: &Parsed, job: &mut Job) -> Result<bool, Outcome<u32>> {
+    const PASS: Outcome<u32> = (xdp_action::XDP_PASS, IN_STAT_PASS);
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let icmp: [u8; ICMP_LEN] = read(start, end, L4_OFF).ok_or(PASS)?;
+    if !icmp_is_flow_error(icmp[0]) {
+        return Err(PASS);
+    }
+    let q: [u8; IPV4_LEN] = read(start, end, QUOTE_OFF).ok_or(PASS)?;
+    let proto = q[9];
+    if q[0] != 0x45 || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+        return Err(PASS);
+    }
+    // The quoted transport header's first 8 bytes (ports; UDP's checksum).
+    let ports: [u16; 4] = read(start, end, QUOTE_OFF + IPV4_LEN).ok_or(PASS)?;
+    let q_src = u32::from_ne_bytes([q[12], q[13], q[14], q[15]]);
+    let q_dst = u32::from_ne_bytes([q[16], q[17], q[18], q[19]]);
+    // Only errors about a packet this address sent.
+    if q_src != p.tuple.dst_raw {
+        return Err(PASS);
+    }
+    let key = FlowKey {
+        src_raw: q_dst,
+        dst_raw: q_src,
+        sport_raw: ports[1],
+        dport_raw: ports[0],
+        proto,
+        pad: [0; 3],
+    };
+    // SAFETY: read-only lookups, copied out.
+    let flow = unsafe { IN_FLOWS.get(key) }.copied().ok_or(PASS)?;
+    let b = IN_BACKENDS.get(flow.backend).ok_or(PASS)?;
+    if b.flags & BACKEND_LIVE == 0 || b.gen != flow.gen {
+        return Err(PASS);
+    }
+    // SAFETY: read-only lookup.
+    let fe = unsafe { IN_FRONTENDS.get(frontend_key(q_src, ports[0], proto)) }.ok_or(PASS)?;
+    job.key = key;
+    job.hash = flow_hash(key.src_raw, key.dst_raw, key.sport_raw, key.dport_raw, proto);
+    job.id = flow.backend;
+    job.nat_port_raw = flow.nat_port_raw;
+    job.dsr = fe.mode == MODE_DSR;
+    Ok(b.flags & BACKEND_LOCAL != 0)
+}
+
+/// Rewrites an ICMP error for the backend: outer destination the task, the quoted
+/// packet as the task sent it (source `task:target`; for a remote snat backend,
+/// destination `gw:natport`), all checksums, and the Ethernet header toward the task.
+#[inline(never)]
+fn icmp_rewrite(ctx: &XdpContext, p: &Parsed, job: &Job, remote: bool) -> Option<()> {
+    let b = IN_BACKENDS.get(job.id)?;
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let q: [u8; IPV4_LEN] = read(start, end, QUOTE_OFF)?;
+    let ports: [u16; 4] = read(start, end, QUOTE_OFF + IPV4_LEN)?;
+    let old = Tuple {
+        src_raw: u32::from_ne_bytes([q[12], q[13], q[14], q[15]]),
+        dst_raw: u32::from_ne_bytes([q[16], q[17], q[18], q[19]]),
+        sport_raw: ports[0],
+        dport_raw: ports[1],
+    };
+    let new = if remote && !job.dsr {
+        Tuple { src_raw: b.addr_raw, dst_raw: b.gw_raw, sport_raw: b.port_raw, dport_raw: job.nat_port_raw }
+    } else {
+        Tuple { src_raw: b.addr_raw, dst_raw: old.dst_raw, sport_raw: b.port_raw, dport_raw: old.dport_raw }
+    };
+    let icmp_check: u16 = read(start, end, L4_OFF + 2)?;
+    let ip_check = u16::from_ne_bytes([q[10], q[11]]);
+    let checks = quote_checks_after(icmp_check, ip_check, ports[3], q[9], &old, &new);
+    write(start, end, L4_OFF + 2, checks.icmp_raw)?;
+    write(start, end, QUOTE_OFF + 10, checks.ip_raw)?;
+    write(start, end, QUOTE_OFF + 12, new.src_raw)?;
+    write(start, end, QUOTE_OFF + 16, new.dst_raw)?;
+    write(start, end, QUOTE_OFF + IPV4_LEN, [new.sport_raw, new.dport_raw, ports[2], checks.l4_raw])?;
+    // The outer header: only the destination changes (ICMP has no pseudo-header).
+    let outer_old = Tuple { src_raw: p.tuple.src_raw, dst_raw: p.tuple.dst_raw, sport_raw: 0, dport_raw: 0 };
+    let outer_new = Tuple { dst_raw: b.addr_raw, ..outer_old };
+    let outer_check: u16 = read(start, end, IP_OFF + 10)?;
+    write(start, end, IP_OFF + 10, ipv4_check_after(outer_check, &outer_old, &outer_new))?;
+    write(start, end, IP_OFF + 16, b.addr_raw)?;
+    write(start, end, 0, b.mac)?;
+    write(start, end, 6, b.gw_mac)
 }
 
 /// tc ingress on a local task's host veth: the task's replies to ingress clients.

@@ -62,7 +62,7 @@ pub use plan::{MapState, Write};
 use crate::{Error, Result};
 
 /// The compiled kernel object, built by this crate's build script.
-pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshd-ebpf"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshd-ebpf"));
 
 /// The programs, in the order `status()` lists them, with their stats index.
 const HOOKS: [(&str, u32); 4] = [

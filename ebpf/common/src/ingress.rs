@@ -268,3 +268,162 @@ pub const fn maglev_index(table: u32, slot: u32) -> u32 {
 pub const fn frontend_key(dst_raw: u32, dport_raw: u16, proto: u8) -> FrontendKey {
     FrontendKey::from_raw(dst_raw, dport_raw, proto)
 }
+
+/// How long (ns) a snat entry of one client holds its NAT port against another client
+/// whose flow hashes to the same port: past it, the entry may be taken over (the
+/// connection it served has been idle that long).
+pub const NAT_IDLE_NS: u64 = 60_000_000_000;
+
+/// NAT port candidates tried (after the client's own port) before giving up.
+pub const NAT_PORT_PROBES: u32 = 4;
+
+/// The three reserved bytes of the VXLAN header that mark a DSR packet: the marker and
+/// the published port (raw).
+pub const fn dsr_mark(published_raw: u16) -> [u8; 3] {
+    let p = published_raw.to_ne_bytes();
+    [DSR_MARKER, p[0], p[1]]
+}
+
+/// The `attempt`-th NAT port candidate (host order) for a flow of hash `flow_hash`, in
+/// `min..=max` (spread by the hash so two clients rarely probe the same ports). An
+/// empty range yields `min`.
+pub const fn nat_port_candidate(flow_hash: u32, attempt: u32, min: u16, max: u16) -> u16 {
+    if max <= min {
+        return min;
+    }
+    let span = (max - min) as u64 + 1;
+    let h = crate::maglev::mix64(((flow_hash as u64) << 32) | attempt as u64);
+    min + (h % span) as u16
+}
+
+/// Whether a snat reply key already holding `existing` may be (re)written for the
+/// client `client_raw:cport_raw` at time `now_ns`: free, the same client's, or idle
+/// for longer than [`NAT_IDLE_NS`].
+pub const fn nat_port_usable(existing: Option<Nat>, client_raw: u32, cport_raw: u16, now_ns: u64) -> bool {
+    match existing {
+        None => true,
+        Some(n) => {
+            (n.dst_raw == client_raw && n.dport_raw == cport_raw)
+                || now_ns.saturating_sub(n.created_ns) > NAT_IDLE_NS
+        }
+    }
+}
+
+/// What the XDP program does with a packet to a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowChoice {
+    /// The flow's backend still serves it: keep it.
+    Keep {
+        /// Backend id.
+        backend: u32,
+        /// NAT port recorded for it (snat to a remote backend).
+        nat_port_raw: u16,
+    },
+    /// Choose a backend from the Maglev table and remember it.
+    Balance,
+    /// Not for the fast path (a TCP segment of a connection it did not see open).
+    Pass,
+}
+
+/// The choice for a packet whose flow entry is `flow` (with its backend's current
+/// value `backend`, if the flow names one), where `opens` says the packet may start a
+/// flow (TCP SYN without ACK, any UDP datagram).
+pub const fn flow_choice(flow: Option<Flow>, backend: Option<IngressBackend>, opens: bool) -> FlowChoice {
+    match flow {
+        Some(f) => match backend {
+            Some(b) if b.flags & BACKEND_LIVE != 0 && b.gen == f.gen => {
+                FlowChoice::Keep { backend: f.backend, nat_port_raw: f.nat_port_raw }
+            }
+            // Its backend left or its id went to another task: move the flow.
+            _ => FlowChoice::Balance,
+        },
+        None if opens => FlowChoice::Balance,
+        None => FlowChoice::Pass,
+    }
+}
+
+/// The Maglev slot index (into [`INGRESS_MAGLEV_MAP`]) for a flow of hash `flow_hash`
+/// through frontend `fe`.
+pub const fn maglev_slot(fe: &IngressFrontend, flow_hash: u32) -> u32 {
+    maglev_index(fe.table, flow_hash % crate::maglev::MAGLEV_TABLE_SIZE)
+}
+
+/// The reverse key of a reply from `task_raw:tport_raw` to `to_raw:to_port_raw`.
+pub const fn reply_key(task_raw: u32, tport_raw: u16, to_raw: u32, to_port_raw: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src_raw: task_raw,
+        dst_raw: to_raw,
+        sport_raw: tport_raw,
+        dport_raw: to_port_raw,
+        proto,
+        pad: [0; 3],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(flags: u16, gen: u32) -> IngressBackend {
+        IngressBackend { flags, gen, ..Default::default() }
+    }
+
+    #[test]
+    fn established_flow_keeps_a_live_backend_of_its_generation() {
+        let flow = Flow { backend: 7, gen: 3, nat_port_raw: 99, pad: 0 };
+        assert_eq!(
+            flow_choice(Some(flow), Some(backend(BACKEND_LIVE, 3)), false),
+            FlowChoice::Keep { backend: 7, nat_port_raw: 99 }
+        );
+        assert_eq!(flow_choice(Some(flow), Some(backend(0, 3)), false), FlowChoice::Balance, "removed");
+        assert_eq!(
+            flow_choice(Some(flow), Some(backend(BACKEND_LIVE, 4)), false),
+            FlowChoice::Balance,
+            "reused id"
+        );
+        assert_eq!(flow_choice(Some(flow), None, true), FlowChoice::Balance, "id out of range");
+    }
+
+    #[test]
+    fn only_an_opening_packet_starts_a_flow() {
+        assert_eq!(flow_choice(None, None, true), FlowChoice::Balance);
+        assert_eq!(flow_choice(None, None, false), FlowChoice::Pass);
+    }
+
+    #[test]
+    fn nat_candidates_stay_in_range_and_spread() {
+        let mut seen = [false; 16];
+        for attempt in 0..NAT_PORT_PROBES {
+            for h in 0..1000u32 {
+                let p =
+                    nat_port_candidate(h.wrapping_mul(2_654_435_761), attempt, NAT_PORT_MIN, NAT_PORT_MAX);
+                assert!((NAT_PORT_MIN..=NAT_PORT_MAX).contains(&p));
+                seen[(p as usize) % 16] = true;
+            }
+        }
+        assert!(seen.iter().all(|&s| s));
+        assert_eq!(nat_port_candidate(5, 0, 100, 100), 100);
+        assert_eq!(nat_port_candidate(5, 0, 100, 50), 100);
+        assert_ne!(
+            nat_port_candidate(5, 0, NAT_PORT_MIN, NAT_PORT_MAX),
+            nat_port_candidate(5, 1, NAT_PORT_MIN, NAT_PORT_MAX)
+        );
+    }
+
+    #[test]
+    fn nat_port_is_free_ours_or_idle() {
+        let n = Nat { dst_raw: 1, dport_raw: 2, created_ns: 10, ..Default::default() };
+        assert!(nat_port_usable(None, 1, 2, 0));
+        assert!(nat_port_usable(Some(n), 1, 2, 11), "same client");
+        assert!(!nat_port_usable(Some(n), 1, 3, 11), "another client's, fresh");
+        assert!(nat_port_usable(Some(n), 1, 3, 10 + NAT_IDLE_NS + 1), "another client's, idle");
+    }
+
+    #[test]
+    fn dsr_mark_holds_marker_and_port() {
+        let port = crate::port_raw(3000);
+        let m = dsr_mark(port);
+        assert_eq!(m[0], DSR_MARKER);
+        assert_eq!(u16::from_be_bytes([m[1], m[2]]), 3000);
+    }
+}

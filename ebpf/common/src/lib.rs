@@ -17,6 +17,7 @@
 
 pub mod ingress;
 pub mod maglev;
+pub mod packet;
 pub mod socklb;
 
 pub use socklb::*;

@@ -1,20 +1,43 @@
 //! The kernel routing mesh for published ports (#6): XDP `ingress_xdp` on the underlay
 //! interface and tc `ingress_reply` on each local task's host veth. The maps and the
-//! decisions are `meshd_common::ingress`; this file only moves bytes.
+//! decisions are `meshd_common::ingress` and `meshd_common::packet`; this file only
+//! bounds-checks, reads and writes bytes, and calls helpers.
+//!
+//! Every header is read at a fixed offset (IPv4 options are passed to the stack), so
+//! each access is one explicit bounds check the verifier can follow.
+
+use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK},
+    bindings::{
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT,
+    },
+    helpers::{
+        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_tail,
+    },
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
+    EbpfContext as _,
 };
 use meshd_common::{
     ingress::{
-        Flow, FlowKey, IngressBackend, IngressConfig, IngressFrontend, Nat, DEFAULT_INGRESS_TABLES,
-        IN_STAT_ENTRIES, MAX_INGRESS_BACKENDS, MAX_INGRESS_FLOWS, MAX_INGRESS_FRONTENDS, MAX_INGRESS_NAT,
+        flow_choice, frontend_key, maglev_slot, nat_port_candidate, nat_port_usable, reply_key, Flow,
+        FlowChoice, FlowKey, IngressBackend, IngressConfig, IngressFrontend, Nat, BACKEND_LIVE,
+        BACKEND_LOCAL, DEFAULT_INGRESS_TABLES, IN_STAT_DROP_MALFORMED, IN_STAT_DSR_RECORDED, IN_STAT_ENCAP,
+        IN_STAT_ENTRIES, IN_STAT_LOCAL, IN_STAT_NO_BACKEND, IN_STAT_PASS, IN_STAT_REPLY_TC,
+        IN_STAT_REPLY_XDP, IN_STAT_UNROUTED, MAX_INGRESS_BACKENDS, MAX_INGRESS_FLOWS, MAX_INGRESS_FRONTENDS,
+        MAX_INGRESS_NAT, MODE_DSR, NAT_PORT_PROBES, VXLAN_OVERHEAD, VXLAN_PORT,
     },
-    maglev::MAGLEV_TABLE_SIZE,
-    FrontendKey,
+    maglev::{flow_hash, MAGLEV_TABLE_SIZE},
+    packet::{
+        check_ipv4, ipv4_check_after, l4_check_after, tcp_doff_valid, tcp_opens, vxlan_dsr_port,
+        vxlan_src_port, write_outer_headers, Ipv4Verdict, Outer, Tuple, ETH_LEN, ETH_P_IP_BYTES, IPPROTO_TCP,
+        IPPROTO_UDP, IPV4_LEN, OUTER_LEN, TCP_LEN, UDP_LEN, VXLAN_LEN,
+    },
+    port_raw, FrontendKey,
 };
 
 /// Published ports of this node (`meshd_common::ingress::INGRESS_FRONTENDS_MAP`).
@@ -46,14 +69,567 @@ static IN_CONFIG: Array<IngressConfig> = Array::with_max_entries(1, 0);
 #[map(name = "IN_STATS")]
 static IN_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(IN_STAT_ENTRIES, 0);
 
+/// `AF_INET`, for the FIB lookup.
+const AF_INET: u8 = 2;
+/// Where the IPv4 header starts in a plain frame.
+const IP_OFF: usize = ETH_LEN;
+/// Where the transport header starts in a plain frame.
+const L4_OFF: usize = ETH_LEN + IPV4_LEN;
+/// Where the VXLAN header starts in an encapsulated frame.
+const VXLAN_OFF: usize = ETH_LEN + IPV4_LEN + UDP_LEN;
+/// Where the inner Ethernet frame starts.
+const INNER_OFF: usize = VXLAN_OFF + VXLAN_LEN;
+
+const _: () = assert!(OUTER_LEN == VXLAN_OVERHEAD && INNER_OFF == VXLAN_OVERHEAD);
+
+/// What a program does with a packet, and the counter it bumps.
+type Outcome<A> = (A, u32);
+
+fn count(stat: u32) {
+    if let Some(c) = IN_STATS.get_ptr_mut(stat) {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe { *c += 1 };
+    }
+}
+
+/// A pointer to a `T` at `off` bytes into `[start, end)`, or `None` when it does not fit.
+#[inline(always)]
+fn at<T>(start: usize, end: usize, off: usize) -> Option<*mut T> {
+    if start + off + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+/// Reads a `T` at `off`, bounds-checked.
+#[inline(always)]
+fn read<T: Copy>(start: usize, end: usize, off: usize) -> Option<T> {
+    // SAFETY: `at` checked the bytes lie inside the packet.
+    at::<T>(start, end, off).map(|p| unsafe { core::ptr::read_unaligned(p) })
+}
+
+/// Writes a `T` at `off`, bounds-checked.
+#[inline(always)]
+fn write<T>(start: usize, end: usize, off: usize, v: T) -> Option<()> {
+    // SAFETY: `at` checked the bytes lie inside the packet.
+    at::<T>(start, end, off).map(|p| unsafe { core::ptr::write_unaligned(p, v) })
+}
+
+/// The next hop toward `dst_raw` from `src_raw`, leaving through `ifindex` (the
+/// lookup of a locally sent packet, so it does not depend on where the packet came
+/// in). `None`: no route or no resolved neighbour; the stack will resolve it.
+#[inline(always)]
+fn fib(
+    ctx: *mut core::ffi::c_void,
+    ifindex: u32,
+    src_raw: u32,
+    dst_raw: u32,
+    proto: u8,
+    tot_len: u16,
+) -> Option<FibParams> {
+    // SAFETY: a plain C struct, all-zero is a valid value.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = proto;
+    p.ifindex = ifindex;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.__bindgen_anon_3.ipv4_src = src_raw;
+    p.__bindgen_anon_4.ipv4_dst = dst_raw;
+    // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed.
+    let rc = unsafe { bpf_fib_lookup(ctx, &mut p, size_of::<FibParams>() as i32, BPF_FIB_LOOKUP_OUTPUT) };
+    (rc == BPF_FIB_LKUP_RET_SUCCESS as i64).then_some(p)
+}
+
+/// Rewrites the addresses and ports of the IPv4 TCP/UDP packet whose IPv4 header is at
+/// `ip_off` from `old` to `new`, with both checksums updated incrementally.
+#[inline(always)]
+fn rewrite(start: usize, end: usize, ip_off: usize, proto: u8, old: &Tuple, new: &Tuple) -> Option<()> {
+    let l4 = ip_off + IPV4_LEN;
+    let csum_off = if proto == IPPROTO_TCP { l4 + 16 } else { l4 + 6 };
+    let l4_check: u16 = read(start, end, csum_off)?;
+    let ip_check: u16 = read(start, end, ip_off + 10)?;
+    write(start, end, csum_off, l4_check_after(l4_check, proto, old, new))?;
+    write(start, end, ip_off + 10, ipv4_check_after(ip_check, old, new))?;
+    write(start, end, ip_off + 12, new.src_raw)?;
+    write(start, end, ip_off + 16, new.dst_raw)?;
+    write(start, end, l4, new.sport_raw)?;
+    write(start, end, l4 + 2, new.dport_raw)
+}
+
+/// What a plain IPv4 TCP/UDP frame at the start of the packet holds.
+struct Parsed {
+    tuple: Tuple,
+    proto: u8,
+    tot_len: u16,
+    /// TCP flags (0 for UDP).
+    flags: u8,
+}
+
+/// Parses Ethernet, IPv4 and the transport ports of the frame whose IPv4 header is at
+/// `ip_off`. `Err` carries the outcome for a packet that is not for the fast path.
+#[inline(always)]
+fn parse(start: usize, end: usize, ip_off: usize) -> Result<Parsed, Outcome<u32>> {
+    const PASS: Outcome<u32> = (xdp_action::XDP_PASS, IN_STAT_PASS);
+    let eth_type: [u8; 2] = read(start, end, ip_off - 2).ok_or(PASS)?;
+    if eth_type != ETH_P_IP_BYTES {
+        return Err(PASS);
+    }
+    // The EtherType promised IPv4 but the header is cut short: nobody can use it.
+    let hdr: [u8; IPV4_LEN] =
+        read(start, end, ip_off).ok_or((xdp_action::XDP_DROP, IN_STAT_DROP_MALFORMED))?;
+    let (proto, tot_len) = match check_ipv4(&hdr, end - start - ip_off) {
+        Ipv4Verdict::Plain { proto, tot_len } => (proto, tot_len),
+        Ipv4Verdict::Pass => return Err(PASS),
+        Ipv4Verdict::Malformed => return Err((xdp_action::XDP_DROP, IN_STAT_DROP_MALFORMED)),
+    };
+    let l4 = ip_off + IPV4_LEN;
+    let l4_len = tot_len as usize - IPV4_LEN;
+    let flags = match proto {
+        IPPROTO_TCP => {
+            if l4_len < TCP_LEN {
+                return Err(PASS);
+            }
+            let off_flags: [u8; 2] = read(start, end, l4 + 12).ok_or(PASS)?;
+            if !tcp_doff_valid(off_flags[0]) {
+                return Err(PASS);
+            }
+            // The checksum field must be inside the packet for a rewrite.
+            read::<u16>(start, end, l4 + 16).ok_or(PASS)?;
+            off_flags[1]
+        }
+        IPPROTO_UDP => {
+            if l4_len < UDP_LEN {
+                return Err(PASS);
+            }
+            read::<u16>(start, end, l4 + 6).ok_or(PASS)?;
+            0
+        }
+        _ => return Err(PASS),
+    };
+    let ports: [u16; 2] = read(start, end, l4).ok_or(PASS)?;
+    let tuple = Tuple {
+        src_raw: u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]),
+        dst_raw: u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]),
+        sport_raw: ports[0],
+        dport_raw: ports[1],
+    };
+    Ok(Parsed { tuple, proto, tot_len, flags })
+}
+
 /// XDP on the underlay interface: published-port traffic in, snat replies back.
 #[xdp]
-pub fn ingress_xdp(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+pub fn ingress_xdp(ctx: XdpContext) -> u32 {
+    let (action, stat) = try_ingress_xdp(&ctx);
+    count(stat);
+    action
+}
+
+fn try_ingress_xdp(ctx: &XdpContext) -> Outcome<u32> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let p = match parse(start, end, IP_OFF) {
+        Ok(p) => p,
+        Err(outcome) => return outcome,
+    };
+    if p.proto == IPPROTO_UDP && p.tuple.dport_raw == port_raw(VXLAN_PORT) {
+        return handle_vxlan(ctx, &p);
+    }
+    // SAFETY: read-only lookup, copied out.
+    let Some(fe) =
+        (unsafe { IN_FRONTENDS.get(frontend_key(p.tuple.dst_raw, p.tuple.dport_raw, p.proto)) }).copied()
+    else {
+        return (xdp_action::XDP_PASS, IN_STAT_PASS);
+    };
+    handle_frontend(ctx, &fe, &p)
+}
+
+/// The backend id for this packet's flow, its NAT port, and whether the flow is new
+/// (to be recorded). Its own BPF function: its stack frame is gone by the time the
+/// handlers (which need theirs) run.
+#[inline(never)]
+fn choose_backend(
+    fe: &IngressFrontend,
+    key: &FlowKey,
+    hash: u32,
+    opens: bool,
+) -> Result<(u32, u16, bool), Outcome<u32>> {
+    // SAFETY: read-only lookups, copied out.
+    let flow = unsafe { IN_FLOWS.get(key) }.copied();
+    let flow_backend = flow.and_then(|f| IN_BACKENDS.get(f.backend).copied());
+    match flow_choice(flow, flow_backend, opens) {
+        FlowChoice::Pass => Err((xdp_action::XDP_PASS, IN_STAT_PASS)),
+        FlowChoice::Keep { backend, nat_port_raw } => match flow_backend {
+            Some(_) => Ok((backend, nat_port_raw, false)),
+            None => Err((xdp_action::XDP_PASS, IN_STAT_NO_BACKEND)),
+        },
+        FlowChoice::Balance => {
+            if fe.count == 0 {
+                return Err((xdp_action::XDP_PASS, IN_STAT_NO_BACKEND));
+            }
+            let id =
+                *IN_MAGLEV.get(maglev_slot(fe, hash)).ok_or((xdp_action::XDP_PASS, IN_STAT_NO_BACKEND))?;
+            let b = IN_BACKENDS.get(id).ok_or((xdp_action::XDP_PASS, IN_STAT_NO_BACKEND))?;
+            if b.flags & BACKEND_LIVE == 0 {
+                return Err((xdp_action::XDP_PASS, IN_STAT_NO_BACKEND));
+            }
+            Ok((id, 0, true))
+        }
+    }
+}
+
+/// One packet to a frontend, with the backend chosen for its flow. Small on purpose:
+/// it lives in the entry function's frame, which the verifier adds to the handler's
+/// (512 bytes for the whole call chain).
+struct Job {
+    key: FlowKey,
+    hash: u32,
+    /// Backend id.
+    id: u32,
+    /// NAT port of an established snat flow (raw).
+    nat_port_raw: u16,
+    /// The flow is new (or moved): record it.
+    new: bool,
+    /// The frontend's mode is DSR.
+    dsr: bool,
+}
+
+fn handle_frontend(ctx: &XdpContext, fe: &IngressFrontend, p: &Parsed) -> Outcome<u32> {
+    let t = &p.tuple;
+    let key = FlowKey {
+        src_raw: t.src_raw,
+        dst_raw: t.dst_raw,
+        sport_raw: t.sport_raw,
+        dport_raw: t.dport_raw,
+        proto: p.proto,
+        pad: [0; 3],
+    };
+    let opens = p.proto == IPPROTO_UDP || tcp_opens(p.flags);
+    let hash = flow_hash(t.src_raw, t.dst_raw, t.sport_raw, t.dport_raw, p.proto);
+    let (id, nat_port_raw, new) = match choose_backend(fe, &key, hash, opens) {
+        Ok(c) => c,
+        Err(outcome) => return outcome,
+    };
+    let Some(b) = IN_BACKENDS.get(id) else { return (xdp_action::XDP_PASS, IN_STAT_NO_BACKEND) };
+    let local = b.flags & BACKEND_LOCAL != 0;
+    let job = Job { key, hash, id, nat_port_raw, new, dsr: fe.mode == MODE_DSR };
+    if local {
+        return handle_local(ctx, p, &job);
+    }
+    let mut hop = Hop::default();
+    if prepare_remote(ctx, p, &job, &mut hop).is_none() {
+        return (xdp_action::XDP_PASS, IN_STAT_UNROUTED);
+    }
+    encap_remote(ctx, p, &job, &hop)
+}
+
+/// Local backend: DNAT to the task, redirect into its host veth.
+#[inline(never)]
+fn handle_local(ctx: &XdpContext, p: &Parsed, job: &Job) -> Outcome<u32> {
+    // The map value itself, not a copy: no stack.
+    let Some(b) = IN_BACKENDS.get(job.id) else { return (xdp_action::XDP_PASS, IN_STAT_NO_BACKEND) };
+    let t = &p.tuple;
+    let to = Tuple { src_raw: t.src_raw, dst_raw: b.addr_raw, sport_raw: t.sport_raw, dport_raw: b.port_raw };
+    if job.new {
+        // SAFETY: helper without preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let reply = reply_key(b.addr_raw, b.port_raw, t.src_raw, t.sport_raw, p.proto);
+        let nat = Nat {
+            src_raw: t.dst_raw,
+            dst_raw: t.src_raw,
+            sport_raw: t.dport_raw,
+            dport_raw: t.sport_raw,
+            pad: 0,
+            created_ns: now,
+        };
+        if IN_NAT.insert(reply, nat, 0).is_err()
+            || IN_FLOWS
+                .insert(job.key, Flow { backend: job.id, gen: b.gen, nat_port_raw: 0, pad: 0 }, 0)
+                .is_err()
+        {
+            return (xdp_action::XDP_PASS, IN_STAT_UNROUTED);
+        }
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if rewrite(start, end, IP_OFF, p.proto, t, &to).is_none()
+        || write(start, end, 0, b.mac).is_none()
+        || write(start, end, 6, b.gw_mac).is_none()
+    {
+        return (xdp_action::XDP_DROP, IN_STAT_DROP_MALFORMED);
+    }
+    // SAFETY: helper without preconditions; it returns XDP_REDIRECT or XDP_ABORTED.
+    let action = unsafe { bpf_redirect(b.ifindex, 0) } as u32;
+    (action, IN_STAT_LOCAL)
+}
+
+/// snat to a remote backend: a reply key `task:target → gw:port` that is free (or
+/// this client's, or idle) and recorded, trying the client's own port first.
+#[inline(always)]
+fn claim_nat_port(b: &IngressBackend, p: &Parsed, hash: u32, cfg: &IngressConfig) -> Option<u16> {
+    let t = &p.tuple;
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let nat = Nat {
+        src_raw: t.dst_raw,
+        dst_raw: t.src_raw,
+        sport_raw: t.dport_raw,
+        dport_raw: t.sport_raw,
+        pad: 0,
+        created_ns: now,
+    };
+    let mut port = t.sport_raw;
+    let mut attempt = 0;
+    loop {
+        let reply = reply_key(b.addr_raw, b.port_raw, b.gw_raw, port, p.proto);
+        // SAFETY: read-only lookup, copied out.
+        let held = unsafe { IN_NAT.get(reply) }.copied();
+        if nat_port_usable(held, t.src_raw, t.sport_raw, now) && IN_NAT.insert(reply, nat, 0).is_ok() {
+            return Some(port);
+        }
+        if attempt >= NAT_PORT_PROBES {
+            return None;
+        }
+        port = port_raw(nat_port_candidate(hash, attempt, cfg.nat_port_min, cfg.nat_port_max));
+        attempt += 1;
+    }
+}
+
+/// The next hop of an encapsulated packet and the NAT port of its flow: what
+/// [`prepare_remote`] hands [`encap_remote`].
+#[derive(Default)]
+struct Hop {
+    dmac: [u8; 6],
+    smac: [u8; 6],
+    ifindex: u32,
+    nat_port_raw: u16,
+}
+
+/// Remote backend: the next hop toward its node, the NAT port (snat), the flow entry.
+/// Split from [`encap_remote`] so the two frames never stack up (the verifier allows
+/// 512 bytes for a whole call chain).
+#[inline(never)]
+fn prepare_remote(ctx: &XdpContext, p: &Parsed, job: &Job, hop: &mut Hop) -> Option<()> {
+    let b = IN_BACKENDS.get(job.id)?;
+    let cfg = IN_CONFIG.get(0)?;
+    let outer_len = (ETH_LEN + p.tot_len as usize + IPV4_LEN + UDP_LEN + VXLAN_LEN) as u16;
+    let next =
+        fib(ctx.as_ptr(), ctx.ingress_ifindex() as u32, cfg.node_raw, b.vtep_raw, IPPROTO_UDP, outer_len)?;
+    hop.dmac = next.dmac;
+    hop.smac = next.smac;
+    hop.ifindex = next.ifindex;
+    hop.nat_port_raw = job.nat_port_raw;
+    if job.new {
+        if !job.dsr {
+            hop.nat_port_raw = claim_nat_port(b, p, job.hash, cfg)?;
+        }
+        let flow = Flow { backend: job.id, gen: b.gen, nat_port_raw: hop.nat_port_raw, pad: 0 };
+        IN_FLOWS.insert(job.key, flow, 0).ok()?;
+    }
+    Some(())
+}
+
+/// Remote backend: rewrite, encapsulate toward the backend's node, send back out.
+#[inline(never)]
+fn encap_remote(ctx: &XdpContext, p: &Parsed, job: &Job, hop: &Hop) -> Outcome<u32> {
+    const BAD: Outcome<u32> = (xdp_action::XDP_DROP, IN_STAT_DROP_MALFORMED);
+    let Some(b) = IN_BACKENDS.get(job.id) else { return (xdp_action::XDP_PASS, IN_STAT_NO_BACKEND) };
+    let Some(cfg) = IN_CONFIG.get(0) else { return (xdp_action::XDP_PASS, IN_STAT_UNROUTED) };
+    let t = &p.tuple;
+    let to = if job.dsr {
+        Tuple { src_raw: t.src_raw, dst_raw: b.addr_raw, sport_raw: t.sport_raw, dport_raw: b.port_raw }
+    } else {
+        Tuple { src_raw: b.gw_raw, dst_raw: b.addr_raw, sport_raw: hop.nat_port_raw, dport_raw: b.port_raw }
+    };
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if rewrite(start, end, IP_OFF, p.proto, t, &to).is_none()
+        || write(start, end, 0, b.mac).is_none()
+        || write(start, end, 6, b.gw_mac).is_none()
+    {
+        return BAD;
+    }
+    let inner_len = (ETH_LEN + p.tot_len as usize) as u16;
+    // Ethernet padding after the IPv4 packet would ride inside the tunnel: cut it.
+    let excess = (end - start) as i64 - inner_len as i64;
+    // SAFETY (both helpers): called with the program's own context.
+    if excess > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -(excess as i32)) } != 0 {
+        return BAD;
+    }
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(VXLAN_OVERHEAD as i32)) } != 0 {
+        return BAD;
+    }
+    let outer = Outer {
+        dmac: hop.dmac,
+        smac: hop.smac,
+        src_raw: cfg.node_raw,
+        dst_raw: b.vtep_raw,
+        // SAFETY: helper without preconditions.
+        id_raw: unsafe { bpf_get_prandom_u32() } as u16,
+        sport: vxlan_src_port(job.hash),
+        inner_len,
+        vni: b.vni,
+        dsr_port_raw: if job.dsr { Some(t.dport_raw) } else { None },
+    };
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let Some(h) = at::<[u8; OUTER_LEN]>(start, end, 0) else { return BAD };
+    // SAFETY: `at` checked the 50 bytes lie inside the packet.
+    write_outer_headers(unsafe { &mut *h }, &outer);
+    (transmit(ctx.ingress_ifindex() as u32, hop.ifindex), IN_STAT_ENCAP)
+}
+
+/// XDP_TX when the next hop is behind the interface the packet came in on, else a
+/// redirect to the FIB's interface.
+#[inline(always)]
+fn transmit(in_ifindex: u32, out_ifindex: u32) -> u32 {
+    if in_ifindex == out_ifindex {
+        xdp_action::XDP_TX
+    } else {
+        // SAFETY: helper without preconditions.
+        unsafe { bpf_redirect(out_ifindex, 0) as u32 }
+    }
+}
+
+#[inline(never)]
+/// VXLAN on the underlay: a DSR-marked packet for a local task (record, unmark, let
+/// the kernel decapsulate), or an snat reply to decapsulate and send to the client.
+fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
+    const PASS: Outcome<u32> = (xdp_action::XDP_PASS, IN_STAT_PASS);
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let Some(vx) = read::<[u8; VXLAN_LEN]>(start, end, VXLAN_OFF) else { return PASS };
+    // The inner frame is the kernel VXLAN device's business unless it is a plain
+    // TCP/UDP packet; a malformed inner frame is passed, not dropped, for the same reason.
+    let inner = match parse(start, end, INNER_OFF + ETH_LEN) {
+        Ok(p) => p,
+        Err(_) => return PASS,
+    };
+    let t = &inner.tuple;
+    if let Some(published_raw) = vxlan_dsr_port(&vx) {
+        let reply = reply_key(t.dst_raw, t.dport_raw, t.src_raw, t.sport_raw, inner.proto);
+        let want = Nat {
+            src_raw: outer.tuple.src_raw,
+            dst_raw: t.src_raw,
+            sport_raw: published_raw,
+            dport_raw: t.sport_raw,
+            pad: 0,
+            created_ns: 0,
+        };
+        // SAFETY: read-only lookup, copied out.
+        let held = unsafe { IN_NAT.get(reply) }.copied();
+        let same = held.is_some_and(|n| Nat { created_ns: 0, ..n } == want);
+        if !same {
+            // SAFETY: helper without preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
+            if IN_NAT.insert(reply, Nat { created_ns: now, ..want }, 0).is_err() {
+                return (xdp_action::XDP_PASS, IN_STAT_UNROUTED);
+            }
+        }
+        // The kernel's VXLAN device drops frames with reserved bits set: clear the
+        // mark. Our encapsulation sends UDP checksum 0; a sender that set one gets
+        // it cleared (0 is valid for UDP over IPv4) rather than recomputed.
+        if write(start, end, VXLAN_OFF + 1, [0u8; 3]).is_none()
+            || write(start, end, L4_OFF + 6, 0u16).is_none()
+        {
+            return PASS;
+        }
+        return (xdp_action::XDP_PASS, IN_STAT_DSR_RECORDED);
+    }
+    let key = FlowKey {
+        src_raw: t.src_raw,
+        dst_raw: t.dst_raw,
+        sport_raw: t.sport_raw,
+        dport_raw: t.dport_raw,
+        proto: inner.proto,
+        pad: [0; 3],
+    };
+    // SAFETY: read-only lookup, copied out.
+    let Some(nat) = (unsafe { IN_NAT.get(key) }).copied() else { return PASS };
+    let to = Tuple {
+        src_raw: nat.src_raw,
+        dst_raw: nat.dst_raw,
+        sport_raw: nat.sport_raw,
+        dport_raw: nat.dport_raw,
+    };
+    let in_ifindex = ctx.ingress_ifindex() as u32;
+    let Some(next) = fib(ctx.as_ptr(), in_ifindex, nat.src_raw, nat.dst_raw, inner.proto, inner.tot_len)
+    else {
+        return (xdp_action::XDP_PASS, IN_STAT_UNROUTED);
+    };
+    const BAD: Outcome<u32> = (xdp_action::XDP_DROP, IN_STAT_DROP_MALFORMED);
+    if rewrite(start, end, INNER_OFF + ETH_LEN, inner.proto, t, &to).is_none() {
+        return BAD;
+    }
+    // SAFETY: called with the program's own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, VXLAN_OVERHEAD as i32) } != 0 {
+        return BAD;
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if write(start, end, 0, next.dmac).is_none() || write(start, end, 6, next.smac).is_none() {
+        return BAD;
+    }
+    (transmit(in_ifindex, next.ifindex), IN_STAT_REPLY_XDP)
 }
 
 /// tc ingress on a local task's host veth: the task's replies to ingress clients.
 #[classifier]
-pub fn ingress_reply(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
+pub fn ingress_reply(ctx: TcContext) -> i32 {
+    let (action, stat) = try_ingress_reply(&ctx);
+    count(stat);
+    action
+}
+
+fn try_ingress_reply(ctx: &TcContext) -> Outcome<i32> {
+    const OK: Outcome<i32> = (TC_ACT_OK, IN_STAT_PASS);
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let Some(eth_type) = read::<[u8; 2]>(start, end, 12) else { return OK };
+    if eth_type != ETH_P_IP_BYTES {
+        return OK;
+    }
+    let Some(hdr) = read::<[u8; IPV4_LEN]>(start, end, IP_OFF) else { return OK };
+    // The skb's length, not the linear part: a task's TCP reply may be a GSO packet.
+    let avail = (ctx.len() as usize).saturating_sub(ETH_LEN);
+    let proto = match check_ipv4(&hdr, avail) {
+        Ipv4Verdict::Plain { proto, .. } if proto == IPPROTO_TCP || proto == IPPROTO_UDP => proto,
+        _ => return OK,
+    };
+    let Some(ports) = read::<[u16; 2]>(start, end, L4_OFF) else { return OK };
+    let t = Tuple {
+        src_raw: u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]),
+        dst_raw: u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]),
+        sport_raw: ports[0],
+        dport_raw: ports[1],
+    };
+    let key = reply_key(t.src_raw, t.sport_raw, t.dst_raw, t.dport_raw, proto);
+    // SAFETY: read-only lookup, copied out.
+    let Some(nat) = (unsafe { IN_NAT.get(key) }).copied() else { return OK };
+    let Some(cfg) = IN_CONFIG.get(0).copied() else { return (TC_ACT_OK, IN_STAT_UNROUTED) };
+    // tot_len 0: the kernel checks the skb against the MTU itself (GSO-aware).
+    let Some(next) = fib(ctx.as_ptr(), cfg.ifindex, nat.src_raw, nat.dst_raw, proto, 0) else {
+        return (TC_ACT_OK, IN_STAT_UNROUTED);
+    };
+    if reply_rewrite(ctx, proto, &t, &nat, &next).is_err() {
+        return (TC_ACT_OK, IN_STAT_UNROUTED);
+    }
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_redirect(next.ifindex, 0) };
+    (TC_ACT_REDIRECT, IN_STAT_REPLY_TC)
+}
+
+/// Rewrites a reply with the kernel's checksum helpers, which also handle the
+/// partial checksums a local task's packets carry (`CHECKSUM_PARTIAL`).
+#[inline(always)]
+fn reply_rewrite(ctx: &TcContext, proto: u8, t: &Tuple, nat: &Nat, next: &FibParams) -> Result<(), i64> {
+    let csum = if proto == IPPROTO_TCP { L4_OFF + 16 } else { L4_OFF + 6 };
+    // UDP: a zero checksum means none and stays zero; a computed zero becomes 0xffff.
+    let mangled = if proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled;
+    ctx.l4_csum_replace(csum, t.src_raw as u64, nat.src_raw as u64, pseudo | 4)?;
+    ctx.l4_csum_replace(csum, t.dst_raw as u64, nat.dst_raw as u64, pseudo | 4)?;
+    ctx.l4_csum_replace(csum, t.sport_raw as u64, nat.sport_raw as u64, mangled | 2)?;
+    ctx.l4_csum_replace(csum, t.dport_raw as u64, nat.dport_raw as u64, mangled | 2)?;
+    ctx.l3_csum_replace(IP_OFF + 10, t.src_raw as u64, nat.src_raw as u64, 4)?;
+    ctx.l3_csum_replace(IP_OFF + 10, t.dst_raw as u64, nat.dst_raw as u64, 4)?;
+    ctx.store(IP_OFF + 12, &nat.src_raw, 0)?;
+    ctx.store(IP_OFF + 16, &nat.dst_raw, 0)?;
+    ctx.store(L4_OFF, &nat.sport_raw, 0)?;
+    ctx.store(L4_OFF + 2, &nat.dport_raw, 0)?;
+    ctx.store(0, &next.dmac, 0)?;
+    ctx.store(6, &next.smac, 0)?;
+    Ok(())
 }

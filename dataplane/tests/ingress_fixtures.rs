@@ -1,0 +1,776 @@
+//! Fixture tests of the ingress kernel programs (#6): the object the dataplane embeds,
+//! run with `BPF_PROG_TEST_RUN` on packets built with `etherparse`, maps written from
+//! the test. Each test runs inside its own network namespace (`mtK<pid>x<n>`) holding
+//! one veth with this node's address and permanent neighbours for the client and the
+//! other node, because `bpf_fib_lookup` resolves next hops in the netns of the caller.
+//! Needs root (CAP_BPF, CAP_NET_ADMIN) and `ip` (iproute2).
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::{
+    maps::{Array, HashMap, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    Ebpf, EbpfLoader,
+};
+use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, PacketBuilder, UdpHeader};
+use meshd_common::{
+    ingress::{
+        reply_key, Flow, FlowKey, IngressBackend, IngressConfig, IngressFrontend, Nat, BACKEND_LIVE,
+        BACKEND_LOCAL, INGRESS_BACKENDS_MAP, INGRESS_CONFIG_MAP, INGRESS_FLOWS_MAP, INGRESS_FRONTENDS_MAP,
+        INGRESS_MAGLEV_MAP, INGRESS_NAT_MAP, INGRESS_STATS_MAP, INGRESS_TC_PROGRAM, INGRESS_XDP_PROGRAM,
+        IN_STAT_DROP_MALFORMED, IN_STAT_DSR_RECORDED, IN_STAT_ENCAP, IN_STAT_ENTRIES, IN_STAT_LOCAL,
+        IN_STAT_NO_BACKEND, IN_STAT_PASS, IN_STAT_REPLY_TC, IN_STAT_REPLY_XDP, MODE_DSR, MODE_SNAT,
+        NAT_PORT_MAX, NAT_PORT_MIN,
+    },
+    ip4_raw,
+    maglev::{flow_hash, MAGLEV_TABLE_SIZE},
+    packet::{vxlan_src_port, EPHEMERAL_MAX, EPHEMERAL_MIN},
+    port_raw, FrontendKey, PROTO_TCP, PROTO_UDP,
+};
+use meshd_dataplane::{netns::run_in, socklb::OBJECT};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const NODE: [u8; 4] = [198, 18, 0, 11];
+const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+const NODE2: [u8; 4] = [198, 18, 0, 12];
+const NODE2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0c];
+const CLIENT: [u8; 4] = [198, 18, 0, 100];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
+const GW: [u8; 4] = [10, 0, 0, 1];
+const GW_MAC: [u8; 6] = [0x02, 0x42, 10, 0, 0, 1];
+const TASK: [u8; 4] = [10, 0, 0, 5];
+const TASK_MAC: [u8; 6] = [0x02, 0x42, 10, 0, 0, 5];
+const TASK2: [u8; 4] = [10, 0, 0, 7];
+const TASK2_MAC: [u8; 6] = [0x02, 0x42, 10, 0, 0, 7];
+const VNI: u32 = 4097;
+const PUBLISHED: u16 = 3000;
+const TARGET: u16 = 80;
+const CPORT: u16 = 40_000;
+/// Maglev tables the fixtures load (the object's default is 16; two keep it small).
+const TABLES: u32 = 2;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap_or_else(|e| {
+        panic!("running `ip {}`: {e}; install iproute2 (apt-get install iproute2)", args.join(" "))
+    });
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+/// A network namespace with the node's underlay veth and the neighbours the FIB
+/// lookups need; deleted on drop (also after a failed assertion).
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let name = format!("mtK{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        ip(&["netns", "add", &name]);
+        let ns = Netns { name };
+        let n = ns.name.as_str();
+        let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        let addr = |a: [u8; 4]| Ipv4Addr::from(a).to_string();
+        ip(&["-n", n, "link", "add", "u0", "address", &mac(NODE_MAC), "type", "veth", "peer", "name", "u1"]);
+        ip(&["-n", n, "addr", "add", &format!("{}/24", addr(NODE)), "dev", "u0"]);
+        ip(&["-n", n, "link", "set", "lo", "up"]);
+        ip(&["-n", n, "link", "set", "u1", "up"]);
+        ip(&["-n", n, "link", "set", "u0", "up"]);
+        for (a, m) in [(CLIENT, CLIENT_MAC), (NODE2, NODE2_MAC)] {
+            ip(&["-n", n, "neigh", "replace", &addr(a), "lladdr", &mac(m), "dev", "u0", "nud", "permanent"]);
+        }
+        // bpf_fib_lookup answers only for interfaces that forward.
+        ns.run(|| {
+            std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").expect("enabling forwarding")
+        });
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Runs `f` on a thread inside the namespace; a panic inside fails the test.
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        run_in(&self.path(), f).unwrap_or_else(|e| panic!("in netns {}: {e}", self.name))
+    }
+
+    fn ifindex(&self, dev: &str) -> u32 {
+        let path = format!("/sys/class/net/{dev}/ifindex");
+        // /sys shows the namespace of the process that mounted it, so ask via `ip`.
+        let out = Command::new("ip").args(["-n", &self.name, "-o", "link", "show", dev]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split(':')
+            .next()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no ifindex for {path}: {text}"))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// The loaded object, its two ingress programs and the namespace they run in.
+struct Fixture {
+    ns: Netns,
+    ebpf: Ebpf,
+    /// ifindex of the underlay veth (`u0`) in the namespace.
+    underlay: u32,
+}
+
+fn fixture() -> Fixture {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the ingress fixture tests load BPF programs: run them as root"
+    );
+    let ns = Netns::new();
+    let underlay = ns.ifindex("u0");
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(INGRESS_MAGLEV_MAP, TABLES * MAGLEV_TABLE_SIZE)
+        .load(OBJECT)
+        .expect("loading the embedded kernel object");
+    let xdp: &mut Xdp =
+        ebpf.program_mut(INGRESS_XDP_PROGRAM).expect("ingress_xdp in the object").try_into().unwrap();
+    xdp.load().expect("verifier accepts ingress_xdp");
+    let tc: &mut SchedClassifier =
+        ebpf.program_mut(INGRESS_TC_PROGRAM).expect("ingress_reply in the object").try_into().unwrap();
+    tc.load().expect("verifier accepts ingress_reply");
+    let mut f = Fixture { ns, ebpf, underlay };
+    f.config(IngressConfig {
+        node_raw: ip4_raw(NODE),
+        ifindex: underlay,
+        nat_port_min: NAT_PORT_MIN,
+        nat_port_max: NAT_PORT_MAX,
+        pad: 0,
+    });
+    f
+}
+
+impl Fixture {
+    fn config(&mut self, cfg: IngressConfig) {
+        let mut m: Array<_, IngressConfig> =
+            Array::try_from(self.ebpf.map_mut(INGRESS_CONFIG_MAP).unwrap()).unwrap();
+        m.set(0, cfg, 0).unwrap();
+    }
+
+    fn frontend(&mut self, port: u16, proto: u8, mode: u8, table: u32) {
+        let mut m: HashMap<_, FrontendKey, IngressFrontend> =
+            HashMap::try_from(self.ebpf.map_mut(INGRESS_FRONTENDS_MAP).unwrap()).unwrap();
+        let fe = IngressFrontend { table, count: 1, mode, pad: [0; 3] };
+        m.insert(FrontendKey::new(NODE, port, proto), fe, 0).unwrap();
+    }
+
+    fn backend(&mut self, id: u32, b: IngressBackend) {
+        let mut m: Array<_, IngressBackend> =
+            Array::try_from(self.ebpf.map_mut(INGRESS_BACKENDS_MAP).unwrap()).unwrap();
+        m.set(id, b, 0).unwrap();
+    }
+
+    /// Points every slot of Maglev table `table` at backend `id`.
+    fn fill_table(&mut self, table: u32, id: u32) {
+        let mut m: Array<_, u32> = Array::try_from(self.ebpf.map_mut(INGRESS_MAGLEV_MAP).unwrap()).unwrap();
+        for slot in 0..MAGLEV_TABLE_SIZE {
+            m.set(table * MAGLEV_TABLE_SIZE + slot, id, 0).unwrap();
+        }
+    }
+
+    fn flow(&self, key: &FlowKey) -> Option<Flow> {
+        let m: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(self.ebpf.map(INGRESS_FLOWS_MAP).unwrap()).unwrap();
+        m.get(key, 0).ok()
+    }
+
+    fn nat(&self, key: &FlowKey) -> Option<Nat> {
+        let m: HashMap<_, FlowKey, Nat> = HashMap::try_from(self.ebpf.map(INGRESS_NAT_MAP).unwrap()).unwrap();
+        m.get(key, 0).ok()
+    }
+
+    fn stat(&self, index: u32) -> u64 {
+        let m: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(INGRESS_STATS_MAP).unwrap()).unwrap();
+        m.get(&index, 0).unwrap().iter().sum()
+    }
+
+    fn stats(&self) -> Vec<u64> {
+        (0..IN_STAT_ENTRIES).map(|i| self.stat(i)).collect()
+    }
+
+    /// Runs `ingress_xdp` on `pkt` as if it arrived on the underlay veth; returns the
+    /// action and the packet as the program left it.
+    fn xdp(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let underlay = self.underlay;
+        let prog: &mut Xdp = self.ebpf.program_mut(INGRESS_XDP_PROGRAM).unwrap().try_into().unwrap();
+        self.ns.run(|| {
+            // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+            // egress_ifindex.
+            let md: Vec<u8> =
+                [0, pkt.len() as u32, 0, underlay, 0, 0].iter().flat_map(|v: &u32| v.to_ne_bytes()).collect();
+            let mut out = vec![0u8; pkt.len() + 256];
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(pkt);
+            opts.data_out = Some(&mut out);
+            opts.ctx_in = Some(&md);
+            let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN of ingress_xdp");
+            out.truncate(r.data_size_out as usize);
+            (r.return_value, out)
+        })
+    }
+
+    /// Runs `ingress_reply` on `pkt` (a frame a local task sent).
+    fn tc(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &mut SchedClassifier =
+            self.ebpf.program_mut(INGRESS_TC_PROGRAM).unwrap().try_into().unwrap();
+        self.ns.run(|| {
+            let mut out = vec![0u8; pkt.len() + 256];
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(pkt);
+            opts.data_out = Some(&mut out);
+            let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN of ingress_reply");
+            out.truncate(r.data_size_out as usize);
+            (r.return_value, out)
+        })
+    }
+}
+
+fn local_backend(ifindex: u32) -> IngressBackend {
+    IngressBackend {
+        addr_raw: ip4_raw(TASK),
+        vtep_raw: ip4_raw(NODE),
+        gw_raw: ip4_raw(GW),
+        ifindex,
+        vni: VNI,
+        gen: 1,
+        mac: TASK_MAC,
+        gw_mac: GW_MAC,
+        port_raw: port_raw(TARGET),
+        flags: BACKEND_LIVE | BACKEND_LOCAL,
+    }
+}
+
+fn remote_backend(addr: [u8; 4], mac: [u8; 6]) -> IngressBackend {
+    IngressBackend {
+        addr_raw: ip4_raw(addr),
+        vtep_raw: ip4_raw(NODE2),
+        gw_raw: ip4_raw(GW),
+        ifindex: 0,
+        vni: VNI,
+        gen: 1,
+        mac,
+        gw_mac: GW_MAC,
+        port_raw: port_raw(TARGET),
+        flags: BACKEND_LIVE,
+    }
+}
+
+/// What kind of TCP segment to build.
+#[derive(Clone, Copy)]
+enum Seg {
+    Syn,
+    SynAck,
+    Ack,
+}
+
+/// An Ethernet/IPv4/TCP frame with a small payload.
+fn tcp(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    seg: Seg,
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(smac, dmac).ipv4(src, dst, 64).tcp(sport, dport, 1000, 64_000);
+    let b = match seg {
+        Seg::Syn => b.syn(),
+        Seg::SynAck => b.syn().ack(5000),
+        Seg::Ack => b.ack(5000),
+    };
+    let payload: &[u8] = if matches!(seg, Seg::Ack) { b"GET / HTTP/1.0\r\n\r\n" } else { b"" };
+    let mut out = Vec::new();
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+fn udp(smac: [u8; 6], dmac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(smac, dmac)
+        .ipv4(src, dst, 64)
+        .udp(sport, dport)
+        .write(&mut out, b"ping")
+        .unwrap();
+    out
+}
+
+/// The outer headers the kernel's VXLAN device would put in front of `inner`, with
+/// the variable fields (IPv4 id, UDP source port) given.
+#[expect(clippy::too_many_arguments, reason = "one field per header value, read like the wire")]
+fn vxlan(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    id: u16,
+    sport: u16,
+    vx: [u8; 8],
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    Ethernet2Header { source: smac, destination: dmac, ether_type: EtherType::IPV4 }.write(&mut out).unwrap();
+    let mut iph = Ipv4Header::new((8 + 8 + inner.len()) as u16, 64, IpNumber::UDP, src, dst).unwrap();
+    iph.dont_fragment = false;
+    iph.identification = id;
+    iph.header_checksum = iph.calc_header_checksum();
+    iph.write(&mut out).unwrap();
+    UdpHeader {
+        source_port: sport,
+        destination_port: 4789,
+        length: (8 + 8 + inner.len()) as u16,
+        checksum: 0,
+    }
+    .write(&mut out)
+    .unwrap();
+    out.extend_from_slice(&vx);
+    out.extend_from_slice(inner);
+    out
+}
+
+fn vxlan_bytes(vni: u32, mark: Option<u16>) -> [u8; 8] {
+    let v = vni.to_be_bytes();
+    let (m, p) = match mark {
+        Some(port) => (0x4d, port.to_be_bytes()),
+        None => (0, [0, 0]),
+    };
+    [0x08, m, p[0], p[1], v[1], v[2], v[3], 0]
+}
+
+fn client_key(sport: u16, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src_raw: ip4_raw(CLIENT),
+        dst_raw: ip4_raw(NODE),
+        sport_raw: port_raw(sport),
+        dport_raw: port_raw(dport),
+        proto,
+        pad: [0; 3],
+    }
+}
+
+fn syn_from_client(sport: u16) -> Vec<u8> {
+    tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, sport, PUBLISHED, Seg::Syn)
+}
+
+#[test]
+fn syn_to_a_local_backend_is_dnated_and_redirected() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
+    f.backend(3, local_backend(f.underlay + 1));
+    f.fill_table(0, 3);
+    let (action, out) = f.xdp(&syn_from_client(CPORT));
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(
+        out,
+        tcp(GW_MAC, TASK_MAC, CLIENT, TASK, CPORT, TARGET, Seg::Syn),
+        "DNAT'd SYN, byte for byte"
+    );
+    let nat = f.nat(&reply_key(ip4_raw(TASK), port_raw(TARGET), ip4_raw(CLIENT), port_raw(CPORT), PROTO_TCP));
+    let nat = nat.expect("IN_NAT entry for the task's reply");
+    assert_eq!(
+        (nat.src_raw, nat.dst_raw, nat.sport_raw, nat.dport_raw),
+        (ip4_raw(NODE), ip4_raw(CLIENT), port_raw(PUBLISHED), port_raw(CPORT))
+    );
+    let flow = f.flow(&client_key(CPORT, PUBLISHED, PROTO_TCP)).expect("IN_FLOWS entry");
+    assert_eq!((flow.backend, flow.gen), (3, 1));
+    assert_eq!(f.stat(IN_STAT_LOCAL), 1);
+
+    // The task's reply crosses its host veth: tc rewrites it to come from the
+    // published address, addressed from this node to the client.
+    let reply = tcp(TASK_MAC, GW_MAC, TASK, CLIENT, TARGET, CPORT, Seg::SynAck);
+    let (action, out) = f.tc(&reply);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(
+        out,
+        tcp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED, CPORT, Seg::SynAck),
+        "reply, byte for byte"
+    );
+    assert_eq!(f.stat(IN_STAT_REPLY_TC), 1);
+
+    // A reply of no translated flow is left alone.
+    let other = tcp(TASK_MAC, GW_MAC, TASK, CLIENT, TARGET, CPORT + 1, Seg::SynAck);
+    let (action, out) = f.tc(&other);
+    assert_eq!((action, out), (0, other), "TC_ACT_OK, unchanged");
+}
+
+#[test]
+fn udp_to_a_local_backend_keeps_a_zero_checksum() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_UDP, MODE_SNAT, 0);
+    f.backend(0, local_backend(f.underlay + 1));
+    f.fill_table(0, 0);
+    let mut pkt = udp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED);
+    let (action, out) = f.xdp(&pkt);
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(out, udp(GW_MAC, TASK_MAC, CLIENT, TASK, CPORT, TARGET));
+    // The same datagram without a checksum: it stays without one.
+    pkt[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+    let (_, out) = f.xdp(&pkt);
+    assert_eq!(&out[14 + 20 + 6..14 + 20 + 8], &[0, 0]);
+}
+
+#[test]
+fn syn_to_a_remote_snat_backend_is_encapsulated() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 1);
+    f.backend(9, remote_backend(TASK2, TASK2_MAC));
+    f.fill_table(1, 9);
+    let (action, out) = f.xdp(&syn_from_client(CPORT));
+    assert_eq!(action, XDP_TX, "the next hop is behind the interface the SYN came in on");
+    let inner = tcp(GW_MAC, TASK2_MAC, GW, TASK2, CPORT, TARGET, Seg::Syn);
+    let id = u16::from_be_bytes([out[18], out[19]]);
+    let hash = flow_hash(ip4_raw(CLIENT), ip4_raw(NODE), port_raw(CPORT), port_raw(PUBLISHED), PROTO_TCP);
+    let sport = vxlan_src_port(hash);
+    assert!((EPHEMERAL_MIN..=EPHEMERAL_MAX).contains(&sport));
+    let expected = vxlan(NODE_MAC, NODE2_MAC, NODE, NODE2, id, sport, vxlan_bytes(VNI, None), &inner);
+    assert_eq!(out, expected, "outer headers and inner rewrite, byte for byte");
+    let flow = f.flow(&client_key(CPORT, PUBLISHED, PROTO_TCP)).expect("IN_FLOWS entry");
+    assert_eq!(
+        (flow.backend, flow.gen, flow.nat_port_raw),
+        (9, 1, port_raw(CPORT)),
+        "the client's own port was free"
+    );
+    let reply = reply_key(ip4_raw(TASK2), port_raw(TARGET), ip4_raw(GW), port_raw(CPORT), PROTO_TCP);
+    let nat = f.nat(&reply).expect("IN_NAT entry for the snat reply");
+    assert_eq!(
+        (nat.src_raw, nat.dst_raw, nat.sport_raw, nat.dport_raw),
+        (ip4_raw(NODE), ip4_raw(CLIENT), port_raw(PUBLISHED), port_raw(CPORT))
+    );
+    assert_eq!(f.stat(IN_STAT_ENCAP), 1);
+
+    // The backend's SYN-ACK comes back over VXLAN to gw:cport: decapsulated and sent
+    // to the client from the published address.
+    let back = tcp(TASK2_MAC, GW_MAC, TASK2, GW, TARGET, CPORT, Seg::SynAck);
+    let frame = vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 7, 50_123, vxlan_bytes(VNI, None), &back);
+    let (action, out) = f.xdp(&frame);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(
+        out,
+        tcp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED, CPORT, Seg::SynAck),
+        "decapsulated reply"
+    );
+    assert_eq!(f.stat(IN_STAT_REPLY_XDP), 1);
+
+    // A second client using the same source port gets another NAT port.
+    let other = [198, 18, 0, 101];
+    let syn2 = tcp(CLIENT_MAC, NODE_MAC, other, NODE, CPORT, PUBLISHED, Seg::Syn);
+    let (action, out) = f.xdp(&syn2);
+    assert_eq!(action, XDP_TX);
+    let nat_port = u16::from_be_bytes([out[50 + 34], out[50 + 35]]);
+    assert!((NAT_PORT_MIN..=NAT_PORT_MAX).contains(&nat_port), "second client got NAT port {nat_port}");
+    let key2 = FlowKey { src_raw: ip4_raw(other), ..client_key(CPORT, PUBLISHED, PROTO_TCP) };
+    assert_eq!(f.flow(&key2).map(|fl| fl.nat_port_raw), Some(port_raw(nat_port)));
+}
+
+#[test]
+fn syn_to_a_remote_dsr_backend_keeps_the_client_and_carries_the_mark() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_TCP, MODE_DSR, 0);
+    f.backend(2, remote_backend(TASK2, TASK2_MAC));
+    f.fill_table(0, 2);
+    let (action, out) = f.xdp(&syn_from_client(CPORT));
+    assert_eq!(action, XDP_TX);
+    let inner = tcp(GW_MAC, TASK2_MAC, CLIENT, TASK2, CPORT, TARGET, Seg::Syn);
+    let id = u16::from_be_bytes([out[18], out[19]]);
+    let sport = u16::from_be_bytes([out[34], out[35]]);
+    let expected =
+        vxlan(NODE_MAC, NODE2_MAC, NODE, NODE2, id, sport, vxlan_bytes(VNI, Some(PUBLISHED)), &inner);
+    assert_eq!(out, expected, "DSR mark present, inner source unchanged");
+    let reply = reply_key(ip4_raw(TASK2), port_raw(TARGET), ip4_raw(GW), port_raw(CPORT), PROTO_TCP);
+    assert_eq!(f.nat(&reply), None, "DSR records nothing on the ingress node");
+    let reply = reply_key(ip4_raw(TASK2), port_raw(TARGET), ip4_raw(CLIENT), port_raw(CPORT), PROTO_TCP);
+    assert_eq!(f.nat(&reply), None, "DSR records nothing on the ingress node");
+}
+
+#[test]
+fn dsr_marked_vxlan_is_recorded_and_unmarked_on_the_backend_node() {
+    let mut f = fixture();
+    // This fixture plays the backend's node: NODE2 encapsulated a client's SYN to our task.
+    let inner = tcp(GW_MAC, TASK_MAC, CLIENT, TASK, CPORT, TARGET, Seg::Syn);
+    let frame =
+        vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 99, 51_000, vxlan_bytes(VNI, Some(PUBLISHED)), &inner);
+    let (action, out) = f.xdp(&frame);
+    assert_eq!(action, XDP_PASS, "the kernel's VXLAN device decapsulates");
+    let expected = vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 99, 51_000, vxlan_bytes(VNI, None), &inner);
+    assert_eq!(out, expected, "mark cleared, nothing else changed");
+    let reply = reply_key(ip4_raw(TASK), port_raw(TARGET), ip4_raw(CLIENT), port_raw(CPORT), PROTO_TCP);
+    let nat = f.nat(&reply).expect("IN_NAT entry for the task's direct reply");
+    assert_eq!(
+        (nat.src_raw, nat.dst_raw, nat.sport_raw, nat.dport_raw),
+        (ip4_raw(NODE2), ip4_raw(CLIENT), port_raw(PUBLISHED), port_raw(CPORT))
+    );
+    assert_eq!(f.stat(IN_STAT_DSR_RECORDED), 1);
+    // The task replies straight to the client, from the ingress node's published address.
+    let (action, out) = f.tc(&tcp(TASK_MAC, GW_MAC, TASK, CLIENT, TARGET, CPORT, Seg::SynAck));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(out, tcp(NODE_MAC, CLIENT_MAC, NODE2, CLIENT, PUBLISHED, CPORT, Seg::SynAck));
+    // Unmarked VXLAN without a NAT entry is the kernel's business.
+    let plain = vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 99, 51_000, vxlan_bytes(VNI, None), &inner);
+    assert_eq!(f.xdp(&plain), (XDP_PASS, plain.clone()));
+}
+
+#[test]
+fn flows_keep_their_backend_until_it_leaves() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
+    let b1 = local_backend(f.underlay + 1);
+    let b2 = IngressBackend { addr_raw: ip4_raw(TASK2), mac: TASK2_MAC, ..b1 };
+    f.backend(1, b1);
+    f.fill_table(0, 1);
+    let (action, _) = f.xdp(&syn_from_client(CPORT));
+    assert_eq!(action, XDP_REDIRECT);
+
+    // A backend joins and (here) takes every slot: the established flow stays.
+    f.backend(2, b2);
+    f.fill_table(0, 2);
+    let ack = tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED, Seg::Ack);
+    let (action, out) = f.xdp(&ack);
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(out, tcp(GW_MAC, TASK_MAC, CLIENT, TASK, CPORT, TARGET, Seg::Ack), "still the first backend");
+    // A new flow goes by the table.
+    let (_, out) = f.xdp(&syn_from_client(CPORT + 1));
+    assert_eq!(out, tcp(GW_MAC, TASK2_MAC, CLIENT, TASK2, CPORT + 1, TARGET, Seg::Syn));
+
+    // The first backend is removed (flags 0): its flow re-balances to the table's choice.
+    f.backend(1, IngressBackend { flags: 0, ..b1 });
+    let (action, out) = f.xdp(&ack);
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(
+        out,
+        tcp(GW_MAC, TASK2_MAC, CLIENT, TASK2, CPORT, TARGET, Seg::Ack),
+        "moved to the live backend"
+    );
+    assert_eq!(f.flow(&client_key(CPORT, PUBLISHED, PROTO_TCP)).map(|fl| fl.backend), Some(2));
+
+    // Its id given to another task (gen bumped): flows of the old one re-balance too.
+    f.backend(2, IngressBackend { gen: 2, ..b2 });
+    f.backend(1, b1);
+    f.fill_table(0, 1);
+    let (_, out) = f.xdp(&ack);
+    assert_eq!(out, tcp(GW_MAC, TASK_MAC, CLIENT, TASK, CPORT, TARGET, Seg::Ack), "gen changed: re-balanced");
+
+    // A segment of a connection the program never saw open is the stack's (the proxy's).
+    let stray = tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT + 7, PUBLISHED, Seg::Ack);
+    assert_eq!(f.xdp(&stray), (XDP_PASS, stray.clone()));
+    assert!(f.flow(&client_key(CPORT + 7, PUBLISHED, PROTO_TCP)).is_none());
+
+    // No live backend at all: new flows pass (the proxy answers), counted.
+    f.backend(1, IngressBackend { flags: 0, ..b1 });
+    let syn = syn_from_client(CPORT + 8);
+    assert_eq!(f.xdp(&syn), (XDP_PASS, syn.clone()));
+    assert_eq!(f.stat(IN_STAT_NO_BACKEND), 1);
+}
+
+/// Runs `pkt` through the XDP program and checks it passed unchanged.
+fn assert_passes(f: &mut Fixture, what: &str, pkt: &[u8]) {
+    let (action, out) = f.xdp(pkt);
+    assert_eq!(action, XDP_PASS, "{what}: action");
+    assert_eq!(out, pkt, "{what}: bytes changed");
+}
+
+#[test]
+fn non_matching_traffic_passes_untouched() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
+    f.backend(0, local_backend(f.underlay + 1));
+    f.fill_table(0, 0);
+    assert_passes(
+        &mut f,
+        "other port",
+        &tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED + 1, Seg::Syn),
+    );
+    assert_passes(
+        &mut f,
+        "other address",
+        &tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE2, CPORT, PUBLISHED, Seg::Syn),
+    );
+    assert_passes(
+        &mut f,
+        "UDP to a TCP frontend",
+        &udp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED),
+    );
+    let mut arp = Vec::new();
+    arp.extend_from_slice(&[0xff; 6]);
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&CLIENT);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&NODE);
+    assert_passes(&mut f, "ARP", &arp);
+    let mut v6 = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv6([0xfd; 16], [0xfe; 16], 64)
+        .tcp(CPORT, PUBLISHED, 1, 100)
+        .syn()
+        .write(&mut v6, b"")
+        .unwrap();
+    assert_passes(&mut f, "IPv6", &v6);
+    let mut icmp = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(CLIENT, NODE, 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut icmp, b"ping")
+        .unwrap();
+    assert_passes(&mut f, "ICMP", &icmp);
+    assert_eq!(f.stat(IN_STAT_PASS), 6);
+    assert_eq!(f.stat(IN_STAT_LOCAL), 0);
+}
+
+/// Sets the IPv4 header checksum of a frame after a test edited the header.
+fn fix_ip_checksum(pkt: &mut [u8]) {
+    pkt[24] = 0;
+    pkt[25] = 0;
+    let (h, _) = Ipv4Header::from_slice(&pkt[14..]).map(|(h, r)| (h, r.len())).unwrap_or_else(|_| {
+        // Headers etherparse refuses (ihl < 5, ...) keep a zero checksum: the program
+        // judges them before any checksum.
+        (Ipv4Header::default(), 0)
+    });
+    if h.source == [0; 4] {
+        return;
+    }
+    let sum = h.calc_header_checksum().to_be_bytes();
+    pkt[24] = sum[0];
+    pkt[25] = sum[1];
+}
+
+#[test]
+fn malformed_input_passes_or_drops_never_crashes() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
+    f.frontend(PUBLISHED, PROTO_UDP, MODE_SNAT, 0);
+    f.backend(0, local_backend(f.underlay + 1));
+    f.fill_table(0, 0);
+    let syn = syn_from_client(CPORT);
+    let edit = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut p = syn.clone();
+        edit(&mut p);
+        p
+    };
+    // (what, packet, expected action). Each is aimed at a published port, so a
+    // program that trusted the header would rewrite it.
+    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+        ("Ethernet only, EtherType IPv4", syn[..14].to_vec(), XDP_DROP),
+        ("IPv4 header cut at 10 bytes", syn[..24].to_vec(), XDP_DROP),
+        ("IPv4 header cut at 19 bytes", syn[..33].to_vec(), XDP_DROP),
+        ("ihl 4", edit(&|p| p[14] = 0x44), XDP_DROP),
+        ("ihl 0", edit(&|p| p[14] = 0x40), XDP_DROP),
+        ("version 6 in an IPv4 EtherType", edit(&|p| p[14] = 0x65), XDP_DROP),
+        (
+            "tot_len below the header",
+            edit(&|p| {
+                p[16..18].copy_from_slice(&19u16.to_be_bytes());
+                fix_ip_checksum(p)
+            }),
+            XDP_DROP,
+        ),
+        (
+            "ihl 6 (options)",
+            edit(&|p| {
+                p[14] = 0x46;
+                fix_ip_checksum(p)
+            }),
+            XDP_PASS,
+        ),
+        (
+            "more fragments",
+            edit(&|p| {
+                p[20] |= 0x20;
+                fix_ip_checksum(p)
+            }),
+            XDP_PASS,
+        ),
+        (
+            "fragment offset",
+            edit(&|p| {
+                p[21] = 0x10;
+                fix_ip_checksum(p)
+            }),
+            XDP_PASS,
+        ),
+        (
+            "tot_len beyond the frame",
+            edit(&|p| {
+                let l = (p.len() - 14 + 1) as u16;
+                p[16..18].copy_from_slice(&l.to_be_bytes());
+                fix_ip_checksum(p)
+            }),
+            XDP_PASS,
+        ),
+        ("frame cut inside TCP", syn[..14 + 20 + 10].to_vec(), XDP_PASS),
+        (
+            "tot_len leaves 10 bytes of TCP",
+            edit(&|p| {
+                p[16..18].copy_from_slice(&30u16.to_be_bytes());
+                p.truncate(14 + 30);
+                fix_ip_checksum(p)
+            }),
+            XDP_PASS,
+        ),
+        ("TCP data offset 4", edit(&|p| p[14 + 20 + 12] = 0x40), XDP_PASS),
+        (
+            "UDP cut at 4 bytes",
+            {
+                let mut p = udp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED);
+                p[16..18].copy_from_slice(&24u16.to_be_bytes());
+                p.truncate(14 + 24);
+                fix_ip_checksum(&mut p);
+                p
+            },
+            XDP_PASS,
+        ),
+    ];
+    // VXLAN frames whose inner frame is cut short, at every length.
+    let inner = tcp(GW_MAC, TASK_MAC, CLIENT, TASK, CPORT, TARGET, Seg::Syn);
+    let full = vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 5, 50_000, vxlan_bytes(VNI, Some(PUBLISHED)), &inner);
+    let mut vx_cases = Vec::new();
+    for cut in [42, 45, 50, 55, 63, 64, 70, 83, 84, 90, 103] {
+        let mut p = full[..cut].to_vec();
+        let ip_len = (cut - 14) as u16;
+        p[16..18].copy_from_slice(&ip_len.to_be_bytes());
+        fix_ip_checksum(&mut p);
+        p[38..40].copy_from_slice(&(ip_len - 20).to_be_bytes());
+        vx_cases.push((cut, p));
+    }
+    let before = f.stats();
+    let mut drops = 0;
+    for (what, pkt, want) in &cases {
+        let (action, out) = f.xdp(pkt);
+        assert_eq!(action, *want, "{what}");
+        if *want == XDP_PASS {
+            assert_eq!(&out, pkt, "{what}: passed packets are untouched");
+        } else {
+            drops += 1;
+        }
+    }
+    for (cut, pkt) in &vx_cases {
+        let (action, out) = f.xdp(pkt);
+        assert_eq!(action, XDP_PASS, "VXLAN cut at {cut} bytes");
+        assert_eq!(&out, pkt, "VXLAN cut at {cut} bytes: untouched");
+    }
+    let after = f.stats();
+    assert_eq!(after[IN_STAT_DROP_MALFORMED as usize] - before[IN_STAT_DROP_MALFORMED as usize], drops);
+    assert_eq!(after[IN_STAT_LOCAL as usize], 0, "nothing malformed was forwarded");
+    assert!(f.flow(&client_key(CPORT, PUBLISHED, PROTO_TCP)).is_none(), "no flow from malformed input");
+}

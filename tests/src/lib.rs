@@ -361,6 +361,13 @@ impl Cluster {
         sh("ip", &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
         sh("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
         sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        // Frames on a real wire carry complete checksums (the NIC fills them in). A veth
+        // passes the sender's unfinished ones (CHECKSUM_PARTIAL) with the skb, which an
+        // XDP program never sees: a packet it rewrites and redirects would reach its
+        // task with a wrong checksum and be dropped. The hosts' eth0 finish them in
+        // software, as a NIC would.
+        sh("ip", &["netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off"])
+            .context("turning off checksum offload on a host's eth0 (ethtool: `apt-get install ethtool`)")?;
         Ok(())
     }
 

@@ -36,7 +36,6 @@ use meshd_dataplane::{netns::run_in, socklb::OBJECT};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -75,10 +74,15 @@ struct Netns {
 }
 
 impl Netns {
-    fn new() -> Netns {
+    /// An empty namespace.
+    fn bare() -> Netns {
         let name = format!("mtK{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         ip(&["netns", "add", &name]);
-        let ns = Netns { name };
+        Netns { name }
+    }
+
+    fn new() -> Netns {
+        let ns = Netns::bare();
         let n = ns.name.as_str();
         let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
         let addr = |a: [u8; 4]| Ipv4Addr::from(a).to_string();
@@ -437,7 +441,7 @@ fn syn_to_a_remote_snat_backend_is_encapsulated() {
     f.backend(9, remote_backend(TASK2, TASK2_MAC));
     f.fill_table(1, 9);
     let (action, out) = f.xdp(&syn_from_client(CPORT));
-    assert_eq!(action, XDP_TX, "the next hop is behind the interface the SYN came in on");
+    assert_eq!(action, XDP_REDIRECT, "sent out of the FIB's interface (see `transmit` in the program)");
     let inner = tcp(GW_MAC, TASK2_MAC, GW, TASK2, CPORT, TARGET, Seg::Syn);
     let id = u16::from_be_bytes([out[18], out[19]]);
     let hash = flow_hash(ip4_raw(CLIENT), ip4_raw(NODE), port_raw(CPORT), port_raw(PUBLISHED), PROTO_TCP);
@@ -464,7 +468,7 @@ fn syn_to_a_remote_snat_backend_is_encapsulated() {
     let back = tcp(TASK2_MAC, GW_MAC, TASK2, GW, TARGET, CPORT, Seg::SynAck);
     let frame = vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 7, 50_123, vxlan_bytes(VNI, None), &back);
     let (action, out) = f.xdp(&frame);
-    assert_eq!(action, XDP_TX);
+    assert_eq!(action, XDP_REDIRECT);
     assert_eq!(
         out,
         tcp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED, CPORT, Seg::SynAck),
@@ -476,7 +480,7 @@ fn syn_to_a_remote_snat_backend_is_encapsulated() {
     let other = [198, 18, 0, 101];
     let syn2 = tcp(CLIENT_MAC, NODE_MAC, other, NODE, CPORT, PUBLISHED, Seg::Syn);
     let (action, out) = f.xdp(&syn2);
-    assert_eq!(action, XDP_TX);
+    assert_eq!(action, XDP_REDIRECT);
     let nat_port = u16::from_be_bytes([out[50 + 34], out[50 + 35]]);
     assert!((NAT_PORT_MIN..=NAT_PORT_MAX).contains(&nat_port), "second client got NAT port {nat_port}");
     let key2 = FlowKey { src_raw: ip4_raw(other), ..client_key(CPORT, PUBLISHED, PROTO_TCP) };
@@ -490,7 +494,7 @@ fn syn_to_a_remote_dsr_backend_keeps_the_client_and_carries_the_mark() {
     f.backend(2, remote_backend(TASK2, TASK2_MAC));
     f.fill_table(0, 2);
     let (action, out) = f.xdp(&syn_from_client(CPORT));
-    assert_eq!(action, XDP_TX);
+    assert_eq!(action, XDP_REDIRECT);
     let inner = tcp(GW_MAC, TASK2_MAC, CLIENT, TASK2, CPORT, TARGET, Seg::Syn);
     let id = u16::from_be_bytes([out[18], out[19]]);
     let sport = u16::from_be_bytes([out[34], out[35]]);
@@ -773,4 +777,379 @@ fn malformed_input_passes_or_drops_never_crashes() {
     assert_eq!(after[IN_STAT_DROP_MALFORMED as usize] - before[IN_STAT_DROP_MALFORMED as usize], drops);
     assert_eq!(after[IN_STAT_LOCAL as usize], 0, "nothing malformed was forwarded");
     assert!(f.flow(&client_key(CPORT, PUBLISHED, PROTO_TCP)).is_none(), "no flow from malformed input");
+}
+
+/// Runs a command, failing the test with its stderr (and how to install it if missing).
+fn run(cmd: &str, args: &[&str], install: &str) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running `{cmd} {}`: {e}; install it: {install}", args.join(" ")));
+    assert!(out.status.success(), "{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+/// The programs attached for real in a namespace pair: the node (underlay `u0`, task
+/// host veth `t0`), a client namespace on the other end of `u0` that also plays the
+/// backend's node (198.18.0.12), and a task namespace behind `t0`. A TCP connection
+/// from the client to the published port reaches the task's listener (DNAT +
+/// redirect, reply through tc), and a UDP datagram to a frontend with a remote
+/// backend comes back out of the underlay to the client namespace, encapsulated.
+fn real_veths(mode: aya::programs::XdpMode) {
+    use std::{
+        io::{Read as _, Write as _},
+        net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+        time::Duration,
+    };
+
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the ingress fixture tests attach BPF programs: run them as root"
+    );
+    let node = Netns::new();
+    let client = Netns::bare();
+    let task = Netns::bare();
+    let (n, c, t) = (node.name.clone(), client.name.clone(), task.name.clone());
+    let (n, c, t) = (n.as_str(), c.as_str(), t.as_str());
+    let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let addr = |a: [u8; 4]| Ipv4Addr::from(a).to_string();
+    // The client end of the underlay: u1 (made by Netns::new in the node) moves over.
+    ip(&["-n", n, "link", "set", "u1", "netns", c]);
+    ip(&["-n", c, "link", "set", "u1", "address", &mac(CLIENT_MAC)]);
+    for a in [CLIENT, NODE2] {
+        ip(&["-n", c, "addr", "add", &format!("{}/24", addr(a)), "dev", "u1"]);
+    }
+    ip(&["-n", c, "link", "set", "u1", "up"]);
+    // The task and its host veth.
+    ip(&[
+        "-n",
+        n,
+        "link",
+        "add",
+        "t0",
+        "address",
+        &mac(GW_MAC),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        t,
+    ]);
+    ip(&["-n", n, "addr", "add", &format!("{}/24", addr(GW)), "dev", "t0"]);
+    ip(&["-n", n, "link", "set", "t0", "up"]);
+    ip(&["-n", t, "link", "set", "eth0", "address", &mac(TASK_MAC)]);
+    ip(&["-n", t, "addr", "add", &format!("{}/24", addr(TASK)), "dev", "eth0"]);
+    ip(&["-n", t, "link", "set", "lo", "up"]);
+    ip(&["-n", t, "link", "set", "eth0", "up"]);
+    ip(&["-n", t, "route", "add", "default", "via", &addr(GW)]);
+    ip(&["-n", t, "neigh", "replace", &addr(GW), "lladdr", &mac(GW_MAC), "dev", "eth0", "nud", "permanent"]);
+    ip(&[
+        "-n",
+        n,
+        "neigh",
+        "replace",
+        &addr(TASK),
+        "lladdr",
+        &mac(TASK_MAC),
+        "dev",
+        "t0",
+        "nud",
+        "permanent",
+    ]);
+    ip(&[
+        "-n",
+        c,
+        "neigh",
+        "replace",
+        &addr(NODE),
+        "lladdr",
+        &mac(NODE_MAC),
+        "dev",
+        "u1",
+        "nud",
+        "permanent",
+    ]);
+    // "Node 2" is the client namespace's second address, behind the client's MAC.
+    ip(&[
+        "-n",
+        n,
+        "neigh",
+        "replace",
+        &addr(NODE2),
+        "lladdr",
+        &mac(CLIENT_MAC),
+        "dev",
+        "u0",
+        "nud",
+        "permanent",
+    ]);
+    // A native-XDP redirect into a veth is delivered only if the peer runs
+    // NAPI (veth_xdp_xmit): GRO on the receiving ends.
+    for (ns, dev) in [(t, "eth0"), (c, "u1")] {
+        run("ip", &["netns", "exec", ns, "ethtool", "-K", dev, "gro", "on"], "apt-get install ethtool");
+    }
+    // A veth's sender leaves TCP/UDP checksums partial (CHECKSUM_PARTIAL, completed
+    // "by hardware" later). Native XDP sees bare bytes and a redirected frame loses
+    // the skb's checksum state, so the task would get a bad checksum: the client
+    // sends complete checksums, as a NIC-attached client always does.
+    run("ip", &["netns", "exec", c, "ethtool", "-K", "u1", "tx", "off"], "apt-get install ethtool");
+
+    let ebpf = EbpfLoader::new()
+        .map_max_entries(INGRESS_MAGLEV_MAP, TABLES * MAGLEV_TABLE_SIZE)
+        .load(OBJECT)
+        .expect("loading the embedded kernel object");
+    let underlay = node.ifindex("u0");
+    let host_veth = node.ifindex("t0");
+    let mut f = Fixture { ns: node, ebpf, underlay };
+    f.config(IngressConfig {
+        node_raw: ip4_raw(NODE),
+        ifindex: underlay,
+        nat_port_min: NAT_PORT_MIN,
+        nat_port_max: NAT_PORT_MAX,
+        pad: 0,
+    });
+    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
+    f.backend(0, local_backend(host_veth));
+    f.fill_table(0, 0);
+    f.frontend(PUBLISHED + 1, PROTO_UDP, MODE_SNAT, 1);
+    f.backend(1, remote_backend(TASK2, TASK2_MAC));
+    f.fill_table(1, 1);
+    let Fixture { ns, ebpf, .. } = &mut f;
+    ns.run(|| {
+        let xdp: &mut Xdp = ebpf.program_mut(INGRESS_XDP_PROGRAM).unwrap().try_into().unwrap();
+        xdp.load().expect("verifier accepts ingress_xdp");
+        xdp.attach("u0", mode)
+            .unwrap_or_else(|e| panic!("attaching ingress_xdp to u0 in {mode:?} mode: {e}"));
+        let tc: &mut SchedClassifier = ebpf.program_mut(INGRESS_TC_PROGRAM).unwrap().try_into().unwrap();
+        tc.load().expect("verifier accepts ingress_reply");
+        tc.attach("t0", aya::programs::TcAttachType::Ingress).expect("attaching ingress_reply to t0");
+    });
+
+    // TCP through the published port to the local task, which reports its peer.
+    let listener = task.run(|| TcpListener::bind((Ipv4Addr::from(TASK), TARGET)).expect("task listener"));
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 2];
+        s.read_exact(&mut buf).expect("request");
+        s.write_all(format!("peer={peer}").as_bytes()).expect("reply");
+    });
+    let published: SocketAddr = (Ipv4Addr::from(NODE), PUBLISHED).into();
+    let mut stream = client
+        .run(|| TcpStream::connect_timeout(&published, Duration::from_secs(5)))
+        .unwrap_or_else(|e| panic!("client → {published} ({mode:?} XDP): {e}; counters {:?}", f.stats()));
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.write_all(b"hi").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("reading the task's answer");
+    server.join().unwrap();
+    let local = stream.local_addr().unwrap();
+    assert_eq!(answer, format!("peer={local}"), "the task saw the client's own address and port");
+
+    // UDP to a frontend whose backend is on "node 2" (the client namespace's second
+    // address): the encapsulated datagram comes back out of u0 (redirect).
+    let vtep = client.run(|| UdpSocket::bind((Ipv4Addr::from(NODE2), 4789)).expect("VXLAN receiver"));
+    vtep.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let sender = client.run(|| UdpSocket::bind((Ipv4Addr::from(CLIENT), 0)).expect("UDP client"));
+    let cport = sender.local_addr().unwrap().port();
+    sender.send_to(b"ping", (Ipv4Addr::from(NODE), PUBLISHED + 1)).unwrap();
+    let mut buf = [0u8; 256];
+    let (len, from) = vtep.recv_from(&mut buf).unwrap_or_else(|e| {
+        let dbg = |ns: &str, args: &[&str]| {
+            let o = Command::new("ip").args(["netns", "exec", ns]).args(args).output().unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        panic!(
+            "no encapsulated datagram ({mode:?} XDP): {e}; counters {:?}\nu0: {}\nu1: {}\n{}",
+            f.stats(),
+            dbg(n, &["ethtool", "-S", "u0"]),
+            dbg(c, &["ethtool", "-S", "u1"]),
+            dbg(c, &["sh", "-c", "ip -s -s link show u1; cat /proc/net/snmp; cat /proc/net/netstat"])
+        )
+    });
+    assert_eq!(from, SocketAddr::from((Ipv4Addr::from(NODE), from.port())));
+    let hash = flow_hash(ip4_raw(CLIENT), ip4_raw(NODE), port_raw(cport), port_raw(PUBLISHED + 1), PROTO_UDP);
+    assert_eq!(from.port(), vxlan_src_port(hash), "outer source port from the flow hash");
+    let mut inner = Vec::new();
+    PacketBuilder::ethernet2(GW_MAC, TASK2_MAC)
+        .ipv4(GW, TASK2, 64)
+        .udp(cport, TARGET)
+        .write(&mut inner, b"ping")
+        .unwrap();
+    assert_eq!(&buf[..8], &vxlan_bytes(VNI, None));
+    let got = &buf[8..len];
+    // The sender's stack chose the IPv4 id and DF; everything else must match,
+    // including a valid UDP checksum after the rewrite.
+    assert_eq!(got.len(), inner.len(), "inner frame length");
+    let mut masked = got.to_vec();
+    masked[14 + 4..14 + 8].copy_from_slice(&inner[14 + 4..14 + 8]);
+    masked[14 + 10..14 + 12].copy_from_slice(&inner[14 + 10..14 + 12]);
+    assert_eq!(masked, inner, "inner frame after snat (id, flags, IPv4 checksum masked)");
+    let ip = Ipv4Header::from_slice(&got[14..]).unwrap().0;
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "inner IPv4 checksum");
+
+    let stats = f.stats();
+    assert!(stats[IN_STAT_LOCAL as usize] >= 2, "{stats:?}");
+    assert!(stats[IN_STAT_REPLY_TC as usize] >= 2, "{stats:?}");
+    assert_eq!(stats[IN_STAT_ENCAP as usize], 1, "{stats:?}");
+}
+
+#[test]
+fn native_xdp_on_veth_serves_a_local_task_and_transmits_encapsulated() {
+    real_veths(aya::programs::XdpMode::Driver);
+}
+
+#[test]
+fn generic_xdp_on_veth_serves_a_local_task_and_transmits_encapsulated() {
+    real_veths(aya::programs::XdpMode::Skb);
+}
+
+/// A router on the client's side of the path.
+const ROUTER: [u8; 4] = [198, 18, 0, 1];
+
+/// An ICMP "fragmentation needed" from `src` to `dst` quoting `quoted` (an Ethernet
+/// frame) from its IPv4 header on: the header and the first 8 transport bytes.
+fn frag_needed(smac: [u8; 6], dmac: [u8; 6], src: [u8; 4], dst: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type};
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(smac, dmac)
+        .ipv4(src, dst, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: 1400,
+        }))
+        .write(&mut out, &quoted[14..14 + 20 + 8])
+        .unwrap();
+    out
+}
+
+#[test]
+fn icmp_errors_follow_their_flow() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
+    f.backend(0, local_backend(f.underlay + 1));
+    f.fill_table(0, 0);
+    f.frontend(PUBLISHED + 1, PROTO_TCP, MODE_SNAT, 1);
+    f.backend(1, remote_backend(TASK2, TASK2_MAC));
+    f.fill_table(1, 1);
+    assert_eq!(f.xdp(&syn_from_client(CPORT)).0, XDP_REDIRECT);
+    let syn_remote = tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED + 1, Seg::Syn);
+    assert_eq!(f.xdp(&syn_remote).0, XDP_REDIRECT);
+
+    // A router could not forward the node's reply to the client (local backend): the
+    // error goes to the task, quoting the task's own packet.
+    let sent = tcp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED, CPORT, Seg::SynAck);
+    let icmp = frag_needed(CLIENT_MAC, NODE_MAC, ROUTER, NODE, &sent);
+    let (action, out) = f.xdp(&icmp);
+    assert_eq!(action, XDP_REDIRECT);
+    let as_task_sent = tcp(TASK_MAC, GW_MAC, TASK, CLIENT, TARGET, CPORT, Seg::SynAck);
+    assert_eq!(out, frag_needed(GW_MAC, TASK_MAC, ROUTER, TASK, &as_task_sent), "ICMP for the local task");
+
+    // The same for the remote snat backend: rewritten to quote task:80 → gw:cport and
+    // encapsulated (without a DSR mark) to its node.
+    let sent = tcp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED + 1, CPORT, Seg::SynAck);
+    let icmp = frag_needed(CLIENT_MAC, NODE_MAC, ROUTER, NODE, &sent);
+    let (action, out) = f.xdp(&icmp);
+    assert_eq!(action, XDP_REDIRECT);
+    let as_task_sent = tcp(TASK2_MAC, GW_MAC, TASK2, GW, TARGET, CPORT, Seg::SynAck);
+    let inner = frag_needed(GW_MAC, TASK2_MAC, ROUTER, TASK2, &as_task_sent);
+    let id = u16::from_be_bytes([out[18], out[19]]);
+    let sport = u16::from_be_bytes([out[34], out[35]]);
+    let expected = vxlan(NODE_MAC, NODE2_MAC, NODE, NODE2, id, sport, vxlan_bytes(VNI, None), &inner);
+    assert_eq!(out, expected, "ICMP for the remote task, encapsulated");
+
+    // An error about a flow the node does not carry is the stack's.
+    let unknown = tcp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED, CPORT + 1, Seg::SynAck);
+    assert_passes(
+        &mut f,
+        "ICMP about an unknown flow",
+        &frag_needed(CLIENT_MAC, NODE_MAC, ROUTER, NODE, &unknown),
+    );
+}
+
+#[test]
+fn tc_rewrites_udp_replies_and_keeps_a_zero_checksum() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_UDP, MODE_SNAT, 0);
+    f.backend(0, local_backend(f.underlay + 1));
+    f.fill_table(0, 0);
+    assert_eq!(f.xdp(&udp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED)).0, XDP_REDIRECT);
+    let mut reply = udp(TASK_MAC, GW_MAC, TASK, CLIENT, TARGET, CPORT);
+    let (action, out) = f.tc(&reply);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(out, udp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED, CPORT), "UDP reply, byte for byte");
+    reply[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+    let (action, out) = f.tc(&reply);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(&out[14 + 20 + 6..14 + 20 + 8], &[0, 0], "no checksum stays no checksum");
+}
+
+#[test]
+fn dsr_mark_with_an_outer_udp_checksum_is_cleared_to_none() {
+    let mut f = fixture();
+    let inner = tcp(GW_MAC, TASK_MAC, CLIENT, TASK, CPORT, TARGET, Seg::Syn);
+    let mut frame =
+        vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 99, 51_000, vxlan_bytes(VNI, Some(PUBLISHED)), &inner);
+    // Some senders checksum the outer UDP header; clearing the mark would break it.
+    frame[40..42].copy_from_slice(&[0x12, 0x34]);
+    let (action, out) = f.xdp(&frame);
+    assert_eq!(action, XDP_PASS);
+    let expected = vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 99, 51_000, vxlan_bytes(VNI, None), &inner);
+    assert_eq!(out, expected, "mark cleared and the outer UDP checksum set to none (valid over IPv4)");
+}
+
+/// Not a benchmark (T's `make bench` measures the paths end to end): the program's own
+/// cost for traffic it passes and for an established flow, with `BPF_PROG_TEST_RUN`
+/// repeating one packet, so a regression that makes the common case expensive shows.
+#[test]
+fn common_paths_cost_little() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
+    f.backend(0, local_backend(f.underlay + 1));
+    f.fill_table(0, 0);
+    // A frontend whose backend is itself (same address, port and MACs): the rewrite
+    // leaves the packet as it was, so every repetition takes the whole established-
+    // flow path (flow lookup, backend check, rewrite, redirect).
+    let me = IngressBackend {
+        addr_raw: ip4_raw(NODE),
+        port_raw: port_raw(PUBLISHED + 1),
+        mac: NODE_MAC,
+        gw_mac: CLIENT_MAC,
+        ..local_backend(f.underlay + 1)
+    };
+    f.frontend(PUBLISHED + 1, PROTO_TCP, MODE_SNAT, 1);
+    f.backend(1, me);
+    f.fill_table(1, 1);
+    let established = tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED + 1, Seg::Ack);
+    assert_eq!(
+        f.xdp(&tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED + 1, Seg::Syn)).0,
+        XDP_REDIRECT
+    );
+    let inner = tcp(GW_MAC, TASK_MAC, CLIENT, TASK2, CPORT, TARGET, Seg::Ack);
+    let cases = [
+        ("TCP to another port", tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, 22, Seg::Ack), XDP_PASS),
+        (
+            "overlay VXLAN, no NAT entry",
+            vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 1, 50_000, vxlan_bytes(VNI, None), &inner),
+            XDP_PASS,
+        ),
+        ("established flow, local backend", established, XDP_REDIRECT),
+    ];
+    let underlay = f.underlay;
+    for (what, pkt, want) in cases {
+        let prog: &mut Xdp = f.ebpf.program_mut(INGRESS_XDP_PROGRAM).unwrap().try_into().unwrap();
+        let per_packet = f.ns.run(|| {
+            let md: Vec<u8> =
+                [0, pkt.len() as u32, 0, underlay, 0, 0].iter().flat_map(|v: &u32| v.to_ne_bytes()).collect();
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(&pkt);
+            opts.ctx_in = Some(&md);
+            opts.repeat = 1_000_000;
+            let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+            assert_eq!(r.return_value, want, "{what}");
+            r.duration
+        });
+        println!("ingress_xdp, {what}: {} ns per packet", per_packet.as_nanos());
+        assert!(per_packet.as_nanos() < 2_000, "{what}: {per_packet:?} per packet");
+    }
 }

@@ -18,6 +18,8 @@ pub const TCP_LEN: usize = 20;
 pub const VXLAN_LEN: usize = 8;
 /// EtherType of IPv4, as the two wire bytes.
 pub const ETH_P_IP_BYTES: [u8; 2] = [0x08, 0x00];
+/// IPv4 protocol number of ICMP.
+pub const IPPROTO_ICMP: u8 = 1;
 /// IPv4 protocol number of TCP.
 pub const IPPROTO_TCP: u8 = 6;
 /// IPv4 protocol number of UDP.
@@ -107,6 +109,54 @@ pub const fn l4_check_after(check_raw: u16, proto: u8, old: &Tuple, new: &Tuple)
     } else {
         c
     }
+}
+
+/// ICMP type "destination unreachable" (code 4: fragmentation needed).
+pub const ICMP_DEST_UNREACH: u8 = 3;
+/// ICMP type "time exceeded".
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+/// ICMP header length (type, code, checksum, 4 bytes of rest).
+pub const ICMP_LEN: usize = 8;
+
+/// Whether an ICMP message of this type is an error about one packet (it quotes the
+/// packet's IPv4 header and first 8 transport bytes), and so follows that packet's flow.
+pub const fn icmp_is_flow_error(icmp_type: u8) -> bool {
+    icmp_type == ICMP_DEST_UNREACH || icmp_type == ICMP_TIME_EXCEEDED
+}
+
+/// The three checksums of an ICMP error after the packet it quotes is rewritten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuoteChecks {
+    /// The ICMP checksum (raw).
+    pub icmp_raw: u16,
+    /// The quoted IPv4 header's checksum (raw).
+    pub ip_raw: u16,
+    /// The quoted UDP checksum (raw; unchanged for TCP, whose checksum lies beyond the
+    /// 8 quoted bytes a router must include).
+    pub l4_raw: u16,
+}
+
+/// The checksums of an ICMP error whose quoted packet's addresses and ports change from
+/// `old` to `new`: the quoted IPv4 header's and (UDP) transport checksums as for the
+/// packet itself, and the ICMP checksum (no pseudo-header: it sums the quoted bytes)
+/// over every quoted word that changed.
+pub const fn quote_checks_after(
+    icmp_raw: u16,
+    ip_raw: u16,
+    l4_raw: u16,
+    proto: u8,
+    old: &Tuple,
+    new: &Tuple,
+) -> QuoteChecks {
+    let ip = ipv4_check_after(ip_raw, old, new);
+    let l4 = if proto == IPPROTO_UDP { l4_check_after(l4_raw, proto, old, new) } else { l4_raw };
+    let mut icmp = csum_replace4(icmp_raw, old.src_raw, new.src_raw);
+    icmp = csum_replace4(icmp, old.dst_raw, new.dst_raw);
+    icmp = csum_replace2(icmp, old.sport_raw, new.sport_raw);
+    icmp = csum_replace2(icmp, old.dport_raw, new.dport_raw);
+    icmp = csum_replace2(icmp, ip_raw, ip);
+    icmp = csum_replace2(icmp, l4_raw, l4);
+    QuoteChecks { icmp_raw: icmp, ip_raw: ip, l4_raw: l4 }
 }
 
 /// What the programs do with an IPv4 header.

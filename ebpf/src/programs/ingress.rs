@@ -33,9 +33,10 @@ use meshd_common::{
     },
     maglev::{flow_hash, MAGLEV_TABLE_SIZE},
     packet::{
-        check_ipv4, ipv4_check_after, l4_check_after, tcp_doff_valid, tcp_opens, vxlan_dsr_port,
-        vxlan_src_port, write_outer_headers, Ipv4Verdict, Outer, Tuple, ETH_LEN, ETH_P_IP_BYTES, IPPROTO_TCP,
-        IPPROTO_UDP, IPV4_LEN, OUTER_LEN, TCP_LEN, UDP_LEN, VXLAN_LEN,
+        check_ipv4, icmp_is_flow_error, ipv4_check_after, l4_check_after, quote_checks_after, tcp_doff_valid,
+        tcp_opens, vxlan_dsr_port, vxlan_src_port, write_outer_headers, Ipv4Verdict, Outer, Tuple, ETH_LEN,
+        ETH_P_IP_BYTES, ICMP_LEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, OUTER_LEN, TCP_LEN,
+        UDP_LEN, VXLAN_LEN,
     },
     port_raw, FrontendKey,
 };
@@ -204,6 +205,8 @@ fn parse(start: usize, end: usize, ip_off: usize) -> Result<Parsed, Outcome<u32>
             read::<u16>(start, end, l4 + 6).ok_or(PASS)?;
             0
         }
+        // Its "ports" are type, code and checksum: only `handle_icmp` looks at it.
+        IPPROTO_ICMP => 0,
         _ => return Err(PASS),
     };
     let ports: [u16; 2] = read(start, end, l4).ok_or(PASS)?;
@@ -232,6 +235,9 @@ fn try_ingress_xdp(ctx: &XdpContext) -> Outcome<u32> {
     };
     if p.proto == IPPROTO_UDP && p.tuple.dport_raw == port_raw(VXLAN_PORT) {
         return handle_vxlan(ctx, &p);
+    }
+    if p.proto == IPPROTO_ICMP {
+        return handle_icmp(ctx, &p);
     }
     // SAFETY: read-only lookup, copied out.
     let Some(fe) =
@@ -290,6 +296,9 @@ struct Job {
     new: bool,
     /// The frontend's mode is DSR.
     dsr: bool,
+    /// The packet is an ICMP error about the flow (already rewritten by
+    /// [`icmp_rewrite`]; encapsulated without a DSR mark).
+    icmp: bool,
 }
 
 fn handle_frontend(ctx: &XdpContext, fe: &IngressFrontend, p: &Parsed) -> Outcome<u32> {
@@ -310,7 +319,7 @@ fn handle_frontend(ctx: &XdpContext, fe: &IngressFrontend, p: &Parsed) -> Outcom
     };
     let Some(b) = IN_BACKENDS.get(id) else { return (xdp_action::XDP_PASS, IN_STAT_NO_BACKEND) };
     let local = b.flags & BACKEND_LOCAL != 0;
-    let job = Job { key, hash, id, nat_port_raw, new, dsr: fe.mode == MODE_DSR };
+    let job = Job { key, hash, id, nat_port_raw, new, dsr: fe.mode == MODE_DSR, icmp: false };
     if local {
         return handle_local(ctx, p, &job);
     }
@@ -439,7 +448,7 @@ fn encap_remote(ctx: &XdpContext, p: &Parsed, job: &Job, hop: &Hop) -> Outcome<u
         Tuple { src_raw: b.gw_raw, dst_raw: b.addr_raw, sport_raw: hop.nat_port_raw, dport_raw: b.port_raw }
     };
     let (start, end) = (ctx.data(), ctx.data_end());
-    if rewrite(start, end, IP_OFF, p.proto, t, &to).is_none()
+    if (!job.icmp && rewrite(start, end, IP_OFF, p.proto, t, &to).is_none())
         || write(start, end, 0, b.mac).is_none()
         || write(start, end, 6, b.gw_mac).is_none()
     {
@@ -465,25 +474,24 @@ fn encap_remote(ctx: &XdpContext, p: &Parsed, job: &Job, hop: &Hop) -> Outcome<u
         sport: vxlan_src_port(job.hash),
         inner_len,
         vni: b.vni,
-        dsr_port_raw: if job.dsr { Some(t.dport_raw) } else { None },
+        dsr_port_raw: if job.dsr && !job.icmp { Some(t.dport_raw) } else { None },
     };
     let (start, end) = (ctx.data(), ctx.data_end());
     let Some(h) = at::<[u8; OUTER_LEN]>(start, end, 0) else { return BAD };
     // SAFETY: `at` checked the 50 bytes lie inside the packet.
     write_outer_headers(unsafe { &mut *h }, &outer);
-    (transmit(ctx.ingress_ifindex() as u32, hop.ifindex), IN_STAT_ENCAP)
+    (transmit(hop.ifindex), IN_STAT_ENCAP)
 }
 
-/// XDP_TX when the next hop is behind the interface the packet came in on, else a
-/// redirect to the FIB's interface.
+/// Sends the rewritten frame out of `out_ifindex` (the FIB's answer) by a redirect,
+/// also when that is the interface the frame came in on. Not XDP_TX: on a veth in
+/// native mode (kernel 6.18) an XDP_TX frame is counted as sent (`xdp_tx`) but the
+/// peer drops it (`rx dropped`), while a redirect to the same device is delivered;
+/// on NICs a redirect to the receiving device costs about what XDP_TX does.
 #[inline(always)]
-fn transmit(in_ifindex: u32, out_ifindex: u32) -> u32 {
-    if in_ifindex == out_ifindex {
-        xdp_action::XDP_TX
-    } else {
-        // SAFETY: helper without preconditions.
-        unsafe { bpf_redirect(out_ifindex, 0) as u32 }
-    }
+fn transmit(out_ifindex: u32) -> u32 {
+    // SAFETY: helper without preconditions; it returns XDP_REDIRECT or XDP_ABORTED.
+    unsafe { bpf_redirect(out_ifindex, 0) as u32 }
 }
 
 #[inline(never)]
@@ -499,6 +507,9 @@ fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
         Ok(p) => p,
         Err(_) => return PASS,
     };
+    if inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP {
+        return PASS;
+    }
     let t = &inner.tuple;
     if let Some(published_raw) = vxlan_dsr_port(&vx) {
         let reply = reply_key(t.dst_raw, t.dport_raw, t.src_raw, t.sport_raw, inner.proto);
@@ -563,7 +574,126 @@ fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
     if write(start, end, 0, next.dmac).is_none() || write(start, end, 6, next.smac).is_none() {
         return BAD;
     }
-    (transmit(in_ifindex, next.ifindex), IN_STAT_REPLY_XDP)
+    (transmit(next.ifindex), IN_STAT_REPLY_XDP)
+}
+
+/// Where the packet an ICMP error quotes starts (its IPv4 header).
+const QUOTE_OFF: usize = L4_OFF + ICMP_LEN;
+
+/// An ICMP error (destination unreachable, e.g. fragmentation needed; time exceeded)
+/// about a reply this node sent for a flow (`NODE:published → client:cport`) goes to
+/// the flow's backend, whose socket it concerns: rewritten as if it quoted the
+/// backend's own packet, redirected to a local task or encapsulated to a remote one.
+/// Anything else passes.
+#[inline(always)]
+fn handle_icmp(ctx: &XdpContext, p: &Parsed) -> Outcome<u32> {
+    const BAD: Outcome<u32> = (xdp_action::XDP_DROP, IN_STAT_DROP_MALFORMED);
+    let mut job =
+        Job { key: FlowKey::default(), hash: 0, id: 0, nat_port_raw: 0, new: false, dsr: false, icmp: true };
+    let local = match icmp_lookup(ctx, p, &mut job) {
+        Ok(local) => local,
+        Err(outcome) => return outcome,
+    };
+    if local {
+        if icmp_rewrite(ctx, p, &job, false).is_none() {
+            return BAD;
+        }
+        let Some(b) = IN_BACKENDS.get(job.id) else { return BAD };
+        return (transmit(b.ifindex), IN_STAT_LOCAL);
+    }
+    let mut hop = Hop::default();
+    if prepare_remote(ctx, p, &job, &mut hop).is_none() {
+        return (xdp_action::XDP_PASS, IN_STAT_UNROUTED);
+    }
+    job.nat_port_raw = hop.nat_port_raw;
+    if icmp_rewrite(ctx, p, &job, true).is_none() {
+        return BAD;
+    }
+    encap_remote(ctx, p, &job, &hop)
+}
+
+/// The flow an ICMP error is about, into `job`; whether its backend is local.
+#[inline(always)]
+fn icmp_lookup(ctx: &XdpContext, p: &Parsed, job: &mut Job) -> Result<bool, Outcome<u32>> {
+    const PASS: Outcome<u32> = (xdp_action::XDP_PASS, IN_STAT_PASS);
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let icmp: [u8; ICMP_LEN] = read(start, end, L4_OFF).ok_or(PASS)?;
+    if !icmp_is_flow_error(icmp[0]) {
+        return Err(PASS);
+    }
+    let q: [u8; IPV4_LEN] = read(start, end, QUOTE_OFF).ok_or(PASS)?;
+    let proto = q[9];
+    if q[0] != 0x45 || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+        return Err(PASS);
+    }
+    // The quoted transport header's first 8 bytes (ports; UDP's checksum).
+    let ports: [u16; 4] = read(start, end, QUOTE_OFF + IPV4_LEN).ok_or(PASS)?;
+    let q_src = u32::from_ne_bytes([q[12], q[13], q[14], q[15]]);
+    let q_dst = u32::from_ne_bytes([q[16], q[17], q[18], q[19]]);
+    // Only errors about a packet this address sent.
+    if q_src != p.tuple.dst_raw {
+        return Err(PASS);
+    }
+    let key = FlowKey {
+        src_raw: q_dst,
+        dst_raw: q_src,
+        sport_raw: ports[1],
+        dport_raw: ports[0],
+        proto,
+        pad: [0; 3],
+    };
+    // SAFETY: read-only lookups, copied out.
+    let flow = unsafe { IN_FLOWS.get(key) }.copied().ok_or(PASS)?;
+    let b = IN_BACKENDS.get(flow.backend).ok_or(PASS)?;
+    if b.flags & BACKEND_LIVE == 0 || b.gen != flow.gen {
+        return Err(PASS);
+    }
+    // SAFETY: read-only lookup.
+    let fe = unsafe { IN_FRONTENDS.get(frontend_key(q_src, ports[0], proto)) }.ok_or(PASS)?;
+    job.key = key;
+    job.hash = flow_hash(key.src_raw, key.dst_raw, key.sport_raw, key.dport_raw, proto);
+    job.id = flow.backend;
+    job.nat_port_raw = flow.nat_port_raw;
+    job.dsr = fe.mode == MODE_DSR;
+    Ok(b.flags & BACKEND_LOCAL != 0)
+}
+
+/// Rewrites an ICMP error for the backend: outer destination the task, the quoted
+/// packet as the task sent it (source `task:target`; for a remote snat backend,
+/// destination `gw:natport`), all checksums, and the Ethernet header toward the task.
+#[inline(never)]
+fn icmp_rewrite(ctx: &XdpContext, p: &Parsed, job: &Job, remote: bool) -> Option<()> {
+    let b = IN_BACKENDS.get(job.id)?;
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let q: [u8; IPV4_LEN] = read(start, end, QUOTE_OFF)?;
+    let ports: [u16; 4] = read(start, end, QUOTE_OFF + IPV4_LEN)?;
+    let old = Tuple {
+        src_raw: u32::from_ne_bytes([q[12], q[13], q[14], q[15]]),
+        dst_raw: u32::from_ne_bytes([q[16], q[17], q[18], q[19]]),
+        sport_raw: ports[0],
+        dport_raw: ports[1],
+    };
+    let new = if remote && !job.dsr {
+        Tuple { src_raw: b.addr_raw, dst_raw: b.gw_raw, sport_raw: b.port_raw, dport_raw: job.nat_port_raw }
+    } else {
+        Tuple { src_raw: b.addr_raw, dst_raw: old.dst_raw, sport_raw: b.port_raw, dport_raw: old.dport_raw }
+    };
+    let icmp_check: u16 = read(start, end, L4_OFF + 2)?;
+    let ip_check = u16::from_ne_bytes([q[10], q[11]]);
+    let checks = quote_checks_after(icmp_check, ip_check, ports[3], q[9], &old, &new);
+    write(start, end, L4_OFF + 2, checks.icmp_raw)?;
+    write(start, end, QUOTE_OFF + 10, checks.ip_raw)?;
+    write(start, end, QUOTE_OFF + 12, new.src_raw)?;
+    write(start, end, QUOTE_OFF + 16, new.dst_raw)?;
+    write(start, end, QUOTE_OFF + IPV4_LEN, [new.sport_raw, new.dport_raw, ports[2], checks.l4_raw])?;
+    // The outer header: only the destination changes (ICMP has no pseudo-header).
+    let outer_old = Tuple { src_raw: p.tuple.src_raw, dst_raw: p.tuple.dst_raw, sport_raw: 0, dport_raw: 0 };
+    let outer_new = Tuple { dst_raw: b.addr_raw, ..outer_old };
+    let outer_check: u16 = read(start, end, IP_OFF + 10)?;
+    write(start, end, IP_OFF + 10, ipv4_check_after(outer_check, &outer_old, &outer_new))?;
+    write(start, end, IP_OFF + 16, b.addr_raw)?;
+    write(start, end, 0, b.mac)?;
+    write(start, end, 6, b.gw_mac)
 }
 
 /// tc ingress on a local task's host veth: the task's replies to ingress clients.

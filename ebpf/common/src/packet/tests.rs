@@ -201,3 +201,50 @@ fn outer_headers_parse_as_the_kernel_writes_them() {
     let Some(TransportSlice::Udp(udp)) = parsed.transport else { panic!("outer UDP") };
     assert_eq!(udp.destination_port(), 4789);
 }
+
+/// An ICMP frag-needed from a router, quoting `quoted` (an Ethernet frame) from its IPv4
+/// header on, up to the header and 8 transport bytes.
+fn frag_needed(quoted: &[u8]) -> Vec<u8> {
+    let quote = &quoted[14..14 + 20 + 8];
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([1; 6], [2; 6])
+        .ipv4([192, 0, 2, 1], [198, 18, 0, 11], 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ))
+        .write(&mut out, quote)
+        .unwrap();
+    out
+}
+
+#[test]
+fn icmp_quote_rewrite_matches_full_recomputation() {
+    for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+        let build = |s, d, sp, dp| {
+            if proto == IPPROTO_TCP {
+                tcp_packet(s, d, sp, dp)
+            } else {
+                udp_packet(s, d, sp, dp)
+            }
+        };
+        // The reply the node sent to the client, then as the task sent it.
+        let (s, d, sp, dp) = ([198, 18, 0, 11], [198, 18, 0, 100], 3000, 40000);
+        let (ns, nd, nsp, ndp) = ([10, 0, 0, 5], [10, 0, 0, 1], 80, 61234);
+        let before = frag_needed(&build(s, d, sp, dp));
+        let after = frag_needed(&build(ns, nd, nsp, ndp));
+        let q = 14 + 20 + ICMP_LEN;
+        let checks = quote_checks_after(
+            word(&before, 14 + 20 + 2),
+            word(&before, q + 10),
+            word(&before, q + 20 + 6),
+            proto,
+            &tuple(s, d, sp, dp),
+            &tuple(ns, nd, nsp, ndp),
+        );
+        assert_eq!(checks.ip_raw, word(&after, q + 10), "quoted IPv4 {proto}");
+        assert_eq!(checks.l4_raw, word(&after, q + 20 + 6), "quoted transport word {proto}");
+        assert_eq!(checks.icmp_raw, word(&after, 14 + 20 + 2), "ICMP {proto}");
+    }
+    assert!(icmp_is_flow_error(ICMP_DEST_UNREACH) && icmp_is_flow_error(ICMP_TIME_EXCEEDED));
+    assert!(!icmp_is_flow_error(8), "echo request");
+}

@@ -214,3 +214,38 @@ fn xdp_off_leaves_published_ports_to_the_proxy_and_says_why() -> Result<()> {
     ensure!(port["kernel_path_reason"].as_str().is_some_and(|r| r.contains("--xdp off")), "{port}");
     Ok(())
 }
+
+#[test]
+fn ports_beyond_the_maglev_tables_are_left_to_the_proxy_with_the_reason() -> Result<()> {
+    let mut cluster = Cluster::start_with_args(1, &["--xdp-max-ports", "1"])?;
+    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
+    cluster.add_container(1, "web", "web.1")?;
+    cluster.meshctl_ok(1, &["publish", "3000:80", "web"])?;
+    cluster.meshctl_ok(1, &["publish", "3001:80", "web"])?;
+    poll("one port on XDP, the other on the proxy", Duration::from_secs(10), || {
+        let status = cluster.meshctl_json(1, &["status"])?;
+        let (Some(first), Some(second)) = (path_of(&status, "3000/tcp"), path_of(&status, "3001/tcp")) else {
+            bail!("{}", status["published_paths"]);
+        };
+        let why = second["kernel_path_reason"].as_str().unwrap_or_default();
+        if first["kernel_path"] == "xdp-native"
+            && second["kernel_path"] == "proxy"
+            && why.contains("--xdp-max-ports")
+        {
+            Ok(())
+        } else {
+            Err(anyhow!("{}", status["published_paths"]))
+        }
+    })?;
+    // Unpublishing the first frees its table for the second.
+    cluster.meshctl_ok(1, &["unpublish", "3000"])?;
+    poll("3001 moves to XDP", Duration::from_secs(10), || {
+        let status = cluster.meshctl_json(1, &["status"])?;
+        match path_of(&status, "3001/tcp") {
+            Some(p) if p["kernel_path"] == "xdp-native" => Ok(()),
+            _ => Err(anyhow!("{}", status["published_paths"])),
+        }
+    })?;
+    Ok(())
+}

@@ -24,8 +24,8 @@ use meshd_common::{
         BACKEND_LOCAL, INGRESS_BACKENDS_MAP, INGRESS_CONFIG_MAP, INGRESS_FLOWS_MAP, INGRESS_FRONTENDS_MAP,
         INGRESS_MAGLEV_MAP, INGRESS_NAT_MAP, INGRESS_STATS_MAP, INGRESS_TC_PROGRAM, INGRESS_XDP_PROGRAM,
         IN_STAT_DROP_MALFORMED, IN_STAT_DSR_RECORDED, IN_STAT_ENCAP, IN_STAT_ENTRIES, IN_STAT_LOCAL,
-        IN_STAT_NO_BACKEND, IN_STAT_PASS, IN_STAT_REPLY_TC, IN_STAT_REPLY_XDP, MODE_DSR, MODE_SNAT,
-        NAT_PORT_MAX, NAT_PORT_MIN,
+        IN_STAT_NO_BACKEND, IN_STAT_PASS, IN_STAT_REPLY_TC, IN_STAT_REPLY_XDP, IN_STAT_UNROUTED, MODE_DSR,
+        MODE_SNAT, NAT_PORT_MAX, NAT_PORT_MIN,
     },
     ip4_raw,
     maglev::{flow_hash, MAGLEV_TABLE_SIZE},
@@ -928,24 +928,41 @@ fn real_veths(mode: aya::programs::XdpMode) {
 
     // TCP through the published port to the local task, which reports its peer.
     let listener = task.run(|| TcpListener::bind((Ipv4Addr::from(TASK), TARGET)).expect("task listener"));
+    // 1 MiB each way: full-sized segments in, a GSO burst out through tc; the task's
+    // stack verifies every checksum the XDP program rewrote incrementally.
+    const BULK: usize = 1 << 20;
+    let pattern = |i: usize| (i % 251) as u8;
     let server = std::thread::spawn(move || {
         let (mut s, peer) = listener.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut buf = [0u8; 2];
-        s.read_exact(&mut buf).expect("request");
-        s.write_all(format!("peer={peer}").as_bytes()).expect("reply");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut upload = vec![0u8; BULK];
+        s.read_exact(&mut upload).expect("the client's upload");
+        let intact = upload.iter().enumerate().all(|(i, &b)| b == pattern(i));
+        let mut answer = format!("peer={peer} intact={intact}\n").into_bytes();
+        answer.extend((0..BULK).map(pattern));
+        s.write_all(&answer).expect("reply");
     });
     let published: SocketAddr = (Ipv4Addr::from(NODE), PUBLISHED).into();
     let mut stream = client
         .run(|| TcpStream::connect_timeout(&published, Duration::from_secs(5)))
         .unwrap_or_else(|e| panic!("client → {published} ({mode:?} XDP): {e}; counters {:?}", f.stats()));
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    stream.write_all(b"hi").unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("reading the task's answer");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(&(0..BULK).map(pattern).collect::<Vec<_>>()).unwrap();
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .unwrap_or_else(|e| panic!("reading the task's answer: {e}; counters {:?}", f.stats()));
     server.join().unwrap();
     let local = stream.local_addr().unwrap();
-    assert_eq!(answer, format!("peer={local}"), "the task saw the client's own address and port");
+    let head = format!("peer={local} intact=true\n");
+    assert_eq!(
+        String::from_utf8_lossy(&answer[..head.len().min(answer.len())]),
+        head,
+        "the task saw the client's address and the upload intact"
+    );
+    let download = &answer[head.len()..];
+    assert_eq!(download.len(), BULK, "download length");
+    assert!(download.iter().enumerate().all(|(i, &b)| b == pattern(i)), "download intact");
 
     // UDP to a frontend whose backend is on "node 2" (the client namespace's second
     // address): the encapsulated datagram comes back out of u0 (redirect).
@@ -990,7 +1007,10 @@ fn real_veths(mode: aya::programs::XdpMode) {
     assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "inner IPv4 checksum");
 
     let stats = f.stats();
-    assert!(stats[IN_STAT_LOCAL as usize] >= 2, "{stats:?}");
+    assert!(
+        stats[IN_STAT_LOCAL as usize] >= (BULK / 1500) as u64,
+        "every upload segment took the XDP path: {stats:?}"
+    );
     assert!(stats[IN_STAT_REPLY_TC as usize] >= 2, "{stats:?}");
     assert_eq!(stats[IN_STAT_ENCAP as usize], 1, "{stats:?}");
 }
@@ -1152,4 +1172,200 @@ fn common_paths_cost_little() {
         println!("ingress_xdp, {what}: {} ns per packet", per_packet.as_nanos());
         assert!(per_packet.as_nanos() < 2_000, "{what}: {per_packet:?} per packet");
     }
+}
+
+#[test]
+fn a_remote_backend_without_a_resolved_next_hop_leaves_the_packet_to_the_stack() {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
+    // 198.18.0.50 is on the underlay's subnet but has no neighbour entry.
+    f.backend(0, IngressBackend { vtep_raw: ip4_raw([198, 18, 0, 50]), ..remote_backend(TASK2, TASK2_MAC) });
+    f.fill_table(0, 0);
+    let syn = syn_from_client(CPORT);
+    assert_eq!(f.xdp(&syn), (XDP_PASS, syn.clone()), "passed untouched");
+    assert_eq!(f.stat(IN_STAT_UNROUTED), 1);
+    assert!(f.flow(&client_key(CPORT, PUBLISHED, PROTO_TCP)).is_none(), "no flow recorded");
+    let reply = reply_key(ip4_raw(TASK2), port_raw(TARGET), ip4_raw(GW), port_raw(CPORT), PROTO_TCP);
+    assert!(f.nat(&reply).is_none(), "no NAT port claimed");
+}
+
+/// Loads the object (maps only; programs are loaded and attached by the caller) and
+/// writes the config of a node at `node` with underlay ifindex `underlay`.
+fn node_fixture(ns: Netns, node: [u8; 4], underlay: u32) -> Fixture {
+    let ebpf = EbpfLoader::new()
+        .map_max_entries(INGRESS_MAGLEV_MAP, TABLES * MAGLEV_TABLE_SIZE)
+        .load(OBJECT)
+        .expect("loading the embedded kernel object");
+    let mut f = Fixture { ns, ebpf, underlay };
+    f.config(IngressConfig {
+        node_raw: ip4_raw(node),
+        ifindex: underlay,
+        nat_port_min: NAT_PORT_MIN,
+        nat_port_max: NAT_PORT_MAX,
+        pad: 0,
+    });
+    f
+}
+
+/// Attaches `ingress_xdp` (native) to `u0` and, if given, `ingress_reply` to a host veth.
+fn attach(f: &mut Fixture, host_veth: Option<&str>) {
+    let Fixture { ns, ebpf, .. } = f;
+    ns.run(|| {
+        let xdp: &mut Xdp = ebpf.program_mut(INGRESS_XDP_PROGRAM).unwrap().try_into().unwrap();
+        xdp.load().expect("verifier accepts ingress_xdp");
+        xdp.attach("u0", aya::programs::XdpMode::Driver).expect("attaching ingress_xdp natively to u0");
+        if let Some(dev) = host_veth {
+            let tc: &mut SchedClassifier = ebpf.program_mut(INGRESS_TC_PROGRAM).unwrap().try_into().unwrap();
+            tc.load().expect("verifier accepts ingress_reply");
+            tc.attach(dev, aya::programs::TcAttachType::Ingress).expect("attaching ingress_reply");
+        }
+    });
+}
+
+/// DSR end to end through the kernel's own VXLAN device: node 1 (198.18.0.11) gets
+/// the client's connection and encapsulates it, marked, to node 2 (198.18.0.12),
+/// whose program records and unmarks it; node 2's VXLAN device and bridge deliver it
+/// to the task, and the task's reply leaves node 2 straight to the client from node
+/// 1's published address. The task sees the client's real address.
+#[test]
+fn dsr_through_a_kernel_vxlan_device_reaches_the_task_and_replies_directly() {
+    use std::{
+        io::{Read as _, Write as _},
+        net::{SocketAddr, TcpListener, TcpStream},
+        time::Duration,
+    };
+
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the ingress fixture tests attach BPF programs: run them as root"
+    );
+    let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let addr = |a: [u8; 4]| Ipv4Addr::from(a).to_string();
+    let switch = Netns::bare();
+    let node1 = Netns::bare();
+    let node2 = Netns::bare();
+    let client = Netns::bare();
+    let task = Netns::bare();
+    let s = switch.name.clone();
+    ip(&["-n", &s, "link", "add", "sw", "type", "bridge"]);
+    ip(&["-n", &s, "link", "set", "sw", "up"]);
+    for (ns, port, host_mac, host_addr) in [
+        (&node1, "p1", NODE_MAC, NODE),
+        (&node2, "p2", NODE2_MAC, NODE2),
+        (&client, "pc", CLIENT_MAC, CLIENT),
+    ] {
+        let n = ns.name.as_str();
+        ip(&["-n", &s, "link", "add", port, "type", "veth", "peer", "name", "u0", "netns", n]);
+        ip(&["-n", &s, "link", "set", port, "master", "sw", "up"]);
+        ip(&["-n", n, "link", "set", "u0", "address", &mac(host_mac)]);
+        ip(&["-n", n, "addr", "add", &format!("{}/24", addr(host_addr)), "dev", "u0"]);
+        ip(&["-n", n, "link", "set", "lo", "up"]);
+        ip(&["-n", n, "link", "set", "u0", "up"]);
+        // Native XDP on u0 sends into the switch port: NAPI (GRO) on it.
+        run("ip", &["netns", "exec", &s, "ethtool", "-K", port, "gro", "on"], "apt-get install ethtool");
+    }
+    // The client sends complete checksums (see `real_veths`).
+    run(
+        "ip",
+        &["netns", "exec", &client.name, "ethtool", "-K", "u0", "tx", "off"],
+        "apt-get install ethtool",
+    );
+    for (ns, peers) in [
+        (&node1, vec![(NODE2, NODE2_MAC), (CLIENT, CLIENT_MAC)]),
+        (&node2, vec![(NODE, NODE_MAC), (CLIENT, CLIENT_MAC)]),
+        (&client, vec![(NODE, NODE_MAC), (NODE2, NODE2_MAC)]),
+    ] {
+        for (a, m) in peers {
+            ip(&[
+                "-n",
+                &ns.name,
+                "neigh",
+                "replace",
+                &addr(a),
+                "lladdr",
+                &mac(m),
+                "dev",
+                "u0",
+                "nud",
+                "permanent",
+            ]);
+        }
+    }
+    for ns in [&node1, &node2] {
+        ns.run(|| {
+            std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").expect("enabling forwarding")
+        });
+    }
+    // Node 2: the kernel's VXLAN device and a bridge holding the task's host veth.
+    let n2 = node2.name.clone();
+    ip(&[
+        "-n",
+        &n2,
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "id",
+        &VNI.to_string(),
+        "local",
+        &addr(NODE2),
+        "dstport",
+        "4789",
+        "nolearning",
+    ]);
+    ip(&["-n", &n2, "link", "add", "br0", "address", &mac(GW_MAC), "type", "bridge"]);
+    ip(&["-n", &n2, "addr", "add", &format!("{}/24", addr(GW)), "dev", "br0"]);
+    ip(&["-n", &n2, "link", "add", "t0", "type", "veth", "peer", "name", "eth0", "netns", &task.name]);
+    for dev in ["vx0", "t0"] {
+        ip(&["-n", &n2, "link", "set", dev, "master", "br0", "up"]);
+    }
+    ip(&["-n", &n2, "link", "set", "br0", "up"]);
+    let t = task.name.clone();
+    ip(&["-n", &t, "link", "set", "eth0", "address", &mac(TASK_MAC)]);
+    ip(&["-n", &t, "addr", "add", &format!("{}/24", addr(TASK)), "dev", "eth0"]);
+    ip(&["-n", &t, "link", "set", "lo", "up"]);
+    ip(&["-n", &t, "link", "set", "eth0", "up"]);
+    ip(&["-n", &t, "route", "add", "default", "via", &addr(GW)]);
+    ip(&["-n", &t, "neigh", "replace", &addr(GW), "lladdr", &mac(GW_MAC), "dev", "eth0", "nud", "permanent"]);
+
+    let u1 = node1.ifindex("u0");
+    let u2 = node2.ifindex("u0");
+    let mut f1 = node_fixture(node1, NODE, u1);
+    let mut f2 = node_fixture(node2, NODE2, u2);
+    f1.frontend(PUBLISHED, PROTO_TCP, MODE_DSR, 0);
+    f1.backend(0, IngressBackend { gw_mac: [0x02, 0x42, 10, 0, 0, 0xfe], ..remote_backend(TASK, TASK_MAC) });
+    f1.fill_table(0, 0);
+    attach(&mut f1, None);
+    attach(&mut f2, Some("t0"));
+
+    let listener = task.run(|| TcpListener::bind((Ipv4Addr::from(TASK), TARGET)).expect("task listener"));
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 2];
+        s.read_exact(&mut buf).expect("request");
+        s.write_all(format!("peer={peer}").as_bytes()).expect("reply");
+    });
+    let published: SocketAddr = (Ipv4Addr::from(NODE), PUBLISHED).into();
+    let mut stream =
+        client.run(|| TcpStream::connect_timeout(&published, Duration::from_secs(5))).unwrap_or_else(|e| {
+            panic!("client → {published}: {e}; node 1 {:?}, node 2 {:?}", f1.stats(), f2.stats())
+        });
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.write_all(b"hi").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("reading the task's answer");
+    server.join().unwrap();
+    let local = stream.local_addr().unwrap();
+    assert_eq!(answer, format!("peer={local}"), "the task saw the client's real address (DSR)");
+    let (s1, s2) = (f1.stats(), f2.stats());
+    assert!(s1[IN_STAT_ENCAP as usize] >= 2, "node 1 encapsulated: {s1:?}");
+    assert_eq!(
+        s1[IN_STAT_REPLY_XDP as usize] + s1[IN_STAT_REPLY_TC as usize],
+        0,
+        "no reply crossed node 1: {s1:?}"
+    );
+    assert!(s2[IN_STAT_DSR_RECORDED as usize] >= 2, "node 2 recorded: {s2:?}");
+    assert!(s2[IN_STAT_REPLY_TC as usize] >= 2, "node 2 replied directly: {s2:?}");
 }

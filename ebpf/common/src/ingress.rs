@@ -223,8 +223,9 @@ pub struct Nat {
     pub dport_raw: u16,
     /// Always 0.
     pub pad: u32,
-    /// `bpf_ktime_get_ns` when the entry was written: a snat entry of another client
-    /// older than the idle timeout may be taken over.
+    /// `bpf_ktime_get_ns` when the entry was written, refreshed (at most every
+    /// [`NAT_REFRESH_NS`]) by the snat replies that use it: a snat entry of another
+    /// client idle for longer than [`NAT_IDLE_NS`] may be taken over.
     pub created_ns: u64,
 }
 
@@ -273,6 +274,15 @@ pub const fn frontend_key(dst_raw: u32, dport_raw: u16, proto: u8) -> FrontendKe
 /// whose flow hashes to the same port: past it, the entry may be taken over (the
 /// connection it served has been idle that long).
 pub const NAT_IDLE_NS: u64 = 60_000_000_000;
+
+/// How stale an snat entry's time may get before a reply refreshes it: rare enough
+/// that replies do not write the map on every packet, far below [`NAT_IDLE_NS`].
+pub const NAT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Whether a reply at `now_ns` should refresh an snat entry written at `created_ns`.
+pub const fn nat_needs_refresh(created_ns: u64, now_ns: u64) -> bool {
+    now_ns.saturating_sub(created_ns) > NAT_REFRESH_NS
+}
 
 /// NAT port candidates tried (after the client's own port) before giving up.
 pub const NAT_PORT_PROBES: u32 = 4;
@@ -417,6 +427,14 @@ mod tests {
         assert!(nat_port_usable(Some(n), 1, 2, 11), "same client");
         assert!(!nat_port_usable(Some(n), 1, 3, 11), "another client's, fresh");
         assert!(nat_port_usable(Some(n), 1, 3, 10 + NAT_IDLE_NS + 1), "another client's, idle");
+    }
+
+    #[test]
+    fn replies_refresh_entries_rarely_and_long_before_they_idle_out() {
+        assert!(!nat_needs_refresh(10, 10 + NAT_REFRESH_NS));
+        assert!(nat_needs_refresh(10, 11 + NAT_REFRESH_NS));
+        assert!(!nat_needs_refresh(100, 5), "a clock behind the entry never refreshes");
+        const { assert!(NAT_REFRESH_NS * 10 <= NAT_IDLE_NS) };
     }
 
     #[test]

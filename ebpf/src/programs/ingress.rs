@@ -5,6 +5,21 @@
 //!
 //! Every header is read at a fixed offset (IPv4 options are passed to the stack), so
 //! each access is one explicit bounds check the verifier can follow.
+//!
+//! ## What the loader must provide (tested in `dataplane/tests/ingress_fixtures.rs`)
+//! - `IN_CONFIG[0]`: the node's underlay address and the underlay's ifindex (the tc
+//!   program looks next hops up through it), NAT port range. Without it every remote
+//!   or reply path passes to the stack, counted as unrouted.
+//! - IPv4 forwarding on the underlay (`net.ipv4.conf.<dev>.forwarding=1`):
+//!   `bpf_fib_lookup` answers `BPF_FIB_LKUP_RET_FWD_DISABLED` otherwise.
+//! - Resolved neighbours for the next hops (the programs never resolve one: a miss
+//!   passes the packet to the stack, which does, so the next packet goes fast).
+//! - `ingress_xdp` on the underlay (native where the driver has it, veth does; generic
+//!   works too), `ingress_reply` on each local task's host veth at tc ingress.
+//! - On veths: GRO on the task's `eth0` (a native-XDP redirect into a veth is dropped
+//!   unless its peer runs NAPI), and complete checksums from senders whose packets
+//!   native XDP rewrites (a veth sender leaves TCP/UDP checksums partial: the XDP
+//!   program sees bare bytes, and the redirected frame loses the skb's checksum state).
 
 use core::mem::size_of;
 
@@ -24,10 +39,10 @@ use aya_ebpf::{
 };
 use meshd_common::{
     ingress::{
-        flow_choice, frontend_key, maglev_slot, nat_port_candidate, nat_port_usable, reply_key, Flow,
-        FlowChoice, FlowKey, IngressBackend, IngressConfig, IngressFrontend, Nat, BACKEND_LIVE,
-        BACKEND_LOCAL, DEFAULT_INGRESS_TABLES, IN_STAT_DROP_MALFORMED, IN_STAT_DSR_RECORDED, IN_STAT_ENCAP,
-        IN_STAT_ENTRIES, IN_STAT_LOCAL, IN_STAT_NO_BACKEND, IN_STAT_PASS, IN_STAT_REPLY_TC,
+        flow_choice, frontend_key, maglev_slot, nat_needs_refresh, nat_port_candidate, nat_port_usable,
+        reply_key, Flow, FlowChoice, FlowKey, IngressBackend, IngressConfig, IngressFrontend, Nat,
+        BACKEND_LIVE, BACKEND_LOCAL, DEFAULT_INGRESS_TABLES, IN_STAT_DROP_MALFORMED, IN_STAT_DSR_RECORDED,
+        IN_STAT_ENCAP, IN_STAT_ENTRIES, IN_STAT_LOCAL, IN_STAT_NO_BACKEND, IN_STAT_PASS, IN_STAT_REPLY_TC,
         IN_STAT_REPLY_XDP, IN_STAT_UNROUTED, MAX_INGRESS_BACKENDS, MAX_INGRESS_FLOWS, MAX_INGRESS_FRONTENDS,
         MAX_INGRESS_NAT, MODE_DSR, NAT_PORT_PROBES, VXLAN_OVERHEAD, VXLAN_PORT,
     },
@@ -549,8 +564,16 @@ fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
         proto: inner.proto,
         pad: [0; 3],
     };
-    // SAFETY: read-only lookup, copied out.
-    let Some(nat) = (unsafe { IN_NAT.get(key) }).copied() else { return PASS };
+    let Some(entry) = IN_NAT.get_ptr_mut(key) else { return PASS };
+    // SAFETY: a pointer to the map value from the lookup; copied out.
+    let nat = unsafe { *entry };
+    // A reply proves the translation in use: keep its NAT port from being taken over
+    // as idle (one write per second at most).
+    // SAFETY: helper without preconditions; the write goes to the same map value.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if nat_needs_refresh(nat.created_ns, now) {
+        unsafe { (*entry).created_ns = now };
+    }
     let to = Tuple {
         src_raw: nat.src_raw,
         dst_raw: nat.dst_raw,

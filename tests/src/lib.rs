@@ -355,12 +355,21 @@ impl Cluster {
         sh("ip", &["-n", &sw, "link", "set", port, "master", "br0", "up"])?;
         // The switch ports play the NICs' role for native XDP on the hosts' eth0: a
         // veth delivers an XDP_TX'd or redirected frame only when its peer runs NAPI,
-        // which GRO turns on.
-        sh("ip", &["netns", "exec", &sw, "ethtool", "-K", port, "gro", "on"])
+        // which GRO turns on. What GRO merged, the port splits again on its way out;
+        // without checksum offload it finishes the segments' checksums, as frames on a
+        // wire have them (see below).
+        sh("ip", &["netns", "exec", &sw, "ethtool", "-K", port, "gro", "on", "tx", "off"])
             .context("enabling GRO on a switch port (ethtool: `apt-get install ethtool`)")?;
         sh("ip", &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
         sh("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
         sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        // Frames on a real wire carry complete checksums (the NIC fills them in). A veth
+        // passes the sender's unfinished ones (CHECKSUM_PARTIAL) with the skb, which an
+        // XDP program never sees: a packet it rewrites and redirects would reach its
+        // task with a wrong checksum and be dropped. The hosts' eth0 finish them in
+        // software, as a NIC would.
+        sh("ip", &["netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off"])
+            .context("turning off checksum offload on a host's eth0 (ethtool: `apt-get install ethtool`)")?;
         Ok(())
     }
 

@@ -7,7 +7,7 @@
 
 use std::{net::Ipv4Addr, path::Path, time::Duration};
 
-use anyhow::{anyhow, bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use aya::{
     maps::{HashMap, Map, MapData},
     programs::{tc::TcAttachType, SchedClassifier},
@@ -302,5 +302,18 @@ fn ports_beyond_the_maglev_tables_are_left_to_the_proxy_with_the_reason() -> Res
             _ => Err(anyhow!("{}", status["published_paths"])),
         }
     })?;
+    // The XDP link detached behind meshd's back: status says so instead of claiming XDP.
+    let pin = cluster.nodes[0].pin_dir.join("ingress").join("xdp_native");
+    meshd_tests::sh("bpftool", &["link", "detach", "pinned", &pin.to_string_lossy()])
+        .context("detaching the XDP link (bpftool comes with Debian's `bpftool`)")?;
+    let status = cluster.meshctl_json(1, &["status"])?;
+    let ingress = &status["ingress"];
+    ensure!(
+        ingress["xdp"] == "off"
+            && ingress["reason"].as_str().is_some_and(|r| r.contains("XDP link left eth0")),
+        "{ingress}"
+    );
+    let port = path_of(&status, "3001/tcp").ok_or_else(|| anyhow!("{status}"))?;
+    ensure!(port["kernel_path"] == "proxy", "{port}");
     Ok(())
 }

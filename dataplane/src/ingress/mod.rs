@@ -921,9 +921,7 @@ impl Ingress {
         let maps = self.maps()?;
         let p = plan::plan(&maps, &desired, self.cfg.max_ports);
         let writes = p.writes.len();
-        if writes > 0 {
-            tracing::info!(writes, tables = p.tables.len(), "writing the ingress maps");
-        }
+        let started = std::time::Instant::now();
         self.execute(&p.writes)?;
         for (table, slots) in &p.tables {
             if self.verified.get(table) == Some(slots) {
@@ -938,6 +936,16 @@ impl Ingress {
                 )));
             }
             self.verified.insert(*table, held);
+        }
+        if writes > 0 {
+            let slots: usize =
+                p.writes.iter().map(|w| if let Write::PutSlots(_, s) = w { s.len() } else { 0 }).sum();
+            tracing::info!(
+                writes,
+                slots,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "ingress maps written and read back"
+            );
         }
         let was = std::mem::take(&mut self.unserved);
         for (key, why) in p.unserved {
@@ -1071,9 +1079,28 @@ impl Ingress {
         }
     }
 
+    /// Why the XDP link no longer serves, if it does not: asked of the kernel (its
+    /// interface went away, or someone detached the link).
+    fn xdp_detached(&self) -> Option<String> {
+        let pin = self.cfg.pin_dir.join(self.attached.pin_name());
+        match bpf_sys::obj_get(&pin).and_then(|fd| sys::link_ifindex(&fd)) {
+            Ok(ifindex) if ifindex == self.ifindex => None,
+            Ok(_) => Some(format!(
+                "the XDP link left {} (the interface went away or the link was detached); restart meshd",
+                self.cfg.interface
+            )),
+            Err(e) => {
+                Some(format!("the XDP link pinned at {} cannot be read ({e}); restart meshd", pin.display()))
+            }
+        }
+    }
+
     /// Which path serves `proto/port`'s external clients: XDP once its frontend is
     /// in the map with backends and its table verified; otherwise the proxy, and why.
     pub fn kernel_path(&self, proto: Proto, port: u16) -> KernelPath {
+        if let Some(why) = self.xdp_detached() {
+            return KernelPath::Proxy(why);
+        }
         let key = self.key(proto, port);
         if let Some((_, why)) = self.unserved.get(&key) {
             return KernelPath::Proxy(why.clone());
@@ -1100,10 +1127,11 @@ impl Ingress {
                 }
             }
         }
+        let detached = self.xdp_detached();
         IngressStatus {
-            xdp: self.attached.as_str().into(),
+            xdp: if detached.is_some() { "off".into() } else { self.attached.as_str().into() },
             interface: self.cfg.interface.clone(),
-            reason: self.reason.clone(),
+            reason: detached.or_else(|| self.reason.clone()),
             tc_links: self.tc_links.len(),
             counters: IngressCounters {
                 pass: c[0],

@@ -256,7 +256,8 @@ impl Held {
     fn open(cluster: &Cluster, addr: SocketAddr) -> Result<Held> {
         let stream = in_netns(&cluster.client_netns(), move || {
             TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        })??;
+        })?
+        .with_context(|| format!("connecting to {addr} from the client"))?;
         stream.set_read_timeout(Some(Duration::from_secs(3)))?;
         let mut held = Held { stream: BufReader::new(stream), backend: String::new() };
         held.backend = held.ask()?;

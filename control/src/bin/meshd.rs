@@ -72,7 +72,7 @@ struct Args {
     /// --advertise-addr].
     #[arg(long, value_name = "NAME")]
     underlay_if: Option<String>,
-    /// Published ports the kernel ingress path serves at once (each takes a 256 KiB
+    /// Published ports the kernel ingress path serves at once (each takes a 512 KiB
     /// Maglev table); further ports are served by the proxy.
     #[arg(long, default_value_t = meshd_dataplane::ingress::DEFAULT_MAX_PORTS,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(meshd_dataplane::ingress::MAX_PORTS)))]

@@ -155,8 +155,9 @@ pub struct IngressConfig {
     pub interface: String,
     /// This node's underlay address: published ports answer on it.
     pub node_addr: Ipv4Addr,
-    /// Published ports the kernel path can serve at once (one 256 KiB Maglev table
-    /// each); further ones are left to the proxy.
+    /// Published ports the kernel path can serve at once, one Maglev table each
+    /// (65,521 slots: 512 KiB of kernel memory, as a BPF array stores each `u32` in
+    /// 8 bytes); further ones are left to the proxy.
     pub max_ports: u32,
     /// bpffs directory for maps and links ([`pin_dir_in`]).
     pub pin_dir: PathBuf,

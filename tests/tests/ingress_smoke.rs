@@ -317,3 +317,32 @@ fn ports_beyond_the_maglev_tables_are_left_to_the_proxy_with_the_reason() -> Res
     ensure!(port["kernel_path"] == "proxy", "{port}");
     Ok(())
 }
+
+#[test]
+fn bad_ingress_flags_are_refused_before_anything_is_created() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("meshd-ingress-flags-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // A typo in the interface name is refused, not taken for a kernel without XDP.
+    meshd_tests::assert_flag_refused(
+        &dir,
+        "--underlay-if",
+        "nosuchif0",
+        "invalid --underlay-if \"nosuchif0\": no such interface in meshd's network namespace",
+    )?;
+    // clap's own errors span several lines (usage, hint): the first one is checked.
+    for (flag, value, says) in [
+        ("--xdp", "fast", "error: invalid value 'fast' for '--xdp <XDP>'"),
+        ("--xdp-max-ports", "0", "error: invalid value '0' for '--xdp-max-ports <XDP_MAX_PORTS>'"),
+        ("--xdp-max-ports", "1025", "error: invalid value '1025' for '--xdp-max-ports <XDP_MAX_PORTS>'"),
+    ] {
+        let out = std::process::Command::new(meshd_tests::bin_path("meshd")?)
+            .args(["--node-name", "x", "--advertise-addr", "198.18.0.250", flag, value])
+            .arg("--state-dir")
+            .arg(&dir)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success() && stderr.starts_with(says), "{flag} {value}: {stderr:?}");
+        ensure!(!dir.exists(), "meshd created {} before refusing {flag}", dir.display());
+    }
+    Ok(())
+}

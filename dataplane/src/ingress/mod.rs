@@ -1192,6 +1192,16 @@ mod tests {
     }
 
     #[test]
+    fn the_underlay_is_the_interface_holding_the_address() {
+        assert_eq!(interface_holding(Ipv4Addr::LOCALHOST).unwrap(), "lo");
+        // TEST-NET-2: held by no interface here.
+        let err = interface_holding(Ipv4Addr::new(198, 51, 100, 77)).unwrap_err().to_string();
+        assert!(err.contains("no interface holds 198.51.100.77") && err.contains("--underlay-if"), "{err}");
+        let err = ifindex_of("nonexistent0").unwrap_err().to_string();
+        assert!(err.contains("no interface nonexistent0"), "{err}");
+    }
+
+    #[test]
     fn max_ports_is_range_checked() {
         let cfg = IngressConfig {
             xdp: XdpSetting::Auto,

@@ -40,7 +40,7 @@ fuzz: bootstrap
 	done
 
 # `make bench` runs every group; `make bench ONLY=netlink` runs one
-# (policy, mesh, gossip_sim, netlink, convergence, dns, socklb).
+# (policy, mesh, gossip_sim, netlink, convergence, dns, socklb, ingress).
 bench: bootstrap
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p meshd-benches $(if $(ONLY),--bench $(ONLY))

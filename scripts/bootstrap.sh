@@ -8,6 +8,8 @@ APT_PACKAGES=(
   iproute2 bridge-utils iputils-ping procps psmisc util-linux bpftool
   iperf3 wrk dnsutils dnsperf curl netcat-openbsd socat python3
   haproxy dnsmasq nftables mariadb-server mariadb-client
+  # #6's ingress tests and bench: trafgen (packet rates) and ethtool (GRO on veths).
+  netsniff-ng ethtool
 )
 BPF_LINKER_VERSION=0.13
 CARGO_FUZZ_VERSION=0.13

@@ -40,6 +40,7 @@ fn cluster(tasks: u32) -> Store {
             target: 80,
             proto: Proto::Tcp,
             service: "web".into(),
+            mode: Default::default(),
         }),
     );
     for node in 0..50u32 {

@@ -10,7 +10,10 @@ use tokio::{
     net::UnixStream,
 };
 
-use crate::{model::EndpointMode, spec::PortSpec};
+use crate::{
+    model::{EndpointMode, PublishMode},
+    spec::PortSpec,
+};
 
 /// Default path of the API socket.
 pub const DEFAULT_SOCKET: &str = "/run/meshd/meshd.sock";
@@ -105,6 +108,9 @@ pub enum Request {
         /// Return at once instead of waiting until every node serves the port.
         #[serde(default)]
         detach: bool,
+        /// snat (default) or dsr.
+        #[serde(default)]
+        mode: PublishMode,
     },
     /// `unpublish PUBLISHED[/proto] [SERVICE]`.
     Unpublish {

@@ -77,6 +77,39 @@ pub struct Service {
     pub vip: Option<Ipv4Addr>,
 }
 
+/// How external clients' traffic to a published port reaches its tasks on the kernel
+/// path (the proxy path is the same in both modes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// Replies return through the node the client connected to (as with Docker).
+    #[default]
+    Snat,
+    /// Direct server return: the task sees the client's address and its node replies
+    /// straight to the client from the published address.
+    Dsr,
+}
+
+impl FromStr for PublishMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "snat" => Ok(Self::Snat),
+            "dsr" => Ok(Self::Dsr),
+            other => Err(format!("unknown publish mode {other:?}: use snat or dsr")),
+        }
+    }
+}
+
+impl fmt::Display for PublishMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Snat => "snat",
+            Self::Dsr => "dsr",
+        })
+    }
+}
+
 /// A port answered on every node and forwarded to one task of a service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishedPort {
@@ -88,6 +121,10 @@ pub struct PublishedPort {
     pub proto: Proto,
     /// The service whose tasks receive the traffic.
     pub service: String,
+    /// snat or dsr. Always encoded (gossip's postcard is not self-describing);
+    /// `default` reads JSON stores from before modes.
+    #[serde(default)]
+    pub mode: PublishMode,
 }
 
 /// An address on an overlay network: a task of a service, or a node's own interface.
@@ -281,5 +318,35 @@ impl Key {
     /// Key of a block claim.
     pub fn block(network: &str, index: u32) -> String {
         format!("block/{network}/{index}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(mode: PublishMode) -> PublishedPort {
+        PublishedPort { published: 3000, target: 80, proto: Proto::Tcp, service: "web".into(), mode }
+    }
+
+    #[test]
+    fn publish_modes_parse_and_refuse_unknown_values() {
+        assert_eq!("snat".parse::<PublishMode>(), Ok(PublishMode::Snat));
+        assert_eq!("dsr".parse::<PublishMode>(), Ok(PublishMode::Dsr));
+        let err = "direct".parse::<PublishMode>().unwrap_err();
+        assert!(err.contains("\"direct\"") && err.contains("snat or dsr"), "{err}");
+        assert_eq!(PublishMode::Dsr.to_string(), "dsr");
+    }
+
+    #[test]
+    fn the_mode_travels_in_gossip_and_old_json_stores_read_as_snat() {
+        // postcard is not self-describing: the field must always be encoded.
+        let obj = Object::Published(port(PublishMode::Dsr));
+        let bytes = postcard::to_allocvec(&obj).unwrap();
+        assert_eq!(postcard::from_bytes::<Object>(&bytes).unwrap(), obj);
+        let old = r#"{"published":3000,"target":80,"proto":"tcp","service":"web"}"#;
+        assert_eq!(serde_json::from_str::<PublishedPort>(old).unwrap(), port(PublishMode::Snat));
+        let json = serde_json::to_value(port(PublishMode::Dsr)).unwrap();
+        assert_eq!(json["mode"], "dsr");
     }
 }

@@ -12,6 +12,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 use meshd_dataplane::{
+    ingress::{IngressBackendSpec, IngressMode, IngressService, IngressSpec},
     overlay::{Observed, OverlaySpec, PeerSpec, TaskLink},
     proxy::Proto,
     socklb::{self, Backend, Frontend},
@@ -19,7 +20,7 @@ use meshd_dataplane::{
 
 use crate::{
     ipam::mac_for_ip,
-    model::{Endpoint, EndpointMode, Vni},
+    model::{Endpoint, EndpointMode, PublishMode, Vni},
     store::Store,
 };
 
@@ -42,6 +43,9 @@ pub struct Dataplane {
     /// The socket load balancer's frontends (service VIPs, published ports for local
     /// clients) and their backends, sorted.
     pub frontends: FrontendTable,
+    /// The kernel ingress path (XDP/tc): published ports for external clients, and
+    /// the local task veths that get the reply program.
+    pub ingress: IngressSpec,
 }
 
 /// One change to the dataplane.
@@ -82,6 +86,9 @@ pub enum Op {
     /// Make the socket load balancer hold exactly these frontends (one operation for
     /// the whole table: the mechanism writes only the difference, in a safe order).
     Frontends(FrontendTable),
+    /// Make the kernel ingress path hold exactly this (one operation, like
+    /// `Frontends`: the mechanism writes the difference in a safe order).
+    Ingress(IngressSpec),
 }
 
 /// What `node`'s dataplane should hold given the cluster `store`; overlay devices get
@@ -156,6 +163,65 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: 
         out.listeners.insert((port.proto, port.published), backends);
     }
     out.frontends = frontends(store, live, &joined);
+    out.ingress = ingress(store, live, node, &out);
+    out
+}
+
+/// The kernel path's mode of a published port's mode.
+pub fn ingress_mode(mode: PublishMode) -> IngressMode {
+    match mode {
+        PublishMode::Snat => IngressMode::Snat,
+        PublishMode::Dsr => IngressMode::Dsr,
+    }
+}
+
+/// The kernel ingress table of `node`, given what else it should hold (`so_far`: its
+/// overlays and local task links): for each published port, its service's tasks on
+/// `live` nodes (not shadowed) on a network this node takes part in — the ingress node
+/// needs its own address and MAC there (`gw`, the snat source and the inner source
+/// MAC). Every node takes part in every network that carries a published port (see
+/// `Agent::ensure_node_addresses`), so a task is missing here only while this node's
+/// address on its network settles; meanwhile the proxy serves it. A local task is a
+/// backend only with its host veth (redirected to, no encapsulation). Every local
+/// task's veth gets the reply program.
+fn ingress(store: &Store, live: &BTreeSet<String>, node: &str, so_far: &Dataplane) -> IngressSpec {
+    let shadowed = crate::ipam::shadowed(store);
+    let mut out = IngressSpec::default();
+    for port in store.published() {
+        if store.service(&port.service).is_none() {
+            continue;
+        }
+        let mut backends: Vec<IngressBackendSpec> = store
+            .tasks_of(&port.service)
+            .filter(|t| live.contains(&t.node) && !shadowed.contains(t.id.as_str()))
+            .filter_map(|t| {
+                let net = store.network(&t.network)?;
+                let gw = so_far.overlays.get(&net.vni)?;
+                let host_if = if t.node == node {
+                    Some(t.host_if.clone().filter(|h| so_far.local_tasks.contains_key(h))?)
+                } else {
+                    None
+                };
+                Some(IngressBackendSpec {
+                    addr: t.ip,
+                    port: port.target,
+                    mac: t.mac,
+                    vtep: t.vtep,
+                    gw: gw.node_ip,
+                    gw_mac: gw.node_mac,
+                    vni: net.vni,
+                    host_if,
+                })
+            })
+            .collect();
+        backends.sort();
+        out.services.insert(
+            (lb_proto(port.proto), port.published),
+            IngressService { mode: ingress_mode(port.mode), backends },
+        );
+    }
+    out.tasks =
+        so_far.local_tasks.iter().map(|(host_if, link)| (host_if.clone(), link.netns.clone())).collect();
     out
 }
 
@@ -240,6 +306,7 @@ pub fn actual(
         listeners: listeners.into_iter().collect(),
         isolation: observed.isolation,
         frontends,
+        ingress: IngressSpec::default(),
     }
 }
 
@@ -290,6 +357,10 @@ pub fn plan(applied: &Dataplane, desired: &Dataplane) -> Vec<Op> {
     if applied.frontends != desired.frontends {
         ops.push(Op::Frontends(desired.frontends.clone()));
     }
+    // Last: the task veths it attaches to exist by now.
+    if applied.ingress != desired.ingress {
+        ops.push(Op::Ingress(desired.ingress.clone()));
+    }
     ops
 }
 
@@ -328,6 +399,7 @@ impl Dataplane {
                 self.isolation.remove(&(*a, *b));
             }
             Op::Frontends(table) => self.frontends = table.clone(),
+            Op::Ingress(spec) => self.ingress = spec.clone(),
         }
     }
 }
@@ -337,7 +409,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::model::{EndpointMode, Network, Object, PublishedPort, Service};
+    use crate::model::{EndpointMode, Network, Object, PublishMode, PublishedPort, Service};
 
     fn endpoint(id: &str, service: Option<&str>, node: &str, ip: [u8; 4]) -> Object {
         let ip = Ipv4Addr::from(ip);
@@ -385,6 +457,7 @@ mod tests {
                 target: 80,
                 proto: Proto::Tcp,
                 service: "web".into(),
+                mode: crate::model::PublishMode::Snat,
             }),
         );
         s
@@ -435,6 +508,70 @@ mod tests {
             d.frontends[&lb([0, 0, 0, 0], 3000, socklb::Proto::Tcp)],
             vec![backend([10, 0, 0, 2], 80)]
         );
+    }
+
+    #[test]
+    fn ingress_lists_live_tasks_with_this_nodes_gateway_and_local_veths() {
+        let d = desired(&cluster(), &all(), "n1", 1450);
+        let service = &d.ingress.services[&(socklb::Proto::Tcp, 3000)];
+        assert_eq!(service.mode, IngressMode::Snat);
+        let addrs: Vec<_> = service.backends.iter().map(|b| (b.addr, b.port, b.host_if.clone())).collect();
+        assert_eq!(
+            addrs,
+            [
+                (Ipv4Addr::new(10, 0, 0, 2), 80, Some("mvweb.2".to_owned())),
+                (Ipv4Addr::new(10, 0, 0, 18), 80, None),
+            ]
+        );
+        for b in &service.backends {
+            assert_eq!(b.gw, Ipv4Addr::new(10, 0, 0, 1), "this node's address on the network");
+            assert_eq!(b.gw_mac, mac_for_ip(Ipv4Addr::new(10, 0, 0, 1)));
+            assert_eq!(b.vni, 4096);
+            assert_eq!(b.mac, mac_for_ip(b.addr));
+        }
+        assert_eq!(service.backends[1].vtep, Ipv4Addr::new(198, 18, 0, 12), "the remote task's node");
+        assert_eq!(
+            d.ingress.tasks,
+            BTreeMap::from([("mvweb.2".to_owned(), std::path::PathBuf::from("/run/netns/web.2"))])
+        );
+        // A dead node's task is not balanced to.
+        let live: BTreeSet<String> = ["n1".to_owned()].into();
+        let d = desired(&cluster(), &live, "n1", 1450);
+        assert_eq!(d.ingress.services[&(socklb::Proto::Tcp, 3000)].backends.len(), 1);
+    }
+
+    #[test]
+    fn ingress_carries_the_mode_and_needs_this_node_on_the_network() {
+        let mut store = cluster();
+        store.put(
+            "n1",
+            Object::Published(PublishedPort {
+                published: 3000,
+                target: 80,
+                proto: Proto::Tcp,
+                service: "web".into(),
+                mode: PublishMode::Dsr,
+            }),
+        );
+        let d = desired(&store, &all(), "n2", 1450);
+        let service = &d.ingress.services[&(socklb::Proto::Tcp, 3000)];
+        assert_eq!(service.mode, IngressMode::Dsr);
+        assert_eq!(service.backends.iter().filter(|b| b.host_if.is_some()).count(), 1, "n2's own task");
+        // n3 has no address on the network yet: no backend it could reach (the
+        // proxy serves), but the port is there, in its mode.
+        let d = desired(&store, &all(), "n3", 1450);
+        let service = &d.ingress.services[&(socklb::Proto::Tcp, 3000)];
+        assert!(service.backends.is_empty());
+        assert!(d.ingress.tasks.is_empty());
+        // One op for the whole table, after the task links; applying it converges.
+        let want = desired(&store, &all(), "n1", 1450);
+        let ops = plan(&Dataplane::default(), &want);
+        assert!(matches!(ops.last(), Some(Op::Ingress(spec)) if *spec == want.ingress));
+        let mut applied = Dataplane::default();
+        for op in &ops {
+            applied.record(op);
+        }
+        assert!(plan(&applied, &want).is_empty());
     }
 
     #[test]

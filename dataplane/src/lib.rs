@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod dns;
 mod error;
+pub mod ingress;
 pub mod lb;
 pub mod natlb;
 pub mod netlink;

@@ -153,6 +153,56 @@ pub struct TaskLink {
     pub mtu: u32,
 }
 
+/// Turns GRO on for the task's `eth0` inside `netns` (ethtool `ETHTOOL_SGRO`), if
+/// it is off. The ingress path needs it: a native-XDP redirect into the task's host
+/// veth reaches the task only when the peer (`eth0`) runs NAPI, which veth enables
+/// with GRO.
+pub fn enable_task_gro(netns: &std::path::Path) -> Result<()> {
+    crate::netns::run_in(netns, || ethtool_gro(TASK_IF, true))?
+        .map_err(|e| Error::io(format!("enabling GRO on {TASK_IF} in {}", netns.display()), e))
+}
+
+/// Reads GRO on interface `name` of the calling thread's namespace and turns it on
+/// if `on` and it is off.
+fn ethtool_gro(name: &str, on: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    const ETHTOOL_GGRO: u32 = 0x2b;
+    const ETHTOOL_SGRO: u32 = 0x2c;
+    /// `struct ethtool_value`.
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    /// `struct ifreq` with `ifr_data`: name, then the pointer, padded to 40 bytes.
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut EthtoolValue,
+        pad: [u8; 16],
+    }
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::other(format!("interface name {name:?} too long")));
+    }
+    let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+    let call = |cmd: u32, data: u32| -> std::io::Result<u32> {
+        let mut value = EthtoolValue { cmd, data };
+        let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &mut value, pad: [0; 16] };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: `req` and the value it points to live across the call; SIOCETHTOOL
+        // reads the name and reads/writes the ethtool_value.
+        let ret = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCETHTOOL as _, &mut req as *mut IfReq) };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(value.data)
+    };
+    if call(ETHTOOL_GGRO, 0)? == 0 && on {
+        call(ETHTOOL_SGRO, 1)?;
+    }
+    Ok(())
+}
+
 /// Name of the bridge of network `vni`.
 pub fn bridge_name(vni: u32) -> String {
     format!("mbr{vni}")

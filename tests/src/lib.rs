@@ -222,6 +222,9 @@ pub struct StartOptions {
     /// Every node gets its own copy of the cluster keyring (`Node::keyring`), so a
     /// test can see each node rewrite its own file.
     pub own_keyrings: bool,
+    /// Extra flags for one node's meshd, after `meshd_args` (node index, 1-based;
+    /// e.g. `--xdp off` on one node to compare it with the others).
+    pub node_args: Vec<(usize, Vec<String>)>,
 }
 
 /// An open-files limit to start meshd under.
@@ -350,10 +353,33 @@ impl Cluster {
         sh("ip", &["netns", "add", ns])?;
         sh("ip", &["-n", &sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
         sh("ip", &["-n", &sw, "link", "set", port, "master", "br0", "up"])?;
+        // The switch ports play the NICs' role for native XDP on the hosts' eth0: a
+        // veth delivers an XDP_TX'd or redirected frame only when its peer runs NAPI,
+        // which GRO turns on. What GRO merged, the port splits again on its way out;
+        // without checksum offload it finishes the segments' checksums, as frames on a
+        // wire have them (see below).
+        sh("ip", &["netns", "exec", &sw, "ethtool", "-K", port, "gro", "on", "tx", "off"])
+            .context("enabling GRO on a switch port (ethtool: `apt-get install ethtool`)")?;
         sh("ip", &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
         sh("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
         sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        // Frames on a real wire carry complete checksums (the NIC fills them in). A veth
+        // passes the sender's unfinished ones (CHECKSUM_PARTIAL) with the skb, which an
+        // XDP program never sees: a packet it rewrites and redirects would reach its
+        // task with a wrong checksum and be dropped. The hosts' eth0 finish them in
+        // software, as a NIC would.
+        sh("ip", &["netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off"])
+            .context("turning off checksum offload on a host's eth0 (ethtool: `apt-get install ethtool`)")?;
         Ok(())
+    }
+
+    /// Adds a namespace `<prefix>-<label>` with `eth0` at `addr` on the underlay switch
+    /// (a traffic sink or a router for benchmarks; removed with the cluster), and
+    /// returns its path.
+    pub fn add_underlay_host(&self, label: &str, addr: Ipv4Addr) -> Result<PathBuf> {
+        let ns = format!("{}-{label}", self.prefix);
+        self.add_host(&ns, label, addr)?;
+        Ok(netns_path(&ns))
     }
 
     /// Adds node `n<len+1>` to the running cluster, started with `keyring` instead of
@@ -519,6 +545,9 @@ impl Cluster {
             cmd.args(["--join", &node_addr(1).to_string()]);
         }
         cmd.args(&self.options.meshd_args);
+        for (_, args) in self.options.node_args.iter().filter(|(i, _)| *i == node.index) {
+            cmd.args(args);
+        }
         cmd.spawn().context(
             "starting meshd (nsenter and prlimit come with util-linux: `apt-get install util-linux`)",
         )

@@ -21,7 +21,10 @@ pub const CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(10)
 use crate::{
     api::Request,
     ipam,
-    model::{Endpoint, EndpointMode, Key, Network, NodeState, Object, PublishedPort, Service, FIRST_VNI},
+    model::{
+        Endpoint, EndpointMode, Key, Network, NodeState, Object, PublishMode, PublishedPort, Service,
+        FIRST_VNI,
+    },
     reconcile::Op,
     spec::PortSpec,
     Error, Result,
@@ -56,7 +59,9 @@ impl Agent {
             Request::ServiceRm { name } => self.service_rm(&name).await,
             Request::Attach { service, netns, name, ip } => self.attach(&service, &netns, name, ip).await,
             Request::Detach { name } => self.detach(&name).await,
-            Request::Publish { spec, service, detach } => self.publish(spec, &service, detach).await,
+            Request::Publish { spec, service, detach, mode } => {
+                self.publish(spec, &service, detach, mode).await
+            }
             Request::Unpublish { published, proto, service } => {
                 self.unpublish(published, proto, service).await
             }
@@ -202,7 +207,7 @@ impl Agent {
                 let ports: Vec<String> = store
                     .published()
                     .filter(|p| p.service == s.name)
-                    .map(|p| format!("{}:{}/{}", p.published, p.target, p.proto))
+                    .map(|p| format!("{}:{}/{} ({})", p.published, p.target, p.proto, p.mode))
                     .collect();
                 json!({
                     "name": s.name, "network": s.network, "endpoint_mode": s.endpoint_mode,
@@ -242,9 +247,17 @@ impl Agent {
         let store = gossip.store();
         let service = store.service(name).ok_or_else(|| Self::unknown_service(name))?;
         let ports: Vec<&PublishedPort> = store.published().filter(|p| p.service == name).collect();
-        Ok(
-            json!({ "service": service, "network": store.network(&service.network), "published": ports, "tasks": tasks }),
-        )
+        let network = store.network(&service.network).cloned();
+        let service = service.clone();
+        let ports: Vec<PublishedPort> = ports.into_iter().cloned().collect();
+        drop(gossip);
+        // The same per-port view as `meshctl status`: which path serves it, in which mode.
+        let paths: Vec<Value> =
+            self.serving_paths().1.into_iter().filter(|p| p["service"] == json!(name)).collect();
+        Ok(json!({
+            "service": service, "network": network, "published": ports, "published_paths": paths,
+            "tasks": tasks,
+        }))
     }
 
     async fn service_rm(&self, name: &str) -> Result<Value> {
@@ -463,7 +476,7 @@ impl Agent {
         Ok(json!({ "detached": task }))
     }
 
-    async fn publish(&self, spec: PortSpec, service: &str, detach: bool) -> Result<Value> {
+    async fn publish(&self, spec: PortSpec, service: &str, detach: bool, mode: PublishMode) -> Result<Value> {
         {
             let gossip = self.gossip();
             let store = gossip.store();
@@ -482,6 +495,7 @@ impl Agent {
             target: spec.target,
             proto: spec.proto,
             service: service.into(),
+            mode,
         };
         // Bind here first: a port held by another process is refused with nothing written.
         let mut plane = self.plane.lock().await;
@@ -671,6 +685,9 @@ impl Agent {
             (services, ports)
         };
         let nat_vips = self.nat.as_ref().map(|nat| nat.lock().vips());
+        // Before `seen`: never hold `seen` and the ingress path at once.
+        let kernel: Vec<(String, Option<String>)> =
+            ports.iter().map(|p| self.kernel_path(p.proto, p.published)).collect();
         let seen = self.seen.lock();
         let table = &seen.actual.frontends;
         let off = self.socklb_missing.as_ref().map(|why| format!("none: {why}"));
@@ -693,7 +710,8 @@ impl Agent {
             .collect();
         let published = ports
             .into_iter()
-            .map(|p| {
+            .zip(kernel)
+            .map(|(p, (kernel_path, kernel_path_reason))| {
                 let frontend = Frontend {
                     addr: Ipv4Addr::UNSPECIFIED,
                     port: p.published,
@@ -713,6 +731,8 @@ impl Agent {
                 json!({
                     "port": format!("{}/{}", p.published, p.proto), "service": p.service,
                     "local_clients": local, "remote_clients": "proxy", "backends": backends,
+                    "kernel_path": kernel_path, "kernel_path_reason": kernel_path_reason,
+                    "mode": p.mode,
                 })
             })
             .collect();
@@ -740,6 +760,7 @@ impl Agent {
         let dns = self.resolvers_status();
         let programs = self.programs_status();
         let paths = self.serving_paths();
+        let ingress = self.ingress_status();
         // Before `seen` too: the fallback's reconcile takes `nat`, then `seen`.
         let nat_tables = self.nat.as_ref().map(|nat| nat.lock().namespaces());
         let seen = self.seen.lock();
@@ -762,6 +783,7 @@ impl Agent {
             "vips": paths.0,
             "nftables_vip_tables": nat_tables,
             "published_paths": paths.1,
+            "ingress": ingress,
             "networks": networks,
             "services": services,
             "tasks": endpoints,

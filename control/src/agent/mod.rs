@@ -32,6 +32,7 @@ use std::{
 use parking_lot::{Mutex, MutexGuard};
 
 use meshd_dataplane::{
+    ingress::{self, Ingress, IngressConfig, IngressStatus, KernelPath, XdpSetting},
     overlay::{KernelVxlan, PeerSpec, VXLAN_OVERHEAD},
     proxy::{Proxy, ProxyConfig, ProxyStats},
     socklb::{ProgramStatus, SocketLb, SocketLbConfig},
@@ -84,6 +85,27 @@ pub struct AgentConfig {
     pub proxy: ProxyConfig,
     /// The embedded resolvers' settings: upstreams, TTL, timeouts and bounds.
     pub dns: meshd_dataplane::dns::ResolverConfig,
+    /// The kernel ingress path for published ports (XDP/tc).
+    pub ingress: IngressSettings,
+}
+
+/// The kernel ingress path's settings, from `meshd`'s flags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngressSettings {
+    /// How XDP attaches to the underlay interface (`--xdp`).
+    pub xdp: XdpSetting,
+    /// The underlay interface (`--underlay-if`); `None`: the one holding the
+    /// advertise address.
+    pub underlay_if: Option<String>,
+    /// Published ports the kernel path serves at once (`--xdp-max-ports`); further
+    /// ones are served by the proxy.
+    pub max_ports: u32,
+}
+
+impl Default for IngressSettings {
+    fn default() -> Self {
+        IngressSettings { xdp: XdpSetting::Auto, underlay_if: None, max_ports: ingress::DEFAULT_MAX_PORTS }
+    }
 }
 
 /// Whether the agent runs the eBPF socket load balancer.
@@ -104,6 +126,13 @@ impl AgentConfig {
         }
         self.proxy.validate()?;
         self.dns.validate()?;
+        if self.ingress.max_ports == 0 || self.ingress.max_ports > ingress::MAX_PORTS {
+            return Err(Error::invalid(format!(
+                "--xdp-max-ports {} is out of range; use 1 to {}",
+                self.ingress.max_ports,
+                ingress::MAX_PORTS
+            )));
+        }
         Ok(())
     }
 }
@@ -145,6 +174,10 @@ pub struct Agent {
     nat: Option<Mutex<NatFallback>>,
     /// Why there is no socket load balancer, if there is none.
     socklb_missing: Option<String>,
+    /// The kernel ingress path (pinned); `None` when it is off or could not attach.
+    ingress: Mutex<Option<Ingress>>,
+    /// Without an ingress path: the underlay interface (if known) and why.
+    ingress_off: Option<(Option<String>, String)>,
     shared: Arc<Shared>,
     alloc: Mutex<Alloc>,
     plane: tokio::sync::Mutex<Plane>,
@@ -182,6 +215,7 @@ impl Agent {
             ))
         })?;
         let (socklb, nat, socklb_missing) = open_vip_path(&cfg);
+        let (ingress, ingress_off) = open_ingress(&cfg);
         let epoch = crate::wall_clock_ms();
         let gossip_addr = SocketAddr::from((cfg.advertise_addr, cfg.control_port));
         let store = std::mem::take(&mut loaded.store);
@@ -202,6 +236,8 @@ impl Agent {
             socklb: Mutex::new(socklb),
             nat: nat.map(Mutex::new),
             socklb_missing,
+            ingress: Mutex::new(ingress),
+            ingress_off,
             shared,
             alloc: Mutex::default(),
             proxy_stats: proxy.stats(),
@@ -266,6 +302,7 @@ impl Agent {
         );
         // Pinned links outlive our descriptors: dropping them keeps the hooks attached.
         drop(self.socklb.lock().take());
+        drop(self.ingress.lock().take());
         self.stop_resolvers().await;
     }
 
@@ -343,9 +380,11 @@ impl Agent {
         let mut want = reconcile::desired(&store, &live, &self.cfg.node_name, self.mtu);
         let nat_want = self.nat.is_some().then(|| reconcile::nat_tables(&want));
         let frontends = self.observe_frontends(&mut want);
+        let ingress = self.observe_ingress(&mut want);
         match self.overlay.observe().await {
             Ok(observed) => {
                 let mut actual = reconcile::actual(observed, plane.proxy.served(), frontends);
+                actual.ingress = ingress;
                 let ops = reconcile::plan(&actual, &want);
                 let errors = self.apply_all(&mut plane, &ops).await;
                 for (op, result) in ops.iter().zip(&errors) {
@@ -454,6 +493,10 @@ impl Agent {
                 Some(lb) => lb.apply(table).map(drop),
                 None => Ok(()),
             },
+            Op::Ingress(spec) => match self.ingress.lock().as_mut() {
+                Some(ingress) => ingress.apply(spec).map(drop),
+                None => Ok(()),
+            },
         }
     }
 
@@ -501,6 +544,31 @@ impl Agent {
         }
     }
 
+    /// Reads the ingress path back from the kernel. Without one, `want` drops its
+    /// ingress table (the proxy serves every published port).
+    fn observe_ingress(&self, want: &mut Dataplane) -> meshd_dataplane::ingress::IngressSpec {
+        // Never hold `seen` and `ingress` at once (status reads them in turn).
+        let observed = {
+            let mut guard = self.ingress.lock();
+            let Some(ingress) = guard.as_mut() else {
+                want.ingress = Default::default();
+                return Default::default();
+            };
+            ingress.observe()
+        };
+        let mut seen = self.seen.lock();
+        match observed {
+            Ok(spec) => {
+                seen.errors.remove("ingress observe");
+                spec
+            }
+            Err(error) => {
+                seen.errors.insert("ingress observe".into(), error.to_string());
+                Default::default()
+            }
+        }
+    }
+
     /// A local task whose namespace disappeared is no task any more.
     fn forget_vanished_task(&self, host_if: &str) {
         let me = self.cfg.node_name.clone();
@@ -528,6 +596,7 @@ fn op_key(op: &Op) -> String {
         }
         Op::Isolate(a, b) | Op::Unisolate(a, b) => format!("isolation {a} -> {b}"),
         Op::Frontends(_) => "socket-lb frontends".into(),
+        Op::Ingress(_) => "ingress".into(),
     }
 }
 
@@ -564,11 +633,51 @@ fn open_vip_path(cfg: &AgentConfig) -> (Option<SocketLb>, Option<NatFallback>, O
     }
 }
 
+/// Opens the kernel ingress path (adopting a previous run's pins) unless `--xdp off`;
+/// where it is off or cannot attach, removes its pins (a stale program must not keep
+/// answering with stale tables) and says once why: the proxy serves published ports.
+fn open_ingress(cfg: &AgentConfig) -> (Option<Ingress>, Option<(Option<String>, String)>) {
+    let pin_dir = ingress::pin_dir_in(&cfg.pin_dir);
+    let interface = match &cfg.ingress.underlay_if {
+        Some(name) => Ok(name.clone()),
+        None => ingress::interface_holding(cfg.advertise_addr).map_err(|e| e.to_string()),
+    };
+    let why = match (cfg.ingress.xdp, &interface) {
+        (XdpSetting::Off, _) => "the kernel ingress path is off (--xdp off)".to_owned(),
+        (_, Err(error)) => error.clone(),
+        (xdp, Ok(name)) => {
+            let ingress_cfg = IngressConfig {
+                xdp,
+                interface: name.clone(),
+                node_addr: cfg.advertise_addr,
+                max_ports: cfg.ingress.max_ports,
+                pin_dir: pin_dir.clone(),
+            };
+            match Ingress::open(ingress_cfg) {
+                Ok(ingress) => {
+                    tracing::info!(
+                        xdp = ingress.attached().as_str(), interface = %name, adopted = ingress.adopted(),
+                        "kernel ingress path ready"
+                    );
+                    return (Some(ingress), None);
+                }
+                Err(error) => format!("the kernel ingress path could not attach ({error})"),
+            }
+        }
+    };
+    if let Err(error) = ingress::cleanup_pins(&pin_dir) {
+        tracing::warn!(%error, "removing the pins of a previous ingress path");
+    }
+    tracing::warn!("{why}: published ports are served by the proxy");
+    (None, Some((interface.ok(), why)))
+}
+
 /// Removes everything meshd owns in this network namespace (`meshd --cleanup`), and
-/// the socket load balancer pinned in `pin_dir` if given; returns how many network
-/// objects it removed.
+/// the socket load balancer and ingress path pinned in `pin_dir` if given; returns how
+/// many network objects it removed.
 pub async fn remove_datapath(pin_dir: Option<&std::path::Path>) -> Result<usize> {
     if let Some(dir) = pin_dir {
+        ingress::cleanup_pins(&ingress::pin_dir_in(dir))?;
         meshd_dataplane::socklb::cleanup_pins(dir)?;
     }
     let overlay = KernelVxlan::connect(Ipv4Addr::UNSPECIFIED)?;
@@ -636,6 +745,42 @@ async fn bind_api_socket(path: &std::path::Path) -> Result<UnixListener> {
 }
 
 impl Agent {
+    /// `meshctl status`'s `ingress` object.
+    fn ingress_status(&self) -> serde_json::Value {
+        let status = match (self.ingress.lock().as_ref().map(Ingress::status), &self.ingress_off) {
+            (Some(status), _) => status,
+            (None, Some((interface, why))) => IngressStatus {
+                xdp: "off".into(),
+                interface: interface.clone().unwrap_or_default(),
+                reason: Some(why.clone()),
+                tc_links: 0,
+                counters: Default::default(),
+            },
+            (None, None) => IngressStatus {
+                xdp: "off".into(),
+                interface: String::new(),
+                reason: Some("the kernel ingress path was not opened".into()),
+                tc_links: 0,
+                counters: Default::default(),
+            },
+        };
+        serde_json::to_value(status).unwrap_or_default()
+    }
+
+    /// Which path serves `proto/port`'s external clients here (`xdp-native`,
+    /// `xdp-generic` or `proxy`), and why the proxy.
+    fn kernel_path(&self, proto: meshd_dataplane::proxy::Proto, port: u16) -> (String, Option<String>) {
+        let guard = self.ingress.lock();
+        match guard.as_ref().map(|i| i.kernel_path(reconcile::lb_proto(proto), port)) {
+            Some(KernelPath::Xdp(mode)) => (format!("xdp-{}", mode.as_str()), None),
+            Some(KernelPath::Proxy(why)) => ("proxy".into(), Some(why)),
+            None => (
+                "proxy".into(),
+                Some(self.ingress_off.as_ref().map_or_else(String::new, |(_, why)| why.clone())),
+            ),
+        }
+    }
+
     fn programs_status(&self) -> Vec<ProgramStatus> {
         match self.socklb.lock().as_ref().map(SocketLb::status) {
             Some(Ok(status)) => status,

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand, ValueEnum};
 use meshd_control::{
     api::{call, Request, Response, DEFAULT_CLIENT_TIMEOUT, DEFAULT_SOCKET},
-    model::EndpointMode,
+    model::{EndpointMode, PublishMode},
     spec::{PortSpec, PublishedSpec},
 };
 use serde_json::Value;
@@ -72,6 +72,11 @@ enum Command {
         /// Return at once, without waiting for the nodes to serve the port.
         #[arg(long)]
         detach: bool,
+        /// How the kernel path returns replies: `snat` (through the node the client
+        /// reached) or `dsr` (the task's node replies straight to the client, which
+        /// the task sees as the peer).
+        #[arg(long, default_value = "snat")]
+        mode: String,
     },
     /// Stop answering a published port.
     Unpublish {
@@ -178,9 +183,12 @@ fn request(command: Command) -> Result<Request, String> {
         Command::Service(ServiceCmd::Rm { name }) => Request::ServiceRm { name },
         Command::Attach { service, netns, name, ip } => Request::Attach { service, netns, name, ip },
         Command::Detach { task } => Request::Detach { name: task },
-        Command::Publish { spec, service, detach } => {
-            Request::Publish { spec: spec.parse::<PortSpec>()?, service, detach }
-        }
+        Command::Publish { spec, service, detach, mode } => Request::Publish {
+            spec: spec.parse::<PortSpec>()?,
+            service,
+            detach,
+            mode: mode.parse::<PublishMode>()?,
+        },
         Command::Unpublish { port, service } => {
             let spec: PublishedSpec = port.parse()?;
             Request::Unpublish { published: spec.published, proto: spec.proto, service }
@@ -273,18 +281,18 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
             )
         }
         Request::Detach { name } => format!("task {name} detached"),
-        Request::Publish { spec, service, detach: true } => format!(
+        Request::Publish { spec, service, detach: true, .. } => format!(
             "published {}:{}/{} for service {service}; not waiting for the nodes to serve it (--detach): `meshctl status` on a node lists the ports it serves",
             spec.published, spec.target, spec.proto
         ),
-        Request::Publish { spec, service, detach: false } if result["has_tasks"] == false => format!(
+        Request::Publish { spec, service, detach: false, .. } if result["has_tasks"] == false => format!(
             "published {}:{}/{} for service {service}: listening on {}; {service} has no running task yet",
             spec.published,
             spec.target,
             spec.proto,
             all_nodes(&result["served_on"])
         ),
-        Request::Publish { spec, service, detach: false } => format!(
+        Request::Publish { spec, service, detach: false, .. } => format!(
             "published {}:{}/{} for service {service}: served on {}",
             spec.published,
             spec.target,

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use meshd_control::{
-    agent::{secure_dir, secure_key_file, write_keyring, Agent, AgentConfig, SocketLbMode},
+    agent::{secure_dir, secure_key_file, write_keyring, Agent, AgentConfig, IngressSettings, SocketLbMode},
     api::DEFAULT_SOCKET,
     gossip::{
         self,
@@ -20,6 +20,7 @@ use meshd_control::{
 };
 use meshd_dataplane::{
     dns::{AnswerConfig, ResolverConfig},
+    ingress::XdpSetting,
     proxy::{Keepalive, ProxyConfig},
     socklb::pin_dir_for,
 };
@@ -61,6 +62,21 @@ struct Args {
     /// /sys/fs/bpf/meshd/NODE_NAME]. With --cleanup: the pins to remove.
     #[arg(long)]
     bpf_pin_dir: Option<PathBuf>,
+    /// The kernel ingress path for published ports (XDP on the underlay interface, tc
+    /// on task veths): `auto` attaches XDP natively where the driver can, else in
+    /// generic mode, else leaves published ports to the proxy; `native` and `generic`
+    /// try only that mode; `off` never loads it (and removes a previous run's pins).
+    #[arg(long, value_enum, default_value_t = XdpArg::Auto)]
+    xdp: XdpArg,
+    /// The underlay interface XDP attaches to [default: the interface holding
+    /// --advertise-addr].
+    #[arg(long, value_name = "NAME")]
+    underlay_if: Option<String>,
+    /// Published ports the kernel ingress path serves at once (each takes a 512 KiB
+    /// Maglev table); further ports are served by the proxy.
+    #[arg(long, default_value_t = meshd_dataplane::ingress::DEFAULT_MAX_PORTS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(meshd_dataplane::ingress::MAX_PORTS)))]
+    xdp_max_ports: u32,
     /// Port of gossip (UDP) and state sync (TCP) on every node.
     #[arg(long, default_value_t = PORT)]
     control_port: u16,
@@ -200,6 +216,19 @@ fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
         .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
         .map(|ip| SocketAddr::new(ip, 53))
         .collect()
+}
+
+/// `--xdp`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum XdpArg {
+    /// Native, else generic, else none (the proxy serves).
+    Auto,
+    /// Native only.
+    Native,
+    /// Generic only.
+    Generic,
+    /// No kernel ingress path.
+    Off,
 }
 
 /// `--socket-lb`.
@@ -402,6 +431,14 @@ async fn run() -> anyhow::Result<()> {
     if args.udp_size < 576 || args.udp_size > 65_507 {
         bail!("--udp-size {} is out of range: use 576 to 65507 bytes", args.udp_size);
     }
+    if let Some(name) = &args.underlay_if {
+        // A name given by hand that is not here is a typo, not a kernel without XDP.
+        if meshd_dataplane::ingress::ifindex_of(name).is_err() {
+            bail!(
+                "invalid --underlay-if {name:?}: no such interface in meshd's network namespace; give the interface holding --advertise-addr (`ip -br addr`)"
+            );
+        }
+    }
     raise_open_files_limit(&proxy);
     let join = args.join.iter().map(|a| parse_join(a, args.control_port)).collect::<anyhow::Result<_>>()?;
     let cgroup = match args.cgroup {
@@ -442,6 +479,16 @@ async fn run() -> anyhow::Result<()> {
         gossip,
         proxy,
         dns,
+        ingress: IngressSettings {
+            xdp: match args.xdp {
+                XdpArg::Auto => XdpSetting::Auto,
+                XdpArg::Native => XdpSetting::Native,
+                XdpArg::Generic => XdpSetting::Generic,
+                XdpArg::Off => XdpSetting::Off,
+            },
+            underlay_if: args.underlay_if,
+            max_ports: args.xdp_max_ports,
+        },
     };
     let agent = Agent::new(cfg).await.context("starting meshd")?;
     agent.run(shutdown_signal()).await.context("running meshd")?;

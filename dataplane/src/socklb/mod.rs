@@ -33,7 +33,7 @@
 //!   the frontend per (socket, backend) in the reverse map.
 
 pub mod plan;
-mod sys;
+pub(crate) mod sys;
 
 use std::{
     collections::BTreeMap,
@@ -237,6 +237,17 @@ impl SocketLb {
         };
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
+        }
+        // The ingress path's maps come with the object; this copy never uses them, and
+        // at full size they would lock tens of MiB for nothing.
+        for unused in [
+            meshd_common::ingress::INGRESS_MAGLEV_MAP,
+            meshd_common::ingress::INGRESS_FLOWS_MAP,
+            meshd_common::ingress::INGRESS_NAT_MAP,
+            meshd_common::ingress::INGRESS_BACKENDS_MAP,
+            meshd_common::ingress::INGRESS_FRONTENDS_MAP,
+        ] {
+            loader.map_max_entries(unused, 1);
         }
         let mut ebpf = loader.load(OBJECT).map_err(|e| err(format!("loading the object: {}", chain(&e))))?;
         // Written before any program is attached, so none runs with another namespace's.
@@ -550,10 +561,12 @@ pub fn check_desired(desired: &BTreeMap<Frontend, Vec<Backend>>) -> Result<()> {
 }
 
 /// Detaches the links pinned in `pin_dir` (at once, not when the kernel gets to it),
-/// removes the pins meshd's socket load balancer keeps there and the directory itself; a missing directory is
-/// fine. Touches only the names this module pins.
+/// removes the pins meshd's socket load balancer and ingress path keep there and the
+/// directory itself; a missing directory is fine. Touches only the names they pin.
 pub fn cleanup_pins(pin_dir: &Path) -> Result<()> {
     let err = ebpf_err("socket-lb");
+    // The ingress path pins into a subdirectory of the node's directory.
+    crate::ingress::cleanup_pins(&crate::ingress::pin_dir_in(pin_dir))?;
     let specs = map_specs();
     let names = HOOKS
         .iter()
@@ -684,7 +697,7 @@ fn adoptable_link(
 
 /// Makes sure bpffs is mounted at [`BPFFS`] (when `pin_dir` is under it) and creates
 /// `pin_dir`.
-fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
+pub(crate) fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
     let err = ebpf_err("socket-lb");
     if pin_dir.starts_with(BPFFS) {
         let mounts =

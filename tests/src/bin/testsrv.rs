@@ -1,6 +1,8 @@
 //! `meshd-testsrv`: the tiny server that plays a task in tests, benchmarks and the
 //! demo. HTTP/1.1 (keep-alive, so load generators measure the path, not the handshake)
 //! answering every request with its task name, on `--listen ADDR` (default 0.0.0.0:80).
+//! `GET /peer` answers `TASK PEER_IP:PEER_PORT`: the address the connection came from as
+//! the task sees it, so tests can tell whether a path kept the client's address.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -14,19 +16,30 @@ fn head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
 }
 
+/// Whether the request asks for `/peer` (the task name and the connection's peer).
+fn wants_peer(head: &[u8]) -> bool {
+    head.split(|&b| b == b'\r').next().is_some_and(|line| line.split(|&b| b == b' ').nth(1) == Some(b"/peer"))
+}
+
 fn wants_close(head: &[u8]) -> bool {
     let text = String::from_utf8_lossy(head).to_ascii_lowercase();
     let http10 = text.lines().next().is_some_and(|l| l.trim_end().ends_with("http/1.0"));
     text.contains("connection: close") || http10 && !text.contains("connection: keep-alive")
 }
 
-async fn serve(mut stream: TcpStream, body: Arc<String>) -> std::io::Result<()> {
+async fn serve(mut stream: TcpStream, name: Arc<String>) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
+    let body = format!("{name}\n");
+    let peer = match stream.peer_addr() {
+        Ok(addr) => format!("{name} {addr}\n"),
+        Err(_) => format!("{name} unknown\n"),
+    };
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {
         while let Some(end) = head_end(&buf) {
             let close = wants_close(&buf[..end]);
+            let body = if wants_peer(&buf[..end]) { &peer } else { &body };
             buf.drain(..end);
             let response = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{}",
@@ -66,10 +79,10 @@ async fn main() -> anyhow::Result<()> {
             ),
         }
     }
-    let body = Arc::new(format!("{name}\n"));
+    let name = Arc::new(name);
     let listener = TcpListener::bind(listen).await?;
     loop {
         let (stream, _) = listener.accept().await?;
-        tokio::spawn(serve(stream, body.clone()));
+        tokio::spawn(serve(stream, name.clone()));
     }
 }

@@ -1,0 +1,471 @@
+//! The kernel routing mesh (#6) end to end: real meshd nodes with the XDP program on
+//! their underlay `eth0` and the tc program on their tasks' host veths, an external
+//! client (`198.18.0.100`) using real `curl` and `iperf3`, and `meshd-testsrv` tasks
+//! that report the address each connection came from (`GET /peer`).
+//!
+//! What the tests read from meshd (`meshctl status`): `ingress.xdp`
+//! (`native`/`generic`/`off`), `ingress.counters` (packets per outcome of the kernel
+//! programs), `published_paths[i].kernel_path` and `.mode`, and the proxy's
+//! `proxy.counters.tcp_accepted` — which must not move while the kernel path serves.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{anyhow, ensure, Context as _, Result};
+use meshd_tests::{in_netns, node_addr, poll, sh, Cluster, CLIENT_ADDR};
+use serde_json::Value;
+
+const SUBNET: &str = "10.0.0.0/24";
+const SNAT_PORT: u16 = 3000;
+const DSR_PORT: u16 = 3001;
+
+/// A process the test started; killed by its PID when dropped.
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The task name and the peer address a task reported for one `curl` from the client.
+fn curl_peer(cluster: &Cluster, addr: SocketAddr) -> Result<(String, SocketAddr)> {
+    let url = format!("http://{addr}/peer");
+    let out = sh("ip", &["netns", "exec", &cluster.client_ns(), "curl", "-sS", "--max-time", "3", &url])
+        .context("curl from the external client (install curl with `make bootstrap`)")?;
+    parse_peer(&out)
+}
+
+/// `TASK IP:PORT` as `meshd-testsrv` answers `/peer`.
+fn parse_peer(body: &str) -> Result<(String, SocketAddr)> {
+    let (task, peer) = body.trim().split_once(' ').ok_or_else(|| anyhow!("not a /peer answer: {body:?}"))?;
+    Ok((task.to_owned(), peer.parse().with_context(|| format!("peer in {body:?}"))?))
+}
+
+/// Node `i`'s `meshctl status`.
+fn status(cluster: &Cluster, i: usize) -> Result<Value> {
+    cluster.meshctl_json(i, &["status"])
+}
+
+/// One counter of node `i`'s kernel ingress path.
+fn counter(status: &Value, name: &str) -> u64 {
+    status["ingress"]["counters"][name].as_u64().unwrap_or(0)
+}
+
+/// Connections node `i`'s userspace proxy has accepted.
+fn proxy_accepted(status: &Value) -> u64 {
+    status["proxy"]["counters"]["tcp_accepted"].as_u64().unwrap_or(0)
+}
+
+/// Node `i`'s `published_paths` entry for `port`/tcp.
+fn published_path(status: &Value, port: u16) -> Option<Value> {
+    status["published_paths"]
+        .as_array()?
+        .iter()
+        .find(|p| p["port"].as_str() == Some(&format!("{port}/tcp")))
+        .cloned()
+}
+
+/// Waits until node `i` serves `port` through XDP with `backends` task addresses, in
+/// `mode`; returns the kernel path (`xdp-native` or `xdp-generic`).
+fn wait_kernel_path(cluster: &Cluster, i: usize, port: u16, mode: &str, backends: usize) -> Result<String> {
+    poll(
+        &format!("n{i} serves {port}/tcp through XDP ({mode}, {backends} backends)"),
+        Duration::from_secs(20),
+        || {
+            let status = status(cluster, i)?;
+            let path = published_path(&status, port).ok_or_else(|| anyhow!("no {port}/tcp in {status}"))?;
+            let kernel = path["kernel_path"].as_str().unwrap_or_default().to_owned();
+            ensure!(
+                kernel.starts_with("xdp-"),
+                "kernel_path {kernel:?}: {path}; ingress: {}",
+                status["ingress"]
+            );
+            ensure!(path["mode"] == mode, "mode {}: {path}", path["mode"]);
+            let n = path["backends"].as_array().map_or(0, Vec::len);
+            ensure!(n == backends, "{n} backends: {path}");
+            Ok(kernel)
+        },
+    )
+    .map_err(|e| e.context(cluster.log_tail(i, 30)))
+}
+
+/// Node `i`'s own address on the overlay `SUBNET` (its bridge: the snat source).
+fn overlay_addr(cluster: &Cluster, i: usize) -> Result<Ipv4Addr> {
+    let ns = &cluster.nodes[i - 1].ns;
+    let out = sh("ip", &["-n", ns, "-j", "-4", "addr", "show"])?;
+    let links: Value = serde_json::from_str(&out)?;
+    links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str()?.parse::<Ipv4Addr>().ok())
+        .find(|a| a.octets()[..3] == [10, 0, 0])
+        .ok_or_else(|| anyhow!("n{i} has no address on {SUBNET}: {out}"))
+}
+
+/// Sets up three nodes, network `net`, service `web` with `web.1` on n1 and `web.2` on
+/// n2 (n3 runs none: every path through it is remote), published on `SNAT_PORT`
+/// (snat) and `DSR_PORT` (dsr), served through XDP on every node.
+fn web_cluster() -> Result<Cluster> {
+    let mut cluster = Cluster::start(3)?;
+    cluster.wait_all_alive(1)?;
+    cluster.meshctl_ok(1, &["network", "create", "net", "--subnet", SUBNET])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "net"])?;
+    cluster.add_container(1, "web", "web.1")?;
+    cluster.add_container(2, "web", "web.2")?;
+    cluster.meshctl_ok(1, &["publish", &format!("{SNAT_PORT}:80"), "web"])?;
+    cluster.meshctl_ok(1, &["publish", &format!("{DSR_PORT}:80"), "web", "--mode", "dsr"])?;
+    for i in 1..=3 {
+        wait_kernel_path(&cluster, i, SNAT_PORT, "snat", 2)?;
+        wait_kernel_path(&cluster, i, DSR_PORT, "dsr", 2)?;
+    }
+    Ok(cluster)
+}
+
+#[test]
+fn external_client_reaches_every_backend_through_every_node_in_both_modes() -> Result<()> {
+    let mut cluster = web_cluster()?;
+    let task_node: BTreeMap<String, usize> =
+        cluster.containers.iter().map(|c| (c.task.clone(), c.node)).collect();
+    let before: Vec<Value> = (1..=3).map(|i| status(&cluster, i)).collect::<Result<_>>()?;
+    for i in 1..=3 {
+        let xdp = before[i - 1]["ingress"]["xdp"].as_str().unwrap_or_default();
+        assert_eq!(
+            xdp,
+            "native",
+            "n{i}'s XDP on a veth underlay must be native: {}",
+            before[i - 1]["ingress"]
+        );
+    }
+
+    for i in 1..=3 {
+        let gw = overlay_addr(&cluster, i)?;
+        for (port, mode) in [(SNAT_PORT, "snat"), (DSR_PORT, "dsr")] {
+            let addr = SocketAddr::from((node_addr(i), port));
+            let mut reached = BTreeSet::new();
+            // Each curl is a new connection from a new source port, so Maglev spreads
+            // them; 2 backends are both reached well within 60 (p(miss) = 2^-59).
+            for n in 0..60 {
+                let (task, peer) =
+                    curl_peer(&cluster, addr).with_context(|| format!("curl {n} to n{i}:{port} ({mode})"))?;
+                let on = *task_node
+                    .get(&task)
+                    .ok_or_else(|| anyhow!("n{i}:{port} answered {task:?}, not a task of web"))?;
+                // dsr: every backend sees the client itself. snat: a task on the
+                // ingress node sees the client too (DNAT only); a task on another node
+                // sees the ingress node's own address on the overlay (its bridge).
+                let expected = if mode == "dsr" || on == i { CLIENT_ADDR } else { gw };
+                assert_eq!(
+                    peer.ip(),
+                    std::net::IpAddr::V4(expected),
+                    "{mode} via n{i} to {task} on n{on}: the task saw {peer} (expected {expected})"
+                );
+                reached.insert(task);
+                if reached.len() == task_node.len() && n >= 10 {
+                    break;
+                }
+            }
+            assert_eq!(reached.len(), task_node.len(), "via n{i}:{port} ({mode}) reached only {reached:?}");
+        }
+    }
+
+    // A bulk transfer through one node: iperf3 to a service of its own (one task, so
+    // the control and data connections meet the same server) on n2, via n1.
+    cluster.meshctl_ok(1, &["service", "create", "bulk", "--network", "net"])?;
+    let bulk = cluster.add_empty_container(2, "bulk", "bulk.1")?.netns();
+    let _iperf = spawn_in(&bulk, "iperf3", &["-s", "-p", "5201"])?;
+    cluster.meshctl_ok(1, &["publish", "5202:5201", "bulk"])?;
+    wait_kernel_path(&cluster, 1, 5202, "snat", 1)?;
+    let iperf_before = status(&cluster, 1)?;
+    let out = poll("iperf3 through n1:5202", Duration::from_secs(10), || {
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &cluster.client_ns(),
+                "iperf3",
+                "-c",
+                &node_addr(1).to_string(),
+                "-p",
+                "5202",
+                "-t",
+                "2",
+                "--connect-timeout",
+                "2000",
+                "-J",
+            ],
+        )
+    })?;
+    let v: Value = serde_json::from_str(&out)?;
+    let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(bytes > 1_000_000, "iperf3 through n1:5202 moved only {bytes} bytes: {out}");
+    let iperf_after = status(&cluster, 1)?;
+    let encap = counter(&iperf_after, "encap") - counter(&iperf_before, "encap");
+    let reply = counter(&iperf_after, "reply_xdp") - counter(&iperf_before, "reply_xdp");
+    // Full-size segments are about 1/1448 of the bytes; most of them crossed XDP.
+    assert!(
+        encap as f64 > bytes as f64 / 1448.0 * 0.5,
+        "only {encap} packets encapsulated for {bytes} bytes"
+    );
+    assert!(reply > 0, "no snat reply went back through XDP");
+
+    // Every node's kernel path carried its share; no proxy accepted a connection.
+    for i in 1..=3 {
+        let after = status(&cluster, i)?;
+        let moved = |k: &str| counter(&after, k) - counter(&before[i - 1], k);
+        let (local, encap, reply_xdp, reply_tc) =
+            (moved("local"), moved("encap"), moved("reply_xdp"), moved("reply_tc"));
+        eprintln!("n{i}: local +{local}, encap +{encap}, reply_xdp +{reply_xdp}, reply_tc +{reply_tc}, dsr_recorded +{}", moved("dsr_recorded"));
+        assert!(
+            encap > 0 && reply_xdp > 0,
+            "n{i} encapsulated {encap} and sent back {reply_xdp} snat replies"
+        );
+        if i <= 2 {
+            assert!(
+                local > 0 && reply_tc > 0,
+                "n{i} redirected {local} packets to its task and tc rewrote {reply_tc} replies"
+            );
+            assert!(moved("dsr_recorded") > 0, "n{i} recorded no dsr flow for its task");
+        }
+        let proxied = proxy_accepted(&after) - proxy_accepted(&before[i - 1]);
+        assert_eq!(
+            proxied, 0,
+            "n{i}'s userspace proxy accepted {proxied} connections: the kernel path did not carry them"
+        );
+    }
+    Ok(())
+}
+
+/// A keep-alive HTTP connection from the client, held open; each `ask` is one request.
+struct Held {
+    stream: BufReader<TcpStream>,
+    backend: String,
+}
+
+impl Held {
+    fn open(cluster: &Cluster, addr: SocketAddr) -> Result<Held> {
+        let stream = in_netns(&cluster.client_netns(), move || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        })?
+        .with_context(|| format!("connecting to {addr} from the client"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut held = Held { stream: BufReader::new(stream), backend: String::new() };
+        held.backend = held.ask()?;
+        Ok(held)
+    }
+
+    /// One request on the held connection; the task that answered.
+    fn ask(&mut self) -> Result<String> {
+        self.stream.get_mut().write_all(b"GET /peer HTTP/1.1\r\nHost: test\r\n\r\n")?;
+        let mut length = None;
+        loop {
+            let mut line = String::new();
+            ensure!(self.stream.read_line(&mut line)? > 0, "connection closed");
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = Some(v.trim().parse::<usize>()?);
+            }
+        }
+        let mut body = vec![0; length.ok_or_else(|| anyhow!("no Content-Length"))?];
+        self.stream.read_exact(&mut body)?;
+        Ok(parse_peer(&String::from_utf8_lossy(&body))?.0)
+    }
+}
+
+/// New connections via `addr` until one reaches `task` (bounded).
+fn reaches(cluster: &Cluster, addr: SocketAddr, task: &str) -> Result<()> {
+    poll(&format!("a new connection via {addr} reaches {task}"), Duration::from_secs(20), || {
+        let (got, _) = curl_peer(cluster, addr)?;
+        ensure!(got == task, "reached {got}");
+        Ok(())
+    })
+}
+
+#[test]
+fn flows_keep_their_backend_while_backends_change() -> Result<()> {
+    let mut cluster = web_cluster()?;
+    // Held connections in both modes, through n3 (both backends remote), open through
+    // every change below.
+    let mut held: Vec<(u16, Held)> = Vec::new();
+    for port in [SNAT_PORT, DSR_PORT] {
+        let via = SocketAddr::from((node_addr(3), port));
+        for _ in 0..16 {
+            held.push((port, Held::open(&cluster, via)?));
+        }
+        let spread: BTreeSet<&str> =
+            held.iter().filter(|(p, _)| *p == port).map(|(_, h)| h.backend.as_str()).collect();
+        ensure!(spread.len() == 2, "16 held connections on {port} all went to {spread:?}");
+    }
+
+    // A third backend joins: once new connections reach it, every held connection
+    // still answers from its own backend.
+    cluster.add_container(2, "web", "web.3")?;
+    for port in [SNAT_PORT, DSR_PORT] {
+        wait_kernel_path(&cluster, 3, port, if port == SNAT_PORT { "snat" } else { "dsr" }, 3)?;
+        reaches(&cluster, SocketAddr::from((node_addr(3), port)), "web.3")?;
+    }
+    for (port, h) in &mut held {
+        let now = h.ask().with_context(|| format!("held connection on {port} after web.3 joined"))?;
+        assert_eq!(
+            now, h.backend,
+            "a held connection on {port} moved from {} to {now} when web.3 joined",
+            h.backend
+        );
+    }
+
+    // web.1 leaves: once n3's table no longer has it, held connections to the others
+    // keep their backend and no new connection reaches web.1.
+    cluster.meshctl_ok(1, &["detach", "web.1"])?;
+    for port in [SNAT_PORT, DSR_PORT] {
+        wait_kernel_path(&cluster, 3, port, if port == SNAT_PORT { "snat" } else { "dsr" }, 2)?;
+    }
+    for (port, h) in held.iter_mut().filter(|(_, h)| h.backend != "web.1") {
+        let now = h
+            .ask()
+            .with_context(|| format!("held connection to {} on {port} after web.1 left", h.backend))?;
+        assert_eq!(
+            now, h.backend,
+            "a held connection on {port} moved from {} to {now} when web.1 left",
+            h.backend
+        );
+    }
+    for port in [SNAT_PORT, DSR_PORT] {
+        for n in 0..40 {
+            let (task, _) = curl_peer(&cluster, SocketAddr::from((node_addr(3), port)))?;
+            assert_ne!(task, "web.1", "new connection {n} on {port} reached the detached web.1");
+        }
+    }
+    Ok(())
+}
+
+/// The ifindex → name of node `i`'s veths that lead to its tasks (peer in another
+/// namespace, not the underlay `eth0`).
+fn task_veths(cluster: &Cluster, i: usize) -> Result<Vec<String>> {
+    let out = sh("ip", &["-n", &cluster.nodes[i - 1].ns, "-j", "link", "show", "type", "veth"])?;
+    let links: Value = serde_json::from_str(&out)?;
+    Ok(links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["ifname"].as_str().map(str::to_owned))
+        .filter(|n| n != "eth0")
+        .collect())
+}
+
+/// The names of the BPF programs on `dev`'s tc ingress hook in node `i`'s namespace,
+/// asked of the kernel: TCX links (through aya's query) and classic clsact filters.
+fn tc_ingress_programs(cluster: &Cluster, i: usize, dev: &str) -> Result<Vec<String>> {
+    let ns = cluster.nodes[i - 1].ns.clone();
+    let filters = sh("ip", &["netns", "exec", &ns, "tc", "filter", "show", "dev", dev, "ingress"])?;
+    let mut names: Vec<String> = filters
+        .split_whitespace()
+        .filter_map(|w| w.strip_suffix(']').and_then(|w| w.split_once(':')).map(|(n, _)| n.to_owned()))
+        .collect();
+    let name = dev.to_owned();
+    let tcx = in_netns(&cluster.nodes[i - 1].netns(), move || {
+        aya::programs::SchedClassifier::query_tcx(&name, aya::programs::tc::TcAttachType::Ingress)
+    })?
+    .with_context(|| format!("querying the TCX programs of {dev} on n{i}"))?;
+    names.extend(tcx.1.iter().filter_map(|p| p.name_as_str().map(str::to_owned)));
+    Ok(names)
+}
+
+#[test]
+fn programs_are_attached_in_the_kernel_and_keep_serving_after_kill_9() -> Result<()> {
+    let mut cluster = web_cluster()?;
+    for i in 1..=3 {
+        let link = sh("ip", &["-n", &cluster.nodes[i - 1].ns, "-d", "link", "show", "eth0"])?;
+        assert!(link.contains("prog/xdp id"), "n{i}'s eth0 has no native XDP program:\n{link}");
+    }
+    for i in 1..=2 {
+        let veths = task_veths(&cluster, i)?;
+        ensure!(!veths.is_empty(), "n{i} has no task veth");
+        for dev in &veths {
+            let programs = tc_ingress_programs(&cluster, i, dev)?;
+            assert!(
+                programs.iter().any(|p| p == "ingress_reply"),
+                "n{i}'s task veth {dev} has no ingress_reply on its tc ingress hook: {programs:?}"
+            );
+        }
+        let s = status(&cluster, i)?;
+        assert_eq!(s["ingress"]["tc_links"].as_u64(), Some(veths.len() as u64), "n{i}: {}", s["ingress"]);
+    }
+
+    // meshd on n3 dies without cleanup: its proxy's listeners close with it, so only
+    // the pinned XDP program can still answer the published ports there.
+    cluster.kill_node(3)?;
+    let link = sh("ip", &["-n", &cluster.nodes[2].ns, "-d", "link", "show", "eth0"])?;
+    assert!(link.contains("prog/xdp id"), "n3's XDP program went with meshd:\n{link}");
+    for port in [SNAT_PORT, DSR_PORT] {
+        let addr = SocketAddr::from((node_addr(3), port));
+        let mut reached = BTreeSet::new();
+        for n in 0..30 {
+            let (task, _) = curl_peer(&cluster, addr)
+                .with_context(|| format!("curl {n} to n3:{port} with meshd killed"))?;
+            reached.insert(task);
+        }
+        assert_eq!(reached.len(), 2, "with meshd killed, n3:{port} reached only {reached:?}");
+    }
+    // A restarted meshd adopts the programs: still native XDP, counters kept going.
+    cluster.restart_node(3)?;
+    let s = status(&cluster, 3)?;
+    assert_eq!(s["ingress"]["xdp"], "native", "after the restart: {}", s["ingress"]);
+    assert!(counter(&s, "encap") > 0, "the restarted meshd reads no encap count: {}", s["ingress"]);
+    Ok(())
+}
+
+#[test]
+fn a_bogus_mode_is_refused_and_publishes_nothing() -> Result<()> {
+    let mut cluster = Cluster::start(2)?;
+    cluster.meshctl_ok(1, &["network", "create", "net", "--subnet", SUBNET])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "net"])?;
+    cluster.add_container(2, "web", "web.1")?;
+    let out = cluster.meshctl(1, &["publish", "3000:80", "web", "--mode", "bogus"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    assert!(!out.status.success(), "--mode bogus was accepted: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr:?}");
+    assert!(
+        stderr.contains("bogus") && stderr.contains("snat") && stderr.contains("dsr"),
+        "the error must name the value and the choices: {stderr:?}"
+    );
+    // A valid publish made after it reaches n2; the refused one never does.
+    cluster.meshctl_ok(1, &["publish", "3001:80", "web", "--mode", "dsr"])?;
+    wait_kernel_path(&cluster, 2, 3001, "dsr", 1)?;
+    for i in 1..=2 {
+        let s = status(&cluster, i)?;
+        assert!(
+            published_path(&s, 3000).is_none(),
+            "n{i} serves 3000 after --mode bogus: {}",
+            s["published_paths"]
+        );
+        let ls = cluster.meshctl_ok(i, &["service", "ls"])?;
+        assert!(!ls.contains("3000"), "n{i} lists 3000: {ls}");
+    }
+    Ok(())
+}
+
+fn spawn_in(netns: &Path, program: &str, args: &[&str]) -> Result<Spawned> {
+    let child = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["--", program])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {program}; install it with `make bootstrap`"))?;
+    Ok(Spawned(child))
+}

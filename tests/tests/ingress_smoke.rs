@@ -346,3 +346,73 @@ fn bad_ingress_flags_are_refused_before_anything_is_created() -> Result<()> {
     }
     Ok(())
 }
+
+/// The id of the XDP link pinned for node `i` (native mode).
+fn native_xdp_link(cluster: &Cluster, i: usize) -> Result<u32> {
+    let pin = cluster.nodes[i - 1].pin_dir.join("ingress").join("xdp_native");
+    let link = aya::programs::links::FdLink::from(aya::programs::links::PinnedLink::from_pin(&pin)?);
+    Ok(link.info()?.id())
+}
+
+/// One keep-alive request on `stream` (meshd-testsrv's `/peer`); the answer's body.
+fn ask_peer(stream: &mut std::io::BufReader<std::net::TcpStream>) -> Result<String> {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    stream.get_mut().write_all(b"GET /peer HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        ensure!(stream.read_line(&mut line)? > 0, "connection closed");
+        let line = line.trim_end().to_ascii_lowercase();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.strip_prefix("content-length:") {
+            length = Some(v.trim().parse::<usize>()?);
+        }
+    }
+    let mut body = vec![0; length.ok_or_else(|| anyhow!("no Content-Length"))?];
+    stream.read_exact(&mut body)?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+#[test]
+fn a_new_program_takes_over_the_pinned_link_in_place() -> Result<()> {
+    let mut cluster = Cluster::start(1)?;
+    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
+    cluster.add_container(1, "web", "web.1")?;
+    cluster.meshctl_ok(1, &["publish", "3000:80", "web"])?;
+    let served_by_xdp = |cluster: &Cluster| {
+        poll("n1 serves 3000 by XDP", Duration::from_secs(10), || {
+            let status = cluster.meshctl_json(1, &["status"])?;
+            match path_of(&status, "3000/tcp") {
+                Some(p) if p["kernel_path"] == "xdp-native" => Ok(()),
+                _ => Err(anyhow!("{} {}", status["ingress"], status["published_paths"])),
+            }
+        })
+    };
+    served_by_xdp(&cluster)?;
+    let addr = std::net::SocketAddr::from((node_addr(1), 3000));
+    let stream = meshd_tests::in_netns(&cluster.client_netns(), move || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+    })?
+    .context("connecting from the client")?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut held = std::io::BufReader::new(stream);
+    ensure!(ask_peer(&mut held)?.starts_with("web.1 "), "the held connection reaches web.1");
+    let (link, program) = (native_xdp_link(&cluster, 1)?, native_xdp_program(&cluster, 1)?);
+
+    // What an upgrade looks like to the loader: the pinned link runs a program that is
+    // not this meshd's (here: one of its maps was replaced while meshd was down).
+    cluster.kill_node(1)?;
+    std::fs::remove_file(cluster.nodes[0].pin_dir.join("ingress").join("IN_MAGLEV"))?;
+    cluster.restart_node(1)?;
+    served_by_xdp(&cluster)?;
+    ensure!(native_xdp_program(&cluster, 1)? != program, "the new meshd runs its own program");
+    ensure!(
+        native_xdp_link(&cluster, 1)? == link,
+        "the program was switched in the same link (BPF_LINK_UPDATE), never detached"
+    );
+    ensure!(ask_peer(&mut held)?.starts_with("web.1 "), "the held connection still works");
+    Ok(())
+}

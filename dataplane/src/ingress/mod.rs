@@ -51,6 +51,7 @@ use aya::{
         links::{FdLink, PinnedLink},
         loaded_programs,
         tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
@@ -72,7 +73,7 @@ pub use plan::{IngressMaps, Plan, WantedFrontend, Write};
 
 use crate::{
     overlay::MacAddr,
-    socklb::{chain, sys as bpf_sys, Proto},
+    socklb::{chain, drop_incompatible_map, sys as bpf_sys, MapSpec, Proto},
     Error, Result,
 };
 
@@ -330,15 +331,6 @@ fn ebpf_err(program: &'static str) -> impl Fn(String) -> Error {
     move |message| Error::Ebpf { program, message }
 }
 
-/// The shape a pinned map must have to be reused.
-struct MapSpec {
-    name: &'static str,
-    map_type: MapType,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-}
-
 fn map_specs(tables: u32) -> [MapSpec; 7] {
     use std::mem::size_of;
     let spec = |name, map_type, key_size: usize, value_size: usize, max_entries| MapSpec {
@@ -369,26 +361,6 @@ fn map_specs(tables: u32) -> [MapSpec; 7] {
         spec(INGRESS_CONFIG_MAP, MapType::Array, 4, size_of::<KernelConfig>(), 1),
         spec(INGRESS_STATS_MAP, MapType::PerCpuArray, 4, 8, IN_STAT_ENTRIES),
     ]
-}
-
-/// aya reuses whatever is pinned at a map's path; one of another shape (an upgrade,
-/// or another `--xdp-max-ports`) is removed so a fresh one is created.
-fn drop_incompatible_map(path: &Path, spec: &MapSpec) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let compatible = MapInfo::from_pin(path).ok().is_some_and(|info| {
-        info.map_type().ok() == Some(spec.map_type)
-            && info.key_size() == spec.key_size
-            && info.value_size() == spec.value_size
-            && info.max_entries() == spec.max_entries
-    });
-    if !compatible {
-        tracing::warn!(map = spec.name, path = %path.display(), "pinned ingress map has another layout; replacing it");
-        std::fs::remove_file(path)
-            .map_err(|e| ebpf_err("ingress")(format!("removing incompatible pin {}: {e}", path.display())))?;
-    }
-    Ok(())
 }
 
 /// Turns on IPv4 forwarding on interface `name` (this namespace's
@@ -464,6 +436,32 @@ fn adoptable(path: &Path, tag: u64, map_ids: &[u32], ifindex: Option<u32>) -> Op
     let program = loaded_programs().filter_map(|p| p.ok()).find(|p| p.id() == program_id)?;
     let used = program.map_ids().ok()??;
     (program.tag() == tag && used.iter().all(|id| map_ids.binary_search(id).is_ok())).then_some(link)
+}
+
+/// The XDP link pinned at `path`, if it is attached to `ifindex`, switched in place to
+/// `xdp` (which must be loaded); `None` if there is no such link.
+fn switch_xdp_link(xdp: &mut Xdp, path: &Path, ifindex: u32) -> std::result::Result<Option<FdLink>, String> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let here = bpf_sys::obj_get(path).and_then(|fd| sys::link_ifindex(&fd)).is_ok_and(|i| i == ifindex);
+    if !here {
+        return Ok(None);
+    }
+    let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
+    let id = xdp.attach_to_link(link).map_err(|e| e.to_string())?;
+    let link = xdp.take_link(id).map_err(|e| e.to_string())?;
+    FdLink::try_from(link).map(Some).map_err(|e| e.to_string())
+}
+
+/// The tc link pinned at `path` switched in place to `tc` (which must be loaded).
+fn switch_tc_link(tc: &mut SchedClassifier, path: &Path) -> std::result::Result<FdLink, String> {
+    let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
+    let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
+    let id = tc.attach_to_link(link).map_err(|e| e.to_string())?;
+    let link = tc.take_link(id).map_err(|e| e.to_string())?;
+    FdLink::try_from(link).map_err(|e| e.to_string())
 }
 
 /// Detaches the link pinned at `path` now and removes the pin; a missing pin is fine.
@@ -571,7 +569,7 @@ impl Ingress {
         crate::socklb::prepare_pin_dir(&cfg.pin_dir)?;
         let specs = map_specs(cfg.max_ports);
         for spec in &specs {
-            drop_incompatible_map(&cfg.pin_dir.join(spec.name), spec)?;
+            drop_incompatible_map(&cfg.pin_dir.join(spec.name), spec, "ingress")?;
         }
         let pins: Vec<(&'static str, PathBuf)> =
             specs.iter().map(|s| (s.name, cfg.pin_dir.join(s.name))).collect();
@@ -630,6 +628,24 @@ impl Ingress {
             if let Some(link) = adoptable(&pin, xdp_tag, &map_ids, Some(ifindex)) {
                 found = Some((mode, link));
                 break;
+            }
+        }
+        // An upgrade (or maps replaced): a pinned link of an allowed mode on this
+        // interface runs another program. Switch it in place (BPF_LINK_UPDATE): no
+        // moment without a program, when established flows would meet the stack.
+        if found.is_none() {
+            for &mode in modes {
+                let pin = cfg.pin_dir.join(mode.pin_name());
+                match switch_xdp_link(xdp, &pin, ifindex) {
+                    Ok(Some(link)) => {
+                        found = Some((mode, link));
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(mode = mode.as_str(), %error, "switching the pinned XDP link in place failed; re-attaching")
+                    }
+                }
             }
         }
         let (attached, link, reason, adopted) = match found {
@@ -734,7 +750,26 @@ impl Ingress {
                     let ifindex = bpf_sys::obj_get(&path).and_then(|fd| sys::link_ifindex(&fd)).unwrap_or(0);
                     self.tc_links.insert(host_if.to_owned(), TcLink { ifindex, _link: link });
                 }
-                None => remove_link_pin(&path)?,
+                None => {
+                    // Another program (an upgrade): switched in place, or replaced.
+                    let tc: &mut SchedClassifier = self
+                        .ebpf
+                        .program_mut(INGRESS_TC_PROGRAM)
+                        .ok_or_else(|| err(format!("{INGRESS_TC_PROGRAM} missing from the object")))?
+                        .try_into()
+                        .map_err(|e| err(format!("{INGRESS_TC_PROGRAM}: wrong program type: {e}")))?;
+                    match switch_tc_link(tc, &path) {
+                        Ok(link) => {
+                            let ifindex =
+                                bpf_sys::obj_get(&path).and_then(|fd| sys::link_ifindex(&fd)).unwrap_or(0);
+                            self.tc_links.insert(host_if.to_owned(), TcLink { ifindex, _link: link });
+                        }
+                        Err(error) => {
+                            tracing::warn!(%host_if, %error, "switching the pinned tc link in place failed; replacing it");
+                            remove_link_pin(&path)?;
+                        }
+                    }
+                }
             }
         }
         Ok(())
@@ -1151,11 +1186,6 @@ impl Ingress {
     /// The XDP mode in use.
     pub fn attached(&self) -> XdpAttached {
         self.attached
-    }
-
-    /// The underlay interface's index.
-    pub fn ifindex(&self) -> u32 {
-        self.ifindex
     }
 }
 

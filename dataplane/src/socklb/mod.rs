@@ -229,7 +229,7 @@ impl SocketLb {
                 let pins =
                     map_specs().into_iter().map(|s| (s.name, pin_dir.join(s.name))).collect::<Vec<_>>();
                 for spec in map_specs() {
-                    drop_incompatible_map(&pin_dir.join(spec.name), &spec)?;
+                    drop_incompatible_map(&pin_dir.join(spec.name), &spec, "socket-lb")?;
                 }
                 pins
             }
@@ -595,13 +595,13 @@ pub fn cleanup_pins(pin_dir: &Path) -> Result<()> {
     }
 }
 
-/// The shape a pinned map must have to be reused.
-struct MapSpec {
-    name: &'static str,
-    map_type: MapType,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
+/// The shape a pinned map must have to be reused (here and by the ingress path).
+pub(crate) struct MapSpec {
+    pub(crate) name: &'static str,
+    pub(crate) map_type: MapType,
+    pub(crate) key_size: u32,
+    pub(crate) value_size: u32,
+    pub(crate) max_entries: u32,
 }
 
 fn map_specs() -> [MapSpec; 6] {
@@ -638,7 +638,7 @@ fn map_specs() -> [MapSpec; 6] {
 /// aya reuses whatever is pinned at a map's path without checking its shape; a map
 /// pinned by an older meshd with another layout is removed here so a fresh one is
 /// created (control refills it at its next apply).
-fn drop_incompatible_map(path: &Path, spec: &MapSpec) -> Result<()> {
+pub(crate) fn drop_incompatible_map(path: &Path, spec: &MapSpec, program: &'static str) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
@@ -649,9 +649,9 @@ fn drop_incompatible_map(path: &Path, spec: &MapSpec) -> Result<()> {
             && info.max_entries() == spec.max_entries
     });
     if !compatible {
-        tracing::warn!(map = spec.name, path = %path.display(), "pinned map has another layout; replacing it");
+        tracing::warn!(map = spec.name, path = %path.display(), program, "pinned map has another layout; replacing it");
         std::fs::remove_file(path).map_err(|e| Error::Ebpf {
-            program: "socket-lb",
+            program,
             message: format!("removing incompatible pin {}: {e}", path.display()),
         })?;
     }

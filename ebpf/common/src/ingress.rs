@@ -275,6 +275,12 @@ pub const fn frontend_key(dst_raw: u32, dport_raw: u16, proto: u8) -> FrontendKe
 /// connection it served has been idle that long).
 pub const NAT_IDLE_NS: u64 = 60_000_000_000;
 
+/// The same for TCP: an idle established connection is still open (Linux's keepalive
+/// probes start after 2 h, then 9 × 75 s), and taking its port over would put two
+/// clients on one 4-tuple at the backend, which resets both. The LRU still reclaims
+/// the space of entries nobody uses.
+pub const NAT_IDLE_TCP_NS: u64 = 7_875_000_000_000;
+
 /// How stale an snat entry's time may get before a reply refreshes it: rare enough
 /// that replies do not write the map on every packet, far below [`NAT_IDLE_NS`].
 pub const NAT_REFRESH_NS: u64 = 1_000_000_000;
@@ -308,13 +314,20 @@ pub const fn nat_port_candidate(flow_hash: u32, attempt: u32, min: u16, max: u16
 
 /// Whether a snat reply key already holding `existing` may be (re)written for the
 /// client `client_raw:cport_raw` at time `now_ns`: free, the same client's, or idle
-/// for longer than [`NAT_IDLE_NS`].
-pub const fn nat_port_usable(existing: Option<Nat>, client_raw: u32, cport_raw: u16, now_ns: u64) -> bool {
+/// for longer than [`NAT_IDLE_NS`] ([`NAT_IDLE_TCP_NS`] for TCP).
+pub const fn nat_port_usable(
+    existing: Option<Nat>,
+    client_raw: u32,
+    cport_raw: u16,
+    proto: u8,
+    now_ns: u64,
+) -> bool {
+    let idle = if proto == crate::PROTO_TCP { NAT_IDLE_TCP_NS } else { NAT_IDLE_NS };
     match existing {
         None => true,
         Some(n) => {
             (n.dst_raw == client_raw && n.dport_raw == cport_raw)
-                || now_ns.saturating_sub(n.created_ns) > NAT_IDLE_NS
+                || now_ns.saturating_sub(n.created_ns) > idle
         }
     }
 }
@@ -423,10 +436,17 @@ mod tests {
     #[test]
     fn nat_port_is_free_ours_or_idle() {
         let n = Nat { dst_raw: 1, dport_raw: 2, created_ns: 10, ..Default::default() };
-        assert!(nat_port_usable(None, 1, 2, 0));
-        assert!(nat_port_usable(Some(n), 1, 2, 11), "same client");
-        assert!(!nat_port_usable(Some(n), 1, 3, 11), "another client's, fresh");
-        assert!(nat_port_usable(Some(n), 1, 3, 10 + NAT_IDLE_NS + 1), "another client's, idle");
+        let udp = crate::PROTO_UDP;
+        assert!(nat_port_usable(None, 1, 2, udp, 0));
+        assert!(nat_port_usable(Some(n), 1, 2, udp, 11), "same client");
+        assert!(!nat_port_usable(Some(n), 1, 3, udp, 11), "another client's, fresh");
+        assert!(nat_port_usable(Some(n), 1, 3, udp, 10 + NAT_IDLE_NS + 1), "another client's, idle");
+        let tcp = crate::PROTO_TCP;
+        assert!(
+            !nat_port_usable(Some(n), 1, 3, tcp, 10 + NAT_IDLE_NS + 1),
+            "an idle TCP connection keeps it"
+        );
+        assert!(nat_port_usable(Some(n), 1, 3, tcp, 10 + NAT_IDLE_TCP_NS + 1), "past keepalive's give-up");
     }
 
     #[test]

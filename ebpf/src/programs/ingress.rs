@@ -30,8 +30,8 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, bpf_redir_neigh, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK,
-        TC_ACT_REDIRECT, TC_ACT_SHOT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST,
+        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
     helpers::{
         bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
@@ -313,10 +313,8 @@ fn choose_backend(
     let flow_backend = flow.and_then(|f| IN_BACKENDS.get(f.backend).copied());
     match flow_choice(flow, flow_backend, opens) {
         FlowChoice::Pass => Err((xdp_action::XDP_PASS, IN_STAT_PASS)),
-        FlowChoice::Keep { backend, nat_port_raw } => match flow_backend {
-            Some(_) => Ok((backend, nat_port_raw, false)),
-            None => Err((xdp_action::XDP_PASS, IN_STAT_NO_BACKEND)),
-        },
+        // `flow_choice` keeps only a flow whose backend it was given.
+        FlowChoice::Keep { backend, nat_port_raw } => Ok((backend, nat_port_raw, false)),
         FlowChoice::Balance => {
             if fe.count == 0 {
                 return Err((xdp_action::XDP_PASS, IN_STAT_NO_BACKEND));
@@ -440,7 +438,12 @@ fn claim_nat_port(b: &IngressBackend, p: &Parsed, hash: u32, cfg: &IngressConfig
         let reply = reply_key(b.addr_raw, b.port_raw, b.gw_raw, port, p.proto);
         // SAFETY: read-only lookup, copied out.
         let held = unsafe { IN_NAT.get(reply) }.copied();
-        if nat_port_usable(held, t.src_raw, t.sport_raw, now) && IN_NAT.insert(reply, nat, 0).is_ok() {
+        // A free key is taken only if it is still free: another CPU may be claiming it
+        // for another client's SYN right now (the loser probes on).
+        let flags = if held.is_none() { BPF_NOEXIST as u64 } else { 0 };
+        if nat_port_usable(held, t.src_raw, t.sport_raw, p.proto, now)
+            && IN_NAT.insert(reply, nat, flags).is_ok()
+        {
             return Some(port);
         }
         if attempt >= NAT_PORT_PROBES {
@@ -568,6 +571,12 @@ fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
     }
     let t = &inner.tuple;
     if let Some(published_raw) = vxlan_dsr_port(&vx) {
+        // Only a DSR packet addressed to this node may program its replies (with
+        // forwarding on, packets in transit cross this program too).
+        match IN_CONFIG.get(0) {
+            Some(cfg) if cfg.node_raw == outer.tuple.dst_raw => {}
+            _ => return PASS,
+        }
         let reply = reply_key(t.dst_raw, t.dport_raw, t.src_raw, t.sport_raw, inner.proto);
         let want = Nat {
             src_raw: outer.tuple.src_raw,

@@ -9,6 +9,8 @@ APT_PACKAGES=(
   iperf3 wrk dnsutils dnsperf curl netcat-openbsd socat python3
   haproxy dnsmasq nftables mariadb-server mariadb-client
 )
+# nginx's stream module: the proxy benchmark's second peer beside HAProxy (`make bench ONLY=mesh`).
+APT_PACKAGES+=(nginx libnginx-mod-stream)
 BPF_LINKER_VERSION=0.13
 CARGO_FUZZ_VERSION=0.13
 
@@ -46,6 +48,7 @@ install_packages() {
   for svc in haproxy dnsmasq mariadb; do
     systemctl disable --now "$svc" >/dev/null 2>&1 || true
   done
+  systemctl disable --now nginx >/dev/null 2>&1 || true
 }
 
 install_rust_src() {

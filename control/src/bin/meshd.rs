@@ -20,7 +20,7 @@ use meshd_control::{
 };
 use meshd_dataplane::{
     dns::{AnswerConfig, ResolverConfig},
-    proxy::{Keepalive, ProxyConfig},
+    proxy::{BulkMode, Keepalive, ProxyConfig},
     socklb::pin_dir_for,
 };
 
@@ -242,6 +242,13 @@ struct ProxyArgs {
     /// Close a UDP flow after this many seconds without a datagram either way.
     #[arg(long, default_value_t = 30)]
     proxy_udp_idle_timeout_secs: u64,
+    /// Threads relaying TCP, each with its own listener per published port (0: one per
+    /// core).
+    #[arg(long, default_value_t = 0)]
+    proxy_workers: usize,
+    /// Splice bulk TCP flows through pipes (true) or copy them through userspace (false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    proxy_splice: bool,
 }
 
 impl ProxyArgs {
@@ -259,6 +266,8 @@ impl ProxyArgs {
             }),
             udp_max_flows: self.proxy_udp_max_flows,
             udp_idle_timeout: secs(self.proxy_udp_idle_timeout_secs),
+            workers: self.proxy_workers,
+            bulk: if self.proxy_splice { BulkMode::Splice } else { BulkMode::Copy },
         }
     }
 }

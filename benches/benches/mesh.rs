@@ -292,7 +292,11 @@ fn main() -> Result<()> {
         return idle_backend(port.parse()?);
     }
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let mut cluster = Cluster::start(2)?;
+    // Extra meshd flags, to measure one proxy lever against another (e.g.
+    // `MESHD_BENCH_ARGS="--proxy-splice false"`); shown in meshd's row.
+    let extra = std::env::var("MESHD_BENCH_ARGS").unwrap_or_default();
+    let extra: Vec<&str> = extra.split_whitespace().collect();
+    let mut cluster = Cluster::start_with_args(2, &extra)?;
     cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
     for svc in ["web", "perf", "client"] {
         cluster.meshctl_ok(1, &["service", "create", svc, "--network", "backend"])?;
@@ -363,7 +367,8 @@ fn main() -> Result<()> {
         },
     ];
     let proxy_label = |name: &str| match name {
-        "meshd" => format!("meshd published port on node 1 ({threads} proxy workers)"),
+        "meshd" if extra.is_empty() => format!("meshd published port on node 1 ({threads} proxy workers)"),
+        "meshd" => format!("meshd published port on node 1 ({threads} proxy workers, {})", extra.join(" ")),
         "HAProxy" => format!("HAProxy 2.6 on node 1 (tcp mode, nbthread {threads})"),
         _ => format!("nginx 1.22 stream on node 1 (worker_processes {threads}, reuseport)"),
     };

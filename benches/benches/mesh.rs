@@ -222,15 +222,26 @@ fn idle_memory(client: &Path, backend_ns: &str, proxy: &Proxy) -> Result<f64> {
 
 /// The idle test's backend (this program re-run with [`IDLE_BACKEND_ENV`] set to the
 /// port): accepts [`IDLE_CONNECTIONS`] connections, reads the 5 bytes each brings, says
-/// `ready` and holds them until its standard input closes.
+/// `ready` and holds them until its standard input closes. Accepting runs apart from
+/// reading, so a slow read never lets the listen backlog overflow (a dropped SYN would
+/// outlast the proxies' 2 s connect timeout and lose the connection).
 fn idle_backend(port: u16) -> Result<()> {
     let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
     let mut out = std::io::stdout();
     writeln!(out, "listening")?;
     out.flush()?;
+    let (accepted_tx, accepted) = mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..IDLE_CONNECTIONS {
+            let Ok((s, _)) = listener.accept() else { return };
+            if accepted_tx.send(s).is_err() {
+                return;
+            }
+        }
+    });
     let mut held = Vec::with_capacity(IDLE_CONNECTIONS);
     for _ in 0..IDLE_CONNECTIONS {
-        let (mut s, _) = listener.accept()?;
+        let mut s = accepted.recv_timeout(Duration::from_secs(60)).context("no connection for 60 s")?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut greeting = [0u8; 5];
         s.read_exact(&mut greeting)?;

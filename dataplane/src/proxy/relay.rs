@@ -17,13 +17,13 @@ use std::{
     cell::RefCell,
     future::Future,
     io,
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     pin::Pin,
     task::{ready, Context, Poll},
 };
 
 use nix::{
-    fcntl::{splice, OFlag, SpliceFFlags},
+    fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags},
     unistd::pipe2,
 };
 use tokio::{
@@ -36,6 +36,11 @@ use super::RELAY_BUFFER;
 /// Pipes a worker thread holds at most, in use or pooled (two descriptors each). A bulk
 /// direction that finds none left relays by copying instead.
 pub const PIPES_PER_THREAD: usize = 64;
+
+/// Capacity asked of each pipe, and the most one splice moves: four times a relay buffer,
+/// so a bulk flow makes a quarter of the syscalls. The kernel may give less (then a
+/// splice moves what fits).
+pub const PIPE_SIZE: usize = 256 * 1024;
 
 /// Empty pipes kept for reuse per thread: enough for the bulk flows that are moving data
 /// at the same instant, so a busy worker rarely creates one.
@@ -82,6 +87,8 @@ impl Pipe {
                 return None;
             }
             let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).ok()?;
+            // Best effort: a pipe of the default 64 KiB works too.
+            let _ = fcntl(write.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32));
             pool.live += 1;
             Some(Pipe { read, write })
         })
@@ -180,7 +187,7 @@ impl Direction {
                     self.bulk = false;
                     continue;
                 };
-                match input.try_io(Interest::READABLE, || splice_once(input, &pipe.write, RELAY_BUFFER)) {
+                match input.try_io(Interest::READABLE, || splice_once(input, &pipe.write, PIPE_SIZE)) {
                     Ok(0) => {
                         pipe.put();
                         self.read_eof = true;

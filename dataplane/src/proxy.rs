@@ -1086,6 +1086,33 @@ mod tests {
             .count()
     }
 
+    /// The timer column (`tr:when`) of the socket `local_port` ↔ `remote_port` in this
+    /// namespace's /proc/net/tcp, if it is established.
+    fn established_timer(local_port: u16, remote_port: u16) -> Option<String> {
+        let table = std::fs::read_to_string("/proc/self/net/tcp").unwrap();
+        let (local, remote) = (format!(":{local_port:04X}"), format!(":{remote_port:04X}"));
+        table.lines().skip(1).find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 5 && f[1].ends_with(&local) && f[2].ends_with(&remote) && f[3] == "01")
+                .then(|| f[5].to_owned())
+        })
+    }
+
+    #[tokio::test]
+    async fn the_proxys_side_of_a_client_connection_has_its_keepalive_timer_armed() {
+        let echo = echo_server().await;
+        let port = free_port().await;
+        let mut proxy = Proxy::default();
+        proxy.publish(Proto::Tcp, port, vec![echo]).await.unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        echo_round_trip(&mut s, b"hello").await.unwrap();
+        let client_port = s.local_addr().unwrap().port();
+        let timer = established_timer(port, client_port).expect("the proxy's side of the connection");
+        // 02: the keepalive timer (sk_timer) is pending — inherited from the listener, as
+        // the proxy no longer sets it on each accepted socket.
+        assert!(timer.starts_with("02:"), "timer {timer}: no keepalive on the accepted socket");
+    }
+
     #[tokio::test]
     async fn every_worker_listens_on_a_published_port_and_all_go_with_unpublish() {
         let a = named_server("a").await;

@@ -169,7 +169,7 @@ struct Proxy {
 /// open-files limits), writes a few bytes on each (so each relay has carried data once,
 /// like a keep-alive connection between requests), waits until every byte has reached
 /// the backend, then reads the proxy's RSS.
-fn idle_memory(client: &Path, backend_ns: &str, proxy: &Proxy) -> Result<f64> {
+fn idle_memory(client: &Path, backend_ns: &str, proxy: &Proxy, diagnose: impl Fn() -> String) -> Result<f64> {
     let exe = std::env::current_exe()?;
     let child = Command::new("ip")
         .args(["netns", "exec", backend_ns])
@@ -192,8 +192,8 @@ fn idle_memory(client: &Path, backend_ns: &str, proxy: &Proxy) -> Result<f64> {
     });
     let expect = |what: &str| -> Result<()> {
         let line = lines
-            .recv_timeout(Duration::from_secs(60))
-            .with_context(|| format!("idle backend: no {what}"))??;
+            .recv_timeout(Duration::from_secs(90))
+            .with_context(|| format!("idle backend: no {what} via {}; {}", proxy.name, diagnose()))??;
         ensure!(line == what, "idle backend said {line:?}, not {what:?}");
         Ok(())
     };
@@ -226,7 +226,11 @@ fn idle_memory(client: &Path, backend_ns: &str, proxy: &Proxy) -> Result<f64> {
 /// reading, so a slow read never lets the listen backlog overflow (a dropped SYN would
 /// outlast the proxies' 2 s connect timeout and lose the connection).
 fn idle_backend(port: u16) -> Result<()> {
-    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+    socket.listen(4096)?;
+    let listener: TcpListener = socket.into();
     let mut out = std::io::stdout();
     writeln!(out, "listening")?;
     out.flush()?;
@@ -240,8 +244,10 @@ fn idle_backend(port: u16) -> Result<()> {
         }
     });
     let mut held = Vec::with_capacity(IDLE_CONNECTIONS);
-    for _ in 0..IDLE_CONNECTIONS {
-        let mut s = accepted.recv_timeout(Duration::from_secs(60)).context("no connection for 60 s")?;
+    for n in 0..IDLE_CONNECTIONS {
+        let mut s = accepted
+            .recv_timeout(Duration::from_secs(60))
+            .with_context(|| format!("idle backend: {n} connections, then none for 60 s"))?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut greeting = [0u8; 5];
         s.read_exact(&mut greeting)?;
@@ -527,7 +533,11 @@ fn main() -> Result<()> {
     rows.extend(cpu_rows);
 
     for p in &proxies {
-        let per_conn = idle_memory(&client_path, &perf_ns, p)?;
+        let diagnose = || match cluster.meshctl_json(1, &["status", "--format", "json"]) {
+            Ok(status) => format!("node 1's proxy counters: {}", status["proxy"]),
+            Err(e) => format!("no status from node 1: {e:#}"),
+        };
+        let per_conn = idle_memory(&client_path, &perf_ns, p, diagnose)?;
         println!("idle memory {:<8} {per_conn:>8.0} B per connection", p.name);
         rows.push(Row {
             group: format!("Proxy RSS per idle connection ({IDLE_CONNECTIONS} held)"),

@@ -106,6 +106,10 @@ pub struct ProxyConfig {
     /// (`SO_REUSEPORT`); a connection stays on the thread that accepted it. 0: one per
     /// core. Default 0.
     pub workers: usize,
+    /// Each worker on its own current-thread runtime (true: a connection never leaves
+    /// its thread), or all on one multi-thread runtime that balances tasks between
+    /// threads (false). Default true.
+    pub per_core: bool,
     /// How bulk flows move: spliced through a pipe (kernel to kernel, no copy through
     /// userspace) or copied through the worker's buffer. Default [`BulkMode::Splice`].
     pub bulk: BulkMode,
@@ -125,6 +129,7 @@ impl Default for ProxyConfig {
             udp_max_flows: 4096,
             udp_idle_timeout: Duration::from_secs(30),
             workers: 0,
+            per_core: true,
             bulk: BulkMode::Splice,
         }
     }
@@ -382,8 +387,9 @@ impl Proxy {
         match proto {
             Proto::Tcp => {
                 if self.workers.is_none() {
-                    let started = workers::Workers::start(shared.config.worker_threads())
-                        .map_err(|e| Error::io("starting the proxy's worker threads", e))?;
+                    let started =
+                        workers::Workers::start(shared.config.worker_threads(), shared.config.per_core)
+                            .map_err(|e| Error::io("starting the proxy's worker threads", e))?;
                     self.workers = Some(started);
                 }
                 let workers = self.workers.as_ref().expect("just started");
@@ -1129,6 +1135,19 @@ mod tests {
         while listeners_on(port) > 0 {
             assert!(Instant::now() < deadline, "{} listeners left after unpublish", listeners_on(port));
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn workers_sharing_one_runtime_listen_and_relay_as_well() {
+        let echo = echo_server().await;
+        let port = free_port().await;
+        let mut proxy = quick(ProxyConfig { workers: 2, per_core: false, ..ProxyConfig::default() });
+        proxy.publish(Proto::Tcp, port, vec![echo]).await.unwrap();
+        assert_eq!(listeners_on(port), 2, "one listener per worker");
+        for _ in 0..8 {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            echo_round_trip(&mut s, b"shared").await.unwrap();
         }
     }
 

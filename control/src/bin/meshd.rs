@@ -249,6 +249,10 @@ struct ProxyArgs {
     /// Splice bulk TCP flows through pipes (true) or copy them through userspace (false).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     proxy_splice: bool,
+    /// Each proxy worker on its own single-threaded runtime, connections never moving
+    /// between threads (true), or one work-stealing runtime for all of them (false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    proxy_per_core: bool,
 }
 
 impl ProxyArgs {
@@ -267,6 +271,7 @@ impl ProxyArgs {
             udp_max_flows: self.proxy_udp_max_flows,
             udp_idle_timeout: secs(self.proxy_udp_idle_timeout_secs),
             workers: self.proxy_workers,
+            per_core: self.proxy_per_core,
             bulk: if self.proxy_splice { BulkMode::Splice } else { BulkMode::Copy },
         }
     }

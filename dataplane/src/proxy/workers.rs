@@ -29,18 +29,30 @@ pub(crate) struct Workers {
 }
 
 impl Workers {
-    /// Starts `count` workers (0: one per core).
-    pub(crate) fn start(count: usize) -> io::Result<Workers> {
+    /// Starts `count` workers (0: one per core), each on its own current-thread runtime
+    /// (`per_core`), or all on one multi-thread runtime whose threads steal each other's
+    /// tasks (so a connection may move between threads).
+    pub(crate) fn start(count: usize, per_core: bool) -> io::Result<Workers> {
         let count = match count {
             0 => thread::available_parallelism().map_or(1, NonZeroUsize::get),
             n => n,
         };
         let mut handles = Vec::with_capacity(count);
         let mut stops = Vec::with_capacity(count);
-        for index in 0..count {
-            let rt = runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtimes = if per_core { count } else { 1 };
+        for index in 0..runtimes {
+            let rt = if per_core {
+                runtime::Builder::new_current_thread().enable_all().build()?
+            } else {
+                runtime::Builder::new_multi_thread()
+                    .worker_threads(count)
+                    .thread_name("meshd-proxy")
+                    .enable_all()
+                    .build()?
+            };
             let (stop, stopped) = oneshot::channel::<()>();
-            handles.push(rt.handle().clone());
+            let copies = if per_core { 1 } else { count };
+            handles.extend(std::iter::repeat_n(rt.handle().clone(), copies));
             stops.push(stop);
             thread::Builder::new().name(format!("meshd-proxy-{index}")).spawn(move || {
                 // Runs until the pool is dropped (the sender's drop resolves this).

@@ -11,6 +11,8 @@ APT_PACKAGES=(
   # #6's ingress tests and bench: trafgen (packet rates) and ethtool (GRO on veths).
   netsniff-ng ethtool
 )
+# nginx's stream module: the proxy benchmark's second peer beside HAProxy (`make bench ONLY=mesh`).
+APT_PACKAGES+=(nginx libnginx-mod-stream)
 BPF_LINKER_VERSION=0.13
 CARGO_FUZZ_VERSION=0.13
 
@@ -48,6 +50,7 @@ install_packages() {
   for svc in haproxy dnsmasq mariadb; do
     systemctl disable --now "$svc" >/dev/null 2>&1 || true
   done
+  systemctl disable --now nginx >/dev/null 2>&1 || true
 }
 
 install_rust_src() {

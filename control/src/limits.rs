@@ -59,7 +59,8 @@ pub fn open_fds() -> Option<u64> {
 /// What meshd may need at its configured caps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct FdBudget {
-    /// The published-port proxy at its caps (two per TCP connection, one per UDP flow).
+    /// The published-port proxy at its caps (two per TCP connection, one per UDP flow,
+    /// two per splice pipe).
     pub proxy: u64,
     /// API clients at their cap.
     pub api: u64,
@@ -97,11 +98,18 @@ pub fn nofile_warning(limit: NofileLimit, budget: &FdBudget) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use meshd_dataplane::proxy::BulkMode;
+
     use super::*;
 
     #[test]
     fn the_budget_adds_the_proxy_caps_to_the_fixed_parts() {
-        let proxy = ProxyConfig { tcp_max_connections: 1000, udp_max_flows: 500, ..ProxyConfig::default() };
+        let proxy = ProxyConfig {
+            tcp_max_connections: 1000,
+            udp_max_flows: 500,
+            bulk: BulkMode::Copy,
+            ..ProxyConfig::default()
+        };
         let budget = FdBudget::for_caps(&proxy);
         assert_eq!(budget.proxy, 2500);
         assert_eq!(budget.total(), 2500 + MAX_API_CLIENTS as u64 + GOSSIP_FDS + BASE_FDS);

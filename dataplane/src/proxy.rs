@@ -7,27 +7,34 @@
 //! (a cap, an idle timeout, keepalive so a dead peer is noticed) and UDP flows (a
 //! bounded table whose entries expire when silent both ways). What the bounds turn away
 //! is counted in [`ProxyCounters`], shown by `meshctl status`.
+//!
+//! TCP runs on the proxy's own worker threads, one per core, each with its own listener
+//! per port (`SO_REUSEPORT`, see `workers`); a connection lives on the thread that
+//! accepted it. The bytes move through one buffer per thread, or are spliced through a
+//! pipe for bulk flows (see `relay`), so an idle connection holds no buffer.
+
+mod relay;
+mod workers;
 
 use std::{
     cell::RefCell,
     collections::HashMap,
     fmt, io,
     net::{Ipv4Addr, SocketAddr},
-    pin::Pin,
+    os::fd::AsFd,
     str::FromStr,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
 use parking_lot::{Mutex, RwLock};
+pub use relay::{BulkMode, PIPES_PER_THREAD};
 use serde::{Deserialize, Serialize};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream, UdpSocket},
     sync::{OwnedSemaphorePermit, Semaphore},
     task::{JoinHandle, JoinSet},
@@ -36,10 +43,13 @@ use tokio::{
 
 use crate::{backoff::AcceptBackoff, lb::RoundRobin, Error, Result};
 
-/// Relay buffer per direction of a TCP connection: large enough that bulk transfers
-/// move in few syscalls (tokio's default of 8 KiB caps a relayed stream at a fraction
-/// of the link).
+/// The relay buffer of each worker thread (shared by its connections), and the most a
+/// bulk flow splices at once: large enough that bulk transfers move in few syscalls
+/// (tokio's default of 8 KiB caps a relayed stream at a fraction of the link).
 pub const RELAY_BUFFER: usize = 64 * 1024;
+
+/// Most proxy worker threads (`--proxy-workers`).
+const MAX_WORKERS: usize = 256;
 
 /// Largest UDP payload: a datagram is relayed whole or not at all.
 const DATAGRAM_MAX: usize = 65_536;
@@ -92,6 +102,17 @@ pub struct ProxyConfig {
     /// A UDP flow with no datagram in either direction for this long is removed and
     /// its socket closed; the client's next datagram opens a new one. Default 30 s.
     pub udp_idle_timeout: Duration,
+    /// Threads relaying TCP, each with its own runtime and its own listener per port
+    /// (`SO_REUSEPORT`); a connection stays on the thread that accepted it. 0: one per
+    /// core. Default 0.
+    pub workers: usize,
+    /// Each worker on its own current-thread runtime (true: a connection never leaves
+    /// its thread), or all on one multi-thread runtime that balances tasks between
+    /// threads (false). Default true.
+    pub per_core: bool,
+    /// How bulk flows move: spliced through a pipe (kernel to kernel, no copy through
+    /// userspace) or copied through the worker's buffer. Default [`BulkMode::Splice`].
+    pub bulk: BulkMode,
 }
 
 impl Default for ProxyConfig {
@@ -107,6 +128,9 @@ impl Default for ProxyConfig {
             }),
             udp_max_flows: 4096,
             udp_idle_timeout: Duration::from_secs(30),
+            workers: 0,
+            per_core: true,
+            bulk: BulkMode::Splice,
         }
     }
 }
@@ -141,13 +165,29 @@ impl ProxyConfig {
         if self.udp_idle_timeout.is_zero() {
             return bad("--proxy-udp-idle-timeout-secs", "must be positive, e.g. 30");
         }
+        if self.workers > MAX_WORKERS {
+            return bad("--proxy-workers", "is more than 256 threads; use 0 for one per core");
+        }
         Ok(())
     }
 
+    /// Worker threads the proxy runs: `workers`, or one per core.
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n,
+        }
+    }
+
     /// File descriptors the proxy may hold at its caps: two per TCP connection, one per
-    /// UDP flow (listeners not included: one per published port).
+    /// UDP flow, two per splicing pipe (listeners not included: one per published port
+    /// and worker).
     pub fn max_fds(&self) -> u64 {
-        2 * self.tcp_max_connections as u64 + self.udp_max_flows as u64
+        let pipes = match self.bulk {
+            BulkMode::Splice => (PIPES_PER_THREAD * self.worker_threads()) as u64,
+            BulkMode::Copy => 0,
+        };
+        2 * self.tcp_max_connections as u64 + self.udp_max_flows as u64 + 2 * pipes
     }
 }
 
@@ -277,13 +317,25 @@ type Backends = Arc<RwLock<Arc<[SocketAddr]>>>;
 
 struct Listener {
     backends: Backends,
-    task: JoinHandle<()>,
+    /// The accept loops: one per worker for TCP, one for UDP.
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Listener {
+    fn abort(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
 }
 
 /// All published-port listeners of this node.
 pub struct Proxy {
     shared: Arc<Shared>,
     listeners: HashMap<(Proto, u16), Listener>,
+    /// Started with the first TCP port (a node that publishes nothing runs no threads);
+    /// dropped last, which ends the connections still relayed.
+    workers: Option<workers::Workers>,
 }
 
 /// Reads a [`Proxy`]'s counters from anywhere (see [`Proxy::stats`]).
@@ -319,7 +371,7 @@ impl Default for Proxy {
 impl Proxy {
     /// A proxy with these limits (checked with [`ProxyConfig::validate`] by the caller).
     pub fn new(config: ProxyConfig) -> Proxy {
-        Proxy { shared: Arc::new(Shared::new(config)), listeners: HashMap::new() }
+        Proxy { shared: Arc::new(Shared::new(config)), listeners: HashMap::new(), workers: None }
     }
 
     /// Starts serving `port`, or updates its backends if it is served already.
@@ -331,19 +383,46 @@ impl Proxy {
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
         let backends: Backends = Arc::new(RwLock::new(backends.into()));
         let shared = self.shared.clone();
-        let task = match proto {
+        let mut listener = Listener { backends: backends.clone(), tasks: Vec::new() };
+        match proto {
             Proto::Tcp => {
-                let listener =
-                    TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-                tokio::spawn(serve_tcp(listener, backends.clone(), shared))
+                if self.workers.is_none() {
+                    let started =
+                        workers::Workers::start(shared.config.worker_threads(), shared.config.per_core)
+                            .map_err(|e| Error::io("starting the proxy's worker threads", e))?;
+                    self.workers = Some(started);
+                }
+                let workers = self.workers.as_ref().expect("just started");
+                // One round robin for the port, whichever worker accepts.
+                let rr = Arc::new(RoundRobin::default());
+                for worker in workers.handles() {
+                    let keepalive = shared.config.tcp_keepalive.as_ref();
+                    let socket = workers::reuseport_listener(addr).and_then(|socket| {
+                        configure_relayed_socket(&socket, keepalive)?;
+                        Ok(socket)
+                    });
+                    match socket {
+                        Ok(socket) => listener.tasks.push(worker.spawn(serve_tcp(
+                            socket,
+                            backends.clone(),
+                            rr.clone(),
+                            shared.clone(),
+                        ))),
+                        Err(source) => {
+                            // Nothing half-published: the workers' listeners so far close.
+                            listener.abort();
+                            return Err(Error::Bind { addr, source });
+                        }
+                    }
+                }
             }
             Proto::Udp => {
                 let socket = UdpSocket::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-                tokio::spawn(serve_udp(Arc::new(socket), backends.clone(), shared))
+                listener.tasks.push(tokio::spawn(serve_udp(Arc::new(socket), backends, shared)));
             }
-        };
+        }
         tracing::info!(%proto, port, "serving published port");
-        self.listeners.insert((proto, port), Listener { backends, task });
+        self.listeners.insert((proto, port), listener);
         Ok(())
     }
 
@@ -352,7 +431,7 @@ impl Proxy {
     pub fn unpublish(&mut self, proto: Proto, port: u16) -> bool {
         match self.listeners.remove(&(proto, port)) {
             Some(listener) => {
-                listener.task.abort();
+                listener.abort();
                 tracing::info!(%proto, port, "stopped serving published port");
                 true
             }
@@ -386,13 +465,27 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         for listener in self.listeners.values() {
-            listener.task.abort();
+            listener.abort();
         }
     }
 }
 
-async fn serve_tcp(listener: TcpListener, backends: Backends, shared: Arc<Shared>) {
-    let rr = Arc::new(RoundRobin::default());
+/// One worker's accept loop for a published port; every connection it accepts is relayed
+/// on this worker.
+async fn serve_tcp(
+    listener: std::net::TcpListener,
+    backends: Backends,
+    rr: Arc<RoundRobin>,
+    shared: Arc<Shared>,
+) {
+    // Registered here, so with this worker's runtime.
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%error, "cannot serve a published port on a proxy worker");
+            return;
+        }
+    };
     let mut backoff = AcceptBackoff::default();
     loop {
         let (client, peer) = match listener.accept().await {
@@ -433,11 +526,13 @@ async fn serve_tcp(listener: TcpListener, backends: Backends, shared: Arc<Shared
 }
 
 /// Sets what every relayed TCP socket gets: no Nagle delay (the proxy must not add
-/// latency to small writes), keepalive and the matching user timeout.
-pub fn configure_relayed_socket(stream: &TcpStream, keepalive: Option<&Keepalive>) -> io::Result<()> {
-    stream.set_nodelay(true)?;
+/// latency to small writes), keepalive and the matching user timeout. Set on a listening
+/// socket, the connections it accepts inherit all of it (Linux clones the listener's
+/// options into each accepted socket, and starts its keepalive timer).
+pub fn configure_relayed_socket(socket: &impl AsFd, keepalive: Option<&Keepalive>) -> io::Result<()> {
+    let sock = SockRef::from(socket);
+    sock.set_tcp_nodelay(true)?;
     if let Some(k) = keepalive {
-        let sock = SockRef::from(stream);
         sock.set_tcp_keepalive(
             &TcpKeepalive::new().with_time(k.idle).with_interval(k.interval).with_retries(k.retries),
         )?;
@@ -454,7 +549,8 @@ async fn relay_tcp(
     _slot: OwnedSemaphorePermit,
 ) -> io::Result<()> {
     let config = &shared.config;
-    configure_relayed_socket(&client, config.tcp_keepalive.as_ref())?;
+    // The client's socket has its options from the listener (configure_relayed_socket
+    // there): six setsockopt calls fewer per connection.
     for backend in rr.order(backends) {
         match timeout(config.tcp_connect_timeout, TcpStream::connect(backend)).await {
             Ok(Ok(upstream)) => {
@@ -472,17 +568,16 @@ async fn relay_tcp(
 
 /// Relays both ways until either side closes, an error (a keepalive that found the
 /// peer dead), or the idle timeout; dropping the streams closes both sides.
-async fn relay_streams(client: TcpStream, upstream: TcpStream, shared: &Shared) -> io::Result<()> {
+async fn relay_streams(mut client: TcpStream, mut upstream: TcpStream, shared: &Shared) -> io::Result<()> {
     let last_active = AtomicU64::new(shared.now_ms());
-    let mut client = Tracked { inner: client, last_active: &last_active, shared };
-    let mut upstream = Tracked { inner: upstream, last_active: &last_active, shared };
-    let copy =
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUFFER, RELAY_BUFFER);
+    let relay = relay::Relay::new(client.split(), upstream.split(), shared.config.bulk, || {
+        last_active.store(shared.now_ms(), Ordering::Relaxed)
+    });
     let Some(idle) = shared.config.tcp_idle_timeout else {
-        return copy.await.map(drop);
+        return relay.await;
     };
     tokio::select! {
-        result = copy => result.map(drop),
+        result = relay => result,
         () = until_idle(&last_active, idle, shared) => {
             bump(&shared.counters.tcp_idle_closed);
             Ok(())
@@ -498,43 +593,6 @@ async fn until_idle(last_active: &AtomicU64, idle: Duration, shared: &Shared) {
             return;
         }
         sleep_until(deadline).await;
-    }
-}
-
-/// A stream that stamps the time of every read that brought bytes: each relayed byte is
-/// read from one side, so this sees activity in both directions.
-struct Tracked<'a> {
-    inner: TcpStream,
-    last_active: &'a AtomicU64,
-    shared: &'a Shared,
-}
-
-impl AsyncRead for Tracked<'_> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.last_active.store(self.shared.now_ms(), Ordering::Relaxed);
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for Tracked<'_> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -952,6 +1010,177 @@ mod tests {
         assert!(sock.tcp_nodelay().unwrap());
     }
 
+    /// The bytes of a bulk transfer: a pattern that a lost, repeated or reordered chunk
+    /// would break.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 ^ (i >> 16) as u8).collect()
+    }
+
+    /// Sends `len` patterned bytes through an echo relayed by a proxy in `mode`, reading
+    /// the echo slowly (so the relay must hold what the client's socket cannot take yet),
+    /// shuts down the client's write side and checks that every byte came back in order
+    /// and then an orderly EOF.
+    async fn bulk_echo_through(mode: BulkMode, len: usize) {
+        let echo = echo_server().await;
+        let port = free_port().await;
+        let mut proxy = quick(ProxyConfig { bulk: mode, ..ProxyConfig::default() });
+        proxy.publish(Proto::Tcp, port, vec![echo]).await.unwrap();
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (mut r, mut w) = stream.into_split();
+        let sent = pattern(len);
+        let writer = tokio::spawn(async move {
+            w.write_all(&sent).await.unwrap();
+            // Half-close: the echo must still come back whole.
+            w.shutdown().await.unwrap();
+            w
+        });
+        let mut got = Vec::with_capacity(len);
+        let mut chunk = vec![0u8; 7919];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let n =
+                timeout(deadline - Instant::now(), r.read(&mut chunk)).await.expect("echo stalled").unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+            if got.len() % (1 << 20) < n {
+                // A slow reader now and then, so the relay's destination fills.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let _w = writer.await.unwrap();
+        assert_eq!(got.len(), len, "{mode:?}: bytes came back");
+        assert!(got == pattern(len), "{mode:?}: the echo differs from what was sent");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bulk_flows_arrive_whole_and_in_order_when_spliced() {
+        bulk_echo_through(BulkMode::Splice, 24 << 20).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bulk_flows_arrive_whole_and_in_order_when_copied() {
+        bulk_echo_through(BulkMode::Copy, 24 << 20).await;
+    }
+
+    #[tokio::test]
+    async fn a_request_and_response_smaller_than_a_buffer_are_relayed_after_half_close() {
+        let echo = echo_server().await;
+        let port = free_port().await;
+        let mut proxy = Proxy::default();
+        proxy.publish(Proto::Tcp, port, vec![echo]).await.unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await.unwrap().unwrap();
+        assert_eq!(back, b"GET / HTTP/1.0\r\n\r\n");
+    }
+
+    /// Listening sockets of this network namespace on `port`, from /proc/net/tcp.
+    fn listeners_on(port: u16) -> usize {
+        let table = std::fs::read_to_string("/proc/self/net/tcp").unwrap();
+        let local = format!(":{port:04X}");
+        table
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && f[1].ends_with(&local) && f[3] == "0A"
+            })
+            .count()
+    }
+
+    /// The timer column (`tr:when`) of the socket `local_port` ↔ `remote_port` in this
+    /// namespace's /proc/net/tcp, if it is established.
+    fn established_timer(local_port: u16, remote_port: u16) -> Option<String> {
+        let table = std::fs::read_to_string("/proc/self/net/tcp").unwrap();
+        let (local, remote) = (format!(":{local_port:04X}"), format!(":{remote_port:04X}"));
+        table.lines().skip(1).find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 5 && f[1].ends_with(&local) && f[2].ends_with(&remote) && f[3] == "01")
+                .then(|| f[5].to_owned())
+        })
+    }
+
+    #[tokio::test]
+    async fn the_proxys_side_of_a_client_connection_has_its_keepalive_timer_armed() {
+        let echo = echo_server().await;
+        let port = free_port().await;
+        let mut proxy = Proxy::default();
+        proxy.publish(Proto::Tcp, port, vec![echo]).await.unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        echo_round_trip(&mut s, b"hello").await.unwrap();
+        let client_port = s.local_addr().unwrap().port();
+        let timer = established_timer(port, client_port).expect("the proxy's side of the connection");
+        // 02: the keepalive timer (sk_timer) is pending — inherited from the listener, as
+        // the proxy no longer sets it on each accepted socket.
+        assert!(timer.starts_with("02:"), "timer {timer}: no keepalive on the accepted socket");
+    }
+
+    #[tokio::test]
+    async fn every_worker_listens_on_a_published_port_and_all_go_with_unpublish() {
+        let a = named_server("a").await;
+        let port = free_port().await;
+        let mut proxy = quick(ProxyConfig { workers: 3, ..ProxyConfig::default() });
+        proxy.publish(Proto::Tcp, port, vec![a]).await.unwrap();
+        assert_eq!(listeners_on(port), 3, "one listener per worker");
+        // Whichever listener the kernel picks, the connection is relayed.
+        for _ in 0..12 {
+            assert_eq!(fetch(port).await, "a");
+        }
+        assert!(proxy.unpublish(Proto::Tcp, port));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while listeners_on(port) > 0 {
+            assert!(Instant::now() < deadline, "{} listeners left after unpublish", listeners_on(port));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn workers_sharing_one_runtime_listen_and_relay_as_well() {
+        let echo = echo_server().await;
+        let port = free_port().await;
+        let mut proxy = quick(ProxyConfig { workers: 2, per_core: false, ..ProxyConfig::default() });
+        proxy.publish(Proto::Tcp, port, vec![echo]).await.unwrap();
+        assert_eq!(listeners_on(port), 2, "one listener per worker");
+        for _ in 0..8 {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            echo_round_trip(&mut s, b"shared").await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_port_held_by_another_program_fails_on_every_worker_and_leaves_nothing() {
+        let held = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let mut proxy = quick(ProxyConfig { workers: 2, ..ProxyConfig::default() });
+        let err = proxy.publish(Proto::Tcp, port, vec![]).await.unwrap_err();
+        assert!(matches!(err, Error::Bind { .. }), "{err}");
+        assert_eq!(proxy.ports().count(), 0);
+        assert_eq!(listeners_on(port), 1, "only the holder listens");
+    }
+
+    #[tokio::test]
+    async fn a_published_ports_accepted_sockets_have_the_relay_options() {
+        // What the proxy relies on to skip configuring each accepted socket: they inherit
+        // the listener's options.
+        let k = Keepalive { idle: Duration::from_secs(7), interval: Duration::from_secs(3), retries: 4 };
+        let listener = workers::reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        configure_relayed_socket(&listener, Some(&k)).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let sock = SockRef::from(&accepted);
+        assert!(sock.tcp_nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), k.idle);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), k.interval);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 4);
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(Duration::from_secs(19)));
+    }
+
     #[test]
     fn the_default_keepalive_finds_a_dead_peer_within_a_minute() {
         let k = ProxyConfig::default().tcp_keepalive.unwrap();
@@ -964,6 +1193,7 @@ mod tests {
         let cases = [
             (ProxyConfig { tcp_max_connections: 0, ..Default::default() }, "--proxy-tcp-max-connections"),
             (ProxyConfig { udp_max_flows: 0, ..Default::default() }, "--proxy-udp-max-flows"),
+            (ProxyConfig { workers: 300, ..Default::default() }, "--proxy-workers"),
             (ProxyConfig { udp_idle_timeout: Duration::ZERO, ..Default::default() }, "--proxy-udp-idle"),
             (
                 ProxyConfig { tcp_idle_timeout: Some(Duration::ZERO), ..Default::default() },
@@ -988,8 +1218,15 @@ mod tests {
     }
 
     #[test]
-    fn fd_budget_counts_two_per_tcp_connection_and_one_per_udp_flow() {
-        let config = ProxyConfig { tcp_max_connections: 100, udp_max_flows: 7, ..Default::default() };
+    fn fd_budget_counts_two_per_tcp_connection_one_per_udp_flow_and_two_per_pipe() {
+        let config = ProxyConfig {
+            tcp_max_connections: 100,
+            udp_max_flows: 7,
+            bulk: BulkMode::Copy,
+            ..Default::default()
+        };
         assert_eq!(config.max_fds(), 207);
+        let splicing = ProxyConfig { workers: 3, bulk: BulkMode::Splice, ..config };
+        assert_eq!(splicing.max_fds(), 207 + 2 * 3 * PIPES_PER_THREAD as u64);
     }
 }

@@ -355,6 +355,7 @@ fn an_out_of_range_proxy_flag_is_refused_before_anything_is_created() -> Result<
         ("--proxy-udp-max-flows", "0", "invalid --proxy-udp-max-flows: 0 would drop every datagram"),
         ("--proxy-tcp-max-connections", "0", "invalid --proxy-tcp-max-connections: 0 would refuse every"),
         ("--proxy-tcp-keepalive-interval-secs", "0", "invalid --proxy-tcp-keepalive-secs: keepalive needs"),
+        ("--proxy-workers", "300", "invalid --proxy-workers: is more than 256 threads"),
     ] {
         meshd_tests::assert_flag_refused(&dir, flag, value, says)?;
     }

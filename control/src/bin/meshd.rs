@@ -21,7 +21,7 @@ use meshd_control::{
 use meshd_dataplane::{
     dns::{AnswerConfig, ResolverConfig},
     ingress::XdpSetting,
-    proxy::{Keepalive, ProxyConfig},
+    proxy::{BulkMode, Keepalive, ProxyConfig},
     socklb::pin_dir_for,
 };
 
@@ -271,6 +271,17 @@ struct ProxyArgs {
     /// Close a UDP flow after this many seconds without a datagram either way.
     #[arg(long, default_value_t = 30)]
     proxy_udp_idle_timeout_secs: u64,
+    /// Threads relaying TCP, each with its own listener per published port (0: one per
+    /// core).
+    #[arg(long, default_value_t = 0)]
+    proxy_workers: usize,
+    /// Splice bulk TCP flows through pipes (true) or copy them through userspace (false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    proxy_splice: bool,
+    /// Each proxy worker on its own single-threaded runtime, connections never moving
+    /// between threads (true), or one work-stealing runtime for all of them (false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    proxy_per_core: bool,
 }
 
 impl ProxyArgs {
@@ -288,6 +299,9 @@ impl ProxyArgs {
             }),
             udp_max_flows: self.proxy_udp_max_flows,
             udp_idle_timeout: secs(self.proxy_udp_idle_timeout_secs),
+            workers: self.proxy_workers,
+            per_core: self.proxy_per_core,
+            bulk: if self.proxy_splice { BulkMode::Splice } else { BulkMode::Copy },
         }
     }
 }

@@ -1271,12 +1271,17 @@ fn two_nodes(dsr: bool) {
         // Native XDP on u0 sends into the switch port: NAPI (GRO) on it.
         run("ip", &["netns", "exec", &s, "ethtool", "-K", port, "gro", "on"], "apt-get install ethtool");
     }
-    // The client sends complete checksums (see `real_veths`).
-    run(
-        "ip",
-        &["netns", "exec", &client.name, "ethtool", "-K", "u0", "tx", "off"],
-        "apt-get install ethtool",
-    );
+    // Everything on the underlay carries complete checksums, as from a NIC (see
+    // `real_veths`): without it, a task's snat reply leaves node 2's VXLAN device with
+    // its inner checksum partial, and node 1's native XDP, rewriting bare bytes, sends
+    // the client a bad one (seen: SYN-ACKs rewritten, connection timed out).
+    for ns in [&client, &node1, &node2] {
+        run(
+            "ip",
+            &["netns", "exec", &ns.name, "ethtool", "-K", "u0", "tx", "off"],
+            "apt-get install ethtool",
+        );
+    }
     for (ns, peers) in [
         (&node1, vec![(NODE2, NODE2_MAC), (CLIENT, CLIENT_MAC)]),
         (&node2, vec![(NODE, NODE_MAC), (CLIENT, CLIENT_MAC)]),
@@ -1335,7 +1340,6 @@ fn two_nodes(dsr: bool) {
     ip(&["-n", &t, "link", "set", "eth0", "up"]);
     ip(&["-n", &t, "route", "add", "default", "via", &addr(GW)]);
     ip(&["-n", &t, "neigh", "replace", &addr(GW), "lladdr", &mac(GW_MAC), "dev", "eth0", "nud", "permanent"]);
-    run("ip", &["netns", "exec", &t, "ethtool", "-K", "eth0", "tx", "off"], "apt-get install ethtool");
     // Node 1's address on the network lives behind the VXLAN device (what the
     // overlay's neighbour and FDB programming gives a real cluster).
     let gw1 = mac(NODE1_GW_MAC);

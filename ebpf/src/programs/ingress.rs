@@ -16,10 +16,12 @@
 //!   passes the packet to the stack, which does, so the next packet goes fast).
 //! - `ingress_xdp` on the underlay (native where the driver has it, veth does; generic
 //!   works too), `ingress_reply` on each local task's host veth at tc ingress.
-//! - On veths: GRO on the task's `eth0` (a native-XDP redirect into a veth is dropped
-//!   unless its peer runs NAPI), and complete checksums from senders whose packets
-//!   native XDP rewrites (a veth sender leaves TCP/UDP checksums partial: the XDP
-//!   program sees bare bytes, and the redirected frame loses the skb's checksum state).
+//! - On veths: GRO on the task's `eth0` and on the underlay's switch-side peer (a
+//!   native-XDP redirect into a veth is dropped unless its peer runs NAPI); and a
+//!   veth underlay must carry complete checksums, as a NIC's wire does (`ethtool -K
+//!   <dev> tx off` on every underlay end: nodes' `eth0`, clients). A veth sender
+//!   leaves TCP/UDP checksums partial, native XDP rewrites bare bytes, and the
+//!   redirected frame loses the skb's checksum state: the receiver gets a bad one.
 
 use core::mem::size_of;
 

@@ -17,7 +17,8 @@
 //! task's veth) vs the same generator into a bare host on the switch (no program) vs
 //! through a router namespace with `ip_forward=1` (the kernel's own forwarding), rx
 //! packets counted at each receiver), and non-matching traffic (iperf3 to a port
-//! nothing publishes) on n1 (program attached) vs n3 (no program).
+//! nothing publishes) on n1 (program attached natively) and n4 (`--xdp generic`) vs
+//! n3 (no program).
 //!
 //! The XDP rows are checked to have gone through the kernel path: n1's `ingress`
 //! counters (`encap`, `reply_xdp`, `local`) and n2's (`dsr_recorded`, `reply_tc`) moved
@@ -128,8 +129,12 @@ fn main() -> Result<()> {
     let help = sh(&meshd.to_string_lossy(), &["--help"])?;
     // Until #6's loader lands the agent has no `--xdp`: the baseline rows still run.
     let has_xdp = help.contains("--xdp");
-    let node_args = if has_xdp { vec![(3, vec!["--xdp".to_owned(), "off".to_owned()])] } else { vec![] };
-    let mut cluster = Cluster::start_with(3, StartOptions { node_args, ..StartOptions::default() })?;
+    // n3 runs without XDP (the proxy's row, direct and non-matching baselines); n4 with
+    // XDP in generic mode, for the non-matching row only.
+    let flag = |mode: &str| vec!["--xdp".to_owned(), mode.to_owned()];
+    let node_args = if has_xdp { vec![(3, flag("off")), (4, flag("generic"))] } else { vec![] };
+    let nodes = if has_xdp { 4 } else { 3 };
+    let mut cluster = Cluster::start_with(nodes, StartOptions { node_args, ..StartOptions::default() })?;
     cluster.wait_all_alive(1)?;
     cluster.meshctl_ok(1, &["network", "create", "benchnet", "--subnet", "10.0.0.0/24"])?;
     cluster.meshctl_ok(1, &["service", "create", "web", "--network", "benchnet"])?;
@@ -147,6 +152,12 @@ fn main() -> Result<()> {
         spawn_in(&n1, "iperf3", &["-s", "-p", &UNPUBLISHED_IPERF.to_string()])?,
         spawn_in(&n3, "iperf3", &["-s", "-p", &UNPUBLISHED_IPERF.to_string()])?,
     ];
+    if has_xdp {
+        let n4 = cluster.nodes[3].netns();
+        servers.push(spawn_in(&n4, "iperf3", &["-s", "-p", &UNPUBLISHED_IPERF.to_string()])?);
+        let xdp = cluster.meshctl_json(4, &["status"])?["ingress"]["xdp"].clone();
+        ensure!(xdp == "generic", "n4 was started with --xdp generic but reports {xdp}");
+    }
 
     let mode = |m: &'static str| if has_xdp { vec!["--mode", m] } else { vec![] };
     for (spec, service, m) in [
@@ -239,7 +250,7 @@ fn main() -> Result<()> {
 
     // Non-matching traffic: a port nothing publishes, on a node with the program and on
     // one without.
-    let plain = [
+    let mut plain = vec![
         Route {
             name: "n3, no XDP program".into(),
             http: (n3a, 0).into(),
@@ -248,7 +259,7 @@ fn main() -> Result<()> {
         },
         Route {
             name: if has_xdp {
-                "n1, XDP program attached (goal ≥ 0.95×)".into()
+                "n1, XDP program attached natively (goal ≥ 0.95×)".into()
             } else {
                 "n1 (no XDP in this build)".into()
             },
@@ -257,6 +268,14 @@ fn main() -> Result<()> {
             baseline: false,
         },
     ];
+    if has_xdp {
+        plain.push(Route {
+            name: "n4, XDP program attached in generic mode (--xdp generic)".into(),
+            http: (node_addr(4), 0).into(),
+            iperf: (node_addr(4), UNPUBLISHED_IPERF).into(),
+            baseline: false,
+        });
+    }
     let group = "Non-matching TCP through the node (iperf3 to an unpublished port, 2 s)";
     let samples = interleaved(&plain, IPERF_ROUNDS, |round, route| {
         let mbps = iperf3(&client_ns, route.iperf).with_context(|| route.name.clone())?;

@@ -173,11 +173,6 @@ fn main() -> Result<()> {
         args.extend(mode(m));
         cluster.meshctl_ok(1, &args)?;
     }
-    // The dsr replies leave n2 straight to the client; ingress_reply does not resolve a
-    // neighbour itself (a miss goes to the stack, which drops it: see the dsr cases
-    // of tests/tests/ingress.rs), so n2 learns the client's MAC first, as a node that
-    // has talked to the client has it.
-    in_ns(&cluster.nodes[1].ns, "ping", &["-c1", "-W2", &CLIENT_ADDR.to_string()])?;
     // The client's ephemeral ports: every path shares the client's 4-tuple space.
     meshd_tests::in_netns(&client, || fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535"))?
         .context("widening the client namespace's ephemeral port range")?;

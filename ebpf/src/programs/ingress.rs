@@ -28,11 +28,11 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
-        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT,
     },
     helpers::{
-        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
-        bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_tail,
     },
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -145,33 +145,6 @@ fn fib(
     proto: u8,
     tot_len: u16,
 ) -> Option<FibParams> {
-    fib_with(ctx, ifindex, src_raw, dst_raw, proto, tot_len, BPF_FIB_LOOKUP_OUTPUT)
-}
-
-/// The route only (`BPF_FIB_LOOKUP_SKIP_NEIGH`): the egress interface toward
-/// `dst_raw` even when its neighbour is not resolved yet. For the tc path, which can
-/// hand the neighbour to the kernel (`bpf_redirect_neigh`).
-#[inline(always)]
-fn fib_route(
-    ctx: *mut core::ffi::c_void,
-    ifindex: u32,
-    src_raw: u32,
-    dst_raw: u32,
-    proto: u8,
-) -> Option<FibParams> {
-    fib_with(ctx, ifindex, src_raw, dst_raw, proto, 0, BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SKIP_NEIGH)
-}
-
-#[inline(always)]
-fn fib_with(
-    ctx: *mut core::ffi::c_void,
-    ifindex: u32,
-    src_raw: u32,
-    dst_raw: u32,
-    proto: u8,
-    tot_len: u16,
-    flags: u32,
-) -> Option<FibParams> {
     // SAFETY: a plain C struct, all-zero is a valid value.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
@@ -181,7 +154,7 @@ fn fib_with(
     p.__bindgen_anon_3.ipv4_src = src_raw;
     p.__bindgen_anon_4.ipv4_dst = dst_raw;
     // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed.
-    let rc = unsafe { bpf_fib_lookup(ctx, &mut p, size_of::<FibParams>() as i32, flags) };
+    let rc = unsafe { bpf_fib_lookup(ctx, &mut p, size_of::<FibParams>() as i32, BPF_FIB_LOOKUP_OUTPUT) };
     (rc == BPF_FIB_LKUP_RET_SUCCESS as i64).then_some(p)
 }
 
@@ -782,27 +755,14 @@ fn try_ingress_reply(ctx: &TcContext) -> Outcome<i32> {
     let Some(nat) = (unsafe { IN_NAT.get(key) }).copied() else { return OK };
     let Some(cfg) = IN_CONFIG.get(0).copied() else { return (TC_ACT_OK, IN_STAT_UNROUTED) };
     // tot_len 0: the kernel checks the skb against the MTU itself (GSO-aware).
-    let (next, resolve) = match fib(ctx.as_ptr(), cfg.ifindex, nat.src_raw, nat.dst_raw, proto, 0) {
-        Some(next) => (next, false),
-        // No neighbour for the client yet (a dsr backend's node may never have talked
-        // to it, and the stack would not forward the unrewritten reply to learn it):
-        // the route only, and the kernel resolves the neighbour on the way out.
-        None => match fib_route(ctx.as_ptr(), cfg.ifindex, nat.src_raw, nat.dst_raw, proto) {
-            Some(next) => (next, true),
-            None => return (TC_ACT_OK, IN_STAT_UNROUTED),
-        },
+    let Some(next) = fib(ctx.as_ptr(), cfg.ifindex, nat.src_raw, nat.dst_raw, proto, 0) else {
+        return (TC_ACT_OK, IN_STAT_UNROUTED);
     };
     if reply_rewrite(ctx, proto, &t, &nat, &next).is_err() {
         return (TC_ACT_OK, IN_STAT_UNROUTED);
     }
-    if resolve {
-        // SAFETY: no neighbour parameters (null, 0): the kernel looks the next hop up
-        // from the rewritten destination and fills the Ethernet header.
-        unsafe { bpf_redirect_neigh(next.ifindex, core::ptr::null_mut(), 0, 0) };
-    } else {
-        // SAFETY: helper without preconditions.
-        unsafe { bpf_redirect(next.ifindex, 0) };
-    }
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_redirect(next.ifindex, 0) };
     (TC_ACT_REDIRECT, IN_STAT_REPLY_TC)
 }
 

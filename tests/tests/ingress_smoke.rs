@@ -7,7 +7,7 @@
 
 use std::{net::Ipv4Addr, path::Path, time::Duration};
 
-use anyhow::{anyhow, bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use aya::{
     maps::{HashMap, Map, MapData},
     programs::{tc::TcAttachType, SchedClassifier},
@@ -221,6 +221,29 @@ fn xdp_and_tc_are_attached_ports_written_in_their_mode_and_status_says_so() -> R
     })?;
     ensure!(native_xdp_program(&cluster, 1)? == before, "the restart adopted the pinned program");
     ensure!(tc_pins(&cluster, 1)? == veths, "the tc link was adopted, not replaced");
+    // SIGTERM keeps them as well; `meshd --cleanup` detaches them and removes the pins.
+    let status = cluster.stop_node(1)?;
+    ensure!(status.success(), "meshd exits cleanly on SIGTERM: {status}");
+    ensure!(native_xdp_program(&cluster, 1)? == before, "XDP kept across SIGTERM");
+    ensure!(tc_pins(&cluster, 1)? == veths, "tc link kept across SIGTERM");
+    let node_ns = cluster.nodes[0].netns();
+    let meshd = meshd_tests::bin_path("meshd")?;
+    meshd_tests::sh(
+        "nsenter",
+        &[
+            &format!("--net={}", node_ns.display()),
+            "--",
+            &meshd.to_string_lossy(),
+            "--cleanup",
+            "--api-socket",
+            &cluster.nodes[0].socket.to_string_lossy(),
+            "--bpf-pin-dir",
+            &cluster.nodes[0].pin_dir.to_string_lossy(),
+        ],
+    )?;
+    let link = underlay_link(&cluster, 1)?;
+    ensure!(!link.contains("prog/xdp"), "XDP detached by --cleanup:\n{link}");
+    ensure!(!cluster.nodes[0].pin_dir.join("ingress").exists(), "ingress pins removed");
     if underlay_link(&cluster, 2)?.contains("xdpgeneric") {
         bail!("n2 attached in generic mode as well");
     }
@@ -279,5 +302,47 @@ fn ports_beyond_the_maglev_tables_are_left_to_the_proxy_with_the_reason() -> Res
             _ => Err(anyhow!("{}", status["published_paths"])),
         }
     })?;
+    // The XDP link detached behind meshd's back: status says so instead of claiming XDP.
+    let pin = cluster.nodes[0].pin_dir.join("ingress").join("xdp_native");
+    meshd_tests::sh("bpftool", &["link", "detach", "pinned", &pin.to_string_lossy()])
+        .context("detaching the XDP link (bpftool comes with Debian's `bpftool`)")?;
+    let status = cluster.meshctl_json(1, &["status"])?;
+    let ingress = &status["ingress"];
+    ensure!(
+        ingress["xdp"] == "off"
+            && ingress["reason"].as_str().is_some_and(|r| r.contains("XDP link left eth0")),
+        "{ingress}"
+    );
+    let port = path_of(&status, "3001/tcp").ok_or_else(|| anyhow!("{status}"))?;
+    ensure!(port["kernel_path"] == "proxy", "{port}");
+    Ok(())
+}
+
+#[test]
+fn bad_ingress_flags_are_refused_before_anything_is_created() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("meshd-ingress-flags-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // A typo in the interface name is refused, not taken for a kernel without XDP.
+    meshd_tests::assert_flag_refused(
+        &dir,
+        "--underlay-if",
+        "nosuchif0",
+        "invalid --underlay-if \"nosuchif0\": no such interface in meshd's network namespace",
+    )?;
+    // clap's own errors span several lines (usage, hint): the first one is checked.
+    for (flag, value, says) in [
+        ("--xdp", "fast", "error: invalid value 'fast' for '--xdp <XDP>'"),
+        ("--xdp-max-ports", "0", "error: invalid value '0' for '--xdp-max-ports <XDP_MAX_PORTS>'"),
+        ("--xdp-max-ports", "1025", "error: invalid value '1025' for '--xdp-max-ports <XDP_MAX_PORTS>'"),
+    ] {
+        let out = std::process::Command::new(meshd_tests::bin_path("meshd")?)
+            .args(["--node-name", "x", "--advertise-addr", "198.18.0.250", flag, value])
+            .arg("--state-dir")
+            .arg(&dir)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success() && stderr.starts_with(says), "{flag} {value}: {stderr:?}");
+        ensure!(!dir.exists(), "meshd created {} before refusing {flag}", dir.display());
+    }
     Ok(())
 }

@@ -87,9 +87,15 @@ async fn drive(addr: SocketAddr) -> (Vec<TcpStream>, Vec<String>) {
 #[test]
 fn three_thousand_concurrent_clients_are_served_under_a_1024_soft_limit() -> Result<()> {
     raise_own_nofile(2 * CLIENTS as u64 + 1000)?;
+    // The proxy's descriptors are under test: external clients must reach it, not the
+    // kernel ingress path (#6), which would serve them without a descriptor.
     let mut cluster = Cluster::start_with(
         1,
-        StartOptions { nofile: Some(NofileLimit { soft: 1024, hard: None }), ..Default::default() },
+        StartOptions {
+            nofile: Some(NofileLimit { soft: 1024, hard: None }),
+            meshd_args: vec!["--xdp".into(), "off".into()],
+            ..Default::default()
+        },
     )?;
     let pid = cluster.meshd_pid(1).context("meshd runs")?;
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
@@ -302,8 +308,12 @@ fn a_relayed_connection_to_a_task_on_a_node_that_vanished_is_closed_by_keepalive
     // The proxies probe after 1 s of silence, every second, twice: a dead peer is found
     // within 3 s (the default finds it within 60 s).
     let keepalive = ["--proxy-tcp-keepalive-secs", "1", "--proxy-tcp-keepalive-interval-secs", "1"];
-    let meshd_args =
-        keepalive.iter().chain(&["--proxy-tcp-keepalive-probes", "2"]).map(|a| a.to_string()).collect();
+    // `--xdp off`: the proxy's relay is under test, not the kernel ingress path (#6).
+    let meshd_args = keepalive
+        .iter()
+        .chain(&["--proxy-tcp-keepalive-probes", "2", "--xdp", "off"])
+        .map(|a| a.to_string())
+        .collect();
     let mut cluster = Cluster::start_with(2, StartOptions { meshd_args, ..Default::default() })?;
     cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
     cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;

@@ -728,9 +728,13 @@ impl Agent {
                     .get(&frontend)
                     .map(|b| b.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect())
                     .unwrap_or_default();
+                // Remote clients arrive on the underlay: the XDP program takes them
+                // when it serves the port, the proxy's listener otherwise.
+                let remote =
+                    if kernel_path.starts_with("xdp") { kernel_path.clone() } else { "proxy".to_owned() };
                 json!({
                     "port": format!("{}/{}", p.published, p.proto), "service": p.service,
-                    "local_clients": local, "remote_clients": "proxy", "backends": backends,
+                    "local_clients": local, "remote_clients": remote, "backends": backends,
                     "kernel_path": kernel_path, "kernel_path_reason": kernel_path_reason,
                     "mode": p.mode,
                 })

@@ -72,7 +72,7 @@ struct Args {
     /// --advertise-addr].
     #[arg(long, value_name = "NAME")]
     underlay_if: Option<String>,
-    /// Published ports the kernel ingress path serves at once (each takes a 256 KiB
+    /// Published ports the kernel ingress path serves at once (each takes a 512 KiB
     /// Maglev table); further ports are served by the proxy.
     #[arg(long, default_value_t = meshd_dataplane::ingress::DEFAULT_MAX_PORTS,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(meshd_dataplane::ingress::MAX_PORTS)))]
@@ -430,6 +430,14 @@ async fn run() -> anyhow::Result<()> {
     }
     if args.udp_size < 576 || args.udp_size > 65_507 {
         bail!("--udp-size {} is out of range: use 576 to 65507 bytes", args.udp_size);
+    }
+    if let Some(name) = &args.underlay_if {
+        // A name given by hand that is not here is a typo, not a kernel without XDP.
+        if meshd_dataplane::ingress::ifindex_of(name).is_err() {
+            bail!(
+                "invalid --underlay-if {name:?}: no such interface in meshd's network namespace; give the interface holding --advertise-addr (`ip -br addr`)"
+            );
+        }
     }
     raise_open_files_limit(&proxy);
     let join = args.join.iter().map(|a| parse_join(a, args.control_port)).collect::<anyhow::Result<_>>()?;

@@ -155,8 +155,9 @@ pub struct IngressConfig {
     pub interface: String,
     /// This node's underlay address: published ports answer on it.
     pub node_addr: Ipv4Addr,
-    /// Published ports the kernel path can serve at once (one 256 KiB Maglev table
-    /// each); further ones are left to the proxy.
+    /// Published ports the kernel path can serve at once, one Maglev table each
+    /// (65,521 slots: 512 KiB of kernel memory, as a BPF array stores each `u32` in
+    /// 8 bytes); further ones are left to the proxy.
     pub max_ports: u32,
     /// bpffs directory for maps and links ([`pin_dir_in`]).
     pub pin_dir: PathBuf,
@@ -921,9 +922,7 @@ impl Ingress {
         let maps = self.maps()?;
         let p = plan::plan(&maps, &desired, self.cfg.max_ports);
         let writes = p.writes.len();
-        if writes > 0 {
-            tracing::info!(writes, tables = p.tables.len(), "writing the ingress maps");
-        }
+        let started = std::time::Instant::now();
         self.execute(&p.writes)?;
         for (table, slots) in &p.tables {
             if self.verified.get(table) == Some(slots) {
@@ -938,6 +937,16 @@ impl Ingress {
                 )));
             }
             self.verified.insert(*table, held);
+        }
+        if writes > 0 {
+            let slots: usize =
+                p.writes.iter().map(|w| if let Write::PutSlots(_, s) = w { s.len() } else { 0 }).sum();
+            tracing::info!(
+                writes,
+                slots,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "ingress maps written and read back"
+            );
         }
         let was = std::mem::take(&mut self.unserved);
         for (key, why) in p.unserved {
@@ -1071,9 +1080,28 @@ impl Ingress {
         }
     }
 
+    /// Why the XDP link no longer serves, if it does not: asked of the kernel (its
+    /// interface went away, or someone detached the link).
+    fn xdp_detached(&self) -> Option<String> {
+        let pin = self.cfg.pin_dir.join(self.attached.pin_name());
+        match bpf_sys::obj_get(&pin).and_then(|fd| sys::link_ifindex(&fd)) {
+            Ok(ifindex) if ifindex == self.ifindex => None,
+            Ok(_) => Some(format!(
+                "the XDP link left {} (the interface went away or the link was detached); restart meshd",
+                self.cfg.interface
+            )),
+            Err(e) => {
+                Some(format!("the XDP link pinned at {} cannot be read ({e}); restart meshd", pin.display()))
+            }
+        }
+    }
+
     /// Which path serves `proto/port`'s external clients: XDP once its frontend is
     /// in the map with backends and its table verified; otherwise the proxy, and why.
     pub fn kernel_path(&self, proto: Proto, port: u16) -> KernelPath {
+        if let Some(why) = self.xdp_detached() {
+            return KernelPath::Proxy(why);
+        }
         let key = self.key(proto, port);
         if let Some((_, why)) = self.unserved.get(&key) {
             return KernelPath::Proxy(why.clone());
@@ -1100,10 +1128,11 @@ impl Ingress {
                 }
             }
         }
+        let detached = self.xdp_detached();
         IngressStatus {
-            xdp: self.attached.as_str().into(),
+            xdp: if detached.is_some() { "off".into() } else { self.attached.as_str().into() },
             interface: self.cfg.interface.clone(),
-            reason: self.reason.clone(),
+            reason: detached.or_else(|| self.reason.clone()),
             tc_links: self.tc_links.len(),
             counters: IngressCounters {
                 pass: c[0],
@@ -1160,6 +1189,16 @@ mod tests {
         assert_eq!(ip4_octets(v.addr_raw), [10, 0, 0, 2]);
         let remote = backend_value(&IngressBackendSpec { host_if: None, ..spec }, 0);
         assert_eq!(remote.flags, BACKEND_LIVE);
+    }
+
+    #[test]
+    fn the_underlay_is_the_interface_holding_the_address() {
+        assert_eq!(interface_holding(Ipv4Addr::LOCALHOST).unwrap(), "lo");
+        // TEST-NET-2: held by no interface here.
+        let err = interface_holding(Ipv4Addr::new(198, 51, 100, 77)).unwrap_err().to_string();
+        assert!(err.contains("no interface holds 198.51.100.77") && err.contains("--underlay-if"), "{err}");
+        let err = ifindex_of("nonexistent0").unwrap_err().to_string();
+        assert!(err.contains("no interface nonexistent0"), "{err}");
     }
 
     #[test]

@@ -561,8 +561,8 @@ pub fn check_desired(desired: &BTreeMap<Frontend, Vec<Backend>>) -> Result<()> {
 }
 
 /// Detaches the links pinned in `pin_dir` (at once, not when the kernel gets to it),
-/// removes the pins meshd's socket load balancer and ingress path keep there and the directory itself; a missing directory is
-/// fine. Touches only the names this module pins.
+/// removes the pins meshd's socket load balancer and ingress path keep there and the
+/// directory itself; a missing directory is fine. Touches only the names they pin.
 pub fn cleanup_pins(pin_dir: &Path) -> Result<()> {
     let err = ebpf_err("socket-lb");
     // The ingress path pins into a subdirectory of the node's directory.

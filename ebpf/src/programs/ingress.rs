@@ -12,8 +12,10 @@
 //!   or reply path passes to the stack, counted as unrouted.
 //! - IPv4 forwarding on the underlay (`net.ipv4.conf.<dev>.forwarding=1`):
 //!   `bpf_fib_lookup` answers `BPF_FIB_LKUP_RET_FWD_DISABLED` otherwise.
-//! - Resolved neighbours for the next hops (the programs never resolve one: a miss
-//!   passes the packet to the stack, which does, so the next packet goes fast).
+//! - Nothing for neighbours: XDP leaves a packet whose next hop has no resolved
+//!   neighbour to the stack (the overlay's own traffic resolves the VTEPs); the tc
+//!   reply path hands such a reply to `bpf_redirect_neigh`, which resolves it (a DSR
+//!   backend's node has never talked to the client).
 //! - `ingress_xdp` on the underlay (native where the driver has it, veth does; generic
 //!   works too), `ingress_reply` on each local task's host veth at tc ingress.
 //! - On veths: GRO on the task's `eth0` and on the underlay's switch-side peer (a
@@ -27,12 +29,13 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT,
+        bpf_fib_lookup as FibParams, bpf_redir_neigh, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK,
+        TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
     helpers::{
-        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head,
-        bpf_xdp_adjust_tail,
+        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -135,7 +138,7 @@ fn write<T>(start: usize, end: usize, off: usize, v: T) -> Option<()> {
 
 /// The next hop toward `dst_raw` from `src_raw`, leaving through `ifindex` (the
 /// lookup of a locally sent packet, so it does not depend on where the packet came
-/// in). `None`: no route or no resolved neighbour; the stack will resolve it.
+/// in). `None`: no route.
 #[inline(always)]
 fn fib(
     ctx: *mut core::ffi::c_void,
@@ -144,7 +147,7 @@ fn fib(
     dst_raw: u32,
     proto: u8,
     tot_len: u16,
-) -> Option<FibParams> {
+) -> Option<NextHop> {
     // SAFETY: a plain C struct, all-zero is a valid value.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
@@ -155,7 +158,37 @@ fn fib(
     p.__bindgen_anon_4.ipv4_dst = dst_raw;
     // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed.
     let rc = unsafe { bpf_fib_lookup(ctx, &mut p, size_of::<FibParams>() as i32, BPF_FIB_LOOKUP_OUTPUT) };
-    (rc == BPF_FIB_LKUP_RET_SUCCESS as i64).then_some(p)
+    match rc {
+        r if r == BPF_FIB_LKUP_RET_SUCCESS as i64 => Some(NextHop::Resolved(p)),
+        // `ifindex` and `ipv4_dst` (the gateway, if any) are filled in before this answer.
+        r if r == BPF_FIB_LKUP_RET_NO_NEIGH as i64 => Some(NextHop::Unresolved(p)),
+        _ => None,
+    }
+}
+
+/// What the FIB said about a next hop.
+enum NextHop {
+    /// Route and neighbour known: `smac`/`dmac` are filled in.
+    Resolved(FibParams),
+    /// Route known, neighbour not resolved (yet): only tc can hand the packet to the
+    /// neighbour subsystem (`bpf_redirect_neigh`); XDP leaves it to the stack.
+    Unresolved(FibParams),
+}
+
+/// The next hop toward `dst_raw` with its neighbour resolved (the XDP paths).
+#[inline(always)]
+fn fib_resolved(
+    ctx: *mut core::ffi::c_void,
+    ifindex: u32,
+    src_raw: u32,
+    dst_raw: u32,
+    proto: u8,
+    tot_len: u16,
+) -> Option<FibParams> {
+    match fib(ctx, ifindex, src_raw, dst_raw, proto, tot_len)? {
+        NextHop::Resolved(p) => Some(p),
+        NextHop::Unresolved(_) => None,
+    }
 }
 
 /// Rewrites the addresses and ports of the IPv4 TCP/UDP packet whose IPv4 header is at
@@ -436,8 +469,14 @@ fn prepare_remote(ctx: &XdpContext, p: &Parsed, job: &Job, hop: &mut Hop) -> Opt
     let b = IN_BACKENDS.get(job.id)?;
     let cfg = IN_CONFIG.get(0)?;
     let outer_len = (ETH_LEN + p.tot_len as usize + IPV4_LEN + UDP_LEN + VXLAN_LEN) as u16;
-    let next =
-        fib(ctx.as_ptr(), ctx.ingress_ifindex() as u32, cfg.node_raw, b.vtep_raw, IPPROTO_UDP, outer_len)?;
+    let next = fib_resolved(
+        ctx.as_ptr(),
+        ctx.ingress_ifindex() as u32,
+        cfg.node_raw,
+        b.vtep_raw,
+        IPPROTO_UDP,
+        outer_len,
+    )?;
     hop.dmac = next.dmac;
     hop.smac = next.smac;
     hop.ifindex = next.ifindex;
@@ -583,7 +622,8 @@ fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
         dport_raw: nat.dport_raw,
     };
     let in_ifindex = ctx.ingress_ifindex() as u32;
-    let Some(next) = fib(ctx.as_ptr(), in_ifindex, nat.src_raw, nat.dst_raw, inner.proto, inner.tot_len)
+    let Some(next) =
+        fib_resolved(ctx.as_ptr(), in_ifindex, nat.src_raw, nat.dst_raw, inner.proto, inner.tot_len)
     else {
         return (xdp_action::XDP_PASS, IN_STAT_UNROUTED);
     };
@@ -758,18 +798,51 @@ fn try_ingress_reply(ctx: &TcContext) -> Outcome<i32> {
     let Some(next) = fib(ctx.as_ptr(), cfg.ifindex, nat.src_raw, nat.dst_raw, proto, 0) else {
         return (TC_ACT_OK, IN_STAT_UNROUTED);
     };
-    if reply_rewrite(ctx, proto, &t, &nat, &next).is_err() {
+    let resolved = match &next {
+        NextHop::Resolved(p) => Some(p),
+        NextHop::Unresolved(_) => None,
+    };
+    if reply_rewrite(ctx, proto, &t, &nat, resolved).is_err() {
         return (TC_ACT_OK, IN_STAT_UNROUTED);
     }
-    // SAFETY: helper without preconditions.
-    unsafe { bpf_redirect(next.ifindex, 0) };
+    match next {
+        NextHop::Resolved(p) => {
+            // SAFETY: helper without preconditions.
+            unsafe { bpf_redirect(p.ifindex, 0) };
+        }
+        NextHop::Unresolved(p) => {
+            // A DSR reply leaves a node that never talked to the client: let the
+            // neighbour subsystem resolve the next hop (queueing this packet meanwhile)
+            // and write the Ethernet header, instead of leaving the rewritten reply to
+            // the stack.
+            let mut nh = bpf_redir_neigh {
+                nh_family: AF_INET as u32,
+                __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
+                    // SAFETY: an IPv4 lookup writes the IPv4 member of the union.
+                    ipv4_nh: unsafe { p.__bindgen_anon_4.ipv4_dst },
+                },
+            };
+            // SAFETY: `nh` is a valid bpf_redir_neigh of the size passed.
+            let rc =
+                unsafe { bpf_redirect_neigh(p.ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) };
+            if rc != TC_ACT_REDIRECT as i64 {
+                return (TC_ACT_SHOT, IN_STAT_UNROUTED);
+            }
+        }
+    }
     (TC_ACT_REDIRECT, IN_STAT_REPLY_TC)
 }
 
 /// Rewrites a reply with the kernel's checksum helpers, which also handle the
 /// partial checksums a local task's packets carry (`CHECKSUM_PARTIAL`).
 #[inline(always)]
-fn reply_rewrite(ctx: &TcContext, proto: u8, t: &Tuple, nat: &Nat, next: &FibParams) -> Result<(), i64> {
+fn reply_rewrite(
+    ctx: &TcContext,
+    proto: u8,
+    t: &Tuple,
+    nat: &Nat,
+    next: Option<&FibParams>,
+) -> Result<(), i64> {
     let csum = if proto == IPPROTO_TCP { L4_OFF + 16 } else { L4_OFF + 6 };
     // UDP: a zero checksum means none and stays zero; a computed zero becomes 0xffff.
     let mangled = if proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
@@ -784,7 +857,10 @@ fn reply_rewrite(ctx: &TcContext, proto: u8, t: &Tuple, nat: &Nat, next: &FibPar
     ctx.store(IP_OFF + 16, &nat.dst_raw, 0)?;
     ctx.store(L4_OFF, &nat.sport_raw, 0)?;
     ctx.store(L4_OFF + 2, &nat.dport_raw, 0)?;
-    ctx.store(0, &next.dmac, 0)?;
-    ctx.store(6, &next.smac, 0)?;
+    // Unresolved: `bpf_redirect_neigh` writes the Ethernet header itself.
+    if let Some(next) = next {
+        ctx.store(0, &next.dmac, 0)?;
+        ctx.store(6, &next.smac, 0)?;
+    }
     Ok(())
 }

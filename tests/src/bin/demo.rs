@@ -1,7 +1,8 @@
 //! `make demo`: a three-node meshd cluster in network namespaces, with services
 //! `mvcapp` (5 tasks) and `mysql` (a real MariaDB server as task `mysql.1`),
 //! `meshctl publish 3000:80 mvcapp`, a handful of requests from an external client
-//! landing on different tasks, and the real `mariadb` client in an `mvcapp` container
+//! landing on different tasks through the XDP path, the same service published in
+//! `dsr` mode (the tasks see the client's own address), and the real `mariadb` client in an `mvcapp` container
 //! querying `mysql:3306` by name (embedded DNS + socket load balancing).
 //! Everything is torn down on exit or Ctrl-C.
 
@@ -97,6 +98,31 @@ fn main() -> Result<()> {
         println!("  curl http://{}:3000/  x5  ->  {}", node_addr(i), answers.join(" "));
     }
     show(&cluster, 2, &["service", "ls"])?;
+    for i in 1..=3 {
+        let status = cluster.meshctl_json(i, &["status"])?;
+        let port = &status["published_paths"][0];
+        let counters = &status["ingress"]["counters"];
+        println!(
+            "  n{i}: remote clients of {} served by {} (XDP counters: local {}, encapsulated {}, replies {})",
+            port["port"].as_str().unwrap_or("?"),
+            port["remote_clients"].as_str().unwrap_or("?"),
+            counters["local"],
+            counters["encap"],
+            counters["reply_xdp"].as_u64().unwrap_or(0) + counters["reply_tc"].as_u64().unwrap_or(0),
+        );
+    }
+
+    check_stop()?;
+    step("direct server return: meshctl publish 3001:80 mvcapp --mode dsr");
+    show(&cluster, 1, &["publish", "3001:80", "mvcapp", "--mode", "dsr"])?;
+    let enter = format!("--net={}", client.display());
+    for i in 1..=3 {
+        let url = format!("http://{}:3001/peer", node_addr(i));
+        let answer = meshd_tests::poll("port 3001 answers", Duration::from_secs(10), || {
+            meshd_tests::sh("nsenter", &[&enter, "--", "curl", "-sf", "--max-time", "2", &url])
+        })?;
+        println!("  curl {url}  ->  {}   (task, and the client address it saw)", answer.trim());
+    }
 
     check_stop()?;
     step("from mvcapp.2's container on n3: `mariadb -h mysql -P 3306` (resolved by meshd on 127.0.0.11, balanced by eBPF)");

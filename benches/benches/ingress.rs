@@ -6,6 +6,8 @@
 //! - **XDP snat / XDP dsr**: n1's published ports, served by the XDP program on n1's
 //!   underlay interface and VXLAN to the task on n2 (snat: replies come back through
 //!   n1; dsr: n2 answers the client straight from the published address);
+//! - **XDP snat, local task**: n2's published port, the task on n2 itself (DNAT and
+//!   redirect to its veth, tc on the way back): the same program without the overlay;
 //! - **userspace proxy**: the same published port on n3, whose meshd runs with
 //!   `--xdp off` (the fallback every node keeps).
 //!
@@ -198,6 +200,13 @@ fn main() -> Result<()> {
             iperf: (n1a, IPERF_DSR).into(),
             baseline: false,
         });
+        // The same program without the overlay hop: the task runs on the ingress node.
+        routes.push(Route {
+            name: "XDP snat via n2 → task on n2 (local: DNAT + redirect, no VXLAN)".into(),
+            http: (node_addr(2), HTTP_SNAT).into(),
+            iperf: (node_addr(2), IPERF_SNAT).into(),
+            baseline: false,
+        });
     }
     routes.push(Route {
         name: format!(
@@ -369,6 +378,7 @@ struct Counters {
     n1: Value,
     n2: Value,
     n1_proxy_accepted: u64,
+    n2_proxy_accepted: u64,
 }
 
 impl Counters {
@@ -379,6 +389,7 @@ impl Counters {
             n1: s1["ingress"]["counters"].clone(),
             n2: s2["ingress"]["counters"].clone(),
             n1_proxy_accepted: s1["proxy"]["counters"]["tcp_accepted"].as_u64().unwrap_or(0),
+            n2_proxy_accepted: s2["proxy"]["counters"]["tcp_accepted"].as_u64().unwrap_or(0),
         })
     }
 
@@ -392,13 +403,15 @@ impl Counters {
         let reply_xdp = delta(&self.n1, &before.n1, "reply_xdp");
         let dsr = delta(&self.n2, &before.n2, "dsr_recorded");
         let reply_tc = delta(&self.n2, &before.n2, "reply_tc");
-        let proxied = self.n1_proxy_accepted - before.n1_proxy_accepted;
+        let local = delta(&self.n2, &before.n2, "local");
+        let proxied = (self.n1_proxy_accepted - before.n1_proxy_accepted)
+            + (self.n2_proxy_accepted - before.n2_proxy_accepted);
         ensure!(
-            encap > 0 && reply_xdp > 0 && dsr > 0 && reply_tc > 0 && proxied == 0,
-            "the XDP rows did not all go through the kernel path: n1 encap +{encap}, reply_xdp +{reply_xdp}; n2 dsr_recorded +{dsr}, reply_tc +{reply_tc}; n1's proxy accepted +{proxied}"
+            encap > 0 && reply_xdp > 0 && dsr > 0 && reply_tc > 0 && local > 0 && proxied == 0,
+            "the XDP rows did not all go through the kernel path: n1 encap +{encap}, reply_xdp +{reply_xdp}; n2 local +{local}, dsr_recorded +{dsr}, reply_tc +{reply_tc}; n1's and n2's proxies accepted +{proxied}"
         );
         Ok(format!(
-            "kernel path over the TCP runs: n1 encap +{encap}, reply_xdp +{reply_xdp}; n2 dsr_recorded +{dsr}, reply_tc +{reply_tc}; n1 proxy accepted +0"
+            "kernel path over the TCP runs: n1 encap +{encap}, reply_xdp +{reply_xdp}; n2 local +{local}, dsr_recorded +{dsr}, reply_tc +{reply_tc}; n1's and n2's proxies accepted +0"
         ))
     }
 }

@@ -469,3 +469,55 @@ fn spawn_in(netns: &Path, program: &str, args: &[&str]) -> Result<Spawned> {
         .with_context(|| format!("starting {program}; install it with `make bootstrap`"))?;
     Ok(Spawned(child))
 }
+
+/// `curl` from the client's fixed source `port` (the request asks the task to close,
+/// so the client may reuse the port at once); the task that answered.
+fn curl_from_port(cluster: &Cluster, port: u16, to: SocketAddr) -> Result<String> {
+    let url = format!("http://{to}/peer");
+    let local = port.to_string();
+    let out = sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &cluster.client_ns(),
+            "curl",
+            "-sS",
+            "--max-time",
+            "3",
+            "--local-port",
+            &local,
+            "-H",
+            "Connection: close",
+            &url,
+        ],
+    )
+    .with_context(|| format!("curl from client port {port} to {to}"))?;
+    Ok(parse_peer(&out)?.0)
+}
+
+#[test]
+fn a_client_port_reused_across_frontends_reaches_the_task_each_time() -> Result<()> {
+    // One task on n2, published snat (3000) and dsr (3001). The task sees the client's
+    // own address and port both through n2:3000 (local DNAT) and through n1:3001
+    // (dsr), so both write n2's reverse entry for the same reply key; a load generator
+    // reuses client ports across them all the time.
+    let mut cluster = Cluster::start(2)?;
+    cluster.wait_all_alive(1)?;
+    cluster.meshctl_ok(1, &["network", "create", "net", "--subnet", SUBNET])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "net"])?;
+    cluster.add_container(2, "web", "web.1")?;
+    cluster.meshctl_ok(1, &["publish", &format!("{SNAT_PORT}:80"), "web"])?;
+    cluster.meshctl_ok(1, &["publish", &format!("{DSR_PORT}:80"), "web", "--mode", "dsr"])?;
+    for i in 1..=2 {
+        wait_kernel_path(&cluster, i, SNAT_PORT, "snat", 1)?;
+        wait_kernel_path(&cluster, i, DSR_PORT, "dsr", 1)?;
+    }
+    let local = SocketAddr::from((node_addr(2), SNAT_PORT));
+    let dsr = SocketAddr::from((node_addr(1), DSR_PORT));
+    for (step, to) in [local, dsr, local, dsr, local].into_iter().enumerate() {
+        let task = curl_from_port(&cluster, 40_000, to).with_context(|| format!("step {step}"))?;
+        assert_eq!(task, "web.1", "step {step} via {to}");
+    }
+    Ok(())
+}

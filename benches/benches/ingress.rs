@@ -6,6 +6,8 @@
 //! - **XDP snat / XDP dsr**: n1's published ports, served by the XDP program on n1's
 //!   underlay interface and VXLAN to the task on n2 (snat: replies come back through
 //!   n1; dsr: n2 answers the client straight from the published address);
+//! - **XDP snat, local task**: n2's published port, the task on n2 itself (DNAT and
+//!   redirect to its veth, tc on the way back): the same program without the overlay;
 //! - **userspace proxy**: the same published port on n3, whose meshd runs with
 //!   `--xdp off` (the fallback every node keeps).
 //!
@@ -17,7 +19,8 @@
 //! task's veth) vs the same generator into a bare host on the switch (no program) vs
 //! through a router namespace with `ip_forward=1` (the kernel's own forwarding), rx
 //! packets counted at each receiver), and non-matching traffic (iperf3 to a port
-//! nothing publishes) on n1 (program attached) vs n3 (no program).
+//! nothing publishes) on n1 (program attached natively) and n4 (`--xdp generic`) vs
+//! n3 (no program).
 //!
 //! The XDP rows are checked to have gone through the kernel path: n1's `ingress`
 //! counters (`encap`, `reply_xdp`, `local`) and n2's (`dsr_recorded`, `reply_tc`) moved
@@ -128,8 +131,12 @@ fn main() -> Result<()> {
     let help = sh(&meshd.to_string_lossy(), &["--help"])?;
     // Until #6's loader lands the agent has no `--xdp`: the baseline rows still run.
     let has_xdp = help.contains("--xdp");
-    let node_args = if has_xdp { vec![(3, vec!["--xdp".to_owned(), "off".to_owned()])] } else { vec![] };
-    let mut cluster = Cluster::start_with(3, StartOptions { node_args, ..StartOptions::default() })?;
+    // n3 runs without XDP (the proxy's row, direct and non-matching baselines); n4 with
+    // XDP in generic mode, for the non-matching row only.
+    let flag = |mode: &str| vec!["--xdp".to_owned(), mode.to_owned()];
+    let node_args = if has_xdp { vec![(3, flag("off")), (4, flag("generic"))] } else { vec![] };
+    let nodes = if has_xdp { 4 } else { 3 };
+    let mut cluster = Cluster::start_with(nodes, StartOptions { node_args, ..StartOptions::default() })?;
     cluster.wait_all_alive(1)?;
     cluster.meshctl_ok(1, &["network", "create", "benchnet", "--subnet", "10.0.0.0/24"])?;
     cluster.meshctl_ok(1, &["service", "create", "web", "--network", "benchnet"])?;
@@ -147,6 +154,12 @@ fn main() -> Result<()> {
         spawn_in(&n1, "iperf3", &["-s", "-p", &UNPUBLISHED_IPERF.to_string()])?,
         spawn_in(&n3, "iperf3", &["-s", "-p", &UNPUBLISHED_IPERF.to_string()])?,
     ];
+    if has_xdp {
+        let n4 = cluster.nodes[3].netns();
+        servers.push(spawn_in(&n4, "iperf3", &["-s", "-p", &UNPUBLISHED_IPERF.to_string()])?);
+        let xdp = cluster.meshctl_json(4, &["status"])?["ingress"]["xdp"].clone();
+        ensure!(xdp == "generic", "n4 was started with --xdp generic but reports {xdp}");
+    }
 
     let mode = |m: &'static str| if has_xdp { vec!["--mode", m] } else { vec![] };
     for (spec, service, m) in [
@@ -162,11 +175,6 @@ fn main() -> Result<()> {
         args.extend(mode(m));
         cluster.meshctl_ok(1, &args)?;
     }
-    // The dsr replies leave n2 straight to the client; ingress_reply does not resolve a
-    // neighbour itself (a miss goes to the stack, which drops it: see the dsr cases
-    // of tests/tests/ingress.rs), so n2 learns the client's MAC first, as a node that
-    // has talked to the client has it.
-    in_ns(&cluster.nodes[1].ns, "ping", &["-c1", "-W2", &CLIENT_ADDR.to_string()])?;
     // The client's ephemeral ports: every path shares the client's 4-tuple space.
     meshd_tests::in_netns(&client, || fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535"))?
         .context("widening the client namespace's ephemeral port range")?;
@@ -190,6 +198,13 @@ fn main() -> Result<()> {
             name: "XDP dsr via n1 → task on n2 (goal ≥ 0.9×)".into(),
             http: (n1a, HTTP_DSR).into(),
             iperf: (n1a, IPERF_DSR).into(),
+            baseline: false,
+        });
+        // The same program without the overlay hop: the task runs on the ingress node.
+        routes.push(Route {
+            name: "XDP snat via n2 → task on n2 (local: DNAT + redirect, no VXLAN)".into(),
+            http: (node_addr(2), HTTP_SNAT).into(),
+            iperf: (node_addr(2), IPERF_SNAT).into(),
             baseline: false,
         });
     }
@@ -239,7 +254,7 @@ fn main() -> Result<()> {
 
     // Non-matching traffic: a port nothing publishes, on a node with the program and on
     // one without.
-    let plain = [
+    let mut plain = vec![
         Route {
             name: "n3, no XDP program".into(),
             http: (n3a, 0).into(),
@@ -248,7 +263,7 @@ fn main() -> Result<()> {
         },
         Route {
             name: if has_xdp {
-                "n1, XDP program attached (goal ≥ 0.95×)".into()
+                "n1, XDP program attached natively (goal ≥ 0.95×)".into()
             } else {
                 "n1 (no XDP in this build)".into()
             },
@@ -257,6 +272,14 @@ fn main() -> Result<()> {
             baseline: false,
         },
     ];
+    if has_xdp {
+        plain.push(Route {
+            name: "n4, XDP program attached in generic mode (--xdp generic)".into(),
+            http: (node_addr(4), 0).into(),
+            iperf: (node_addr(4), UNPUBLISHED_IPERF).into(),
+            baseline: false,
+        });
+    }
     let group = "Non-matching TCP through the node (iperf3 to an unpublished port, 2 s)";
     let samples = interleaved(&plain, IPERF_ROUNDS, |round, route| {
         let mbps = iperf3(&client_ns, route.iperf).with_context(|| route.name.clone())?;
@@ -355,6 +378,7 @@ struct Counters {
     n1: Value,
     n2: Value,
     n1_proxy_accepted: u64,
+    n2_proxy_accepted: u64,
 }
 
 impl Counters {
@@ -365,6 +389,7 @@ impl Counters {
             n1: s1["ingress"]["counters"].clone(),
             n2: s2["ingress"]["counters"].clone(),
             n1_proxy_accepted: s1["proxy"]["counters"]["tcp_accepted"].as_u64().unwrap_or(0),
+            n2_proxy_accepted: s2["proxy"]["counters"]["tcp_accepted"].as_u64().unwrap_or(0),
         })
     }
 
@@ -378,13 +403,15 @@ impl Counters {
         let reply_xdp = delta(&self.n1, &before.n1, "reply_xdp");
         let dsr = delta(&self.n2, &before.n2, "dsr_recorded");
         let reply_tc = delta(&self.n2, &before.n2, "reply_tc");
-        let proxied = self.n1_proxy_accepted - before.n1_proxy_accepted;
+        let local = delta(&self.n2, &before.n2, "local");
+        let proxied = (self.n1_proxy_accepted - before.n1_proxy_accepted)
+            + (self.n2_proxy_accepted - before.n2_proxy_accepted);
         ensure!(
-            encap > 0 && reply_xdp > 0 && dsr > 0 && reply_tc > 0 && proxied == 0,
-            "the XDP rows did not all go through the kernel path: n1 encap +{encap}, reply_xdp +{reply_xdp}; n2 dsr_recorded +{dsr}, reply_tc +{reply_tc}; n1's proxy accepted +{proxied}"
+            encap > 0 && reply_xdp > 0 && dsr > 0 && reply_tc > 0 && local > 0 && proxied == 0,
+            "the XDP rows did not all go through the kernel path: n1 encap +{encap}, reply_xdp +{reply_xdp}; n2 local +{local}, dsr_recorded +{dsr}, reply_tc +{reply_tc}; n1's and n2's proxies accepted +{proxied}"
         );
         Ok(format!(
-            "kernel path over the TCP runs: n1 encap +{encap}, reply_xdp +{reply_xdp}; n2 dsr_recorded +{dsr}, reply_tc +{reply_tc}; n1 proxy accepted +0"
+            "kernel path over the TCP runs: n1 encap +{encap}, reply_xdp +{reply_xdp}; n2 local +{local}, dsr_recorded +{dsr}, reply_tc +{reply_tc}; n1's and n2's proxies accepted +0"
         ))
     }
 }

@@ -470,30 +470,27 @@ fn spawn_in(netns: &Path, program: &str, args: &[&str]) -> Result<Spawned> {
     Ok(Spawned(child))
 }
 
-/// `curl` from the client's fixed source `port` (the request asks the task to close,
-/// so the client may reuse the port at once); the task that answered.
-fn curl_from_port(cluster: &Cluster, port: u16, to: SocketAddr) -> Result<String> {
-    let url = format!("http://{to}/peer");
-    let local = port.to_string();
-    let out = sh(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &cluster.client_ns(),
-            "curl",
-            "-sS",
-            "--max-time",
-            "3",
-            "--local-port",
-            &local,
-            "-H",
-            "Connection: close",
-            &url,
-        ],
-    )
-    .with_context(|| format!("curl from client port {port} to {to}"))?;
-    Ok(parse_peer(&out)?.0)
+/// A `/peer` request to `to` from the client's own port `port`; the task that answered.
+/// The client reads to the end before closing, so the server closes first and the
+/// client's port is free again at once (as a passive closer it keeps no TIME_WAIT;
+/// curl closes as soon as it has Content-Length bytes, which races the server's FIN).
+fn peer_from_port(cluster: &Cluster, port: u16, to: SocketAddr) -> Result<String> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let socket = in_netns(&cluster.client_netns(), move || -> std::io::Result<Socket> {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&SockAddr::from(SocketAddr::from((CLIENT_ADDR, port))))?;
+        socket.connect_timeout(&SockAddr::from(to), Duration::from_secs(3))?;
+        Ok(socket)
+    })?
+    .with_context(|| format!("connecting from client port {port} to {to}"))?;
+    let mut stream = TcpStream::from(socket);
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    stream.write_all(b"GET /peer HTTP/1.0\r\nHost: test\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).with_context(|| format!("reading the answer via {to}"))?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    Ok(parse_peer(body)?.0)
 }
 
 #[test]
@@ -516,7 +513,10 @@ fn a_client_port_reused_across_frontends_reaches_the_task_each_time() -> Result<
     let local = SocketAddr::from((node_addr(2), SNAT_PORT));
     let dsr = SocketAddr::from((node_addr(1), DSR_PORT));
     for (step, to) in [local, dsr, local, dsr, local].into_iter().enumerate() {
-        let task = curl_from_port(&cluster, 40_000, to).with_context(|| format!("step {step}"))?;
+        let task = peer_from_port(&cluster, 40_000, to).with_context(|| {
+            let ss = sh("ip", &["netns", "exec", &cluster.client_ns(), "ss", "-tano"]).unwrap_or_default();
+            format!("step {step}; client sockets:\n{ss}")
+        })?;
         assert_eq!(task, "web.1", "step {step} via {to}");
     }
     Ok(())

@@ -347,6 +347,10 @@ struct Job {
     /// The packet is an ICMP error about the flow (already rewritten by
     /// [`icmp_rewrite`]; encapsulated without a DSR mark).
     icmp: bool,
+    /// A TCP SYN: a connection (re)opens on this 5-tuple, so its reply entry is
+    /// written again even for a known flow (a client port reused after another
+    /// frontend's flow — e.g. a DSR record on this node — took the same reply key).
+    syn: bool,
 }
 
 fn handle_frontend(ctx: &XdpContext, fe: &IngressFrontend, p: &Parsed) -> Outcome<u32> {
@@ -367,7 +371,8 @@ fn handle_frontend(ctx: &XdpContext, fe: &IngressFrontend, p: &Parsed) -> Outcom
     };
     let Some(b) = IN_BACKENDS.get(id) else { return (xdp_action::XDP_PASS, IN_STAT_NO_BACKEND) };
     let local = b.flags & BACKEND_LOCAL != 0;
-    let job = Job { key, hash, id, nat_port_raw, new, dsr: fe.mode == MODE_DSR, icmp: false };
+    let syn = p.proto == IPPROTO_TCP && opens;
+    let job = Job { key, hash, id, nat_port_raw, new, dsr: fe.mode == MODE_DSR, icmp: false, syn };
     if local {
         return handle_local(ctx, p, &job);
     }
@@ -385,7 +390,7 @@ fn handle_local(ctx: &XdpContext, p: &Parsed, job: &Job) -> Outcome<u32> {
     let Some(b) = IN_BACKENDS.get(job.id) else { return (xdp_action::XDP_PASS, IN_STAT_NO_BACKEND) };
     let t = &p.tuple;
     let to = Tuple { src_raw: t.src_raw, dst_raw: b.addr_raw, sport_raw: t.sport_raw, dport_raw: b.port_raw };
-    if job.new {
+    if job.new || job.syn {
         // SAFETY: helper without preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
         let reply = reply_key(b.addr_raw, b.port_raw, t.src_raw, t.sport_raw, p.proto);
@@ -662,8 +667,16 @@ const QUOTE_OFF: usize = L4_OFF + ICMP_LEN;
 #[inline(always)]
 fn handle_icmp(ctx: &XdpContext, p: &Parsed) -> Outcome<u32> {
     const BAD: Outcome<u32> = (xdp_action::XDP_DROP, IN_STAT_DROP_MALFORMED);
-    let mut job =
-        Job { key: FlowKey::default(), hash: 0, id: 0, nat_port_raw: 0, new: false, dsr: false, icmp: true };
+    let mut job = Job {
+        key: FlowKey::default(),
+        hash: 0,
+        id: 0,
+        nat_port_raw: 0,
+        new: false,
+        dsr: false,
+        icmp: true,
+        syn: false,
+    };
     let local = match icmp_lookup(ctx, p, &mut job) {
         Ok(local) => local,
         Err(outcome) => return outcome,

@@ -312,8 +312,10 @@ fn main() -> Result<()> {
     // Extra meshd flags, to measure one proxy lever against another (e.g.
     // `MESHD_BENCH_ARGS="--proxy-splice false"`); shown in meshd's row.
     let extra = std::env::var("MESHD_BENCH_ARGS").unwrap_or_default();
-    let extra: Vec<&str> = extra.split_whitespace().collect();
-    let mut cluster = Cluster::start_with_args(2, &extra)?;
+    // `--xdp off`: this group measures the userspace proxy; with XDP on, the external
+    // client's connections would take the kernel path (measured by the `ingress` group).
+    let args: Vec<&str> = ["--xdp", "off"].into_iter().chain(extra.split_whitespace()).collect();
+    let mut cluster = Cluster::start_with_args(2, &args)?;
     cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
     for svc in ["web", "perf", "client"] {
         cluster.meshctl_ok(1, &["service", "create", svc, "--network", "backend"])?;

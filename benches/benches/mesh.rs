@@ -387,7 +387,7 @@ fn main() -> Result<()> {
     ];
     let proxy_label = |name: &str| match name {
         "meshd" if extra.is_empty() => format!("meshd published port on node 1 ({threads} proxy workers)"),
-        "meshd" => format!("meshd published port on node 1 ({threads} proxy workers, {})", extra.join(" ")),
+        "meshd" => format!("meshd published port on node 1 ({threads} proxy workers, {})", args.join(" ")),
         "HAProxy" => format!("HAProxy 2.6 on node 1 (tcp mode, nbthread {threads})"),
         _ => format!("nginx 1.22 stream on node 1 (worker_processes {threads}, reuseport)"),
     };

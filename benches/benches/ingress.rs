@@ -6,8 +6,9 @@
 //! - **XDP snat / XDP dsr**: n1's published ports, served by the XDP program on n1's
 //!   underlay interface and VXLAN to the task on n2 (snat: replies come back through
 //!   n1; dsr: n2 answers the client straight from the published address);
-//! - **XDP snat, local task**: n2's published port, the task on n2 itself (DNAT and
-//!   redirect to its veth, tc on the way back): the same program without the overlay;
+//! - **XDP snat, local task**: n2's published port of another service, its task on n2
+//!   itself (DNAT and redirect to its veth, tc on the way back): the same program
+//!   without the overlay;
 //! - **userspace proxy**: the same published port on n3, whose meshd runs with
 //!   `--xdp off` (the fallback every node keeps).
 //!
@@ -66,6 +67,12 @@ const HTTP_DSR: u16 = 3001;
 const IPERF_SNAT: u16 = 5202;
 const IPERF_DSR: u16 = 5203;
 const UDP_SINK: u16 = 7000;
+/// Published ports of the local row's own service (a task on n2 reached via n2): its
+/// own task, because the dsr and local rows both show the task the client's own
+/// address and port, and a shared task would meet each row's client ports in the
+/// other's TIME_WAIT.
+const HTTP_LOCAL: u16 = 3002;
+const IPERF_LOCAL: u16 = 5204;
 /// Servers on the nodes' own addresses: direct HTTP, and iperf3 for direct and
 /// non-matching traffic (nothing is published on these ports).
 const DIRECT_HTTP: u16 = 8080;
@@ -141,7 +148,9 @@ fn main() -> Result<()> {
     cluster.meshctl_ok(1, &["network", "create", "benchnet", "--subnet", "10.0.0.0/24"])?;
     cluster.meshctl_ok(1, &["service", "create", "web", "--network", "benchnet"])?;
     cluster.meshctl_ok(1, &["service", "create", "sink", "--network", "benchnet"])?;
+    cluster.meshctl_ok(1, &["service", "create", "near", "--network", "benchnet"])?;
     let web = cluster.add_container(2, "web", "web.1")?.netns();
+    let near = cluster.add_container(2, "near", "near.1")?.netns();
     let sink_task = cluster.add_container(1, "sink", "sink.1")?.netns();
     let testsrv = meshd_tests::bin_path("meshd-testsrv")?;
     let testsrv = testsrv.to_string_lossy();
@@ -149,6 +158,7 @@ fn main() -> Result<()> {
     let client = cluster.client_netns();
     let mut servers = vec![
         spawn_in(&web, "iperf3", &["-s", "-p", &DIRECT_IPERF.to_string()])?,
+        spawn_in(&near, "iperf3", &["-s", "-p", &DIRECT_IPERF.to_string()])?,
         spawn_in(&n3, "iperf3", &["-s", "-p", &DIRECT_IPERF.to_string()])?,
         spawn_in(&n3, &testsrv, &["--name", "n3", "--listen", &format!("0.0.0.0:{DIRECT_HTTP}")])?,
         spawn_in(&n1, "iperf3", &["-s", "-p", &UNPUBLISHED_IPERF.to_string()])?,
@@ -170,6 +180,8 @@ fn main() -> Result<()> {
     .into_iter()
     .chain(has_xdp.then(|| (format!("{HTTP_DSR}:80"), "web", "dsr")))
     .chain(has_xdp.then(|| (format!("{IPERF_DSR}:{DIRECT_IPERF}"), "web", "dsr")))
+    .chain(has_xdp.then(|| (format!("{HTTP_LOCAL}:80"), "near", "snat")))
+    .chain(has_xdp.then(|| (format!("{IPERF_LOCAL}:{DIRECT_IPERF}"), "near", "snat")))
     {
         let mut args = vec!["publish", spec.as_str(), service];
         args.extend(mode(m));
@@ -187,7 +199,10 @@ fn main() -> Result<()> {
         baseline: true,
     }];
     if has_xdp {
-        wait_kernel_paths(&cluster, &[HTTP_SNAT, HTTP_DSR, IPERF_SNAT, IPERF_DSR, UDP_SINK])?;
+        wait_kernel_paths(
+            &cluster,
+            &[HTTP_SNAT, HTTP_DSR, IPERF_SNAT, IPERF_DSR, UDP_SINK, HTTP_LOCAL, IPERF_LOCAL],
+        )?;
         routes.push(Route {
             name: "XDP snat via n1 → task on n2 (goal ≥ 0.9×)".into(),
             http: (n1a, HTTP_SNAT).into(),
@@ -203,8 +218,8 @@ fn main() -> Result<()> {
         // The same program without the overlay hop: the task runs on the ingress node.
         routes.push(Route {
             name: "XDP snat via n2 → task on n2 (local: DNAT + redirect, no VXLAN)".into(),
-            http: (node_addr(2), HTTP_SNAT).into(),
-            iperf: (node_addr(2), IPERF_SNAT).into(),
+            http: (node_addr(2), HTTP_LOCAL).into(),
+            iperf: (node_addr(2), IPERF_LOCAL).into(),
             baseline: false,
         });
     }

@@ -34,13 +34,12 @@ use std::{
     fs,
     net::{Ipv4Addr, SocketAddr},
     path::Path,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use meshd_benches::{in_ns, median, parse_iperf3, parse_wrk, write_results, Row};
-use meshd_tests::{http_get, node_addr, poll, sh, Cluster, StartOptions, CLIENT_ADDR};
+use meshd_tests::{http_get, node_addr, poll, sh, spawn_in, Cluster, StartOptions, CLIENT_ADDR};
 use serde_json::Value;
 
 /// Repeats of each path's connection rate, interleaved.
@@ -85,30 +84,6 @@ const ROUTER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 201);
 const ROUTED_NET: &str = "198.18.1.0/24";
 const ROUTER_INNER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const ROUTED_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
-
-/// A process the bench started; killed (by its own PID) when dropped.
-struct Spawned(Child);
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `program args` in the namespace at `netns`, output discarded.
-fn spawn_in(netns: &Path, program: &str, args: &[&str]) -> Result<Spawned> {
-    let child = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["--", program])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {program}; install it with `make bootstrap`"))?;
-    Ok(Spawned(child))
-}
 
 fn ns_name(netns: &Path) -> String {
     netns.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()

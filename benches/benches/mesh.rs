@@ -20,14 +20,14 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
 use meshd_benches::{in_ns, median, parse_wrk, write_results, Row};
-use meshd_tests::{http_get, in_netns, node_addr, poll, Cluster};
+use meshd_tests::{http_get, in_netns, node_addr, poll, Cluster, Spawned};
 
 const WRK_SECONDS: &str = "3s";
 const IPERF_SECONDS: &str = "3";
@@ -46,25 +46,9 @@ const IDLE_CONNECTIONS: usize = 9_500;
 /// Set (to a port) when this program runs as the idle test's backend.
 const IDLE_BACKEND_ENV: &str = "MESHD_BENCH_IDLE_BACKEND";
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_in(ns: &str, program: &str, args: &[&str]) -> Result<Killed> {
-    let child = Command::new("ip")
-        .args(["netns", "exec", ns, program])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {program}; install it with `make bootstrap`"))?;
-    Ok(Killed(child))
+/// Starts `program args` in the named namespace `ns`.
+fn spawn_in(ns: &str, program: &str, args: &[&str]) -> Result<Spawned> {
+    meshd_tests::spawn_in(&meshd_tests::netns_path(ns), program, args)
 }
 
 /// One wrk run: requests/s, its mean-latency detail and the p99 latency in µs.
@@ -180,7 +164,7 @@ fn idle_memory(client: &Path, backend_ns: &str, proxy: &Proxy, diagnose: impl Fn
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting the idle backend")?;
-    let mut backend = Killed(child);
+    let mut backend = Spawned(child);
     let stdout = backend.0.stdout.take().context("no stdout")?;
     let (lines_tx, lines) = mpsc::channel();
     std::thread::spawn(move || {

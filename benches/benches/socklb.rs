@@ -38,7 +38,7 @@ use std::{
     io::Write as _,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -48,7 +48,7 @@ use meshd_dataplane::{
     proxy::{self, Proxy},
     socklb::{Backend, Frontend, Proto, SocketLb, SocketLbConfig},
 };
-use meshd_tests::{http_get, poll, sh};
+use meshd_tests::{http_get, poll, sh, Spawned};
 
 /// Repeats of each path's connection rate, interleaved.
 const WRK_ROUNDS: usize = 7;
@@ -65,16 +65,6 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 /// Published ports the proxy serves: HTTP and iperf3.
 const PUBLISHED_HTTP: u16 = 3000;
 const PUBLISHED_IPERF: u16 = 5202;
-
-/// A process the bench started; killed (by its own PID) when dropped.
-struct Spawned(Child);
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The namespaces and cgroup the bench created; dropping removes exactly those.
 struct Lab {

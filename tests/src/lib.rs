@@ -119,8 +119,33 @@ pub fn refused(netns: &Path, addr: SocketAddr) -> Result<bool> {
     })
 }
 
-fn netns_path(name: &str) -> PathBuf {
+/// The path of the named network namespace `name` (`ip netns` keeps them there).
+pub fn netns_path(name: &str) -> PathBuf {
     PathBuf::from("/run/netns").join(name)
+}
+
+/// A process a test or bench started; killed (by its own PID) and reaped when dropped.
+pub struct Spawned(pub Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `program args` in the network namespace at `netns`, output discarded.
+pub fn spawn_in(netns: &Path, program: &str, args: &[&str]) -> Result<Spawned> {
+    let child = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["--", program])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {program}; install it with `make bootstrap`"))?;
+    Ok(Spawned(child))
 }
 
 /// The cgroup2 mount point, from /proc/mounts.

@@ -12,28 +12,16 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
-    path::Path,
-    process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use anyhow::{anyhow, ensure, Context as _, Result};
-use meshd_tests::{in_netns, node_addr, poll, sh, Cluster, CLIENT_ADDR};
+use meshd_tests::{in_netns, node_addr, poll, sh, spawn_in, Cluster, CLIENT_ADDR};
 use serde_json::Value;
 
 const SUBNET: &str = "10.0.0.0/24";
 const SNAT_PORT: u16 = 3000;
 const DSR_PORT: u16 = 3001;
-
-/// A process the test started; killed by its PID when dropped.
-struct Spawned(Child);
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The task name and the peer address a task reported for one `curl` from the client.
 fn curl_peer(cluster: &Cluster, addr: SocketAddr) -> Result<(String, SocketAddr)> {
@@ -455,19 +443,6 @@ fn a_bogus_mode_is_refused_and_publishes_nothing() -> Result<()> {
         assert!(!ls.contains("3000"), "n{i} lists 3000: {ls}");
     }
     Ok(())
-}
-
-fn spawn_in(netns: &Path, program: &str, args: &[&str]) -> Result<Spawned> {
-    let child = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["--", program])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {program}; install it with `make bootstrap`"))?;
-    Ok(Spawned(child))
 }
 
 /// A `/peer` request to `to` from the client's own port `port`; the task that answered.

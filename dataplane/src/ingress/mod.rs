@@ -325,6 +325,9 @@ pub struct Ingress {
     verify_offset: u32,
     /// Backend ids below this may be in use (read back up to here).
     id_high_water: u32,
+    /// What the last `observe` read, for the `apply` of the same pass (only the
+    /// reconcile loop writes these maps, so the snapshot is exact).
+    observed: Option<IngressMaps>,
 }
 
 fn ebpf_err(program: &'static str) -> impl Fn(String) -> Error {
@@ -725,6 +728,7 @@ impl Ingress {
             gro: BTreeMap::new(),
             verify_offset: 0,
             id_high_water: MAX_INGRESS_BACKENDS,
+            observed: None,
             cfg,
         };
         ingress.adopt_tc_links()?;
@@ -923,6 +927,7 @@ impl Ingress {
             };
             spec.tasks.insert(host_if.clone(), netns);
         }
+        self.observed = Some(maps);
         Ok(spec)
     }
 
@@ -954,7 +959,10 @@ impl Ingress {
             desired.insert(key, WantedFrontend { mode: service.mode.raw(), backends });
             specs.insert(key, service.clone());
         }
-        let maps = self.maps()?;
+        let maps = match self.observed.take() {
+            Some(maps) => maps,
+            None => self.maps()?,
+        };
         let p = plan::plan(&maps, &desired, self.cfg.max_ports);
         let writes = p.writes.len();
         let started = std::time::Instant::now();

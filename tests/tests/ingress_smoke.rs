@@ -81,13 +81,12 @@ fn sysctl(cluster: &Cluster, i: usize, setting: &str) -> Result<String> {
     meshd_tests::sh("nsenter", &[&format!("--net={}", ns.display()), "--", "sysctl", "-w", setting])
 }
 
-/// Node `i`'s `net.ipv4.conf.eth0.forwarding`.
-fn eth0_forwarding(cluster: &Cluster, i: usize) -> Result<String> {
+/// Node `i`'s `net.ipv4.conf.<dev>.forwarding`.
+fn forwarding(cluster: &Cluster, i: usize, dev: &str) -> Result<String> {
     let ns = cluster.nodes[i - 1].netns();
-    let out = meshd_tests::sh(
-        "nsenter",
-        &[&format!("--net={}", ns.display()), "--", "sysctl", "-n", "net.ipv4.conf.eth0.forwarding"],
-    )?;
+    let setting = format!("net.ipv4.conf.{dev}.forwarding");
+    let out =
+        meshd_tests::sh("nsenter", &[&format!("--net={}", ns.display()), "--", "sysctl", "-n", &setting])?;
     Ok(out.trim().to_owned())
 }
 
@@ -159,14 +158,16 @@ fn xdp_and_tc_are_attached_ports_written_in_their_mode_and_status_says_so() -> R
             "n{i}'s pinned frontends: {held:?}"
         );
     }
-    // The next-hop lookups of the programs need forwarding on the underlay interface:
-    // meshd turns it on, and on again after a hand edit.
+    // The programs' next-hop lookups run through lo and need forwarding there: meshd
+    // turns it on, and on again after a hand edit. The underlay interface is left as it
+    // was (forwarding there would route the underlay segment into the overlays).
     for i in 1..=2 {
-        ensure!(eth0_forwarding(&cluster, i)? == "1", "n{i} forwards on eth0");
+        ensure!(forwarding(&cluster, i, "lo")? == "1", "n{i} forwards on lo");
+        ensure!(forwarding(&cluster, i, "eth0")? == "0", "n{i} leaves eth0 alone");
     }
-    sysctl(&cluster, 2, "net.ipv4.conf.eth0.forwarding=0")?;
-    poll("n2 turns forwarding on eth0 on again", Duration::from_secs(5), || {
-        let held = eth0_forwarding(&cluster, 2)?;
+    sysctl(&cluster, 2, "net.ipv4.conf.lo.forwarding=0")?;
+    poll("n2 turns forwarding on lo on again", Duration::from_secs(5), || {
+        let held = forwarding(&cluster, 2, "lo")?;
         if held == "1" {
             Ok(())
         } else {
@@ -259,7 +260,7 @@ fn xdp_off_leaves_published_ports_to_the_proxy_and_says_why() -> Result<()> {
     ensure!(ingress["reason"].as_str().is_some_and(|r| r.contains("--xdp off")), "{ingress}");
     let link = underlay_link(&cluster, 1)?;
     ensure!(!link.contains("prog/xdp"), "no XDP program with --xdp off:\n{link}");
-    ensure!(eth0_forwarding(&cluster, 1)? == "0", "forwarding left as it was with --xdp off");
+    ensure!(forwarding(&cluster, 1, "lo")? == "0", "forwarding left as it was with --xdp off");
     cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
     cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
     cluster.meshctl_ok(1, &["publish", "3000:80", "web", "--mode", "dsr"])?;

@@ -7,9 +7,12 @@
 //!
 //! It owns only what sits in its pin directory: it never detaches a program it did
 //! not attach, and never touches another XDP or tc program. Beside the pins it sets one
-//! thing: IPv4 forwarding on the underlay interface (`net.ipv4.conf.<if>.forwarding`),
-//! without which the programs' `bpf_fib_lookup` refuses every next hop; it is kept on
-//! (read back each pass) and left on at exit.
+//! thing: IPv4 forwarding on the loopback (`net.ipv4.conf.lo.forwarding`). The
+//! programs look next hops up as the node's own output lookups through `lo`, and
+//! `bpf_fib_lookup` refuses every next hop unless the interface it is given forwards.
+//! Only `lo`: forwarding on the underlay would let hosts on its segment route through
+//! the node into the overlay bridges, and nothing arrives on `lo` from outside. It is
+//! kept on (read back each pass) and left on at exit.
 //!
 //! ## Lifetime
 //! - Pinned links outlive the process: a `kill -9` or a SIGTERM of meshd leaves the
@@ -366,6 +369,9 @@ fn map_specs(tables: u32) -> [MapSpec; 7] {
     ]
 }
 
+/// The interface the programs' next-hop lookups name (see the module doc).
+pub const FIB_INTERFACE: &str = "lo";
+
 /// Turns on IPv4 forwarding on interface `name` (this namespace's
 /// `net.ipv4.conf.<name>.forwarding`) if it is off; returns whether it was off. The
 /// programs' `bpf_fib_lookup` (the next hop of an encapsulated packet or a reply) answers
@@ -566,8 +572,8 @@ impl Ingress {
             }
         };
         let ifindex = ifindex_of(&cfg.interface)?;
-        if ensure_forwarding(&cfg.interface)? {
-            tracing::info!(interface = %cfg.interface, "enabled IPv4 forwarding on the underlay interface (the XDP/tc next-hop lookups need it)");
+        if ensure_forwarding(FIB_INTERFACE)? {
+            tracing::info!("enabled IPv4 forwarding on lo (the XDP/tc next-hop lookups run through it)");
         }
         crate::socklb::prepare_pin_dir(&cfg.pin_dir)?;
         let specs = map_specs(cfg.max_ports);
@@ -861,8 +867,8 @@ impl Ingress {
     /// empty path until then, so the next apply checks it).
     pub fn observe(&mut self) -> Result<IngressSpec> {
         // Read back like the maps: a hand-disabled flag is turned on again.
-        if ensure_forwarding(&self.cfg.interface)? {
-            tracing::warn!(interface = %self.cfg.interface, "IPv4 forwarding on the underlay interface was turned off; turned it on again (the kernel ingress path needs it)");
+        if ensure_forwarding(FIB_INTERFACE)? {
+            tracing::warn!("IPv4 forwarding on lo was turned off; turned it on again (the kernel ingress path's next-hop lookups need it)");
         }
         let maps = self.maps()?;
         let mut spec = IngressSpec::default();

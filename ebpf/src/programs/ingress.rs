@@ -10,8 +10,10 @@
 //! - `IN_CONFIG[0]`: the node's underlay address and the underlay's ifindex (the tc
 //!   program looks next hops up through it), NAT port range. Without it every remote
 //!   or reply path passes to the stack, counted as unrouted.
-//! - IPv4 forwarding on the underlay (`net.ipv4.conf.<dev>.forwarding=1`):
-//!   `bpf_fib_lookup` answers `BPF_FIB_LKUP_RET_FWD_DISABLED` otherwise.
+//! - IPv4 forwarding on the loopback (`net.ipv4.conf.lo.forwarding=1`): the next-hop
+//!   lookups run as the node's own output lookups through `lo`, and `bpf_fib_lookup`
+//!   answers `BPF_FIB_LKUP_RET_FWD_DISABLED` unless the interface it is given forwards.
+//!   (Forwarding on `lo` routes nothing that arrives from outside.)
 //! - Nothing for neighbours: XDP leaves a packet whose next hop has no resolved
 //!   neighbour to the stack (the overlay's own traffic resolves the VTEPs); the tc
 //!   reply path hands such a reply to `bpf_redirect_neigh`, which resolves it (a DSR
@@ -30,8 +32,8 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, bpf_redir_neigh, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST,
-        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK,
+        TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
     helpers::{
         bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
@@ -92,6 +94,9 @@ static IN_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(IN_STAT_ENTRIE
 
 /// `AF_INET`, for the FIB lookup.
 const AF_INET: u8 = 2;
+
+/// The loopback interface's index (the same in every network namespace).
+const LOOPBACK_IFINDEX: u32 = 1;
 /// Where the IPv4 header starts in a plain frame.
 const IP_OFF: usize = ETH_LEN;
 /// Where the transport header starts in a plain frame.
@@ -136,28 +141,23 @@ fn write<T>(start: usize, end: usize, off: usize, v: T) -> Option<()> {
     at::<T>(start, end, off).map(|p| unsafe { core::ptr::write_unaligned(p, v) })
 }
 
-/// The next hop toward `dst_raw` from `src_raw`, leaving through `ifindex` (the
-/// lookup of a locally sent packet, so it does not depend on where the packet came
-/// in). `None`: no route.
+/// The next hop toward `dst_raw` from `src_raw`: the route lookup of a packet the
+/// node itself sends (input interface the loopback, no output interface forced), so
+/// it neither depends on where the packet came in nor needs forwarding on any real
+/// interface — `bpf_fib_lookup` checks forwarding only on the interface it is given,
+/// and meshd turns it on for `lo` alone. `None`: no route.
 #[inline(always)]
-fn fib(
-    ctx: *mut core::ffi::c_void,
-    ifindex: u32,
-    src_raw: u32,
-    dst_raw: u32,
-    proto: u8,
-    tot_len: u16,
-) -> Option<NextHop> {
+fn fib(ctx: *mut core::ffi::c_void, src_raw: u32, dst_raw: u32, proto: u8, tot_len: u16) -> Option<NextHop> {
     // SAFETY: a plain C struct, all-zero is a valid value.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = proto;
-    p.ifindex = ifindex;
+    p.ifindex = LOOPBACK_IFINDEX;
     p.__bindgen_anon_1.tot_len = tot_len;
     p.__bindgen_anon_3.ipv4_src = src_raw;
     p.__bindgen_anon_4.ipv4_dst = dst_raw;
     // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed.
-    let rc = unsafe { bpf_fib_lookup(ctx, &mut p, size_of::<FibParams>() as i32, BPF_FIB_LOOKUP_OUTPUT) };
+    let rc = unsafe { bpf_fib_lookup(ctx, &mut p, size_of::<FibParams>() as i32, 0) };
     match rc {
         r if r == BPF_FIB_LKUP_RET_SUCCESS as i64 => Some(NextHop::Resolved(p)),
         // `ifindex` and `ipv4_dst` (the gateway, if any) are filled in before this answer.
@@ -179,13 +179,12 @@ enum NextHop {
 #[inline(always)]
 fn fib_resolved(
     ctx: *mut core::ffi::c_void,
-    ifindex: u32,
     src_raw: u32,
     dst_raw: u32,
     proto: u8,
     tot_len: u16,
 ) -> Option<FibParams> {
-    match fib(ctx, ifindex, src_raw, dst_raw, proto, tot_len)? {
+    match fib(ctx, src_raw, dst_raw, proto, tot_len)? {
         NextHop::Resolved(p) => Some(p),
         NextHop::Unresolved(_) => None,
     }
@@ -477,14 +476,7 @@ fn prepare_remote(ctx: &XdpContext, p: &Parsed, job: &Job, hop: &mut Hop) -> Opt
     let b = IN_BACKENDS.get(job.id)?;
     let cfg = IN_CONFIG.get(0)?;
     let outer_len = (ETH_LEN + p.tot_len as usize + IPV4_LEN + UDP_LEN + VXLAN_LEN) as u16;
-    let next = fib_resolved(
-        ctx.as_ptr(),
-        ctx.ingress_ifindex() as u32,
-        cfg.node_raw,
-        b.vtep_raw,
-        IPPROTO_UDP,
-        outer_len,
-    )?;
+    let next = fib_resolved(ctx.as_ptr(), cfg.node_raw, b.vtep_raw, IPPROTO_UDP, outer_len)?;
     hop.dmac = next.dmac;
     hop.smac = next.smac;
     hop.ifindex = next.ifindex;
@@ -635,10 +627,7 @@ fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
         sport_raw: nat.sport_raw,
         dport_raw: nat.dport_raw,
     };
-    let in_ifindex = ctx.ingress_ifindex() as u32;
-    let Some(next) =
-        fib_resolved(ctx.as_ptr(), in_ifindex, nat.src_raw, nat.dst_raw, inner.proto, inner.tot_len)
-    else {
+    let Some(next) = fib_resolved(ctx.as_ptr(), nat.src_raw, nat.dst_raw, inner.proto, inner.tot_len) else {
         return (xdp_action::XDP_PASS, IN_STAT_UNROUTED);
     };
     const BAD: Outcome<u32> = (xdp_action::XDP_DROP, IN_STAT_DROP_MALFORMED);
@@ -815,9 +804,8 @@ fn try_ingress_reply(ctx: &TcContext) -> Outcome<i32> {
     let key = reply_key(t.src_raw, t.sport_raw, t.dst_raw, t.dport_raw, proto);
     // SAFETY: read-only lookup, copied out.
     let Some(nat) = (unsafe { IN_NAT.get(key) }).copied() else { return OK };
-    let Some(cfg) = IN_CONFIG.get(0).copied() else { return (TC_ACT_OK, IN_STAT_UNROUTED) };
     // tot_len 0: the kernel checks the skb against the MTU itself (GSO-aware).
-    let Some(next) = fib(ctx.as_ptr(), cfg.ifindex, nat.src_raw, nat.dst_raw, proto, 0) else {
+    let Some(next) = fib(ctx.as_ptr(), nat.src_raw, nat.dst_raw, proto, 0) else {
         return (TC_ACT_OK, IN_STAT_UNROUTED);
     };
     let resolved = match &next {

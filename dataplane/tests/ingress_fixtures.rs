@@ -136,6 +136,15 @@ struct Fixture {
     underlay: u32,
 }
 
+/// A fixture with one snat frontend `PUBLISHED/proto` served by one local backend.
+fn local_fixture(proto: u8) -> Fixture {
+    let mut f = fixture();
+    f.frontend(PUBLISHED, proto, MODE_SNAT, 0);
+    f.backend(0, local_backend(f.underlay + 1));
+    f.fill_table(0, 0);
+    f
+}
+
 fn fixture() -> Fixture {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -420,10 +429,7 @@ fn syn_to_a_local_backend_is_dnated_and_redirected() {
 
 #[test]
 fn udp_to_a_local_backend_keeps_a_zero_checksum() {
-    let mut f = fixture();
-    f.frontend(PUBLISHED, PROTO_UDP, MODE_SNAT, 0);
-    f.backend(0, local_backend(f.underlay + 1));
-    f.fill_table(0, 0);
+    let mut f = local_fixture(PROTO_UDP);
     let mut pkt = udp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED);
     let (action, out) = f.xdp(&pkt);
     assert_eq!(action, XDP_REDIRECT);
@@ -595,10 +601,7 @@ fn assert_passes(f: &mut Fixture, what: &str, pkt: &[u8]) {
 
 #[test]
 fn non_matching_traffic_passes_untouched() {
-    let mut f = fixture();
-    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
-    f.backend(0, local_backend(f.underlay + 1));
-    f.fill_table(0, 0);
+    let mut f = local_fixture(PROTO_TCP);
     assert_passes(
         &mut f,
         "other port",
@@ -1045,10 +1048,7 @@ fn frag_needed(smac: [u8; 6], dmac: [u8; 6], src: [u8; 4], dst: [u8; 4], quoted:
 
 #[test]
 fn icmp_errors_follow_their_flow() {
-    let mut f = fixture();
-    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
-    f.backend(0, local_backend(f.underlay + 1));
-    f.fill_table(0, 0);
+    let mut f = local_fixture(PROTO_TCP);
     f.frontend(PUBLISHED + 1, PROTO_TCP, MODE_SNAT, 1);
     f.backend(1, remote_backend(TASK2, TASK2_MAC));
     f.fill_table(1, 1);
@@ -1089,10 +1089,7 @@ fn icmp_errors_follow_their_flow() {
 
 #[test]
 fn tc_rewrites_udp_replies_and_keeps_a_zero_checksum() {
-    let mut f = fixture();
-    f.frontend(PUBLISHED, PROTO_UDP, MODE_SNAT, 0);
-    f.backend(0, local_backend(f.underlay + 1));
-    f.fill_table(0, 0);
+    let mut f = local_fixture(PROTO_UDP);
     assert_eq!(f.xdp(&udp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED)).0, XDP_REDIRECT);
     let mut reply = udp(TASK_MAC, GW_MAC, TASK, CLIENT, TARGET, CPORT);
     let (action, out) = f.tc(&reply);
@@ -1123,10 +1120,7 @@ fn dsr_mark_with_an_outer_udp_checksum_is_cleared_to_none() {
 /// repeating one packet, so a regression that makes the common case expensive shows.
 #[test]
 fn common_paths_cost_little() {
-    let mut f = fixture();
-    f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
-    f.backend(0, local_backend(f.underlay + 1));
-    f.fill_table(0, 0);
+    let mut f = local_fixture(PROTO_TCP);
     // A frontend whose backend is itself (same address, port and MACs): the rewrite
     // leaves the packet as it was, so every repetition takes the whole established-
     // flow path (flow lookup, backend check, rewrite, redirect).

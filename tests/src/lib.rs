@@ -578,6 +578,26 @@ impl Cluster {
         )
     }
 
+    /// Runs `meshd --cleanup` for node `i` in its namespace (meshd must be stopped):
+    /// removes what that node programmed, its pinned programs included.
+    pub fn cleanup_node(&self, i: usize) -> Result<String> {
+        let node = &self.nodes[i - 1];
+        let meshd = bin_path("meshd")?;
+        sh(
+            "nsenter",
+            &[
+                &format!("--net={}", node.netns().display()),
+                "--",
+                &meshd.to_string_lossy(),
+                "--cleanup",
+                "--api-socket",
+                &node.socket.to_string_lossy(),
+                "--bpf-pin-dir",
+                &node.pin_dir.to_string_lossy(),
+            ],
+        )
+    }
+
     /// Stops node `i`'s meshd with SIGTERM and waits for it to exit.
     pub fn stop_node(&mut self, i: usize) -> Result<std::process::ExitStatus> {
         let child = self.nodes[i - 1].meshd.take().ok_or_else(|| anyhow!("meshd on n{i} is not running"))?;

@@ -227,21 +227,7 @@ fn xdp_and_tc_are_attached_ports_written_in_their_mode_and_status_says_so() -> R
     ensure!(status.success(), "meshd exits cleanly on SIGTERM: {status}");
     ensure!(native_xdp_program(&cluster, 1)? == before, "XDP kept across SIGTERM");
     ensure!(tc_pins(&cluster, 1)? == veths, "tc link kept across SIGTERM");
-    let node_ns = cluster.nodes[0].netns();
-    let meshd = meshd_tests::bin_path("meshd")?;
-    meshd_tests::sh(
-        "nsenter",
-        &[
-            &format!("--net={}", node_ns.display()),
-            "--",
-            &meshd.to_string_lossy(),
-            "--cleanup",
-            "--api-socket",
-            &cluster.nodes[0].socket.to_string_lossy(),
-            "--bpf-pin-dir",
-            &cluster.nodes[0].pin_dir.to_string_lossy(),
-        ],
-    )?;
+    cluster.cleanup_node(1)?;
     let link = underlay_link(&cluster, 1)?;
     ensure!(!link.contains("prog/xdp"), "XDP detached by --cleanup:\n{link}");
     ensure!(!cluster.nodes[0].pin_dir.join("ingress").exists(), "ingress pins removed");

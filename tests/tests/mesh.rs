@@ -135,21 +135,7 @@ fn status_shows_the_loaded_program_and_paths_sigterm_keeps_the_data_path_and_cle
     assert!(attached.contains(&prog_id.to_string()), "program still attached: {attached}");
 
     // `meshd --cleanup` removes what meshd programmed, the node's pins included.
-    let meshd = meshd_tests::bin_path("meshd")?;
-    let socket = cluster.nodes[0].socket.to_string_lossy().into_owned();
-    meshd_tests::sh(
-        "nsenter",
-        &[
-            &format!("--net={}", node_ns.display()),
-            "--",
-            &meshd.to_string_lossy(),
-            "--cleanup",
-            "--api-socket",
-            &socket,
-            "--bpf-pin-dir",
-            &cluster.nodes[0].pin_dir.to_string_lossy(),
-        ],
-    )?;
+    cluster.cleanup_node(1)?;
     let attached = meshd_tests::sh("bpftool", &["cgroup", "show", &cgroup.to_string_lossy()])?;
     assert!(!attached.contains("connect4"), "program detached from the cgroup: {attached}");
     let loaded = meshd_tests::sh("bpftool", &["prog", "show", "id", &prog_id.to_string()]);

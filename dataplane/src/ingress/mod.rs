@@ -339,13 +339,7 @@ fn ebpf_err(program: &'static str) -> impl Fn(String) -> Error {
 
 fn map_specs(tables: u32) -> [MapSpec; 7] {
     use std::mem::size_of;
-    let spec = |name, map_type, key_size: usize, value_size: usize, max_entries| MapSpec {
-        name,
-        map_type,
-        key_size: key_size as u32,
-        value_size: value_size as u32,
-        max_entries,
-    };
+    let spec = MapSpec::new;
     [
         spec(
             INGRESS_FRONTENDS_MAP,

@@ -604,15 +604,22 @@ pub(crate) struct MapSpec {
     pub(crate) max_entries: u32,
 }
 
+impl MapSpec {
+    /// The shape of map `name`, with key and value sizes as `size_of` gives them.
+    pub(crate) const fn new(
+        name: &'static str,
+        map_type: MapType,
+        key_size: usize,
+        value_size: usize,
+        max_entries: u32,
+    ) -> MapSpec {
+        MapSpec { name, map_type, key_size: key_size as u32, value_size: value_size as u32, max_entries }
+    }
+}
+
 fn map_specs() -> [MapSpec; 6] {
     use std::mem::size_of;
-    let spec = |name, map_type, key_size: usize, value_size: usize, max_entries| MapSpec {
-        name,
-        map_type,
-        key_size: key_size as u32,
-        value_size: value_size as u32,
-        max_entries,
-    };
+    let spec = MapSpec::new;
     [
         spec(SOCK_STATS_MAP, MapType::PerCpuArray, 4, size_of::<SockStats>(), STATS_ENTRIES),
         spec(SERVICES_MAP, MapType::Hash, size_of::<FrontendKey>(), size_of::<ServiceValue>(), MAX_SERVICES),

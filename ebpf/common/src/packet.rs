@@ -87,6 +87,19 @@ pub struct Tuple {
     pub dport_raw: u16,
 }
 
+impl Tuple {
+    /// The addresses of the IPv4 header `hdr` and the ports `ports` (source,
+    /// destination) of its transport header, as they appear on the wire.
+    pub const fn of_ipv4(hdr: &[u8; IPV4_LEN], ports: [u16; 2]) -> Tuple {
+        Tuple {
+            src_raw: u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]),
+            dst_raw: u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]),
+            sport_raw: ports[0],
+            dport_raw: ports[1],
+        }
+    }
+}
+
 /// The IPv4 header checksum after the addresses changed from `old` to `new`.
 pub const fn ipv4_check_after(check_raw: u16, old: &Tuple, new: &Tuple) -> u16 {
     let c = csum_replace4(check_raw, old.src_raw, new.src_raw);

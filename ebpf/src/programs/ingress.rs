@@ -259,13 +259,7 @@ fn parse(start: usize, end: usize, ip_off: usize) -> Result<Parsed, Outcome<u32>
         _ => return Err(PASS),
     };
     let ports: [u16; 2] = read(start, end, l4).ok_or(PASS)?;
-    let tuple = Tuple {
-        src_raw: u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]),
-        dst_raw: u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]),
-        sport_raw: ports[0],
-        dport_raw: ports[1],
-    };
-    Ok(Parsed { tuple, proto, tot_len, flags })
+    Ok(Parsed { tuple: Tuple::of_ipv4(&hdr, ports), proto, tot_len, flags })
 }
 
 /// XDP on the underlay interface: published-port traffic in, snat replies back.
@@ -704,8 +698,7 @@ fn icmp_lookup(ctx: &XdpContext, p: &Parsed, job: &mut Job) -> Result<bool, Outc
     }
     // The quoted transport header's first 8 bytes (ports; UDP's checksum).
     let ports: [u16; 4] = read(start, end, QUOTE_OFF + IPV4_LEN).ok_or(PASS)?;
-    let q_src = u32::from_ne_bytes([q[12], q[13], q[14], q[15]]);
-    let q_dst = u32::from_ne_bytes([q[16], q[17], q[18], q[19]]);
+    let Tuple { src_raw: q_src, dst_raw: q_dst, .. } = Tuple::of_ipv4(&q, [ports[0], ports[1]]);
     // Only errors about a packet this address sent.
     if q_src != p.tuple.dst_raw {
         return Err(PASS);
@@ -743,12 +736,7 @@ fn icmp_rewrite(ctx: &XdpContext, p: &Parsed, job: &Job, remote: bool) -> Option
     let (start, end) = (ctx.data(), ctx.data_end());
     let q: [u8; IPV4_LEN] = read(start, end, QUOTE_OFF)?;
     let ports: [u16; 4] = read(start, end, QUOTE_OFF + IPV4_LEN)?;
-    let old = Tuple {
-        src_raw: u32::from_ne_bytes([q[12], q[13], q[14], q[15]]),
-        dst_raw: u32::from_ne_bytes([q[16], q[17], q[18], q[19]]),
-        sport_raw: ports[0],
-        dport_raw: ports[1],
-    };
+    let old = Tuple::of_ipv4(&q, [ports[0], ports[1]]);
     let new = if remote && !job.dsr {
         Tuple { src_raw: b.addr_raw, dst_raw: b.gw_raw, sport_raw: b.port_raw, dport_raw: job.nat_port_raw }
     } else {
@@ -795,12 +783,7 @@ fn try_ingress_reply(ctx: &TcContext) -> Outcome<i32> {
         _ => return OK,
     };
     let Some(ports) = read::<[u16; 2]>(start, end, L4_OFF) else { return OK };
-    let t = Tuple {
-        src_raw: u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]),
-        dst_raw: u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]),
-        sport_raw: ports[0],
-        dport_raw: ports[1],
-    };
+    let t = Tuple::of_ipv4(&hdr, ports);
     let key = reply_key(t.src_raw, t.sport_raw, t.dst_raw, t.dport_raw, proto);
     // SAFETY: read-only lookup, copied out.
     let Some(nat) = (unsafe { IN_NAT.get(key) }).copied() else { return OK };

@@ -248,3 +248,14 @@ fn icmp_quote_rewrite_matches_full_recomputation() {
     assert!(icmp_is_flow_error(ICMP_DEST_UNREACH) && icmp_is_flow_error(ICMP_TIME_EXCEEDED));
     assert!(!icmp_is_flow_error(8), "echo request");
 }
+
+#[test]
+fn a_tuple_reads_the_addresses_where_ipv4_keeps_them() {
+    let mut hdr = [0u8; IPV4_LEN];
+    hdr[12..16].copy_from_slice(&[198, 18, 0, 100]);
+    hdr[16..20].copy_from_slice(&[198, 18, 0, 11]);
+    let t = Tuple::of_ipv4(&hdr, [40_000u16.to_be(), 3000u16.to_be()]);
+    assert_eq!(t.src_raw.to_ne_bytes(), [198, 18, 0, 100]);
+    assert_eq!(t.dst_raw.to_ne_bytes(), [198, 18, 0, 11]);
+    assert_eq!((u16::from_be(t.sport_raw), u16::from_be(t.dport_raw)), (40_000, 3000));
+}

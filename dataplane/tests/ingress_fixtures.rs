@@ -1115,11 +1115,12 @@ fn dsr_mark_with_an_outer_udp_checksum_is_cleared_to_none() {
     assert_eq!(out, expected, "mark cleared and the outer UDP checksum set to none (valid over IPv4)");
 }
 
-/// Not a benchmark (T's `make bench` measures the paths end to end): the program's own
-/// cost for traffic it passes and for an established flow, with `BPF_PROG_TEST_RUN`
-/// repeating one packet, so a regression that makes the common case expensive shows.
+/// The common paths (traffic passed, an established flow) give the same verdict over a
+/// million repetitions of one packet in `BPF_PROG_TEST_RUN`. The run's time per packet
+/// is printed for information only (`-- --nocapture`): performance is judged in
+/// `make bench`, not by a timed test.
 #[test]
-fn common_paths_cost_little() {
+fn common_paths_keep_their_verdict_over_a_million_runs() {
     let mut f = local_fixture(PROTO_TCP);
     // A frontend whose backend is itself (same address, port and MACs): the rewrite
     // leaves the packet as it was, so every repetition takes the whole established-
@@ -1164,7 +1165,6 @@ fn common_paths_cost_little() {
             r.duration
         });
         println!("ingress_xdp, {what}: {} ns per packet", per_packet.as_nanos());
-        assert!(per_packet.as_nanos() < 2_000, "{what}: {per_packet:?} per packet");
     }
 }
 

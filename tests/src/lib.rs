@@ -648,6 +648,26 @@ impl Cluster {
         .map_err(|e| e.context(self.log_tail(i, 40)))
     }
 
+    /// Waits until node `i` has programmed `port` (e.g. `"3000/tcp"`) with `n` backends
+    /// for local clients and `n` for remote ones (read back from its dataplane, not
+    /// the cluster state); returns the port's `published_paths` entry.
+    pub fn wait_serving(&self, i: usize, port: &str, n: usize) -> Result<serde_json::Value> {
+        poll(&format!("n{i} serves {port} with {n} backends"), Duration::from_secs(20), || {
+            let status = self.meshctl_json(i, &["status"])?;
+            let path = status["published_paths"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["port"].as_str() == Some(port))
+                .cloned()
+                .ok_or_else(|| anyhow!("no {port} in {}", status["published_paths"]))?;
+            let count = |key: &str| path[key].as_array().map_or(0, Vec::len);
+            anyhow::ensure!(count("backends") == n && count("remote_backends") == n, "{path}");
+            Ok(path)
+        })
+        .map_err(|e| e.context(self.log_tail(i, 30)))
+    }
+
     /// The last `lines` lines of node `i`'s meshd log, for failure messages.
     pub fn log_tail(&self, i: usize, lines: usize) -> String {
         let log = fs::read_to_string(&self.nodes[i - 1].log).unwrap_or_default();

@@ -77,8 +77,8 @@ fn wait_kernel_path(cluster: &Cluster, i: usize, port: u16, mode: &str, backends
                 status["ingress"]
             );
             ensure!(path["mode"] == mode, "mode {}: {path}", path["mode"]);
-            let n = path["backends"].as_array().map_or(0, Vec::len);
-            ensure!(n == backends, "{n} backends: {path}");
+            let count = |key: &str| path[key].as_array().map_or(0, Vec::len);
+            ensure!(count("backends") == backends && count("remote_backends") == backends, "{path}");
             Ok(kernel)
         },
     )

@@ -34,12 +34,10 @@ fn published_port_answers_on_every_node_and_reaches_every_task() -> Result<()> {
     let mut reached = BTreeSet::new();
     for i in 1..=3 {
         let addr = SocketAddr::from((node_addr(i), 3000));
-        // The publish reaches nodes 2 and 3 through the control plane: wait for it.
-        poll(&format!("n{i} serves port 3000 with all tasks"), Duration::from_secs(10), || {
-            let listeners = cluster.meshctl_json(i, &["service", "ls"])?;
-            let ok = listeners[0]["tasks"] == 5 && http_get(&client, addr).is_ok();
-            ok.then_some(()).ok_or_else(|| anyhow!("not yet"))
-        })?;
+        // The publish reaches nodes 2 and 3 through the control plane: wait until each
+        // has programmed all five tasks (the cluster state can be ahead of a node's
+        // dataplane by a reconcile pass).
+        cluster.wait_serving(i, "3000/tcp", 5)?;
         let mut per_node = BTreeSet::new();
         for n in 0..50 {
             let body = http_get(&client, addr).map_err(|e| e.context(format!("request {n} to n{i}")))?;

@@ -730,11 +730,28 @@ impl Agent {
                     .unwrap_or_default();
                 // Remote clients arrive on the underlay: the XDP program takes them
                 // when it serves the port, the proxy's listener otherwise.
-                let remote =
-                    if kernel_path.starts_with("xdp") { kernel_path.clone() } else { "proxy".to_owned() };
+                let xdp = kernel_path.starts_with("xdp");
+                let remote = if xdp { kernel_path.clone() } else { "proxy".to_owned() };
+                // The backends remote clients reach through that path, as this node
+                // programmed them (the ingress maps or the proxy's listener).
+                let remote_backends: Vec<String> = if xdp {
+                    seen.actual
+                        .ingress
+                        .services
+                        .get(&(frontend.proto, p.published))
+                        .map(|s| s.backends.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect())
+                        .unwrap_or_default()
+                } else {
+                    seen.actual
+                        .listeners
+                        .get(&(p.proto, p.published))
+                        .map(|b| b.iter().map(ToString::to_string).collect())
+                        .unwrap_or_default()
+                };
                 json!({
                     "port": format!("{}/{}", p.published, p.proto), "service": p.service,
                     "local_clients": local, "remote_clients": remote, "backends": backends,
+                    "remote_backends": remote_backends,
                     "kernel_path": kernel_path, "kernel_path_reason": kernel_path_reason,
                     "mode": p.mode,
                 })

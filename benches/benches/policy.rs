@@ -31,6 +31,7 @@ fn cluster(tasks: u32) -> Store {
             network: "backend".into(),
             endpoint_mode: EndpointMode::Vip,
             vip: Some(std::net::Ipv4Addr::new(10, 0, 0, 250)),
+            health_check: None,
         }),
     );
     s.put(
@@ -41,6 +42,7 @@ fn cluster(tasks: u32) -> Store {
             proto: Proto::Tcp,
             service: "web".into(),
             mode: Default::default(),
+            lb: Default::default(),
         }),
     );
     for node in 0..50u32 {
@@ -57,6 +59,8 @@ fn cluster(tasks: u32) -> Store {
                 vtep: Ipv4Addr::new(198, 18, 0, node as u8),
                 host_if: None,
                 netns: None,
+                health: Default::default(),
+                draining: false,
             }),
         );
     }
@@ -75,6 +79,8 @@ fn cluster(tasks: u32) -> Store {
                 vtep: Ipv4Addr::new(198, 18, 0, (t % 50) as u8),
                 host_if: Some(format!("mv{t:08x}")),
                 netns: Some(format!("/run/netns/t{t}")),
+                health: Default::default(),
+                draining: false,
             }),
         );
     }

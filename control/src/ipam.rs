@@ -208,6 +208,8 @@ mod tests {
             vtep: Ipv4Addr::new(198, 18, 0, 11),
             host_if: None,
             netns: None,
+            health: Default::default(),
+            draining: false,
         })
     }
 
@@ -287,6 +289,7 @@ mod tests {
                 network: "backend".into(),
                 endpoint_mode: EndpointMode::Vip,
                 vip: Some(Ipv4Addr::new(10, 0, 0, vip)),
+                health_check: None,
             })
         };
         // Side a: a task at .5 (counter 1). Side b: two services, the second's VIP .5
@@ -318,7 +321,14 @@ mod tests {
         let subnet = net("10.0.0.0/24");
         store.put("n1", Object::Network(Network { name: "b".into(), subnet, vni: 4096, mtu: None }));
         for (name, last) in [("n1", 11), ("n2", 12), ("n3", 13)] {
-            store.put(name, Object::Node(Node { name: name.into(), addr: Ipv4Addr::new(198, 18, 0, last) }));
+            store.put(
+                name,
+                Object::Node(Node {
+                    name: name.into(),
+                    addr: Ipv4Addr::new(198, 18, 0, last),
+                    availability: Default::default(),
+                }),
+            );
         }
         for (node, index) in [("n1", 1), ("n2", 2), ("n2", 3), ("n3", 4)] {
             store.put_claim(BlockClaim { network: "b".into(), index, node: node.into() });

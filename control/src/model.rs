@@ -75,6 +75,108 @@ pub struct Service {
     /// `None` makes every later field unreadable); `default` reads older JSON stores.
     #[serde(default)]
     pub vip: Option<Ipv4Addr>,
+    /// The active check each task's own node runs on it (`None`: no check; a task is
+    /// healthy while its node is live). Always encoded, like `vip`.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// How a task is probed, and how often (`meshctl service create|update --health-*`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// What a probe does.
+    pub probe: Probe,
+    /// Time between probes, in milliseconds.
+    pub interval_ms: u32,
+    /// A probe not answered within this many milliseconds fails.
+    pub timeout_ms: u32,
+    /// Consecutive failed probes that take a healthy task out of rotation.
+    pub retries: u32,
+    /// Consecutive passed probes that bring an unhealthy task back.
+    pub passes: u32,
+}
+
+/// One health probe.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Probe {
+    /// A TCP connect to the task's port.
+    Tcp {
+        /// The task's port to connect to.
+        port: u16,
+    },
+    /// An HTTP GET that must answer 2xx or 3xx.
+    Http {
+        /// The task's port.
+        port: u16,
+        /// The request path, e.g. `/healthz`.
+        path: String,
+    },
+}
+
+/// A task's health as its own node's checker last judged it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// In rotation (also: no check configured).
+    #[default]
+    Healthy,
+    /// Failed `retries` probes in a row: out of rotation until `passes` probes pass.
+    Unhealthy,
+}
+
+/// How new connections to a published port pick a task (the proxy's policy; the
+/// kernel paths always use Maglev on the flow).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LbPolicy {
+    /// Round robin.
+    #[default]
+    Rr,
+    /// The task with the fewest active connections.
+    Leastconn,
+    /// Power of two choices: the less loaded of two random tasks.
+    P2c,
+    /// Maglev on the client's address: a client keeps its task.
+    Maglev,
+}
+
+impl FromStr for LbPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "rr" => Ok(Self::Rr),
+            "leastconn" => Ok(Self::Leastconn),
+            "p2c" => Ok(Self::P2c),
+            "maglev" => Ok(Self::Maglev),
+            other => {
+                Err(format!("unknown load-balancing policy {other:?}: use rr, leastconn, p2c or maglev"))
+            }
+        }
+    }
+}
+
+impl fmt::Display for LbPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Rr => "rr",
+            Self::Leastconn => "leastconn",
+            Self::P2c => "p2c",
+            Self::Maglev => "maglev",
+        })
+    }
+}
+
+/// Whether a node's tasks take new connections (`meshctl node drain|activate`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Availability {
+    /// Its tasks are in rotation.
+    #[default]
+    Active,
+    /// Its tasks finish the connections they have and take no new ones; the node
+    /// itself keeps serving published ports.
+    Drain,
 }
 
 /// How external clients' traffic to a published port reaches its tasks on the kernel
@@ -125,6 +227,9 @@ pub struct PublishedPort {
     /// `default` reads JSON stores from before modes.
     #[serde(default)]
     pub mode: PublishMode,
+    /// The proxy's load-balancing policy. Always encoded.
+    #[serde(default)]
+    pub lb: LbPolicy,
 }
 
 /// An address on an overlay network: a task of a service, or a node's own interface.
@@ -148,6 +253,13 @@ pub struct Endpoint {
     pub host_if: Option<String>,
     /// Network namespace path of the task (tasks only).
     pub netns: Option<String>,
+    /// The task's health as its node's checker judged it. Always encoded.
+    #[serde(default)]
+    pub health: Health,
+    /// Leaving: out of rotation, its connections finishing (`meshctl detach` with a
+    /// grace period). Always encoded.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 impl Endpoint {
@@ -164,6 +276,9 @@ pub struct Node {
     pub name: String,
     /// Its underlay address: VTEP and control-plane address.
     pub addr: Ipv4Addr,
+    /// Whether its tasks take new connections. Always encoded.
+    #[serde(default)]
+    pub availability: Availability,
 }
 
 /// A node's claim on one address of a network (see [`crate::ipam`]): a block of one.
@@ -326,7 +441,14 @@ mod tests {
     use super::*;
 
     fn port(mode: PublishMode) -> PublishedPort {
-        PublishedPort { published: 3000, target: 80, proto: Proto::Tcp, service: "web".into(), mode }
+        PublishedPort {
+            published: 3000,
+            target: 80,
+            proto: Proto::Tcp,
+            service: "web".into(),
+            mode,
+            lb: Default::default(),
+        }
     }
 
     #[test]

@@ -98,6 +98,8 @@ mod tests {
             vtep: Ipv4Addr::new(198, 18, 0, 11),
             host_if: Some(format!("mv{id}")),
             netns: Some(format!("/run/netns/{id}")),
+            health: Default::default(),
+            draining: false,
         })
     }
 
@@ -120,6 +122,7 @@ mod tests {
                 network: network.into(),
                 endpoint_mode: mode,
                 vip: vip.map(Ipv4Addr::from),
+                health_check: None,
             })
         };
         s.put("n1", service("web", "front", EndpointMode::Vip, Some([10, 0, 1, 2])));
@@ -205,6 +208,7 @@ mod tests {
                 network: "front".into(),
                 endpoint_mode: EndpointMode::Vip,
                 vip: Some(ip([10, 0, 1, 10])),
+                health_check: None,
             }),
         );
         let table = name_table(&s, &live(&["n1", "n2"]));

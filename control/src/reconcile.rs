@@ -20,7 +20,7 @@ use meshd_dataplane::{
 
 use crate::{
     ipam::mac_for_ip,
-    model::{Endpoint, EndpointMode, PublishMode, Vni},
+    model::{Availability, Endpoint, EndpointMode, Health, PublishMode, Vni},
     store::Store,
 };
 
@@ -156,7 +156,7 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: 
         }
         let mut backends: Vec<SocketAddr> = store
             .tasks_of(&port.service)
-            .filter(|t| live.contains(&t.node))
+            .filter(|t| in_rotation(store, live, t))
             .map(|t| SocketAddr::from((t.ip, port.target)))
             .collect();
         backends.sort();
@@ -165,6 +165,16 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: 
     out.frontends = frontends(store, live, &joined);
     out.ingress = ingress(store, live, node, &out);
     out
+}
+
+/// Whether `task` takes new connections on every path (proxy, socket LB, kernel
+/// ingress): its node is `live` and not drained, its checker finds it healthy, and it
+/// is not draining. The one place that decides rotation.
+pub fn in_rotation(store: &Store, live: &BTreeSet<String>, task: &Endpoint) -> bool {
+    live.contains(&task.node)
+        && task.health == Health::Healthy
+        && !task.draining
+        && store.node(&task.node).is_none_or(|n| n.availability == Availability::Active)
 }
 
 /// The kernel path's mode of a published port's mode.
@@ -193,7 +203,7 @@ fn ingress(store: &Store, live: &BTreeSet<String>, node: &str, so_far: &Dataplan
         }
         let mut backends: Vec<IngressBackendSpec> = store
             .tasks_of(&port.service)
-            .filter(|t| live.contains(&t.node) && !shadowed.contains(t.id.as_str()))
+            .filter(|t| in_rotation(store, live, t) && !shadowed.contains(t.id.as_str()))
             .filter_map(|t| {
                 let net = store.network(&t.network)?;
                 let gw = so_far.overlays.get(&net.vni)?;
@@ -244,7 +254,7 @@ fn frontends(store: &Store, live: &BTreeSet<String>, joined: &BTreeMap<String, V
     let backends = |service: &str, port: u16| -> Vec<Backend> {
         let mut out: Vec<Backend> = store
             .tasks_of(service)
-            .filter(|t| live.contains(&t.node) && !shadowed.contains(t.id.as_str()))
+            .filter(|t| in_rotation(store, live, t) && !shadowed.contains(t.id.as_str()))
             .map(|t| Backend { addr: t.ip, port })
             .collect();
         out.sort();
@@ -423,6 +433,8 @@ mod tests {
             vtep: Ipv4Addr::new(198, 18, 0, if node == "n1" { 11 } else { 12 }),
             host_if: service.map(|_| format!("mv{id}")),
             netns: service.map(|_| format!("/run/netns/{id}")),
+            health: Default::default(),
+            draining: false,
         })
     }
 
@@ -444,6 +456,7 @@ mod tests {
                 network: "backend".into(),
                 endpoint_mode: EndpointMode::Vip,
                 vip: Some(Ipv4Addr::new(10, 0, 0, 100)),
+                health_check: None,
             }),
         );
         s.put("n1", endpoint(&Endpoint::node_id("n1", "backend"), None, "n1", [10, 0, 0, 1]));
@@ -458,6 +471,7 @@ mod tests {
                 proto: Proto::Tcp,
                 service: "web".into(),
                 mode: crate::model::PublishMode::Snat,
+                lb: Default::default(),
             }),
         );
         s
@@ -479,6 +493,40 @@ mod tests {
             d.listeners[&(Proto::Tcp, 3000)],
             vec!["10.0.0.2:80".parse().unwrap(), "10.0.0.18:80".parse().unwrap()]
         );
+    }
+
+    #[test]
+    fn an_unhealthy_draining_or_drained_task_leaves_every_path() {
+        let web1_only = |d: &Dataplane| {
+            let proxy = &d.listeners[&(Proto::Tcp, 3000)];
+            let lb = &d.frontends[&lb([0, 0, 0, 0], 3000, socklb::Proto::Tcp)];
+            let kernel = &d.ingress.services[&(socklb::Proto::Tcp, 3000)].backends;
+            proxy == &["10.0.0.18:80".parse::<SocketAddr>().unwrap()]
+                && lb == &[backend([10, 0, 0, 18], 80)]
+                && kernel.iter().map(|b| b.addr).eq([Ipv4Addr::new(10, 0, 0, 18)])
+        };
+        let with_web2 = |change: &dyn Fn(&mut Endpoint)| {
+            let mut s = cluster();
+            let Object::Endpoint(mut e) = endpoint("web.2", Some("web"), "n1", [10, 0, 0, 2]) else {
+                unreachable!()
+            };
+            change(&mut e);
+            s.put("n1", Object::Endpoint(e));
+            desired(&s, &all(), "n1", 1450)
+        };
+        assert!(!web1_only(&with_web2(&|_| ())), "premise: web.2 serves");
+        assert!(web1_only(&with_web2(&|e| e.health = Health::Unhealthy)));
+        assert!(web1_only(&with_web2(&|e| e.draining = true)));
+        let mut s = cluster();
+        s.put(
+            "n1",
+            Object::Node(crate::model::Node {
+                name: "n1".into(),
+                addr: Ipv4Addr::new(198, 18, 0, 11),
+                availability: Availability::Drain,
+            }),
+        );
+        assert!(web1_only(&desired(&s, &all(), "n1", 1450)), "n1 drained: its task leaves rotation");
     }
 
     fn lb(addr: [u8; 4], port: u16, proto: socklb::Proto) -> Frontend {
@@ -551,6 +599,7 @@ mod tests {
                 proto: Proto::Tcp,
                 service: "web".into(),
                 mode: PublishMode::Dsr,
+                lb: Default::default(),
             }),
         );
         let d = desired(&store, &all(), "n2", 1450);
@@ -609,6 +658,7 @@ mod tests {
                 network: "backend".into(),
                 endpoint_mode: EndpointMode::Dnsrr,
                 vip: None,
+                health_check: None,
             }),
         );
         let d = desired(&store, &all(), "n1", 1450);

@@ -306,6 +306,14 @@ impl Store {
         }
     }
 
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        match self.get(&crate::model::Key::node(name)) {
+            Some(Object::Node(n)) => Some(n),
+            _ => None,
+        }
+    }
+
     /// The task endpoints of service `name`.
     pub fn tasks_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Endpoint> + 'a {
         self.endpoints().filter(move |e| e.service.as_deref() == Some(service))
@@ -323,6 +331,7 @@ mod tests {
             network: network.into(),
             endpoint_mode: EndpointMode::Vip,
             vip: None,
+            health_check: None,
         })
     }
 

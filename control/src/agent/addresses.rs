@@ -132,6 +132,8 @@ impl Agent {
                         vtep: self.cfg.advertise_addr,
                         host_if: None,
                         netns: None,
+                        health: Default::default(),
+                        draining: false,
                     };
                     self.write(|g, now| g.put(Object::Endpoint(endpoint), now));
                     let mut alloc = self.alloc();

@@ -166,7 +166,7 @@ impl Agent {
             EndpointMode::Vip => Some(self.allocate_until(&net, None, Instant::now() + ATTACH_WAIT).await?),
             EndpointMode::Dnsrr => None,
         };
-        let put = self.put_service(Service { name, network, endpoint_mode, vip });
+        let put = self.put_service(Service { name, network, endpoint_mode, vip, health_check: None });
         if let Some(ip) = vip {
             self.alloc().reserved.remove(&ip);
         }
@@ -394,6 +394,8 @@ impl Agent {
             vtep: self.cfg.advertise_addr,
             host_if: Some(host_if),
             netns: Some(netns.to_owned()),
+            health: Default::default(),
+            draining: false,
         };
         self.seen.lock().actual.record(&Op::EnsureTask(link));
         self.write(|g, now| g.put(Object::Endpoint(endpoint.clone()), now));
@@ -496,6 +498,7 @@ impl Agent {
             proto: spec.proto,
             service: service.into(),
             mode,
+            lb: Default::default(),
         };
         // Bind here first: a port held by another process is refused with nothing written.
         let mut plane = self.plane.lock().await;

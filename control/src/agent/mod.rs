@@ -203,7 +203,8 @@ impl Agent {
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(|e| Error::io(format!("creating --state-dir {}", cfg.state_dir.display()), e))?;
         let mut loaded = load_store(&cfg)?;
-        let node = Node { name: cfg.node_name.clone(), addr: cfg.advertise_addr };
+        let node =
+            Node { name: cfg.node_name.clone(), addr: cfg.advertise_addr, availability: Default::default() };
         let overlay = KernelVxlan::connect(cfg.advertise_addr)?;
         let underlay = overlay.underlay_mtu(cfg.advertise_addr).await?;
         // 68: the smallest MTU IPv4 allows.

@@ -232,5 +232,7 @@ pub fn task_endpoint(id: &str) -> crate::model::Object {
         vtep: Ipv4Addr::new(198, 18, 0, 11),
         host_if: None,
         netns: None,
+        health: Default::default(),
+        draining: false,
     })
 }

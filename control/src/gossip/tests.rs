@@ -290,7 +290,14 @@ fn a_filtered_push_pull_covers_only_what_it_carries() {
     g.put(Object::Endpoint(participation), 0);
     g.put(endpoint("web.1"), 0);
     let task_counter = g.store().entry(&Key::endpoint("web.1")).unwrap().version.counter;
-    g.put(Object::Node(crate::model::Node { name: "a".into(), addr: std::net::Ipv4Addr::LOCALHOST }), 0);
+    g.put(
+        Object::Node(crate::model::Node {
+            name: "a".into(),
+            addr: std::net::Ipv4Addr::LOCALHOST,
+            availability: Default::default(),
+        }),
+        0,
+    );
     let for_b = g.push_pull_for(Some("b"), false);
     assert!(for_b.store.entry(&Key::endpoint("web.1")).is_none(), "premise: the task is filtered out");
     assert_eq!(for_b.covers, task_counter - 1);

@@ -11,7 +11,10 @@ use meshd_control::{
     reconcile::{desired, plan, Dataplane},
     store::Store,
 };
-use meshd_dataplane::{lb::RoundRobin, proxy::Proto};
+use meshd_dataplane::{
+    lb::{Balancer, Loads, Policy},
+    proxy::Proto,
+};
 
 fn cluster(tasks: u32) -> Store {
     let mut s = Store::default();
@@ -88,9 +91,15 @@ fn cluster(tasks: u32) -> Store {
 }
 
 fn benches(c: &mut Criterion) {
-    let rr = RoundRobin::default();
-    let backends: Vec<u32> = (0..64).collect();
-    c.bench_function("round_robin_pick_64_backends", |b| b.iter(|| black_box(rr.order(&backends).next())));
+    let backends: Vec<std::net::SocketAddr> =
+        (0..64u32).map(|i| std::net::SocketAddr::from((Ipv4Addr::from(0x0a00_0002 + i), 80))).collect();
+    let client = std::net::IpAddr::from([198, 18, 0, 100]);
+    for policy in [Policy::RoundRobin, Policy::LeastConn, Policy::P2c, Policy::Maglev] {
+        let balancer = Balancer::new(policy, backends.clone(), &Loads::default(), Default::default());
+        c.bench_function(&format!("{policy}_pick_64_backends"), |b| {
+            b.iter(|| black_box(balancer.order(client).next()))
+        });
+    }
 
     let store = cluster(1000);
     let live = (0..50).map(|n| format!("n{n}")).collect();

@@ -111,6 +111,9 @@ pub enum Request {
         /// snat (default) or dsr.
         #[serde(default)]
         mode: PublishMode,
+        /// The proxy's load-balancing policy.
+        #[serde(default)]
+        lb: crate::model::LbPolicy,
     },
     /// `unpublish PUBLISHED[/proto] [SERVICE]`.
     Unpublish {

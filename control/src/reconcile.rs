@@ -13,14 +13,15 @@ use std::{
 use ipnet::Ipv4Net;
 use meshd_dataplane::{
     ingress::{IngressBackendSpec, IngressMode, IngressService, IngressSpec},
+    lb::Policy,
     overlay::{Observed, OverlaySpec, PeerSpec, TaskLink},
-    proxy::Proto,
+    proxy::{ListenerSpec, Proto},
     socklb::{self, Backend, Frontend},
 };
 
 use crate::{
     ipam::mac_for_ip,
-    model::{Availability, Endpoint, EndpointMode, Health, PublishMode, Vni},
+    model::{Availability, Endpoint, EndpointMode, Health, LbPolicy, PublishMode, Vni},
     store::Store,
 };
 
@@ -36,8 +37,8 @@ pub struct Dataplane {
     pub peers: BTreeSet<PeerSpec>,
     /// Local tasks' interfaces, by host-side interface name.
     pub local_tasks: BTreeMap<String, TaskLink>,
-    /// Published-port listeners and their backends.
-    pub listeners: BTreeMap<(Proto, u16), Vec<SocketAddr>>,
+    /// Published-port listeners: their backends and policy.
+    pub listeners: BTreeMap<(Proto, u16), ListenerSpec>,
     /// Ordered pairs of network subnets kept apart: (from, to).
     pub isolation: BTreeSet<(Ipv4Net, Ipv4Net)>,
     /// The socket load balancer's frontends (service VIPs, published ports for local
@@ -63,14 +64,14 @@ pub enum Op {
     EnsureTask(TaskLink),
     /// Remove a local task's interface.
     DetachTask(String),
-    /// Serve a published port with these backends (or update them).
+    /// Serve a published port with these backends and policy (or update them).
     Listen {
         /// Protocol.
         proto: Proto,
         /// Published port.
         port: u16,
-        /// Where connections go.
-        backends: Vec<SocketAddr>,
+        /// Where connections go, and how each picks one.
+        spec: ListenerSpec,
     },
     /// Keep one network's traffic out of another.
     Isolate(Ipv4Net, Ipv4Net),
@@ -160,7 +161,8 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: 
             .map(|t| SocketAddr::from((t.ip, port.target)))
             .collect();
         backends.sort();
-        out.listeners.insert((port.proto, port.published), backends);
+        out.listeners
+            .insert((port.proto, port.published), ListenerSpec { policy: lb_policy(port.lb), backends });
     }
     out.frontends = frontends(store, live, &joined);
     out.ingress = ingress(store, live, node, &out);
@@ -175,6 +177,16 @@ pub fn in_rotation(store: &Store, live: &BTreeSet<String>, task: &Endpoint) -> b
         && task.health == Health::Healthy
         && !task.draining
         && store.node(&task.node).is_none_or(|n| n.availability == Availability::Active)
+}
+
+/// The proxy's policy of a published port's `--lb`.
+pub fn lb_policy(lb: LbPolicy) -> Policy {
+    match lb {
+        LbPolicy::Rr => Policy::RoundRobin,
+        LbPolicy::Leastconn => Policy::LeastConn,
+        LbPolicy::P2c => Policy::P2c,
+        LbPolicy::Maglev => Policy::Maglev,
+    }
 }
 
 /// The kernel path's mode of a published port's mode.
@@ -306,7 +318,7 @@ pub fn nat_tables(want: &Dataplane) -> BTreeMap<std::path::PathBuf, FrontendTabl
 /// listeners.
 pub fn actual(
     observed: Observed,
-    listeners: impl IntoIterator<Item = ((Proto, u16), Vec<SocketAddr>)>,
+    listeners: impl IntoIterator<Item = ((Proto, u16), ListenerSpec)>,
     frontends: FrontendTable,
 ) -> Dataplane {
     Dataplane {
@@ -359,9 +371,9 @@ pub fn plan(applied: &Dataplane, desired: &Dataplane) -> Vec<Op> {
             ops.push(Op::EnsureTask(link.clone()));
         }
     }
-    for (&(proto, port), backends) in &desired.listeners {
-        if applied.listeners.get(&(proto, port)) != Some(backends) {
-            ops.push(Op::Listen { proto, port, backends: backends.clone() });
+    for (&(proto, port), spec) in &desired.listeners {
+        if applied.listeners.get(&(proto, port)) != Some(spec) {
+            ops.push(Op::Listen { proto, port, spec: spec.clone() });
         }
     }
     if applied.frontends != desired.frontends {
@@ -396,8 +408,8 @@ impl Dataplane {
             Op::DetachTask(host_if) => {
                 self.local_tasks.remove(host_if);
             }
-            Op::Listen { proto, port, backends } => {
-                self.listeners.insert((*proto, *port), backends.clone());
+            Op::Listen { proto, port, spec } => {
+                self.listeners.insert((*proto, *port), spec.clone());
             }
             Op::Unlisten { proto, port } => {
                 self.listeners.remove(&(*proto, *port));
@@ -490,7 +502,7 @@ mod tests {
         assert_eq!(d.local_tasks.keys().collect::<Vec<_>>(), ["mvweb.2"]);
         assert_eq!(d.local_tasks["mvweb.2"].gateway, Ipv4Addr::new(10, 0, 0, 1));
         assert_eq!(
-            d.listeners[&(Proto::Tcp, 3000)],
+            d.listeners[&(Proto::Tcp, 3000)].backends,
             vec!["10.0.0.2:80".parse().unwrap(), "10.0.0.18:80".parse().unwrap()]
         );
     }
@@ -498,7 +510,7 @@ mod tests {
     #[test]
     fn an_unhealthy_draining_or_drained_task_leaves_every_path() {
         let web1_only = |d: &Dataplane| {
-            let proxy = &d.listeners[&(Proto::Tcp, 3000)];
+            let proxy = &d.listeners[&(Proto::Tcp, 3000)].backends;
             let lb = &d.frontends[&lb([0, 0, 0, 0], 3000, socklb::Proto::Tcp)];
             let kernel = &d.ingress.services[&(socklb::Proto::Tcp, 3000)].backends;
             proxy == &["10.0.0.18:80".parse::<SocketAddr>().unwrap()]
@@ -695,9 +707,12 @@ mod tests {
         let live: BTreeSet<String> = ["n1".to_owned()].into();
         let d = desired(&store, &live, "n1", 1450);
         assert!(d.peers.is_empty(), "no FDB entries towards a dead node");
-        assert_eq!(d.listeners[&(Proto::Tcp, 3000)], vec!["10.0.0.2:80".parse().unwrap()]);
+        assert_eq!(
+            d.listeners[&(Proto::Tcp, 3000)].backends,
+            vec!["10.0.0.2:80".parse::<SocketAddr>().unwrap()]
+        );
         // It comes back: everything is there again, nothing was lost.
-        assert_eq!(desired(&store, &all(), "n1", 1450).listeners[&(Proto::Tcp, 3000)].len(), 2);
+        assert_eq!(desired(&store, &all(), "n1", 1450).listeners[&(Proto::Tcp, 3000)].backends.len(), 2);
     }
 
     #[test]

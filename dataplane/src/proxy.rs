@@ -41,7 +41,11 @@ use tokio::{
     time::{sleep_until, timeout, Instant},
 };
 
-use crate::{backoff::AcceptBackoff, lb::RoundRobin, Error, Result};
+use crate::{
+    backoff::AcceptBackoff,
+    lb::{Balancer, Loads, Policy},
+    Error, Result,
+};
 
 /// The relay buffer of each worker thread (shared by its connections), and the most a
 /// bulk flow splices at once: large enough that bulk transfers move in few syscalls
@@ -312,11 +316,25 @@ impl FromStr for Proto {
     }
 }
 
-/// The backends of one listener, swapped whole when they change.
-type Backends = Arc<RwLock<Arc<[SocketAddr]>>>;
+/// What one published port's listener serves: its backends, and how a new
+/// connection picks one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListenerSpec {
+    /// The load-balancing policy.
+    pub policy: Policy,
+    /// The backends, in the order the policy indexes them.
+    pub backends: Vec<SocketAddr>,
+}
+
+/// One listener's balancer, swapped whole when its backends or policy change.
+type Backends = Arc<RwLock<Arc<Balancer>>>;
 
 struct Listener {
     backends: Backends,
+    /// Active connections per backend address, kept across balancer swaps.
+    loads: Loads,
+    /// The round-robin turn, kept across balancer swaps.
+    turn: Arc<AtomicUsize>,
     /// The accept loops: one per worker for TCP, one for UDP.
     tasks: Vec<JoinHandle<()>>,
 }
@@ -374,16 +392,27 @@ impl Proxy {
         Proxy { shared: Arc::new(Shared::new(config)), listeners: HashMap::new(), workers: None }
     }
 
-    /// Starts serving `port`, or updates its backends if it is served already.
+    /// Starts serving `port` round robin over `backends`, or updates them if it is
+    /// served already.
     pub async fn publish(&mut self, proto: Proto, port: u16, backends: Vec<SocketAddr>) -> Result<()> {
+        self.publish_spec(proto, port, ListenerSpec { policy: Policy::RoundRobin, backends }).await
+    }
+
+    /// Starts serving `port` as `spec` says, or updates its backends and policy if it
+    /// is served already (connections in flight keep their backend).
+    pub async fn publish_spec(&mut self, proto: Proto, port: u16, spec: ListenerSpec) -> Result<()> {
         if let Some(listener) = self.listeners.get(&(proto, port)) {
-            *listener.backends.write() = backends.into();
+            let balancer = Balancer::new(spec.policy, spec.backends, &listener.loads, listener.turn.clone());
+            *listener.backends.write() = Arc::new(balancer);
             return Ok(());
         }
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-        let backends: Backends = Arc::new(RwLock::new(backends.into()));
+        let loads = Loads::default();
+        let turn = Arc::<AtomicUsize>::default();
+        let balancer = Balancer::new(spec.policy, spec.backends, &loads, turn.clone());
+        let backends: Backends = Arc::new(RwLock::new(Arc::new(balancer)));
         let shared = self.shared.clone();
-        let mut listener = Listener { backends: backends.clone(), tasks: Vec::new() };
+        let mut listener = Listener { backends: backends.clone(), loads, turn, tasks: Vec::new() };
         match proto {
             Proto::Tcp => {
                 if self.workers.is_none() {
@@ -393,8 +422,6 @@ impl Proxy {
                     self.workers = Some(started);
                 }
                 let workers = self.workers.as_ref().expect("just started");
-                // One round robin for the port, whichever worker accepts.
-                let rr = Arc::new(RoundRobin::default());
                 for worker in workers.handles() {
                     let keepalive = shared.config.tcp_keepalive.as_ref();
                     let socket = workers::reuseport_listener(addr).and_then(|socket| {
@@ -405,7 +432,6 @@ impl Proxy {
                         Ok(socket) => listener.tasks.push(worker.spawn(serve_tcp(
                             socket,
                             backends.clone(),
-                            rr.clone(),
                             shared.clone(),
                         ))),
                         Err(source) => {
@@ -455,10 +481,13 @@ impl Proxy {
         ProxyStats(self.shared.clone())
     }
 
-    /// The ports served now with their backends: the proxy's side of what the reconciler
-    /// observes.
-    pub fn served(&self) -> impl Iterator<Item = ((Proto, u16), Vec<SocketAddr>)> + '_ {
-        self.listeners.iter().map(|(key, listener)| (*key, listener.backends.read().to_vec()))
+    /// The ports served now with their backends and policies: the proxy's side of
+    /// what the reconciler observes.
+    pub fn served(&self) -> impl Iterator<Item = ((Proto, u16), ListenerSpec)> + '_ {
+        self.listeners.iter().map(|(key, listener)| {
+            let balancer = listener.backends.read().clone();
+            (*key, ListenerSpec { policy: balancer.policy(), backends: balancer.backends().to_vec() })
+        })
     }
 }
 
@@ -472,12 +501,7 @@ impl Drop for Proxy {
 
 /// One worker's accept loop for a published port; every connection it accepts is relayed
 /// on this worker.
-async fn serve_tcp(
-    listener: std::net::TcpListener,
-    backends: Backends,
-    rr: Arc<RoundRobin>,
-    shared: Arc<Shared>,
-) {
+async fn serve_tcp(listener: std::net::TcpListener, backends: Backends, shared: Arc<Shared>) {
     // Registered here, so with this worker's runtime.
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
@@ -514,11 +538,10 @@ async fn serve_tcp(
             continue;
         };
         bump(&shared.counters.tcp_accepted);
-        let snapshot = backends.read().clone();
-        let rr = rr.clone();
+        let balancer = backends.read().clone();
         let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(error) = relay_tcp(client, &snapshot, &rr, &shared, slot).await {
+            if let Err(error) = relay_tcp(client, peer, &balancer, &shared, slot).await {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
@@ -543,15 +566,18 @@ pub fn configure_relayed_socket(socket: &impl AsFd, keepalive: Option<&Keepalive
 
 async fn relay_tcp(
     client: TcpStream,
-    backends: &[SocketAddr],
-    rr: &RoundRobin,
+    peer: SocketAddr,
+    balancer: &Balancer,
     shared: &Shared,
     _slot: OwnedSemaphorePermit,
 ) -> io::Result<()> {
     let config = &shared.config;
     // The client's socket has its options from the listener (configure_relayed_socket
     // there): six setsockopt calls fewer per connection.
-    for backend in rr.order(backends) {
+    for i in balancer.order(peer.ip()) {
+        let backend = balancer.backend(i);
+        // Counted from the connect on, so a slow connect already steers leastconn away.
+        let _active = balancer.hold(i);
         match timeout(config.tcp_connect_timeout, TcpStream::connect(backend)).await {
             Ok(Ok(upstream)) => {
                 configure_relayed_socket(&upstream, config.tcp_keepalive.as_ref())?;
@@ -602,12 +628,13 @@ struct UdpFlow {
     upstream: UdpSocket,
     /// When a datagram last passed in either direction (ms since the proxy's epoch).
     last_active: AtomicU64,
+    /// Counts the flow on its backend (leastconn, p2c) while it lives.
+    _load: crate::lb::ActiveGuard,
 }
 
 type UdpFlows = Arc<Mutex<HashMap<SocketAddr, Arc<UdpFlow>>>>;
 
 async fn serve_udp(socket: Arc<UdpSocket>, backends: Backends, shared: Arc<Shared>) {
-    let rr = RoundRobin::default();
     let flows: UdpFlows = Arc::default();
     // The reply tasks belong to this listener: aborting it (unpublish) ends them all,
     // which closes their sockets and frees their slots.
@@ -634,8 +661,9 @@ async fn serve_udp(socket: Arc<UdpSocket>, backends: Backends, shared: Arc<Share
                     bump(&shared.counters.udp_flows_refused);
                     continue;
                 };
-                let snapshot = backends.read().clone();
-                let Some(backend) = rr.order(&snapshot).next().copied() else { continue };
+                let balancer = backends.read().clone();
+                let Some(i) = balancer.order(client.ip()).next() else { continue };
+                let backend = balancer.backend(i);
                 let upstream = match open_udp_flow(backend) {
                     Ok(upstream) => upstream,
                     Err(error) => {
@@ -643,7 +671,8 @@ async fn serve_udp(socket: Arc<UdpSocket>, backends: Backends, shared: Arc<Share
                         continue;
                     }
                 };
-                let flow = Arc::new(UdpFlow { upstream, last_active: AtomicU64::new(now) });
+                let flow =
+                    Arc::new(UdpFlow { upstream, last_active: AtomicU64::new(now), _load: balancer.hold(i) });
                 flows.lock().insert(client, flow.clone());
                 bump(&shared.counters.udp_flows_opened);
                 // Reap finished reply tasks only when one is added (not per datagram):

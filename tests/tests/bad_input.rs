@@ -53,6 +53,10 @@ fn bad_input_is_refused_clearly_and_changes_nothing() -> Result<()> {
             "port 3000/tcp is already published for service web; unpublish it first",
         ),
         (&["publish", "3001:80", "web"], "another process holds the port"),
+        (
+            &["publish", "3002:80", "web", "--lb", "fastest"],
+            "unknown load-balancing policy \"fastest\": use rr, leastconn, p2c or maglev",
+        ),
         (&["unpublish", "3999"], "port 3999/tcp is not published"),
         (&["unpublish", "3000", "other"], "published for service web, not other"),
         (&["service", "create", "api", "--network", "nosuch"], "network nosuch does not exist; create it"),

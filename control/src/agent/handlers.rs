@@ -22,8 +22,8 @@ use crate::{
     api::Request,
     ipam,
     model::{
-        Endpoint, EndpointMode, Key, Network, NodeState, Object, PublishMode, PublishedPort, Service,
-        FIRST_VNI,
+        Endpoint, EndpointMode, Key, LbPolicy, Network, NodeState, Object, PublishMode, PublishedPort,
+        Service, FIRST_VNI,
     },
     reconcile::Op,
     spec::PortSpec,
@@ -59,8 +59,8 @@ impl Agent {
             Request::ServiceRm { name } => self.service_rm(&name).await,
             Request::Attach { service, netns, name, ip } => self.attach(&service, &netns, name, ip).await,
             Request::Detach { name } => self.detach(&name).await,
-            Request::Publish { spec, service, detach, mode } => {
-                self.publish(spec, &service, detach, mode).await
+            Request::Publish { spec, service, detach, mode, lb } => {
+                self.publish(spec, &service, detach, mode, lb).await
             }
             Request::Unpublish { published, proto, service } => {
                 self.unpublish(published, proto, service).await
@@ -478,31 +478,47 @@ impl Agent {
         Ok(json!({ "detached": task }))
     }
 
-    async fn publish(&self, spec: PortSpec, service: &str, detach: bool, mode: PublishMode) -> Result<Value> {
-        {
+    async fn publish(
+        &self,
+        spec: PortSpec,
+        service: &str,
+        detach: bool,
+        mode: PublishMode,
+        lb: LbPolicy,
+    ) -> Result<Value> {
+        // Publishing the same port, target and mode for the same service again changes
+        // its policy in place (nothing to bind; connections keep their tasks); anything
+        // else on a taken port is refused (a mode change would break the kernel path's
+        // flows: unpublish first).
+        let update = {
             let gossip = self.gossip();
             let store = gossip.store();
             store.service(service).ok_or_else(|| Self::unknown_service(service))?;
-            if let Some(p) =
-                store.published().find(|p| p.published == spec.published && p.proto == spec.proto)
-            {
-                return Err(Error::invalid(format!(
-                    "port {}/{} is already published for service {}; unpublish it first (`meshctl unpublish {} {}`)",
-                    p.published, p.proto, p.service, p.published, p.service
-                )));
-            };
-        }
+            let taken = store.published().find(|p| p.published == spec.published && p.proto == spec.proto);
+            match taken {
+                Some(p) if p.service == service && p.target == spec.target && p.mode == mode => true,
+                Some(p) => {
+                    return Err(Error::invalid(format!(
+                        "port {}/{} is already published for service {}; unpublish it first (`meshctl unpublish {} {}`)",
+                        p.published, p.proto, p.service, p.published, p.service
+                    )))
+                }
+                None => false,
+            }
+        };
         let port = PublishedPort {
             published: spec.published,
             target: spec.target,
             proto: spec.proto,
             service: service.into(),
             mode,
-            lb: Default::default(),
+            lb,
         };
         // Bind here first: a port held by another process is refused with nothing written.
         let mut plane = self.plane.lock().await;
-        plane.proxy.publish(spec.proto, spec.published, Vec::new()).await?;
+        if !update {
+            plane.proxy.publish(spec.proto, spec.published, Vec::new()).await?;
+        }
         self.write(|g, now| g.put(Object::Published(port.clone()), now));
         drop(plane);
         self.reconcile().await;
@@ -606,7 +622,7 @@ impl Agent {
                 seen.actual
                     .listeners
                     .iter()
-                    .filter(|(_, backends)| !with_backends || !backends.is_empty())
+                    .filter(|(_, l)| !with_backends || !l.backends.is_empty())
                     .map(|((proto, port), _)| format!("{port}/{proto}"))
                     .collect()
             };
@@ -748,7 +764,7 @@ impl Agent {
                     seen.actual
                         .listeners
                         .get(&(p.proto, p.published))
-                        .map(|b| b.iter().map(ToString::to_string).collect())
+                        .map(|l| l.backends.iter().map(ToString::to_string).collect())
                         .unwrap_or_default()
                 };
                 json!({
@@ -756,7 +772,7 @@ impl Agent {
                     "local_clients": local, "remote_clients": remote, "backends": backends,
                     "remote_backends": remote_backends,
                     "kernel_path": kernel_path, "kernel_path_reason": kernel_path_reason,
-                    "mode": p.mode,
+                    "mode": p.mode, "lb": p.lb,
                 })
             })
             .collect();

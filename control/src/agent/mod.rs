@@ -481,9 +481,7 @@ impl Agent {
             Op::RemovePeer(peer) => self.overlay.remove_peer(peer).await,
             Op::EnsureTask(link) => self.overlay.attach_task(link).await,
             Op::DetachTask(host_if) => self.overlay.detach_task(host_if).await,
-            Op::Listen { proto, port, backends } => {
-                plane.proxy.publish(*proto, *port, backends.clone()).await
-            }
+            Op::Listen { proto, port, spec } => plane.proxy.publish_spec(*proto, *port, spec.clone()).await,
             Op::Unlisten { proto, port } => {
                 plane.proxy.unpublish(*proto, *port);
                 Ok(())

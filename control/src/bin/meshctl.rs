@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand, ValueEnum};
 use meshd_control::{
     api::{call, Request, Response, DEFAULT_CLIENT_TIMEOUT, DEFAULT_SOCKET},
-    model::{EndpointMode, PublishMode},
+    model::{EndpointMode, LbPolicy, PublishMode},
     spec::{PortSpec, PublishedSpec},
 };
 use serde_json::Value;
@@ -77,6 +77,13 @@ enum Command {
         /// the task sees as the peer).
         #[arg(long, default_value = "snat")]
         mode: String,
+        /// How the proxy picks a task for a new connection: `rr` (round robin),
+        /// `leastconn` (fewest active connections), `p2c` (the less loaded of two at
+        /// random) or `maglev` (by the client's address: a client keeps its task). The
+        /// kernel paths always hash the flow (Maglev). Publishing the same port,
+        /// target and mode again changes the policy in place.
+        #[arg(long, default_value = "rr")]
+        lb: String,
     },
     /// Stop answering a published port.
     Unpublish {
@@ -183,11 +190,12 @@ fn request(command: Command) -> Result<Request, String> {
         Command::Service(ServiceCmd::Rm { name }) => Request::ServiceRm { name },
         Command::Attach { service, netns, name, ip } => Request::Attach { service, netns, name, ip },
         Command::Detach { task } => Request::Detach { name: task },
-        Command::Publish { spec, service, detach, mode } => Request::Publish {
+        Command::Publish { spec, service, detach, mode, lb } => Request::Publish {
             spec: spec.parse::<PortSpec>()?,
             service,
             detach,
             mode: mode.parse::<PublishMode>()?,
+            lb: lb.parse::<LbPolicy>()?,
         },
         Command::Unpublish { port, service } => {
             let spec: PublishedSpec = port.parse()?;

@@ -587,8 +587,10 @@ async fn relay_tcp(
             Err(_) => tracing::debug!(%backend, "backend connect timed out; trying the next"),
         }
     }
-    // No backend answered: closing the client tells it so.
+    // No backend answered: a reset tells the client at once (a plain close would read
+    // as an empty answer), so it can retry elsewhere.
     bump(&shared.counters.tcp_no_backend);
+    SockRef::from(&client).set_linger(Some(Duration::ZERO))?;
     Ok(())
 }
 

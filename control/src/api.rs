@@ -64,6 +64,16 @@ pub enum Request {
         network: String,
         /// How its name resolves.
         endpoint_mode: EndpointMode,
+        /// The active check its tasks' nodes run on them.
+        #[serde(default)]
+        health_check: Option<crate::model::HealthCheck>,
+    },
+    /// `service update NAME (--health-… | --no-health-check)`.
+    ServiceUpdate {
+        /// Service name.
+        name: String,
+        /// The new check; `None` removes it.
+        health_check: Option<crate::model::HealthCheck>,
     },
     /// `service ls`.
     ServiceLs,

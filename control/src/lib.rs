@@ -7,6 +7,7 @@ pub mod agent;
 pub mod api;
 pub mod gossip;
 pub mod hash;
+pub mod health;
 pub mod ipam;
 pub mod limits;
 pub mod model;

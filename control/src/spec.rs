@@ -1,6 +1,6 @@
-//! Parsers for what users type: port specs like `3000:80/tcp`.
+//! Parsers for what users type: port specs like `3000:80/tcp`, durations like `10s`.
 
-use std::str::FromStr;
+use std::{str::FromStr, time::Duration};
 
 use meshd_dataplane::proxy::Proto;
 use serde::{Deserialize, Serialize};
@@ -68,6 +68,30 @@ impl FromStr for PublishedSpec {
     }
 }
 
+/// The longest duration a flag takes (an hour: longer is surely a typo).
+pub const MAX_DURATION: Duration = Duration::from_secs(3600);
+
+/// A duration as users type it: a whole number with a unit, `ms`, `s`, `m` or `h`
+/// (`500ms`, `10s`, `2m`), or `0`; at most [`MAX_DURATION`].
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?}: use a number with ms, s, m or h, e.g. 10s or 500ms");
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1_000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(bad()),
+    };
+    let d = ms.map(Duration::from_millis).filter(|d| *d <= MAX_DURATION);
+    d.ok_or_else(|| format!("duration {s:?} is longer than {}s", MAX_DURATION.as_secs()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,5 +112,17 @@ mod tests {
             let err = bad.parse::<PortSpec>().unwrap_err();
             assert!(err.contains("invalid port spec"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn durations_parse_with_units_and_bad_ones_say_how() {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["", "10", "s", "1.5s", "-1s", "10sec", "ten"] {
+            assert!(parse_duration(bad).unwrap_err().contains("use a number with ms, s, m or h"), "{bad}");
+        }
+        assert!(parse_duration("2h").unwrap_err().contains("longer than 3600s"));
     }
 }

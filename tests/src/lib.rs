@@ -697,7 +697,16 @@ impl Cluster {
         extra: &[&str],
     ) -> Result<&Container> {
         let mut container = self.attach_new_container(node, service, task, extra)?;
+        container.server = Some(self.spawn_server(&container, port)?);
+        self.containers.push(container);
+        Ok(self.containers.last().expect("just pushed"))
+    }
+
+    /// Starts the test HTTP server of `container` on `port` (in its node's cgroup) and
+    /// waits until it answers.
+    fn spawn_server(&self, container: &Container, port: u16) -> Result<Child> {
         let path = container.netns();
+        let task = container.task.as_str();
         let server = Command::new("nsenter")
             .arg(format!("--net={}", path.display()))
             .arg("--")
@@ -706,19 +715,48 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()?;
-        fs::write(self.nodes[node - 1].cgroup.join("cgroup.procs"), server.id().to_string())?;
-        container.server = Some(server);
+        let mut server = server;
         let addr = SocketAddr::from((container.ip, port));
-        poll(&format!("{task} serves HTTP"), Duration::from_secs(10), || {
-            let body = http_get(&path, addr)?;
-            if body == task {
-                Ok(())
-            } else {
-                Err(anyhow!("answered {body:?}"))
-            }
-        })?;
-        self.containers.push(container);
-        Ok(self.containers.last().expect("just pushed"))
+        let started =
+            fs::write(self.nodes[container.node - 1].cgroup.join("cgroup.procs"), server.id().to_string())
+                .map_err(anyhow::Error::from)
+                .and_then(|()| {
+                    poll(&format!("{task} serves HTTP"), Duration::from_secs(10), || {
+                        let body = http_get(&path, addr)?;
+                        if body == task {
+                            Ok(())
+                        } else {
+                            Err(anyhow!("answered {body:?}"))
+                        }
+                    })
+                });
+        if let Err(error) = started {
+            let _ = server.kill();
+            let _ = server.wait();
+            return Err(error);
+        }
+        Ok(server)
+    }
+
+    /// Stops task `task`'s HTTP server without notice (SIGKILL by its PID): the task
+    /// stays attached, its port refuses.
+    pub fn kill_server(&mut self, task: &str) -> Result<()> {
+        let container =
+            self.containers.iter_mut().find(|c| c.task == task).ok_or_else(|| anyhow!("no task {task}"))?;
+        if let Some(mut server) = container.server.take() {
+            server.kill()?;
+            server.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts task `task`'s HTTP server again on port 80.
+    pub fn restart_server(&mut self, task: &str) -> Result<()> {
+        let i =
+            self.containers.iter().position(|c| c.task == task).ok_or_else(|| anyhow!("no task {task}"))?;
+        let server = self.spawn_server(&self.containers[i], 80)?;
+        self.containers[i].server = Some(server);
+        Ok(())
     }
 
     /// Creates a container namespace on node `node` and attaches it to `service` as

@@ -22,8 +22,8 @@ use crate::{
     api::Request,
     ipam,
     model::{
-        Endpoint, EndpointMode, Key, LbPolicy, Network, NodeState, Object, PublishMode, PublishedPort,
-        Service, FIRST_VNI,
+        Endpoint, EndpointMode, HealthCheck, Key, LbPolicy, Network, NodeState, Object, PublishMode,
+        PublishedPort, Service, FIRST_VNI,
     },
     reconcile::Op,
     spec::PortSpec,
@@ -50,9 +50,10 @@ impl Agent {
         match request {
             Request::NetworkCreate { name, subnet, mtu } => self.network_create(name, &subnet, mtu).await,
             Request::NetworkLs => Ok(self.network_ls()),
-            Request::ServiceCreate { name, network, endpoint_mode } => {
-                self.service_create(name, network, endpoint_mode).await
+            Request::ServiceCreate { name, network, endpoint_mode, health_check } => {
+                self.service_create(name, network, endpoint_mode, health_check).await
             }
+            Request::ServiceUpdate { name, health_check } => self.service_update(&name, health_check).await,
             Request::ServiceLs => Ok(self.service_ls()),
             Request::ServicePs { name } => self.service_ps(&name),
             Request::ServiceInspect { name } => self.service_inspect(&name),
@@ -157,6 +158,7 @@ impl Agent {
         name: String,
         network: String,
         endpoint_mode: EndpointMode,
+        health_check: Option<HealthCheck>,
     ) -> Result<Value> {
         check_name("service", &name)?;
         let net = self.check_new_service(&name, &network)?;
@@ -166,7 +168,7 @@ impl Agent {
             EndpointMode::Vip => Some(self.allocate_until(&net, None, Instant::now() + ATTACH_WAIT).await?),
             EndpointMode::Dnsrr => None,
         };
-        let put = self.put_service(Service { name, network, endpoint_mode, vip, health_check: None });
+        let put = self.put_service(Service { name, network, endpoint_mode, vip, health_check });
         if let Some(ip) = vip {
             self.alloc().reserved.remove(&ip);
         }
@@ -235,7 +237,7 @@ impl Agent {
             .tasks_of(name)
             .map(|t| {
                 let state = if live.contains(&t.node) { "running" } else { "suspended" };
-                json!({ "task": t.id, "node": t.node, "ip": t.ip, "mac": t.mac, "vtep": t.vtep, "state": state, "netns": t.netns })
+                json!({ "task": t.id, "node": t.node, "ip": t.ip, "mac": t.mac, "vtep": t.vtep, "state": state, "health": t.health, "netns": t.netns })
             })
             .collect();
         Ok(json!(rows))
@@ -258,6 +260,18 @@ impl Agent {
             "service": service, "network": network, "published": ports, "published_paths": paths,
             "tasks": tasks,
         }))
+    }
+
+    /// `service update`: replaces the service's health check; returns once every
+    /// alive node holds the new catalog.
+    async fn service_update(&self, name: &str, health_check: Option<HealthCheck>) -> Result<Value> {
+        let updated = {
+            let gossip = self.gossip();
+            let service = gossip.store().service(name).ok_or_else(|| Self::unknown_service(name))?;
+            Service { health_check, ..service.clone() }
+        };
+        self.write(|g, now| g.put(Object::Service(updated.clone()), now));
+        self.known_everywhere(format!("service {name}"), json!(updated)).await
     }
 
     async fn service_rm(&self, name: &str) -> Result<Value> {

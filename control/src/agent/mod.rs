@@ -5,6 +5,7 @@
 
 mod addresses;
 mod api_server;
+mod checker;
 mod handlers;
 mod keys;
 mod natlb;
@@ -276,6 +277,7 @@ impl Agent {
             ),
             ("reconcile", tokio::spawn(self.clone().reconcile_loop())),
             ("API", tokio::spawn(api_server::serve_api(api, self.clone()))),
+            ("health checks", tokio::spawn(self.clone().health_loop())),
         ];
         let outcome = supervise(loops, shutdown).await;
         match &outcome {

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand, ValueEnum};
 use meshd_control::{
     api::{call, Request, Response, DEFAULT_CLIENT_TIMEOUT, DEFAULT_SOCKET},
-    model::{EndpointMode, LbPolicy, PublishMode},
+    model::{EndpointMode, HealthCheck, LbPolicy, PublishMode},
     spec::{PortSpec, PublishedSpec},
 };
 use serde_json::Value;
@@ -119,6 +119,49 @@ enum NetworkCmd {
     Ls,
 }
 
+/// An active health check: each task's node probes it; a task that fails
+/// `--health-retries` probes in a row leaves rotation on every node and every path, and
+/// returns after `--health-passes` passes.
+#[derive(Debug, clap::Args)]
+struct HealthArgs {
+    /// Probe by a TCP connect to this port of the task.
+    #[arg(long, value_name = "PORT")]
+    health_tcp: Option<u16>,
+    /// Probe by an HTTP GET (2xx/3xx passes), e.g. 80:/healthz.
+    #[arg(long, value_name = "PORT:/PATH")]
+    health_http: Option<String>,
+    /// Time between probes.
+    #[arg(long, default_value = "1s", value_parser = meshd_control::spec::parse_duration)]
+    health_interval: Duration,
+    /// A probe not answered within this fails.
+    #[arg(long, default_value = "500ms", value_parser = meshd_control::spec::parse_duration)]
+    health_timeout: Duration,
+    /// Failed probes in a row that take a task out of rotation.
+    #[arg(long, default_value_t = meshd_control::health::DEFAULT_RETRIES)]
+    health_retries: u32,
+    /// Passed probes in a row that bring it back.
+    #[arg(long, default_value_t = meshd_control::health::DEFAULT_PASSES)]
+    health_passes: u32,
+}
+
+impl HealthArgs {
+    /// The check these flags describe; `None` when no probe is given.
+    fn check(&self) -> Result<Option<HealthCheck>, String> {
+        let probe = meshd_control::health::parse_probe(self.health_tcp, self.health_http.as_deref())?;
+        probe
+            .map(|p| {
+                meshd_control::health::check(
+                    p,
+                    self.health_interval,
+                    self.health_timeout,
+                    self.health_retries,
+                    self.health_passes,
+                )
+            })
+            .transpose()
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum ServiceCmd {
     /// Create a service on a network.
@@ -131,6 +174,18 @@ enum ServiceCmd {
         /// vip (one virtual IP) or dnsrr (DNS round-robin).
         #[arg(long, default_value = "vip")]
         endpoint_mode: String,
+        #[command(flatten)]
+        health: HealthArgs,
+    },
+    /// Change a service's health check.
+    Update {
+        /// The service.
+        name: String,
+        #[command(flatten)]
+        health: HealthArgs,
+        /// Remove its health check (every task is healthy while its node is live).
+        #[arg(long, conflicts_with_all = ["health_tcp", "health_http"])]
+        no_health_check: bool,
     },
     /// List services.
     Ls,
@@ -181,8 +236,23 @@ fn request(command: Command) -> Result<Request, String> {
             Request::NetworkCreate { name, subnet, mtu }
         }
         Command::Network(NetworkCmd::Ls) => Request::NetworkLs,
-        Command::Service(ServiceCmd::Create { name, network, endpoint_mode }) => {
-            Request::ServiceCreate { name, network, endpoint_mode: endpoint_mode.parse::<EndpointMode>()? }
+        Command::Service(ServiceCmd::Create { name, network, endpoint_mode, health }) => {
+            Request::ServiceCreate {
+                name,
+                network,
+                endpoint_mode: endpoint_mode.parse::<EndpointMode>()?,
+                health_check: health.check()?,
+            }
+        }
+        Command::Service(ServiceCmd::Update { name, health, no_health_check }) => {
+            let health_check = health.check()?;
+            if health_check.is_none() && !no_health_check {
+                return Err(
+                    "give a check (--health-tcp PORT or --health-http PORT:/PATH) or --no-health-check"
+                        .into(),
+                );
+            }
+            Request::ServiceUpdate { name, health_check }
         }
         Command::Service(ServiceCmd::Ls) => Request::ServiceLs,
         Command::Service(ServiceCmd::Ps { name }) => Request::ServicePs { name },
@@ -258,7 +328,7 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
     match request {
         Request::NetworkLs => table(result, &["name", "subnet", "vni", "mtu", "tasks", "free"]),
         Request::ServiceLs => table(result, &["name", "network", "endpoint_mode", "vip", "tasks", "published"]),
-        Request::ServicePs { .. } => table(result, &["task", "node", "ip", "mac", "state"]),
+        Request::ServicePs { .. } => table(result, &["task", "node", "ip", "mac", "state", "health"]),
         Request::NodeLs => table(result, &["name", "addr", "state", "incarnation", "changed_secs_ago"]),
         Request::NetworkCreate { .. } => format!(
             "network {} created (subnet {}, vni {}): known to {}",
@@ -275,6 +345,10 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
             format!("service {name} created{vip}: known to {}", all_nodes(&result["known_to"]))
         }
         Request::ServiceRm { name } => format!("service {name} removed"),
+        Request::ServiceUpdate { name, health_check: Some(_) } => {
+            format!("service {name} updated: its tasks' nodes probe them; `meshctl service ps {name}` shows their health")
+        }
+        Request::ServiceUpdate { name, health_check: None } => format!("service {name} updated: no health check"),
         Request::Attach { .. } => {
             let dns = match (result["resolver"].as_str(), result["resolver_error"].as_str()) {
                 (Some(resolver), _) => format!("; DNS on {resolver}"),

@@ -177,6 +177,23 @@ pub fn in_rotation(store: &Store, live: &BTreeSet<String>, task: &Endpoint) -> b
         && store.node(&task.node).is_none_or(|n| n.availability == Availability::Active)
 }
 
+/// The tasks kept out of new connections by `meshctl detach` (draining) or `meshctl
+/// node drain` (their node is drained), sorted: what a node confirms it applied.
+pub fn out_of_rotation(store: &Store) -> Vec<String> {
+    let mut out: Vec<String> = store
+        .endpoints()
+        .filter(|t| t.service.is_some() && drained(store, t))
+        .map(|t| t.id.clone())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Whether `task` is draining or on a drained node.
+fn drained(store: &Store, task: &Endpoint) -> bool {
+    task.draining || store.node(&task.node).is_some_and(|n| n.availability == Availability::Drain)
+}
+
 /// The kernel path's mode of a published port's mode.
 pub fn ingress_mode(mode: PublishMode) -> IngressMode {
     match mode {
@@ -201,9 +218,13 @@ fn ingress(store: &Store, live: &BTreeSet<String>, node: &str, so_far: &Dataplan
         if store.service(&port.service).is_none() {
             continue;
         }
+        // Draining tasks stay, flagged: their established flows keep reaching them.
         let mut backends: Vec<IngressBackendSpec> = store
             .tasks_of(&port.service)
-            .filter(|t| in_rotation(store, live, t) && !shadowed.contains(t.id.as_str()))
+            .filter(|t| {
+                (in_rotation(store, live, t) || (live.contains(&t.node) && drained(store, t)))
+                    && !shadowed.contains(t.id.as_str())
+            })
             .filter_map(|t| {
                 let net = store.network(&t.network)?;
                 let gw = so_far.overlays.get(&net.vni)?;
@@ -221,6 +242,7 @@ fn ingress(store: &Store, live: &BTreeSet<String>, node: &str, so_far: &Dataplan
                     gw_mac: gw.node_mac,
                     vni: net.vni,
                     host_if,
+                    draining: !in_rotation(store, live, t),
                 })
             })
             .collect();

@@ -22,8 +22,8 @@ use crate::{
     api::Request,
     ipam,
     model::{
-        Endpoint, EndpointMode, Key, Network, NodeState, Object, PublishMode, PublishedPort, Service,
-        FIRST_VNI,
+        Availability, Endpoint, EndpointMode, Key, Network, NodeState, Object, PublishMode, PublishedPort,
+        Service, FIRST_VNI,
     },
     reconcile::Op,
     spec::PortSpec,
@@ -58,7 +58,7 @@ impl Agent {
             Request::ServiceInspect { name } => self.service_inspect(&name),
             Request::ServiceRm { name } => self.service_rm(&name).await,
             Request::Attach { service, netns, name, ip } => self.attach(&service, &netns, name, ip).await,
-            Request::Detach { name } => self.detach(&name).await,
+            Request::Detach { name, grace_ms } => self.detach(&name, grace_ms.unwrap_or(0)).await,
             Request::Publish { spec, service, detach, mode } => {
                 self.publish(spec, &service, detach, mode).await
             }
@@ -66,6 +66,9 @@ impl Agent {
                 self.unpublish(published, proto, service).await
             }
             Request::NodeLs => Ok(self.node_ls()),
+            Request::NodeAvailability { name, availability } => {
+                self.node_availability(&name, availability).await
+            }
             Request::KeyRotate => self.key_rotate().await,
             Request::KeyLs => Ok(self.key_ls()),
             Request::KeyInstall { keys } => self.key_install(&keys.0),
@@ -234,7 +237,11 @@ impl Agent {
         let rows: Vec<Value> = store
             .tasks_of(name)
             .map(|t| {
-                let state = if live.contains(&t.node) { "running" } else { "suspended" };
+                let state = match (live.contains(&t.node), t.draining) {
+                    (false, _) => "suspended",
+                    (true, true) => "draining",
+                    (true, false) => "running",
+                };
                 json!({ "task": t.id, "node": t.node, "ip": t.ip, "mac": t.mac, "vtep": t.vtep, "state": state, "netns": t.netns })
             })
             .collect();
@@ -458,7 +465,7 @@ impl Agent {
         }
     }
 
-    async fn detach(&self, task: &str) -> Result<Value> {
+    async fn detach(&self, task: &str, grace_ms: u64) -> Result<Value> {
         let endpoint = match self.gossip().store().get(&Key::endpoint(task)) {
             Some(Object::Endpoint(e)) if e.service.is_some() => e.clone(),
             _ => {
@@ -473,9 +480,101 @@ impl Agent {
                 endpoint.node
             )));
         }
+        let mut reply = json!({ "detached": task, "grace_ms": grace_ms });
+        if grace_ms > 0 {
+            self.drain_task(&endpoint, grace_ms, &mut reply).await?;
+        }
         self.write(|g, now| g.delete(&Key::endpoint(task), now));
         self.reconcile().await;
-        Ok(json!({ "detached": task }))
+        Ok(reply)
+    }
+
+    /// `detach --grace`: marks `endpoint` draining, waits until every alive node
+    /// confirms it sends it no new connection, then until the task's established TCP
+    /// connections finish or `grace_ms` pass. Writes what it saw into `reply`.
+    async fn drain_task(&self, endpoint: &Endpoint, grace_ms: u64, reply: &mut Value) -> Result<()> {
+        let task = endpoint.id.as_str();
+        if !endpoint.draining {
+            let draining = Endpoint { draining: true, ..endpoint.clone() };
+            self.write(|g, now| g.put(Object::Endpoint(draining), now));
+        }
+        let started = Instant::now();
+        let nodes = self
+            .wait_for_nodes(
+                |state, _| state.out_of_rotation.iter().any(|t| t == task),
+                |missing| {
+                    format!(
+                        "task {task} is draining, but after {CONFIRM_WAIT:?} {missing} still send it new connections; it is kept: run `meshctl detach {task}` again (or with --grace 0 to remove it at once)"
+                    )
+                },
+            )
+            .await?;
+        reply["out_of_rotation_on"] = json!(nodes);
+        reply["out_of_rotation_ms"] = json!(started.elapsed().as_millis() as u64);
+        let Some(netns) = endpoint.netns.clone() else { return Ok(()) };
+        let deadline = Instant::now() + std::time::Duration::from_millis(grace_ms);
+        let mut first = None;
+        let left = loop {
+            let path = std::path::PathBuf::from(&netns);
+            let count = tokio::task::spawn_blocking(move || established_in(&path))
+                .await
+                .map_err(|e| Error::invalid(format!("counting the connections of task {task}: {e}")))?;
+            // A namespace that went away holds no connection.
+            let count = count.unwrap_or(0);
+            first.get_or_insert(count);
+            if count == 0 || Instant::now() >= deadline {
+                break count;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        reply["connections_at_drain"] = json!(first.unwrap_or(0));
+        reply["connections_left"] = json!(left);
+        reply["drained_ms"] = json!(started.elapsed().as_millis() as u64);
+        Ok(())
+    }
+
+    /// `node drain|activate NODE`: writes the node's availability, then waits until
+    /// every alive node confirms its tasks left (or rejoined) rotation.
+    async fn node_availability(&self, name: &str, availability: Availability) -> Result<Value> {
+        let tasks: Vec<String> = {
+            let mut gossip = self.gossip();
+            let node = gossip.store().node(name).cloned().ok_or_else(|| {
+                Error::invalid(format!("node {name} does not exist; list nodes with `meshctl node ls`"))
+            })?;
+            let tasks = gossip
+                .store()
+                .endpoints()
+                .filter(|e| e.node == name && e.service.is_some())
+                .map(|e| e.id.clone())
+                .collect();
+            if node.availability != availability {
+                gossip.put(Object::Node(crate::model::Node { availability, ..node }), self.shared.now());
+            }
+            tasks
+        };
+        self.changed();
+        let drain = availability == Availability::Drain;
+        let nodes = self
+            .wait_for_nodes(
+                |state, _| {
+                    // A draining task (`detach`) stays out after `activate`.
+                    tasks.iter().all(|t| !drain || state.out_of_rotation.contains(t))
+                        && (drain || !state.out_of_rotation.iter().any(|t| tasks.contains(t) && !self.task_draining(t)))
+                },
+                |missing| {
+                    format!(
+                        "node {name} is now {}, but after {CONFIRM_WAIT:?} {missing} have not applied it yet; see `meshctl status` there",
+                        if drain { "drained" } else { "active" }
+                    )
+                },
+            )
+            .await?;
+        Ok(json!({ "node": name, "availability": availability, "tasks": tasks.len(), "confirmed_by": nodes }))
+    }
+
+    /// Whether task `id` is draining itself (`detach --grace` under way).
+    fn task_draining(&self, id: &str) -> bool {
+        matches!(self.gossip().store().get(&Key::endpoint(id)), Some(Object::Endpoint(e)) if e.draining)
     }
 
     async fn publish(&self, spec: PortSpec, service: &str, detach: bool, mode: PublishMode) -> Result<Value> {
@@ -599,7 +698,7 @@ impl Agent {
     /// those it serves with backends, the digest of the catalog it holds, and why it cannot take part in a
     /// network it needs.
     pub(super) fn confirm(&self) {
-        let (serving, listening, failed) = {
+        let (serving, listening, failed, out_of_rotation) = {
             let seen = self.seen.lock();
             let ports = |with_backends: bool| -> Vec<String> {
                 // BTreeMap keys: already sorted.
@@ -616,7 +715,7 @@ impl Agent {
                 .filter(|(op, _)| op.starts_with("published port"))
                 .map(|(op, e)| format!("{op}: {e}"))
                 .collect();
-            (ports(true), ports(false), failed)
+            (ports(true), ports(false), failed, seen.out_of_rotation.clone())
         };
         // Why a port may not be served here: no address on its network, or a failed
         // listener (e.g. another process holds the port).
@@ -625,7 +724,14 @@ impl Agent {
         let me = self.cfg.node_name.clone();
         self.write(|g, now| {
             let catalog = g.store().catalog_digest();
-            let state = NodeState { node: me.clone(), serving, listening, catalog, problems };
+            let state = NodeState {
+                node: me.clone(),
+                serving,
+                listening,
+                catalog,
+                problems,
+                out_of_rotation: out_of_rotation.clone(),
+            };
             g.put(Object::NodeState(state), now)
         });
     }
@@ -656,8 +762,10 @@ impl Agent {
         let now = self.shared.now();
         let vteps: std::collections::HashMap<&str, Ipv4Addr> =
             gossip.store().nodes().map(|n| (n.name.as_str(), n.addr)).collect();
+        let availability = |name: &str| gossip.store().node(name).map(|n| n.availability).unwrap_or_default();
         let mut rows = vec![json!({
             "name": gossip.name(), "addr": self.cfg.advertise_addr, "state": "self",
+            "availability": availability(gossip.name()),
             "incarnation": gossip.incarnation(), "changed_secs_ago": Value::Null,
         })];
         rows.extend(gossip.members().map(|m| {
@@ -669,6 +777,7 @@ impl Agent {
                     std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
                 }),
                 "state": m.state,
+                "availability": availability(&m.name),
                 "incarnation": m.incarnation,
                 "changed_secs_ago": secs,
             })
@@ -852,9 +961,36 @@ impl Agent {
     }
 }
 
+/// Established TCP connections in the network namespace at `netns` (IPv4 and IPv6),
+/// read from `/proc/thread-self/net/tcp{,6}` on a thread inside it; an error when the
+/// namespace cannot be entered.
+fn established_in(netns: &Path) -> std::result::Result<usize, meshd_dataplane::Error> {
+    meshd_dataplane::netns::run_in(netns, || {
+        ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .map(|text| count_established(&text))
+            .sum()
+    })
+}
+
+/// Lines of a `/proc/net/tcp` table in state ESTABLISHED (`01`).
+fn count_established(table: &str) -> usize {
+    table.lines().skip(1).filter(|l| l.split_whitespace().nth(3) == Some("01")).count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_established_sockets_count() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue\n\
+           0: 0100000A:0050 00000000:0000 0A 00000000:00000000\n\
+           1: 0100000A:0050 0200000A:C350 01 00000000:00000000\n\
+           2: 0100000A:0050 0200000A:C351 06 00000000:00000000\n";
+        assert_eq!(count_established(table), 1);
+    }
 
     #[test]
     fn names_must_be_label_like() {

@@ -10,11 +10,13 @@ use std::{
     net::{SocketAddr, TcpStream},
     path::Path,
     process::{Command, Output, Stdio},
+    sync::atomic::{AtomicU16, Ordering},
     time::Duration,
 };
 
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
-use meshd_tests::{http_get, in_netns, node_addr, poll, Cluster, StartOptions};
+use meshd_tests::{in_netns, node_addr, poll, Cluster, StartOptions};
+use socket2::{Domain, Socket, Type};
 
 const SUBNET: &str = "10.77.0.0/24";
 const PORT: u16 = 8080;
@@ -140,10 +142,36 @@ fn container(cluster: &Cluster, task: &str) -> Result<std::path::PathBuf> {
         .ok_or_else(|| anyhow!("no container {task}"))
 }
 
-/// The tasks answering `count` new connections through node `i`'s published port.
+/// The next client source port for [`answering`]: below the ephemeral range `wrk`
+/// uses, each used once, so every connection is a 4-tuple the kernel path has never
+/// seen (a SYN on a 4-tuple with a flow entry keeps that entry's backend).
+static NEXT_PORT: AtomicU16 = AtomicU16::new(20_000);
+
+/// The tasks answering `count` new connections (fresh 4-tuples) through node `i`'s
+/// published port.
 fn answering(cluster: &Cluster, i: usize, count: usize) -> Result<BTreeSet<String>> {
     let addr = SocketAddr::from((node_addr(i), PORT));
-    (0..count).map(|_| http_get(&cluster.client_netns(), addr)).collect()
+    (0..count)
+        .map(|_| {
+            let from = SocketAddr::from(([0, 0, 0, 0], NEXT_PORT.fetch_add(1, Ordering::Relaxed)));
+            in_netns(&cluster.client_netns(), move || -> std::io::Result<String> {
+                let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+                socket.set_reuse_address(true)?;
+                socket.bind(&from.into())?;
+                socket.connect_timeout(&addr.into(), Duration::from_secs(2))?;
+                let mut stream: TcpStream = socket.into();
+                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                stream.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")?;
+                let mut response = String::new();
+                stream.read_to_string(&mut response)?;
+                match response.split_once("\r\n\r\n") {
+                    Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.trim().to_owned()),
+                    _ => Err(std::io::Error::other(format!("bad response {response:?}"))),
+                }
+            })?
+            .with_context(|| format!("GET http://{addr}/ from port {}", from.port()))
+        })
+        .collect()
 }
 
 /// `meshctl detach` of a task under load through every node: zero failed requests.

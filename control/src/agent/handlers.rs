@@ -536,30 +536,28 @@ impl Agent {
     /// `node drain|activate NODE`: writes the node's availability, then waits until
     /// every alive node confirms its tasks left (or rejoined) rotation.
     async fn node_availability(&self, name: &str, availability: Availability) -> Result<Value> {
-        let tasks: Vec<String> = {
+        let (tasks, draining): (Vec<String>, Vec<String>) = {
             let mut gossip = self.gossip();
             let node = gossip.store().node(name).cloned().ok_or_else(|| {
                 Error::invalid(format!("node {name} does not exist; list nodes with `meshctl node ls`"))
             })?;
-            let tasks = gossip
-                .store()
-                .endpoints()
-                .filter(|e| e.node == name && e.service.is_some())
-                .map(|e| e.id.clone())
-                .collect();
+            let store = gossip.store();
+            let on_node = || store.endpoints().filter(|e| e.node == name && e.service.is_some());
+            let tasks = on_node().map(|e| e.id.clone()).collect();
+            // Tasks draining themselves (`detach --grace` under way) stay out after `activate`.
+            let draining = on_node().filter(|e| e.draining).map(|e| e.id.clone()).collect();
             if node.availability != availability {
                 gossip.put(Object::Node(crate::model::Node { availability, ..node }), self.shared.now());
             }
-            tasks
+            (tasks, draining)
         };
         self.changed();
         let drain = availability == Availability::Drain;
+        // The gossip lock is held while this runs: it reads only what it is given.
         let nodes = self
             .wait_for_nodes(
                 |state, _| {
-                    // A draining task (`detach`) stays out after `activate`.
-                    tasks.iter().all(|t| !drain || state.out_of_rotation.contains(t))
-                        && (drain || !state.out_of_rotation.iter().any(|t| tasks.contains(t) && !self.task_draining(t)))
+                    tasks.iter().all(|t| state.out_of_rotation.contains(t) == (drain || draining.contains(t)))
                 },
                 |missing| {
                     format!(
@@ -570,11 +568,6 @@ impl Agent {
             )
             .await?;
         Ok(json!({ "node": name, "availability": availability, "tasks": tasks.len(), "confirmed_by": nodes }))
-    }
-
-    /// Whether task `id` is draining itself (`detach --grace` under way).
-    fn task_draining(&self, id: &str) -> bool {
-        matches!(self.gossip().store().get(&Key::endpoint(id)), Some(Object::Endpoint(e)) if e.draining)
     }
 
     async fn publish(&self, spec: PortSpec, service: &str, detach: bool, mode: PublishMode) -> Result<Value> {
@@ -851,7 +844,14 @@ impl Agent {
                         .ingress
                         .services
                         .get(&(frontend.proto, p.published))
-                        .map(|s| s.backends.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect())
+                        .map(|s| {
+                            // Draining backends keep their flows but take no new one.
+                            s.backends
+                                .iter()
+                                .filter(|b| !b.draining)
+                                .map(|b| format!("{}:{}", b.addr, b.port))
+                                .collect()
+                        })
                         .unwrap_or_default()
                 } else {
                     seen.actual
@@ -961,7 +961,7 @@ impl Agent {
     }
 }
 
-/// Established TCP connections in the network namespace at `netns` (IPv4 and IPv6),
+/// Open TCP connections in the network namespace at `netns` (IPv4 and IPv6),
 /// read from `/proc/thread-self/net/tcp{,6}` on a thread inside it; an error when the
 /// namespace cannot be entered.
 fn established_in(netns: &Path) -> std::result::Result<usize, meshd_dataplane::Error> {
@@ -974,9 +974,16 @@ fn established_in(netns: &Path) -> std::result::Result<usize, meshd_dataplane::E
     })
 }
 
-/// Lines of a `/proc/net/tcp` table in state ESTABLISHED (`01`).
+/// Lines of a `/proc/net/tcp` table of connections that may still carry data:
+/// ESTABLISHED (`01`), SYN_RECV (`03`: a connection sent before the node stopped),
+/// FIN_WAIT1 (`04`: its last bytes not yet acknowledged) and CLOSE_WAIT (`08`: the peer
+/// closed, the task may still answer).
 fn count_established(table: &str) -> usize {
-    table.lines().skip(1).filter(|l| l.split_whitespace().nth(3) == Some("01")).count()
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| matches!(l.split_whitespace().nth(3), Some("01" | "03" | "04" | "08")))
+        .count()
 }
 
 #[cfg(test)]
@@ -988,8 +995,9 @@ mod tests {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue\n\
            0: 0100000A:0050 00000000:0000 0A 00000000:00000000\n\
            1: 0100000A:0050 0200000A:C350 01 00000000:00000000\n\
-           2: 0100000A:0050 0200000A:C351 06 00000000:00000000\n";
-        assert_eq!(count_established(table), 1);
+           2: 0100000A:0050 0200000A:C351 06 00000000:00000000\n\
+           3: 0100000A:0050 0200000A:C352 04 00000000:00000000\n";
+        assert_eq!(count_established(table), 2);
     }
 
     #[test]

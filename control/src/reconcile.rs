@@ -525,7 +525,12 @@ mod tests {
             let kernel = &d.ingress.services[&(socklb::Proto::Tcp, 3000)].backends;
             proxy == &["10.0.0.18:80".parse::<SocketAddr>().unwrap()]
                 && lb == &[backend([10, 0, 0, 18], 80)]
-                && kernel.iter().map(|b| b.addr).eq([Ipv4Addr::new(10, 0, 0, 18)])
+                && kernel.iter().filter(|b| !b.draining).map(|b| b.addr).eq([Ipv4Addr::new(10, 0, 0, 18)])
+        };
+        // The kernel path keeps a draining task, flagged, for its established flows.
+        let kernel_draining = |d: &Dataplane| -> Vec<Ipv4Addr> {
+            let kernel = &d.ingress.services[&(socklb::Proto::Tcp, 3000)].backends;
+            kernel.iter().filter(|b| b.draining).map(|b| b.addr).collect()
         };
         let with_web2 = |change: &dyn Fn(&mut Endpoint)| {
             let mut s = cluster();
@@ -538,7 +543,9 @@ mod tests {
         };
         assert!(!web1_only(&with_web2(&|_| ())), "premise: web.2 serves");
         assert!(web1_only(&with_web2(&|e| e.health = Health::Unhealthy)));
+        assert!(kernel_draining(&with_web2(&|e| e.health = Health::Unhealthy)).is_empty());
         assert!(web1_only(&with_web2(&|e| e.draining = true)));
+        assert_eq!(kernel_draining(&with_web2(&|e| e.draining = true)), [Ipv4Addr::new(10, 0, 0, 2)]);
         let mut s = cluster();
         s.put(
             "n1",
@@ -549,6 +556,9 @@ mod tests {
             }),
         );
         assert!(web1_only(&desired(&s, &all(), "n1", 1450)), "n1 drained: its task leaves rotation");
+        assert!(!kernel_draining(&desired(&s, &all(), "n1", 1450)).is_empty(), "its flows stay");
+        assert!(!out_of_rotation(&s).is_empty(), "what n1's tasks confirm");
+        assert!(out_of_rotation(&cluster()).is_empty());
     }
 
     fn lb(addr: [u8; 4], port: u16, proto: socklb::Proto) -> Frontend {

@@ -392,6 +392,36 @@ mod tests {
     }
 
     #[test]
+    fn a_draining_backend_keeps_its_live_id_across_plans_but_no_slot() {
+        let mut state = IngressMaps::default();
+        converges(&mut state, &want(&[(fe(3000), MODE_SNAT, &[2, 3])]), 4);
+        let (draining_id, before) =
+            state.backends.iter().find(|(_, b)| b.mac[5] == 3).map(|(i, b)| (*i, *b)).unwrap();
+        let mut desired = want(&[(fe(3000), MODE_SNAT, &[2, 3])]);
+        let frontend = desired.get_mut(&fe(3000)).unwrap();
+        frontend.draining.insert(be(3).0);
+        // Twice: the second pass finds it in no table and must still keep its id.
+        for _ in 0..2 {
+            let p = plan(&state, &desired, 4);
+            replay(&mut state, &p.writes);
+            assert!(consistent(&state));
+            assert_eq!(
+                state.backends[&draining_id], before,
+                "its id, value and generation stay (flows keep it)"
+            );
+            let f = state.frontends[&fe(3000)];
+            assert_eq!(f.count, 1);
+            assert!(state.tables[&f.table].iter().all(|id| *id != draining_id), "it takes no new flow");
+        }
+        // Detached: now it is retired.
+        let p = plan(&state, &want(&[(fe(3000), MODE_SNAT, &[2])]), 4);
+        assert!(p
+            .writes
+            .iter()
+            .any(|w| matches!(w, Write::PutBackend(id, b) if *id == draining_id && b.flags == 0)));
+    }
+
+    #[test]
     fn mode_changes_rewrite_the_frontend_only_and_empty_frontends_keep_their_table() {
         let mut state = IngressMaps::default();
         converges(&mut state, &want(&[(fe(3000), MODE_SNAT, &[2])]), 4);

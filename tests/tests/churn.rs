@@ -270,7 +270,18 @@ fn keepalive_get(stream: &mut TcpStream) -> Result<String> {
 /// a grace period keeps working while it drains; closing it ends the drain early.
 #[test]
 fn a_long_lived_connection_to_a_detached_task_completes() -> Result<()> {
-    let cluster = web_cluster(true)?;
+    long_lived_connection_completes(true)
+}
+
+/// The same through the proxy: a relay in flight is not cut when its backend leaves
+/// the listener's list.
+#[test]
+fn a_long_lived_relay_to_a_detached_task_completes() -> Result<()> {
+    long_lived_connection_completes(false)
+}
+
+fn long_lived_connection_completes(xdp: bool) -> Result<()> {
+    let cluster = web_cluster(xdp)?;
     let addr = SocketAddr::from((node_addr(3), PORT));
     // Connections until one lands on web.2 (Maglev spreads new source ports).
     let mut stream = poll("a keep-alive connection to web.2 through n3", Duration::from_secs(10), || {
@@ -300,6 +311,13 @@ fn a_long_lived_connection_to_a_detached_task_completes() -> Result<()> {
                 "n{i} still balances new connections to web.2: {path}"
             );
         }
+        Ok(())
+    })?;
+    // The detach counts the connection (its progress in n2's status).
+    poll("n2's detach counts web.2's open connection", Duration::from_secs(10), || {
+        let status = cluster.meshctl_json(2, &["status"])?;
+        let open = status["draining_tasks"]["web.2"].as_u64();
+        ensure!(open >= Some(1), "draining_tasks: {}", status["draining_tasks"]);
         Ok(())
     })?;
     // The drain is under way and the old connection still works, twice.

@@ -522,11 +522,13 @@ impl Agent {
             // A namespace that went away holds no connection.
             let count = count.unwrap_or(0);
             first.get_or_insert(count);
+            self.seen.lock().draining.insert(task.to_owned(), count);
             if count == 0 || Instant::now() >= deadline {
                 break count;
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         };
+        self.seen.lock().draining.remove(task);
         reply["connections_at_drain"] = json!(first.unwrap_or(0));
         reply["connections_left"] = json!(left);
         reply["drained_ms"] = json!(started.elapsed().as_millis() as u64);
@@ -924,6 +926,7 @@ impl Agent {
             "overlays": seen.actual.overlays.len(),
             "overlay_peers": seen.actual.peers.len(),
             "published_ports": served,
+            "draining_tasks": seen.draining,
             "gossip": {
                 "alive_members": members,
                 "incarnation": incarnation,

@@ -164,6 +164,9 @@ struct Seen {
     /// Tasks the last applied pass kept out of new connections (see
     /// [`reconcile::out_of_rotation`]); confirmed in [`crate::model::NodeState`].
     out_of_rotation: Vec<String>,
+    /// Local tasks a `detach --grace` is draining, with the open connections last
+    /// counted in each (shown by `meshctl status` while the detach waits).
+    draining: BTreeMap<String, usize>,
 }
 
 /// One node's agent.

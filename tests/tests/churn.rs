@@ -375,3 +375,27 @@ fn bad_churn_input_is_refused_and_changes_nothing() -> Result<()> {
     ensure!(avail(&nodes_after) == avail(&before), "availability changed");
     Ok(())
 }
+
+/// `meshctl unpublish` through the proxy (`--xdp off`): a connection relayed before
+/// keeps working (the relay is not cut), a new connection is refused at once.
+/// (No grace cap yet: the relay runs until either side closes. On the kernel path the
+/// frontend's removal cuts its flows: left for the kernel program.)
+#[test]
+fn unpublish_refuses_new_connections_and_lets_a_relayed_one_finish() -> Result<()> {
+    let cluster = web_cluster(false)?;
+    // Through n1, which keeps network `net` for its own task: n3 (no task) leaves the
+    // network with its last published port, which cuts its relays (see the report).
+    let addr = SocketAddr::from((node_addr(1), PORT));
+    let mut stream = in_netns(&cluster.client_netns(), move || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+    })??;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let task = keepalive_get(&mut stream)?;
+    cluster.meshctl_ok(1, &["unpublish", &PORT.to_string(), "web"])?;
+    poll("n3 refuses new connections to the unpublished port", Duration::from_secs(10), || {
+        ensure!(meshd_tests::refused(&cluster.client_netns(), addr)?, "still accepted");
+        Ok(())
+    })?;
+    ensure!(keepalive_get(&mut stream)? == task, "the relayed connection moved");
+    Ok(())
+}

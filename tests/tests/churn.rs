@@ -399,3 +399,19 @@ fn unpublish_refuses_new_connections_and_lets_a_relayed_one_finish() -> Result<(
     ensure!(keepalive_get(&mut stream)? == task, "the relayed connection moved");
     Ok(())
 }
+
+/// A draining detach waits only for the nodes on the task's network (the others never
+/// learn of the task): with no published port, n2 and n3 take no part in `net`.
+#[test]
+fn detach_waits_only_for_the_nodes_on_the_tasks_network() -> Result<()> {
+    let mut cluster = Cluster::start(3)?;
+    cluster.wait_all_alive(1)?;
+    cluster.meshctl_ok(1, &["network", "create", "net", "--subnet", SUBNET])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "net"])?;
+    cluster.add_container(1, "web", "web.1")?;
+    let out = cluster.meshctl_ok(1, &["detach", "web.1", "--grace", "5s"])?;
+    ensure!(out.contains("detached"), "{out}");
+    let ps = cluster.meshctl_json(1, &["service", "ps", "web"])?;
+    ensure!(ps.as_array().is_some_and(Vec::is_empty), "web.1 is still listed: {ps}");
+    Ok(())
+}

@@ -3,7 +3,7 @@
 //! request leaves nothing behind.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     hash::{BuildHasher, Hasher},
     net::Ipv4Addr,
     path::Path,
@@ -499,12 +499,16 @@ impl Agent {
             self.write(|g, now| g.put(Object::Endpoint(draining), now));
         }
         let started = Instant::now();
+        // Only nodes on its network know it (and can send to it).
+        let participants = participants(self.gossip().store(), &endpoint.network);
         let nodes = self
             .wait_for_nodes(
-                |state, _| state.out_of_rotation.iter().any(|t| t == task),
+                |state, _| {
+                    !participants.contains(&state.node) || state.out_of_rotation.iter().any(|t| t == task)
+                },
                 |missing| {
                     format!(
-                        "task {task} is draining, but after {CONFIRM_WAIT:?} {missing} still send it new connections; it is kept: run `meshctl detach {task}` again (or with --grace 0 to remove it at once)"
+                        "task {task} is draining, but after {CONFIRM_WAIT:?} {missing} have not confirmed they stopped sending it new connections; it is kept: run `meshctl detach {task}` again (or with --grace 0 to remove it at once)"
                     )
                 },
             )
@@ -538,20 +542,26 @@ impl Agent {
     /// `node drain|activate NODE`: writes the node's availability, then waits until
     /// every alive node confirms its tasks left (or rejoined) rotation.
     async fn node_availability(&self, name: &str, availability: Availability) -> Result<Value> {
-        let (tasks, draining): (Vec<String>, Vec<String>) = {
+        let (tasks, draining, networks): (
+            Vec<(String, String)>,
+            Vec<String>,
+            BTreeMap<String, HashSet<String>>,
+        ) = {
             let mut gossip = self.gossip();
             let node = gossip.store().node(name).cloned().ok_or_else(|| {
                 Error::invalid(format!("node {name} does not exist; list nodes with `meshctl node ls`"))
             })?;
             let store = gossip.store();
             let on_node = || store.endpoints().filter(|e| e.node == name && e.service.is_some());
-            let tasks = on_node().map(|e| e.id.clone()).collect();
+            let tasks: Vec<(String, String)> = on_node().map(|e| (e.id.clone(), e.network.clone())).collect();
             // Tasks draining themselves (`detach --grace` under way) stay out after `activate`.
             let draining = on_node().filter(|e| e.draining).map(|e| e.id.clone()).collect();
+            // Only nodes on a task's network know it (and can send to it).
+            let networks = tasks.iter().map(|(_, n)| (n.clone(), participants(store, n))).collect();
             if node.availability != availability {
                 gossip.put(Object::Node(crate::model::Node { availability, ..node }), self.shared.now());
             }
-            (tasks, draining)
+            (tasks, draining, networks)
         };
         self.changed();
         let drain = availability == Availability::Drain;
@@ -559,7 +569,10 @@ impl Agent {
         let nodes = self
             .wait_for_nodes(
                 |state, _| {
-                    tasks.iter().all(|t| state.out_of_rotation.contains(t) == (drain || draining.contains(t)))
+                    tasks.iter().all(|(t, net)| {
+                        !networks[net].contains(&state.node)
+                            || state.out_of_rotation.contains(t) == (drain || draining.contains(t))
+                    })
                 },
                 |missing| {
                     format!(
@@ -962,6 +975,16 @@ impl Agent {
             },
         })
     }
+}
+
+/// The nodes taking part in `network` (each holds an address there); task endpoints
+/// gossip only to them.
+fn participants(store: &crate::store::Store, network: &str) -> HashSet<String> {
+    store
+        .endpoints()
+        .filter(|e| e.service.is_none() && e.network == network)
+        .map(|e| e.node.clone())
+        .collect()
 }
 
 /// Open TCP connections in the network namespace at `netns` (IPv4 and IPv6),

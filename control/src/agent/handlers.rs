@@ -542,11 +542,7 @@ impl Agent {
     /// `node drain|activate NODE`: writes the node's availability, then waits until
     /// every alive node confirms its tasks left (or rejoined) rotation.
     async fn node_availability(&self, name: &str, availability: Availability) -> Result<Value> {
-        let (tasks, draining, networks): (
-            Vec<(String, String)>,
-            Vec<String>,
-            BTreeMap<String, HashSet<String>>,
-        ) = {
+        let (tasks, draining, networks): (Vec<(String, String)>, Vec<String>, Participants) = {
             let mut gossip = self.gossip();
             let node = gossip.store().node(name).cloned().ok_or_else(|| {
                 Error::invalid(format!("node {name} does not exist; list nodes with `meshctl node ls`"))
@@ -976,6 +972,9 @@ impl Agent {
         })
     }
 }
+
+/// The nodes taking part in each network, by network.
+type Participants = BTreeMap<String, HashSet<String>>;
 
 /// The nodes taking part in `network` (each holds an address there); task endpoints
 /// gossip only to them.

@@ -205,7 +205,17 @@ fn detach_under_load_fails_no_request_through_the_proxy() -> Result<()> {
 /// them back.
 #[test]
 fn a_drained_node_keeps_serving_its_port_and_its_tasks_finish_then_rest() -> Result<()> {
-    let cluster = web_cluster(true)?;
+    drained_node(true)
+}
+
+/// The same through the proxy (`--xdp off`).
+#[test]
+fn a_drained_node_keeps_serving_through_the_proxy() -> Result<()> {
+    drained_node(false)
+}
+
+fn drained_node(xdp: bool) -> Result<()> {
+    let cluster = web_cluster(xdp)?;
     let load = Load::start(&cluster)?;
     load_reaches(&cluster, "web.2")?;
     let n2 = node_name(&cluster, 2)?;

@@ -108,6 +108,11 @@ pub enum Request {
     Detach {
         /// Task name.
         name: String,
+        /// Drain first: wait until every node stops sending it new connections, then
+        /// until its connections finish or this many milliseconds pass. Absent or 0:
+        /// remove it at once.
+        #[serde(default)]
+        grace_ms: Option<u64>,
     },
     /// `publish PUBLISHED:TARGET[/proto] SERVICE [--detach]`.
     Publish {
@@ -136,6 +141,13 @@ pub enum Request {
     },
     /// `node ls`.
     NodeLs,
+    /// `node drain NODE` / `node activate NODE`.
+    NodeAvailability {
+        /// The node.
+        name: String,
+        /// What it becomes.
+        availability: crate::model::Availability,
+    },
     /// `key rotate`: a new cluster key, accepted everywhere before anyone seals with it.
     KeyRotate,
     /// `key ls`.

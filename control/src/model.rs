@@ -312,6 +312,11 @@ pub struct NodeState {
     /// Why it cannot take part in a network it needs (e.g. the subnet is full).
     #[serde(default)]
     pub problems: Vec<String>,
+    /// Tasks its dataplane keeps out of new connections although they still exist
+    /// (draining, or on a drained node), as applied by its last reconcile, sorted:
+    /// `detach` and `node drain` wait for every node to list them.
+    #[serde(default)]
+    pub out_of_rotation: Vec<String>,
 }
 
 /// The cluster keyring as a rotation distributes it (see `meshctl key rotate`).

@@ -173,10 +173,7 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: 
 /// ingress): its node is `live` and not drained, its checker finds it healthy, and it
 /// is not draining. The one place that decides rotation.
 pub fn in_rotation(store: &Store, live: &BTreeSet<String>, task: &Endpoint) -> bool {
-    live.contains(&task.node)
-        && task.health == Health::Healthy
-        && !task.draining
-        && store.node(&task.node).is_none_or(|n| n.availability == Availability::Active)
+    live.contains(&task.node) && task.health == Health::Healthy && !drained(store, task)
 }
 
 /// The proxy's policy of a published port's `--lb`.
@@ -187,6 +184,23 @@ pub fn lb_policy(lb: LbPolicy) -> Policy {
         LbPolicy::P2c => Policy::P2c,
         LbPolicy::Maglev => Policy::Maglev,
     }
+}
+
+/// The tasks kept out of new connections by `meshctl detach` (draining) or `meshctl
+/// node drain` (their node is drained), sorted: what a node confirms it applied.
+pub fn out_of_rotation(store: &Store) -> Vec<String> {
+    let mut out: Vec<String> = store
+        .endpoints()
+        .filter(|t| t.service.is_some() && drained(store, t))
+        .map(|t| t.id.clone())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Whether `task` is draining or on a drained node.
+fn drained(store: &Store, task: &Endpoint) -> bool {
+    task.draining || store.node(&task.node).is_some_and(|n| n.availability == Availability::Drain)
 }
 
 /// The kernel path's mode of a published port's mode.
@@ -213,9 +227,13 @@ fn ingress(store: &Store, live: &BTreeSet<String>, node: &str, so_far: &Dataplan
         if store.service(&port.service).is_none() {
             continue;
         }
+        // Draining tasks stay, flagged: their established flows keep reaching them.
         let mut backends: Vec<IngressBackendSpec> = store
             .tasks_of(&port.service)
-            .filter(|t| in_rotation(store, live, t) && !shadowed.contains(t.id.as_str()))
+            .filter(|t| {
+                (in_rotation(store, live, t) || (live.contains(&t.node) && drained(store, t)))
+                    && !shadowed.contains(t.id.as_str())
+            })
             .filter_map(|t| {
                 let net = store.network(&t.network)?;
                 let gw = so_far.overlays.get(&net.vni)?;
@@ -233,6 +251,7 @@ fn ingress(store: &Store, live: &BTreeSet<String>, node: &str, so_far: &Dataplan
                     gw_mac: gw.node_mac,
                     vni: net.vni,
                     host_if,
+                    draining: !in_rotation(store, live, t),
                 })
             })
             .collect();
@@ -515,7 +534,12 @@ mod tests {
             let kernel = &d.ingress.services[&(socklb::Proto::Tcp, 3000)].backends;
             proxy == &["10.0.0.18:80".parse::<SocketAddr>().unwrap()]
                 && lb == &[backend([10, 0, 0, 18], 80)]
-                && kernel.iter().map(|b| b.addr).eq([Ipv4Addr::new(10, 0, 0, 18)])
+                && kernel.iter().filter(|b| !b.draining).map(|b| b.addr).eq([Ipv4Addr::new(10, 0, 0, 18)])
+        };
+        // The kernel path keeps a draining task, flagged, for its established flows.
+        let kernel_draining = |d: &Dataplane| -> Vec<Ipv4Addr> {
+            let kernel = &d.ingress.services[&(socklb::Proto::Tcp, 3000)].backends;
+            kernel.iter().filter(|b| b.draining).map(|b| b.addr).collect()
         };
         let with_web2 = |change: &dyn Fn(&mut Endpoint)| {
             let mut s = cluster();
@@ -528,7 +552,9 @@ mod tests {
         };
         assert!(!web1_only(&with_web2(&|_| ())), "premise: web.2 serves");
         assert!(web1_only(&with_web2(&|e| e.health = Health::Unhealthy)));
+        assert!(kernel_draining(&with_web2(&|e| e.health = Health::Unhealthy)).is_empty());
         assert!(web1_only(&with_web2(&|e| e.draining = true)));
+        assert_eq!(kernel_draining(&with_web2(&|e| e.draining = true)), [Ipv4Addr::new(10, 0, 0, 2)]);
         let mut s = cluster();
         s.put(
             "n1",
@@ -539,6 +565,9 @@ mod tests {
             }),
         );
         assert!(web1_only(&desired(&s, &all(), "n1", 1450)), "n1 drained: its task leaves rotation");
+        assert!(!kernel_draining(&desired(&s, &all(), "n1", 1450)).is_empty(), "its flows stay");
+        assert!(!out_of_rotation(&s).is_empty(), "what n1's tasks confirm");
+        assert!(out_of_rotation(&cluster()).is_empty());
     }
 
     fn lb(addr: [u8; 4], port: u16, proto: socklb::Proto) -> Frontend {

@@ -3,7 +3,7 @@
 //! request leaves nothing behind.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     hash::{BuildHasher, Hasher},
     net::Ipv4Addr,
     path::Path,
@@ -22,8 +22,8 @@ use crate::{
     api::Request,
     ipam,
     model::{
-        Endpoint, EndpointMode, HealthCheck, Key, LbPolicy, Network, NodeState, Object, PublishMode,
-        PublishedPort, Service, FIRST_VNI,
+        Availability, Endpoint, EndpointMode, HealthCheck, Key, LbPolicy, Network, NodeState, Object,
+        PublishMode, PublishedPort, Service, FIRST_VNI,
     },
     reconcile::Op,
     spec::PortSpec,
@@ -59,7 +59,7 @@ impl Agent {
             Request::ServiceInspect { name } => self.service_inspect(&name),
             Request::ServiceRm { name } => self.service_rm(&name).await,
             Request::Attach { service, netns, name, ip } => self.attach(&service, &netns, name, ip).await,
-            Request::Detach { name } => self.detach(&name).await,
+            Request::Detach { name, grace_ms } => self.detach(&name, grace_ms.unwrap_or(0)).await,
             Request::Publish { spec, service, detach, mode, lb } => {
                 self.publish(spec, &service, detach, mode, lb).await
             }
@@ -67,6 +67,9 @@ impl Agent {
                 self.unpublish(published, proto, service).await
             }
             Request::NodeLs => Ok(self.node_ls()),
+            Request::NodeAvailability { name, availability } => {
+                self.node_availability(&name, availability).await
+            }
             Request::KeyRotate => self.key_rotate().await,
             Request::KeyLs => Ok(self.key_ls()),
             Request::KeyInstall { keys } => self.key_install(&keys.0),
@@ -236,7 +239,11 @@ impl Agent {
         let rows: Vec<Value> = store
             .tasks_of(name)
             .map(|t| {
-                let state = if live.contains(&t.node) { "running" } else { "suspended" };
+                let state = match (live.contains(&t.node), t.draining) {
+                    (false, _) => "suspended",
+                    (true, true) => "draining",
+                    (true, false) => "running",
+                };
                 json!({ "task": t.id, "node": t.node, "ip": t.ip, "mac": t.mac, "vtep": t.vtep, "state": state, "health": t.health, "netns": t.netns })
             })
             .collect();
@@ -472,7 +479,7 @@ impl Agent {
         }
     }
 
-    async fn detach(&self, task: &str) -> Result<Value> {
+    async fn detach(&self, task: &str, grace_ms: u64) -> Result<Value> {
         let endpoint = match self.gossip().store().get(&Key::endpoint(task)) {
             Some(Object::Endpoint(e)) if e.service.is_some() => e.clone(),
             _ => {
@@ -487,9 +494,105 @@ impl Agent {
                 endpoint.node
             )));
         }
+        let mut reply = json!({ "detached": task, "grace_ms": grace_ms });
+        if grace_ms > 0 {
+            self.drain_task(&endpoint, grace_ms, &mut reply).await?;
+        }
         self.write(|g, now| g.delete(&Key::endpoint(task), now));
         self.reconcile().await;
-        Ok(json!({ "detached": task }))
+        Ok(reply)
+    }
+
+    /// `detach --grace`: marks `endpoint` draining, waits until every alive node
+    /// confirms it sends it no new connection, then until the task's established TCP
+    /// connections finish or `grace_ms` pass. Writes what it saw into `reply`.
+    async fn drain_task(&self, endpoint: &Endpoint, grace_ms: u64, reply: &mut Value) -> Result<()> {
+        let task = endpoint.id.as_str();
+        if !endpoint.draining {
+            let draining = Endpoint { draining: true, ..endpoint.clone() };
+            self.write(|g, now| g.put(Object::Endpoint(draining), now));
+        }
+        let started = Instant::now();
+        // Only nodes on its network know it (and can send to it).
+        let participants = participants(self.gossip().store(), &endpoint.network);
+        let nodes = self
+            .wait_for_nodes(
+                |state, _| {
+                    !participants.contains(&state.node) || state.out_of_rotation.iter().any(|t| t == task)
+                },
+                |missing| {
+                    format!(
+                        "task {task} is draining, but after {CONFIRM_WAIT:?} {missing} have not confirmed they stopped sending it new connections; it is kept: run `meshctl detach {task}` again (or with --grace 0 to remove it at once)"
+                    )
+                },
+            )
+            .await?;
+        reply["out_of_rotation_on"] = json!(nodes);
+        reply["out_of_rotation_ms"] = json!(started.elapsed().as_millis() as u64);
+        let Some(netns) = endpoint.netns.clone() else { return Ok(()) };
+        let deadline = Instant::now() + std::time::Duration::from_millis(grace_ms);
+        let mut first = None;
+        let left = loop {
+            let path = std::path::PathBuf::from(&netns);
+            let count = tokio::task::spawn_blocking(move || established_in(&path))
+                .await
+                .map_err(|e| Error::invalid(format!("counting the connections of task {task}: {e}")))?;
+            // A namespace that went away holds no connection.
+            let count = count.unwrap_or(0);
+            first.get_or_insert(count);
+            self.seen.lock().draining.insert(task.to_owned(), count);
+            if count == 0 || Instant::now() >= deadline {
+                break count;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        self.seen.lock().draining.remove(task);
+        reply["connections_at_drain"] = json!(first.unwrap_or(0));
+        reply["connections_left"] = json!(left);
+        reply["drained_ms"] = json!(started.elapsed().as_millis() as u64);
+        Ok(())
+    }
+
+    /// `node drain|activate NODE`: writes the node's availability, then waits until
+    /// every alive node confirms its tasks left (or rejoined) rotation.
+    async fn node_availability(&self, name: &str, availability: Availability) -> Result<Value> {
+        let (tasks, draining, networks): (Vec<(String, String)>, Vec<String>, Participants) = {
+            let mut gossip = self.gossip();
+            let node = gossip.store().node(name).cloned().ok_or_else(|| {
+                Error::invalid(format!("node {name} does not exist; list nodes with `meshctl node ls`"))
+            })?;
+            let store = gossip.store();
+            let on_node = || store.endpoints().filter(|e| e.node == name && e.service.is_some());
+            let tasks: Vec<(String, String)> = on_node().map(|e| (e.id.clone(), e.network.clone())).collect();
+            // Tasks draining themselves (`detach --grace` under way) stay out after `activate`.
+            let draining = on_node().filter(|e| e.draining).map(|e| e.id.clone()).collect();
+            // Only nodes on a task's network know it (and can send to it).
+            let networks = tasks.iter().map(|(_, n)| (n.clone(), participants(store, n))).collect();
+            if node.availability != availability {
+                gossip.put(Object::Node(crate::model::Node { availability, ..node }), self.shared.now());
+            }
+            (tasks, draining, networks)
+        };
+        self.changed();
+        let drain = availability == Availability::Drain;
+        // The gossip lock is held while this runs: it reads only what it is given.
+        let nodes = self
+            .wait_for_nodes(
+                |state, _| {
+                    tasks.iter().all(|(t, net)| {
+                        !networks[net].contains(&state.node)
+                            || state.out_of_rotation.contains(t) == (drain || draining.contains(t))
+                    })
+                },
+                |missing| {
+                    format!(
+                        "node {name} is now {}, but after {CONFIRM_WAIT:?} {missing} have not applied it yet; see `meshctl status` there",
+                        if drain { "drained" } else { "active" }
+                    )
+                },
+            )
+            .await?;
+        Ok(json!({ "node": name, "availability": availability, "tasks": tasks.len(), "confirmed_by": nodes }))
     }
 
     async fn publish(
@@ -629,7 +732,7 @@ impl Agent {
     /// those it serves with backends, the digest of the catalog it holds, and why it cannot take part in a
     /// network it needs.
     pub(super) fn confirm(&self) {
-        let (serving, listening, failed) = {
+        let (serving, listening, failed, out_of_rotation) = {
             let seen = self.seen.lock();
             let ports = |with_backends: bool| -> Vec<String> {
                 // BTreeMap keys: already sorted.
@@ -646,7 +749,7 @@ impl Agent {
                 .filter(|(op, _)| op.starts_with("published port"))
                 .map(|(op, e)| format!("{op}: {e}"))
                 .collect();
-            (ports(true), ports(false), failed)
+            (ports(true), ports(false), failed, seen.out_of_rotation.clone())
         };
         // Why a port may not be served here: no address on its network, or a failed
         // listener (e.g. another process holds the port).
@@ -655,7 +758,14 @@ impl Agent {
         let me = self.cfg.node_name.clone();
         self.write(|g, now| {
             let catalog = g.store().catalog_digest();
-            let state = NodeState { node: me.clone(), serving, listening, catalog, problems };
+            let state = NodeState {
+                node: me.clone(),
+                serving,
+                listening,
+                catalog,
+                problems,
+                out_of_rotation: out_of_rotation.clone(),
+            };
             g.put(Object::NodeState(state), now)
         });
     }
@@ -686,8 +796,10 @@ impl Agent {
         let now = self.shared.now();
         let vteps: std::collections::HashMap<&str, Ipv4Addr> =
             gossip.store().nodes().map(|n| (n.name.as_str(), n.addr)).collect();
+        let availability = |name: &str| gossip.store().node(name).map(|n| n.availability).unwrap_or_default();
         let mut rows = vec![json!({
             "name": gossip.name(), "addr": self.cfg.advertise_addr, "state": "self",
+            "availability": availability(gossip.name()),
             "incarnation": gossip.incarnation(), "changed_secs_ago": Value::Null,
         })];
         rows.extend(gossip.members().map(|m| {
@@ -699,6 +811,7 @@ impl Agent {
                     std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
                 }),
                 "state": m.state,
+                "availability": availability(&m.name),
                 "incarnation": m.incarnation,
                 "changed_secs_ago": secs,
             })
@@ -772,7 +885,14 @@ impl Agent {
                         .ingress
                         .services
                         .get(&(frontend.proto, p.published))
-                        .map(|s| s.backends.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect())
+                        .map(|s| {
+                            // Draining backends keep their flows but take no new one.
+                            s.backends
+                                .iter()
+                                .filter(|b| !b.draining)
+                                .map(|b| format!("{}:{}", b.addr, b.port))
+                                .collect()
+                        })
                         .unwrap_or_default()
                 } else {
                     seen.actual
@@ -845,6 +965,7 @@ impl Agent {
             "overlays": seen.actual.overlays.len(),
             "overlay_peers": seen.actual.peers.len(),
             "published_ports": served,
+            "draining_tasks": seen.draining,
             "gossip": {
                 "alive_members": members,
                 "incarnation": incarnation,
@@ -882,9 +1003,57 @@ impl Agent {
     }
 }
 
+/// The nodes taking part in each network, by network.
+type Participants = BTreeMap<String, HashSet<String>>;
+
+/// The nodes taking part in `network` (each holds an address there); task endpoints
+/// gossip only to them.
+fn participants(store: &crate::store::Store, network: &str) -> HashSet<String> {
+    store
+        .endpoints()
+        .filter(|e| e.service.is_none() && e.network == network)
+        .map(|e| e.node.clone())
+        .collect()
+}
+
+/// Open TCP connections in the network namespace at `netns` (IPv4 and IPv6),
+/// read from `/proc/thread-self/net/tcp{,6}` on a thread inside it; an error when the
+/// namespace cannot be entered.
+fn established_in(netns: &Path) -> std::result::Result<usize, meshd_dataplane::Error> {
+    meshd_dataplane::netns::run_in(netns, || {
+        ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .map(|text| count_established(&text))
+            .sum()
+    })
+}
+
+/// Lines of a `/proc/net/tcp` table of connections that may still carry data:
+/// ESTABLISHED (`01`), SYN_RECV (`03`: a connection sent before the node stopped),
+/// FIN_WAIT1 (`04`: its last bytes not yet acknowledged) and CLOSE_WAIT (`08`: the peer
+/// closed, the task may still answer).
+fn count_established(table: &str) -> usize {
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| matches!(l.split_whitespace().nth(3), Some("01" | "03" | "04" | "08")))
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_established_sockets_count() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue\n\
+           0: 0100000A:0050 00000000:0000 0A 00000000:00000000\n\
+           1: 0100000A:0050 0200000A:C350 01 00000000:00000000\n\
+           2: 0100000A:0050 0200000A:C351 06 00000000:00000000\n\
+           3: 0100000A:0050 0200000A:C352 04 00000000:00000000\n";
+        assert_eq!(count_established(table), 2);
+    }
 
     #[test]
     fn names_must_be_label_like() {

@@ -162,6 +162,12 @@ struct Seen {
     actual: Dataplane,
     /// The last error of each failing operation, shown by `meshctl status`.
     errors: BTreeMap<String, String>,
+    /// Tasks the last applied pass kept out of new connections (see
+    /// [`reconcile::out_of_rotation`]); confirmed in [`crate::model::NodeState`].
+    out_of_rotation: Vec<String>,
+    /// Local tasks a `detach --grace` is draining, with the open connections last
+    /// counted in each (shown by `meshctl status` while the detach waits).
+    draining: BTreeMap<String, usize>,
 }
 
 /// One node's agent.
@@ -204,8 +210,9 @@ impl Agent {
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(|e| Error::io(format!("creating --state-dir {}", cfg.state_dir.display()), e))?;
         let mut loaded = load_store(&cfg)?;
-        let node =
-            Node { name: cfg.node_name.clone(), addr: cfg.advertise_addr, availability: Default::default() };
+        // A restart keeps the operator's `node drain`.
+        let availability = loaded.store.node(&cfg.node_name).map(|n| n.availability).unwrap_or_default();
+        let node = Node { name: cfg.node_name.clone(), addr: cfg.advertise_addr, availability };
         let overlay = KernelVxlan::connect(cfg.advertise_addr)?;
         let underlay = overlay.underlay_mtu(cfg.advertise_addr).await?;
         // 68: the smallest MTU IPv4 allows.
@@ -397,6 +404,7 @@ impl Agent {
                 }
                 let mut seen = self.seen.lock();
                 seen.actual = actual;
+                seen.out_of_rotation = reconcile::out_of_rotation(&store);
                 for (op, error) in ops.iter().zip(errors) {
                     let key = op_key(op);
                     match error {

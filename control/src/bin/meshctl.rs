@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand, ValueEnum};
 use meshd_control::{
     api::{call, Request, Response, DEFAULT_CLIENT_TIMEOUT, DEFAULT_SOCKET},
-    model::{EndpointMode, HealthCheck, LbPolicy, PublishMode},
+    model::{Availability, EndpointMode, HealthCheck, LbPolicy, PublishMode},
     spec::{PortSpec, PublishedSpec},
 };
 use serde_json::Value;
@@ -60,6 +60,11 @@ enum Command {
     Detach {
         /// The task name.
         task: String,
+        /// Drain it first: wait until every node stops sending it new connections,
+        /// then until its connections finish or this long passes (e.g. 10s, 500ms,
+        /// 2m); 0 removes it at once.
+        #[arg(long, default_value = "10s", value_parser = meshd_control::spec::parse_duration)]
+        grace: Duration,
     },
     /// Answer PUBLISHED on every node and forward to TARGET on a task of SERVICE;
     /// returns once every alive node serves it.
@@ -228,6 +233,17 @@ enum KeyCmd {
 enum NodeCmd {
     /// List the cluster's nodes.
     Ls,
+    /// Take every task of NODE out of rotation (their connections finish; NODE keeps
+    /// serving published ports); returns once every node applied it.
+    Drain {
+        /// The node.
+        node: String,
+    },
+    /// Bring NODE's tasks back into rotation after `node drain`.
+    Activate {
+        /// The node.
+        node: String,
+    },
 }
 
 fn request(command: Command) -> Result<Request, String> {
@@ -259,7 +275,9 @@ fn request(command: Command) -> Result<Request, String> {
         Command::Service(ServiceCmd::Inspect { name }) => Request::ServiceInspect { name },
         Command::Service(ServiceCmd::Rm { name }) => Request::ServiceRm { name },
         Command::Attach { service, netns, name, ip } => Request::Attach { service, netns, name, ip },
-        Command::Detach { task } => Request::Detach { name: task },
+        Command::Detach { task, grace } => {
+            Request::Detach { name: task, grace_ms: Some(grace.as_millis() as u64) }
+        }
         Command::Publish { spec, service, detach, mode, lb } => Request::Publish {
             spec: spec.parse::<PortSpec>()?,
             service,
@@ -272,6 +290,12 @@ fn request(command: Command) -> Result<Request, String> {
             Request::Unpublish { published: spec.published, proto: spec.proto, service }
         }
         Command::Node(NodeCmd::Ls) => Request::NodeLs,
+        Command::Node(NodeCmd::Drain { node }) => {
+            Request::NodeAvailability { name: node, availability: Availability::Drain }
+        }
+        Command::Node(NodeCmd::Activate { node }) => {
+            Request::NodeAvailability { name: node, availability: Availability::Active }
+        }
         Command::Key(KeyCmd::Rotate) => Request::KeyRotate,
         Command::Key(KeyCmd::Ls) => Request::KeyLs,
         Command::Key(KeyCmd::Install { file }) => {
@@ -329,7 +353,22 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
         Request::NetworkLs => table(result, &["name", "subnet", "vni", "mtu", "tasks", "free"]),
         Request::ServiceLs => table(result, &["name", "network", "endpoint_mode", "vip", "tasks", "published"]),
         Request::ServicePs { .. } => table(result, &["task", "node", "ip", "mac", "state", "health"]),
-        Request::NodeLs => table(result, &["name", "addr", "state", "incarnation", "changed_secs_ago"]),
+        Request::NodeLs => {
+            table(result, &["name", "addr", "state", "availability", "incarnation", "changed_secs_ago"])
+        }
+        Request::NodeAvailability { name, availability } => format!(
+            "node {name} is {}: {} task(s) {}; applied on {}",
+            match availability {
+                Availability::Drain => "drained",
+                Availability::Active => "active",
+            },
+            result["tasks"],
+            match availability {
+                Availability::Drain => "take no new connections (their connections finish)",
+                Availability::Active => "back in rotation",
+            },
+            all_nodes(&result["confirmed_by"])
+        ),
         Request::NetworkCreate { .. } => format!(
             "network {} created (subnet {}, vni {}): known to {}",
             result["name"].as_str().unwrap_or("?"),
@@ -362,7 +401,7 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
                 cell_str(&result["node"])
             )
         }
-        Request::Detach { name } => format!("task {name} detached"),
+        Request::Detach { name, .. } => detached(name, result),
         Request::Publish { spec, service, detach: true, .. } => format!(
             "published {}:{}/{} for service {service}; not waiting for the nodes to serve it (--detach): `meshctl status` on a node lists the ports it serves",
             spec.published, spec.target, spec.proto
@@ -398,6 +437,33 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
             serde_json::to_string_pretty(result).expect("JSON values serialize")
         }
     }
+}
+
+/// What `detach` did, honestly: how long the drain took and what it left open.
+fn detached(name: &str, result: &Value) -> String {
+    let Some(nodes) = result.get("out_of_rotation_on") else {
+        return format!("task {name} detached");
+    };
+    let secs = |key: &str| result[key].as_u64().unwrap_or(0) as f64 / 1000.0;
+    let mut out = format!(
+        "task {name}: no new connections on {} after {:.1}s",
+        all_nodes(nodes),
+        secs("out_of_rotation_ms")
+    );
+    match (result["connections_at_drain"].as_u64(), result["connections_left"].as_u64()) {
+        (Some(0), _) => out.push_str("; it had no open connection"),
+        (Some(first), Some(0)) => out.push_str(&format!(
+            "; its {first} connection(s) finished after {:.1}s",
+            secs("drained_ms")
+        )),
+        (Some(first), Some(left)) => out.push_str(&format!(
+            "; {left} of its {first} connection(s) were still open when the {:.1}s grace period ended and are cut",
+            result["grace_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
+        )),
+        _ => {}
+    }
+    out.push_str("; detached");
+    out
 }
 
 /// "all N nodes" (or "the only node") from a node count.

@@ -230,6 +230,9 @@ pub struct IngressBackendSpec {
     pub vni: u32,
     /// The task's host-side veth, if the task runs on this node.
     pub host_if: Option<String>,
+    /// Draining (`meshctl detach`, `meshctl node drain`): its established flows keep
+    /// reaching it, but it takes no new flow (no Maglev slot).
+    pub draining: bool,
 }
 
 /// One published port on the kernel path.
@@ -892,6 +895,7 @@ impl Ingress {
                             gw_mac: MacAddr([0; 6]),
                             vni: 0,
                             host_if: None,
+                            draining: false,
                         });
                         continue;
                     };
@@ -904,6 +908,7 @@ impl Ingress {
                         gw_mac: MacAddr(b.gw_mac),
                         vni: b.vni,
                         host_if: (b.flags & BACKEND_LOCAL != 0).then(|| ifname(b.ifindex)),
+                        draining: false,
                     });
                 }
                 backends.sort();
@@ -944,6 +949,7 @@ impl Ingress {
         for (&(proto, port), service) in &want.services {
             let key = self.key(proto, port);
             let mut backends = Vec::new();
+            let mut draining = std::collections::BTreeSet::new();
             for b in &service.backends {
                 let ifindex = match &b.host_if {
                     Some(name) => match ifindex_of(name) {
@@ -954,9 +960,13 @@ impl Ingress {
                     None => 0,
                 };
                 let value = backend_value(b, ifindex);
-                backends.push((plan::maglev_id(value.addr_raw, value.port_raw), value));
+                let id = plan::maglev_id(value.addr_raw, value.port_raw);
+                if b.draining {
+                    draining.insert(id);
+                }
+                backends.push((id, value));
             }
-            desired.insert(key, WantedFrontend { mode: service.mode.raw(), backends });
+            desired.insert(key, WantedFrontend { mode: service.mode.raw(), backends, draining });
             specs.insert(key, service.clone());
         }
         let maps = match self.observed.take() {
@@ -1220,6 +1230,7 @@ mod tests {
             gw_mac: MacAddr([2, 0, 10, 0, 0, 1]),
             vni: 4096,
             host_if: Some("mvx".into()),
+            draining: false,
         };
         let v = backend_value(&spec, 7);
         assert_eq!(v.flags, BACKEND_LIVE | BACKEND_LOCAL);

@@ -37,6 +37,9 @@ pub struct WantedFrontend {
     pub mode: u8,
     /// Backends in a fixed order (the table depends on it), with their Maglev ids.
     pub backends: Vec<(u64, IngressBackend)>,
+    /// Maglev ids of draining backends: they keep their backend id (flows to them
+    /// keep working) but get no slot (no new flow).
+    pub draining: BTreeSet<u64>,
 }
 
 /// One map write, in the order [`plan`] returns them.
@@ -76,9 +79,10 @@ fn same_backend(a: &IngressBackend, b: &IngressBackend) -> bool {
 }
 
 /// The Maglev table of `backends` whose ids are `ids` (slot → backend id).
-pub fn build_table(backends: &[(u64, IngressBackend)], ids: &[u32]) -> Vec<u32> {
+/// Draining backends (Maglev ids in `draining`) get weight 0: no slot, no new flow.
+pub fn build_table(backends: &[(u64, IngressBackend)], draining: &BTreeSet<u64>, ids: &[u32]) -> Vec<u32> {
     let keys: Vec<u64> = backends.iter().map(|(k, _)| *k).collect();
-    let weights = vec![1u32; keys.len()];
+    let weights: Vec<u32> = keys.iter().map(|k| u32::from(!draining.contains(k))).collect();
     let mut table = vec![0u32; MAGLEV_TABLE_SIZE as usize];
     let mut next = vec![0u32; keys.len()];
     if !populate(&keys, &weights, &mut table, &mut next) {
@@ -110,6 +114,7 @@ pub fn plan(actual: &IngressMaps, desired: &BTreeMap<FrontendKey, WantedFrontend
     let mut tables_used: BTreeSet<u32> =
         actual.frontends.iter().filter(|(k, _)| kept(k)).map(|(_, f)| f.table).collect();
     let mut assigned: BTreeSet<u32> = BTreeSet::new();
+    let in_tables: BTreeSet<u32> = actual.tables.values().flatten().copied().collect();
     let mut next_id = 1u32;
     let mut new_backends = Vec::new();
     let mut frontend_writes = Vec::new();
@@ -131,12 +136,15 @@ pub fn plan(actual: &IngressMaps, desired: &BTreeMap<FrontendKey, WantedFrontend
             },
         };
         // This frontend's current backends, by value: kept backends keep their id.
-        let current: Vec<u32> = match (old, old.and_then(|f| actual.tables.get(&f.table))) {
+        let mut current: Vec<u32> = match (old, old.and_then(|f| actual.tables.get(&f.table))) {
             (Some(f), Some(slots)) if f.count > 0 => {
                 slots.iter().copied().collect::<BTreeSet<u32>>().into_iter().collect()
             }
             _ => Vec::new(),
         };
+        // A draining backend is in no table: it keeps its id (its flows name it) when
+        // a live id with its value is in no table either.
+        current.extend(actual.backends.keys().filter(|id| !in_tables.contains(id)));
         let mut ids = Vec::with_capacity(want.backends.len());
         let mut pending = Vec::new();
         let mut exhausted = false;
@@ -187,9 +195,9 @@ pub fn plan(actual: &IngressMaps, desired: &BTreeMap<FrontendKey, WantedFrontend
         }
         new_backends.extend(pending);
         tables_used.insert(table);
-        let count = ids.len() as u32;
+        let count = want.backends.iter().filter(|(k, _)| !want.draining.contains(k)).count() as u32;
         if count > 0 {
-            let slots = build_table(&want.backends, &ids);
+            let slots = build_table(&want.backends, &want.draining, &ids);
             let changed: Vec<(u32, u32)> = match actual.tables.get(&table).filter(|_| old.is_some()) {
                 Some(held) if held.len() == slots.len() => {
                     (0..slots.len()).filter(|&i| held[i] != slots[i]).map(|i| (i as u32, slots[i])).collect()
@@ -295,7 +303,14 @@ mod tests {
         entries
             .iter()
             .map(|(k, mode, lasts)| {
-                (*k, WantedFrontend { mode: *mode, backends: lasts.iter().map(|&l| be(l)).collect() })
+                (
+                    *k,
+                    WantedFrontend {
+                        mode: *mode,
+                        backends: lasts.iter().map(|&l| be(l)).collect(),
+                        draining: BTreeSet::new(),
+                    },
+                )
             })
             .collect()
     }
@@ -377,6 +392,36 @@ mod tests {
     }
 
     #[test]
+    fn a_draining_backend_keeps_its_live_id_across_plans_but_no_slot() {
+        let mut state = IngressMaps::default();
+        converges(&mut state, &want(&[(fe(3000), MODE_SNAT, &[2, 3])]), 4);
+        let (draining_id, before) =
+            state.backends.iter().find(|(_, b)| b.mac[5] == 3).map(|(i, b)| (*i, *b)).unwrap();
+        let mut desired = want(&[(fe(3000), MODE_SNAT, &[2, 3])]);
+        let frontend = desired.get_mut(&fe(3000)).unwrap();
+        frontend.draining.insert(be(3).0);
+        // Twice: the second pass finds it in no table and must still keep its id.
+        for _ in 0..2 {
+            let p = plan(&state, &desired, 4);
+            replay(&mut state, &p.writes);
+            assert!(consistent(&state));
+            assert_eq!(
+                state.backends[&draining_id], before,
+                "its id, value and generation stay (flows keep it)"
+            );
+            let f = state.frontends[&fe(3000)];
+            assert_eq!(f.count, 1);
+            assert!(state.tables[&f.table].iter().all(|id| *id != draining_id), "it takes no new flow");
+        }
+        // Detached: now it is retired.
+        let p = plan(&state, &want(&[(fe(3000), MODE_SNAT, &[2])]), 4);
+        assert!(p
+            .writes
+            .iter()
+            .any(|w| matches!(w, Write::PutBackend(id, b) if *id == draining_id && b.flags == 0)));
+    }
+
+    #[test]
     fn mode_changes_rewrite_the_frontend_only_and_empty_frontends_keep_their_table() {
         let mut state = IngressMaps::default();
         converges(&mut state, &want(&[(fe(3000), MODE_SNAT, &[2])]), 4);
@@ -445,7 +490,11 @@ mod tests {
                 let mode = if next() % 2 == 0 { MODE_SNAT } else { MODE_DSR };
                 d.insert(
                     fe(port + 1),
-                    WantedFrontend { mode, backends: lasts.into_iter().map(be).collect() },
+                    WantedFrontend {
+                        mode,
+                        backends: lasts.into_iter().map(be).collect(),
+                        draining: BTreeSet::new(),
+                    },
                 );
             }
             converges(&mut state, &d, 2);

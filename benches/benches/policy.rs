@@ -46,6 +46,7 @@ fn cluster(tasks: u32) -> Store {
             service: "web".into(),
             mode: Default::default(),
             lb: Default::default(),
+            proxy_protocol: false,
         }),
     );
     for node in 0..50u32 {

@@ -129,6 +129,9 @@ pub enum Request {
         /// The proxy's load-balancing policy.
         #[serde(default)]
         lb: crate::model::LbPolicy,
+        /// Write a PROXY protocol v2 header to the task.
+        #[serde(default)]
+        proxy_protocol: bool,
     },
     /// `unpublish PUBLISHED[/proto] [SERVICE]`.
     Unpublish {

@@ -230,6 +230,10 @@ pub struct PublishedPort {
     /// The proxy's load-balancing policy. Always encoded.
     #[serde(default)]
     pub lb: LbPolicy,
+    /// The proxy writes a PROXY protocol v2 header (the external client's address) to
+    /// the task before the client's bytes; served by the proxy only. Always encoded.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 /// An address on an overlay network: a task of a service, or a node's own interface.
@@ -453,6 +457,7 @@ mod tests {
             service: "web".into(),
             mode,
             lb: Default::default(),
+            proxy_protocol: false,
         }
     }
 

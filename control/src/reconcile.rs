@@ -161,8 +161,8 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: 
             .map(|t| SocketAddr::from((t.ip, port.target)))
             .collect();
         backends.sort();
-        out.listeners
-            .insert((port.proto, port.published), ListenerSpec { policy: lb_policy(port.lb), backends });
+        let spec = ListenerSpec { policy: lb_policy(port.lb), backends, proxy_protocol: port.proxy_protocol };
+        out.listeners.insert((port.proto, port.published), spec);
     }
     out.frontends = frontends(store, live, &joined);
     out.ingress = ingress(store, live, node, &out);
@@ -223,7 +223,8 @@ pub fn ingress_mode(mode: PublishMode) -> IngressMode {
 fn ingress(store: &Store, live: &BTreeSet<String>, node: &str, so_far: &Dataplane) -> IngressSpec {
     let shadowed = crate::ipam::shadowed(store);
     let mut out = IngressSpec::default();
-    for port in store.published() {
+    // A port with PROXY protocol v2 is the proxy's alone: only it writes the header.
+    for port in store.published().filter(|p| !p.proxy_protocol) {
         if store.service(&port.service).is_none() {
             continue;
         }
@@ -304,7 +305,8 @@ fn frontends(store: &Store, live: &BTreeSet<String>, joined: &BTreeMap<String, V
             out.insert(Frontend { addr: vip, port: 0, proto }, backends(&service.name, 0));
         }
     }
-    for port in store.published() {
+    // Local clients of a PROXY v2 port reach the proxy too (it writes the header).
+    for port in store.published().filter(|p| !p.proxy_protocol) {
         if store.service(&port.service).is_none() {
             continue;
         }
@@ -503,6 +505,7 @@ mod tests {
                 service: "web".into(),
                 mode: crate::model::PublishMode::Snat,
                 lb: Default::default(),
+                proxy_protocol: false,
             }),
         );
         s
@@ -641,6 +644,7 @@ mod tests {
                 service: "web".into(),
                 mode: PublishMode::Dsr,
                 lb: Default::default(),
+                proxy_protocol: false,
             }),
         );
         let d = desired(&store, &all(), "n2", 1450);

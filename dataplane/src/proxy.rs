@@ -13,6 +13,7 @@
 //! accepted it. The bytes move through one buffer per thread, or are spliced through a
 //! pipe for bulk flows (see `relay`), so an idle connection holds no buffer.
 
+pub mod proxy_protocol;
 mod relay;
 mod workers;
 
@@ -24,7 +25,7 @@ use std::{
     os::fd::AsFd,
     str::FromStr,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -35,6 +36,7 @@ pub use relay::{BulkMode, PIPES_PER_THREAD};
 use serde::{Deserialize, Serialize};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::{
+    io::AsyncWriteExt,
     net::{TcpListener, TcpStream, UdpSocket},
     sync::{OwnedSemaphorePermit, Semaphore},
     task::{JoinHandle, JoinSet},
@@ -324,6 +326,8 @@ pub struct ListenerSpec {
     pub policy: Policy,
     /// The backends, in the order the policy indexes them.
     pub backends: Vec<SocketAddr>,
+    /// Write a PROXY protocol v2 header to the backend before the client's bytes.
+    pub proxy_protocol: bool,
 }
 
 /// One listener's balancer, swapped whole when its backends or policy change.
@@ -335,6 +339,8 @@ struct Listener {
     loads: Loads,
     /// The round-robin turn, kept across balancer swaps.
     turn: Arc<AtomicUsize>,
+    /// Whether connections start with a PROXY v2 header (read per connection).
+    proxy_protocol: Arc<AtomicBool>,
     /// The accept loops: one per worker for TCP, one for UDP.
     tasks: Vec<JoinHandle<()>>,
 }
@@ -395,7 +401,12 @@ impl Proxy {
     /// Starts serving `port` round robin over `backends`, or updates them if it is
     /// served already.
     pub async fn publish(&mut self, proto: Proto, port: u16, backends: Vec<SocketAddr>) -> Result<()> {
-        self.publish_spec(proto, port, ListenerSpec { policy: Policy::RoundRobin, backends }).await
+        self.publish_spec(
+            proto,
+            port,
+            ListenerSpec { policy: Policy::RoundRobin, backends, proxy_protocol: false },
+        )
+        .await
     }
 
     /// Starts serving `port` as `spec` says, or updates its backends and policy if it
@@ -404,6 +415,7 @@ impl Proxy {
         if let Some(listener) = self.listeners.get(&(proto, port)) {
             let balancer = Balancer::new(spec.policy, spec.backends, &listener.loads, listener.turn.clone());
             *listener.backends.write() = Arc::new(balancer);
+            listener.proxy_protocol.store(spec.proxy_protocol, Ordering::Relaxed);
             return Ok(());
         }
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
@@ -412,7 +424,14 @@ impl Proxy {
         let balancer = Balancer::new(spec.policy, spec.backends, &loads, turn.clone());
         let backends: Backends = Arc::new(RwLock::new(Arc::new(balancer)));
         let shared = self.shared.clone();
-        let mut listener = Listener { backends: backends.clone(), loads, turn, tasks: Vec::new() };
+        let proxy_protocol = Arc::new(AtomicBool::new(spec.proxy_protocol));
+        let mut listener = Listener {
+            backends: backends.clone(),
+            loads,
+            turn,
+            proxy_protocol: proxy_protocol.clone(),
+            tasks: Vec::new(),
+        };
         match proto {
             Proto::Tcp => {
                 if self.workers.is_none() {
@@ -432,6 +451,7 @@ impl Proxy {
                         Ok(socket) => listener.tasks.push(worker.spawn(serve_tcp(
                             socket,
                             backends.clone(),
+                            proxy_protocol.clone(),
                             shared.clone(),
                         ))),
                         Err(source) => {
@@ -486,7 +506,15 @@ impl Proxy {
     pub fn served(&self) -> impl Iterator<Item = ((Proto, u16), ListenerSpec)> + '_ {
         self.listeners.iter().map(|(key, listener)| {
             let balancer = listener.backends.read().clone();
-            (*key, ListenerSpec { policy: balancer.policy(), backends: balancer.backends().to_vec() })
+            let proxy_protocol = listener.proxy_protocol.load(Ordering::Relaxed);
+            (
+                *key,
+                ListenerSpec {
+                    policy: balancer.policy(),
+                    backends: balancer.backends().to_vec(),
+                    proxy_protocol,
+                },
+            )
         })
     }
 }
@@ -501,7 +529,12 @@ impl Drop for Proxy {
 
 /// One worker's accept loop for a published port; every connection it accepts is relayed
 /// on this worker.
-async fn serve_tcp(listener: std::net::TcpListener, backends: Backends, shared: Arc<Shared>) {
+async fn serve_tcp(
+    listener: std::net::TcpListener,
+    backends: Backends,
+    proxy_protocol: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+) {
     // Registered here, so with this worker's runtime.
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
@@ -539,9 +572,14 @@ async fn serve_tcp(listener: std::net::TcpListener, backends: Backends, shared: 
         };
         bump(&shared.counters.tcp_accepted);
         let balancer = backends.read().clone();
+        // The address the client reached: this node's, on the published port.
+        let header = proxy_protocol
+            .load(Ordering::Relaxed)
+            .then(|| client.local_addr().ok().map(|local| proxy_protocol::header(peer, local)))
+            .flatten();
         let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(error) = relay_tcp(client, peer, &balancer, &shared, slot).await {
+            if let Err(error) = relay_tcp(client, peer, header, &balancer, &shared, slot).await {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
@@ -567,6 +605,7 @@ pub fn configure_relayed_socket(socket: &impl AsFd, keepalive: Option<&Keepalive
 async fn relay_tcp(
     client: TcpStream,
     peer: SocketAddr,
+    header: Option<Vec<u8>>,
     balancer: &Balancer,
     shared: &Shared,
     _slot: OwnedSemaphorePermit,
@@ -579,8 +618,11 @@ async fn relay_tcp(
         // Counted from the connect on, so a slow connect already steers leastconn away.
         let _active = balancer.hold(i);
         match timeout(config.tcp_connect_timeout, TcpStream::connect(backend)).await {
-            Ok(Ok(upstream)) => {
+            Ok(Ok(mut upstream)) => {
                 configure_relayed_socket(&upstream, config.tcp_keepalive.as_ref())?;
+                if let Some(header) = &header {
+                    upstream.write_all(header).await?;
+                }
                 return relay_streams(client, upstream, shared).await;
             }
             Ok(Err(error)) => tracing::debug!(%backend, %error, "backend refused; trying the next"),

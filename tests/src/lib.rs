@@ -662,7 +662,9 @@ impl Cluster {
                 .cloned()
                 .ok_or_else(|| anyhow!("no {port} in {}", status["published_paths"]))?;
             let count = |key: &str| path[key].as_array().map_or(0, Vec::len);
-            anyhow::ensure!(count("backends") == n && count("remote_backends") == n, "{path}");
+            // `backends`: the socket LB's, for local clients (none when the proxy takes them).
+            let local_ok = path["local_clients"] == "proxy" || count("backends") == n;
+            anyhow::ensure!(local_ok && count("remote_backends") == n, "{path}");
             Ok(path)
         })
         .map_err(|e| e.context(self.log_tail(i, 30)))

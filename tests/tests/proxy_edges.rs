@@ -75,3 +75,35 @@ fn a_half_closed_client_gets_the_whole_response_on_both_paths() -> Result<()> {
     }
     Ok(())
 }
+
+/// `GET /peer` from the client to node `i`'s port 3000: what the task says its peer is.
+fn peer_seen(cluster: &Cluster, i: usize) -> Result<String> {
+    let url = format!("http://{}/peer", SocketAddr::from((node_addr(i), 3000)));
+    let ns = cluster.client_ns();
+    meshd_tests::sh("ip", &["netns", "exec", &ns, "curl", "-sS", "--max-time", "5", &url])
+}
+
+#[test]
+fn proxy_protocol_v2_tells_the_task_the_clients_address_through_every_node() -> Result<()> {
+    let mut cluster = Cluster::start(2)?;
+    cluster.wait_all_alive(1)?;
+    cluster.meshctl_ok(1, &["network", "create", "net", "--subnet", "10.0.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "net"])?;
+    cluster.add_container(2, "web", "web.1")?;
+    // Without the header the task sees the proxy's or the snat address, never the client.
+    cluster.meshctl_ok(1, &["publish", "3000:80", "web", "--proxy-protocol", "v2"])?;
+    for i in 1..=2 {
+        let path = cluster.wait_serving(i, "3000/tcp", 1)?;
+        ensure!(path["remote_clients"] == "proxy" && path["proxy_protocol"] == "v2", "{path}");
+        let said = peer_seen(&cluster, i)?;
+        ensure!(
+            said.starts_with(&format!("web.1 {}:", meshd_tests::CLIENT_ADDR)),
+            "through n{i} the task saw {said:?}, not the client"
+        );
+    }
+    // Bad input: another version is refused, naming the choice.
+    let out = cluster.meshctl(1, &["publish", "3001:80", "web", "--proxy-protocol", "v1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && stderr.contains("v2"), "{stderr}");
+    Ok(())
+}

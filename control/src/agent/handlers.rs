@@ -16,6 +16,13 @@ use serde_json::{json, Value};
 
 use super::{Agent, ATTACH_WAIT};
 
+/// How a published port is served (`meshctl publish --mode --lb --proxy-protocol`).
+struct PublishOptions {
+    mode: PublishMode,
+    lb: LbPolicy,
+    proxy_protocol: bool,
+}
+
 /// How long a command waits for every alive node to confirm what it reports.
 pub const CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::{
@@ -60,8 +67,8 @@ impl Agent {
             Request::ServiceRm { name } => self.service_rm(&name).await,
             Request::Attach { service, netns, name, ip } => self.attach(&service, &netns, name, ip).await,
             Request::Detach { name, grace_ms } => self.detach(&name, grace_ms.unwrap_or(0)).await,
-            Request::Publish { spec, service, detach, mode, lb } => {
-                self.publish(spec, &service, detach, mode, lb).await
+            Request::Publish { spec, service, detach, mode, lb, proxy_protocol } => {
+                self.publish(spec, &service, detach, PublishOptions { mode, lb, proxy_protocol }).await
             }
             Request::Unpublish { published, proto, service } => {
                 self.unpublish(published, proto, service).await
@@ -600,9 +607,9 @@ impl Agent {
         spec: PortSpec,
         service: &str,
         detach: bool,
-        mode: PublishMode,
-        lb: LbPolicy,
+        options: PublishOptions,
     ) -> Result<Value> {
+        let PublishOptions { mode, lb, proxy_protocol } = options;
         // Publishing the same port, target and mode for the same service again changes
         // its policy in place (nothing to bind; connections keep their tasks); anything
         // else on a taken port is refused (a mode change would break the kernel path's
@@ -613,7 +620,14 @@ impl Agent {
             store.service(service).ok_or_else(|| Self::unknown_service(service))?;
             let taken = store.published().find(|p| p.published == spec.published && p.proto == spec.proto);
             match taken {
-                Some(p) if p.service == service && p.target == spec.target && p.mode == mode => true,
+                Some(p)
+                    if p.service == service
+                        && p.target == spec.target
+                        && p.mode == mode
+                        && p.proxy_protocol == proxy_protocol =>
+                {
+                    true
+                }
                 Some(p) => {
                     return Err(Error::invalid(format!(
                         "port {}/{} is already published for service {}; unpublish it first (`meshctl unpublish {} {}`)",
@@ -630,6 +644,7 @@ impl Agent {
             service: service.into(),
             mode,
             lb,
+            proxy_protocol,
         };
         // Bind here first: a port held by another process is refused with nothing written.
         let mut plane = self.plane.lock().await;
@@ -832,8 +847,16 @@ impl Agent {
         };
         let nat_vips = self.nat.as_ref().map(|nat| nat.lock().vips());
         // Before `seen`: never hold `seen` and the ingress path at once.
-        let kernel: Vec<(String, Option<String>)> =
-            ports.iter().map(|p| self.kernel_path(p.proto, p.published)).collect();
+        let kernel: Vec<(String, Option<String>)> = ports
+            .iter()
+            .map(|p| match p.proxy_protocol {
+                true => (
+                    "proxy".to_owned(),
+                    Some("--proxy-protocol v2: only the proxy writes the header".to_owned()),
+                ),
+                false => self.kernel_path(p.proto, p.published),
+            })
+            .collect();
         let seen = self.seen.lock();
         let table = &seen.actual.frontends;
         let off = self.socklb_missing.as_ref().map(|why| format!("none: {why}"));
@@ -906,7 +929,7 @@ impl Agent {
                     "local_clients": local, "remote_clients": remote, "backends": backends,
                     "remote_backends": remote_backends,
                     "kernel_path": kernel_path, "kernel_path_reason": kernel_path_reason,
-                    "mode": p.mode, "lb": p.lb,
+                    "mode": p.mode, "lb": p.lb, "proxy_protocol": p.proxy_protocol.then_some("v2"),
                 })
             })
             .collect();

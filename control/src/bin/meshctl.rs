@@ -89,6 +89,11 @@ enum Command {
         /// target and mode again changes the policy in place.
         #[arg(long, default_value = "rr")]
         lb: String,
+        /// `v2`: the proxy sends the task a PROXY protocol v2 header with the client's
+        /// address before its bytes (the task must expect it); such a port is served
+        /// by the proxy on every node, not the kernel paths.
+        #[arg(long, value_name = "v2", value_parser = ["v2"])]
+        proxy_protocol: Option<String>,
     },
     /// Stop answering a published port.
     Unpublish {
@@ -278,12 +283,13 @@ fn request(command: Command) -> Result<Request, String> {
         Command::Detach { task, grace } => {
             Request::Detach { name: task, grace_ms: Some(grace.as_millis() as u64) }
         }
-        Command::Publish { spec, service, detach, mode, lb } => Request::Publish {
+        Command::Publish { spec, service, detach, mode, lb, proxy_protocol } => Request::Publish {
             spec: spec.parse::<PortSpec>()?,
             service,
             detach,
             mode: mode.parse::<PublishMode>()?,
             lb: lb.parse::<LbPolicy>()?,
+            proxy_protocol: proxy_protocol.is_some(),
         },
         Command::Unpublish { port, service } => {
             let spec: PublishedSpec = port.parse()?;

@@ -2,9 +2,12 @@
 //! demo. HTTP/1.1 (keep-alive, so load generators measure the path, not the handshake)
 //! answering every request with its task name, on `--listen ADDR` (default 0.0.0.0:80).
 //! `GET /peer` answers `TASK PEER_IP:PEER_PORT`: the address the connection came from as
-//! the task sees it, so tests can tell whether a path kept the client's address.
+//! the task sees it, so tests can tell whether a path kept the client's address (or,
+//! after a PROXY protocol v2 header, the client the header names).
 
 use std::{net::SocketAddr, sync::Arc};
+
+use meshd_dataplane::proxy::proxy_protocol::{self, SIGNATURE};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -30,12 +33,36 @@ fn wants_close(head: &[u8]) -> bool {
 async fn serve(mut stream: TcpStream, name: Arc<String>) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let body = format!("{name}\n");
-    let peer = match stream.peer_addr() {
-        Ok(addr) => format!("{name} {addr}\n"),
-        Err(_) => format!("{name} unknown\n"),
-    };
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
+    // A connection that starts with a PROXY protocol v2 header (a port published with
+    // `--proxy-protocol v2`): its peer is the client the header names.
+    let mut peer = stream.peer_addr().ok();
+    while buf.len() < SIGNATURE.len() && SIGNATURE.starts_with(&buf) {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    if buf.starts_with(&SIGNATURE) {
+        loop {
+            if let Some((client, len)) = proxy_protocol::parse(&buf) {
+                peer = Some(client);
+                buf.drain(..len);
+                break;
+            }
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 || buf.len() > 512 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+    let peer = match peer {
+        Some(addr) => format!("{name} {addr}\n"),
+        None => format!("{name} unknown\n"),
+    };
     loop {
         while let Some(end) = head_end(&buf) {
             let close = wants_close(&buf[..end]);

@@ -174,15 +174,34 @@ fn answering(cluster: &Cluster, i: usize, count: usize) -> Result<BTreeSet<Strin
         .collect()
 }
 
-/// `meshctl detach` of a task under load through every node: zero failed requests.
+/// SYNs the namespace at `netns` sent again because no answer came: a connection
+/// attempt that met a task gone without notice. On the kernel path such an attempt is
+/// sent on once the flow re-balances, so wrk sees latency, not an error.
+fn syn_retransmits(netns: &Path) -> Result<u64> {
+    let table = in_netns(netns, || std::fs::read_to_string("/proc/thread-self/net/netstat"))??;
+    let mut lines = table.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap_or_default(), lines.next().unwrap_or_default());
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "TCPSynRetrans")
+        .and_then(|(_, v)| v.parse().ok())
+        .ok_or_else(|| anyhow!("no TCPSynRetrans in {table}"))
+}
+
+/// `meshctl detach` of a task under load through every node: zero failed requests and
+/// no connection attempt lost.
 fn detach_under_load(xdp: bool) -> Result<()> {
     let cluster = web_cluster(xdp)?;
+    let syn_before = syn_retransmits(&cluster.client_netns())?;
     let load = Load::start(&cluster)?;
     load_reaches(&cluster, "web.1")?;
     let out = cluster.meshctl_ok(1, &["detach", "web.1", "--grace", "5s"])?;
     eprintln!("{out}");
     ensure!(out.contains("no new connections on all 3 nodes") && out.contains("detached"), "{out}");
     load.finish()?;
+    let lost = syn_retransmits(&cluster.client_netns())? - syn_before;
+    ensure!(lost == 0, "{lost} connection attempts were lost (SYNs sent again) during the detach");
     for i in 1..=3 {
         let tasks = answering(&cluster, i, 12)?;
         ensure!(!tasks.contains("web.1"), "n{i} still sends to the detached web.1: {tasks:?}");

@@ -1044,24 +1044,33 @@ fn participants(store: &crate::store::Store, network: &str) -> HashSet<String> {
 /// namespace cannot be entered.
 fn established_in(netns: &Path) -> std::result::Result<usize, meshd_dataplane::Error> {
     meshd_dataplane::netns::run_in(netns, || {
-        ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+        let tables: Vec<String> = ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
             .iter()
             .filter_map(|p| std::fs::read_to_string(p).ok())
-            .map(|text| count_established(&text))
-            .sum()
+            .collect();
+        count_established(&tables.join("\n"))
     })
 }
 
-/// Lines of a `/proc/net/tcp` table of connections that may still carry data:
-/// ESTABLISHED (`01`), SYN_RECV (`03`: a connection sent before the node stopped),
-/// FIN_WAIT1 (`04`: its last bytes not yet acknowledged) and CLOSE_WAIT (`08`: the peer
-/// closed, the task may still answer).
+/// Connections in `/proc/net/tcp`-format rows (IPv4 and IPv6 tables together) that may
+/// still carry data — ESTABLISHED (`01`), SYN_RECV (`03`: sent before the node stopped
+/// sending new ones), FIN_WAIT1 (`04`: last bytes not yet acknowledged), CLOSE_WAIT
+/// (`08`: the peer closed, the task may still answer) — and that a server of the task
+/// accepted: their local port is one a socket listens on (`0A`). Connections the task
+/// opened itself (to a database, say) do not hold a drain for the whole grace period.
 fn count_established(table: &str) -> usize {
-    table
+    // (local port, state) of each row: `sl local_address rem_address st ...`.
+    let rows: Vec<(u16, &str)> = table
         .lines()
-        .skip(1)
-        .filter(|l| matches!(l.split_whitespace().nth(3), Some("01" | "03" | "04" | "08")))
-        .count()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let local = f.nth(1)?;
+            let state = f.nth(1)?;
+            Some((u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?, state))
+        })
+        .collect();
+    let listening: HashSet<u16> = rows.iter().filter(|(_, st)| *st == "0A").map(|(p, _)| *p).collect();
+    rows.iter().filter(|(p, st)| matches!(*st, "01" | "03" | "04" | "08") && listening.contains(p)).count()
 }
 
 #[cfg(test)]
@@ -1074,7 +1083,10 @@ mod tests {
            0: 0100000A:0050 00000000:0000 0A 00000000:00000000\n\
            1: 0100000A:0050 0200000A:C350 01 00000000:00000000\n\
            2: 0100000A:0050 0200000A:C351 06 00000000:00000000\n\
-           3: 0100000A:0050 0200000A:C352 04 00000000:00000000\n";
+           3: 0100000A:0050 0200000A:C352 04 00000000:00000000\n\
+           4: 0100000A:9C40 0300000A:0CEA 01 00000000:00000000\n";
+        // Two to the listening port 80; the TIME_WAIT one and the task's own outbound
+        // connection (from port 40000 to 3306) do not count.
         assert_eq!(count_established(table), 2);
     }
 

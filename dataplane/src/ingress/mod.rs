@@ -62,10 +62,11 @@ use aya::{
 use meshd_common::{
     ingress::{
         maglev_index, FlowKey, IngressBackend, IngressConfig as KernelConfig, IngressFrontend, Nat,
-        BACKEND_LIVE, BACKEND_LOCAL, DEFAULT_INGRESS_TABLES, INGRESS_BACKENDS_MAP, INGRESS_CONFIG_MAP,
-        INGRESS_FLOWS_MAP, INGRESS_FRONTENDS_MAP, INGRESS_MAGLEV_MAP, INGRESS_NAT_MAP, INGRESS_STATS_MAP,
-        INGRESS_TC_PROGRAM, INGRESS_XDP_PROGRAM, IN_STAT_ENTRIES, MAX_INGRESS_BACKENDS, MAX_INGRESS_FLOWS,
-        MAX_INGRESS_FRONTENDS, MAX_INGRESS_NAT, MODE_DSR, MODE_SNAT, NAT_PORT_MAX, NAT_PORT_MIN,
+        BACKEND_DRAINING, BACKEND_LIVE, BACKEND_LOCAL, DEFAULT_INGRESS_TABLES, INGRESS_BACKENDS_MAP,
+        INGRESS_CONFIG_MAP, INGRESS_FLOWS_MAP, INGRESS_FRONTENDS_MAP, INGRESS_MAGLEV_MAP, INGRESS_NAT_MAP,
+        INGRESS_STATS_MAP, INGRESS_TC_PROGRAM, INGRESS_XDP_PROGRAM, IN_STAT_ENTRIES, MAX_INGRESS_BACKENDS,
+        MAX_INGRESS_FLOWS, MAX_INGRESS_FRONTENDS, MAX_INGRESS_NAT, MODE_DSR, MODE_SNAT, NAT_PORT_MAX,
+        NAT_PORT_MIN,
     },
     ip4_octets, ip4_raw,
     maglev::MAGLEV_TABLE_SIZE,
@@ -959,10 +960,11 @@ impl Ingress {
                     },
                     None => 0,
                 };
-                let value = backend_value(b, ifindex);
+                let mut value = backend_value(b, ifindex);
                 let id = plan::maglev_id(value.addr_raw, value.port_raw);
                 if b.draining {
                     draining.insert(id);
+                    value.flags |= BACKEND_DRAINING;
                 }
                 backends.push((id, value));
             }

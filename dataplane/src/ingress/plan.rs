@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use meshd_common::{
-    ingress::{IngressBackend, IngressFrontend, BACKEND_LIVE, MAX_INGRESS_BACKENDS},
+    ingress::{IngressBackend, IngressFrontend, BACKEND_DRAINING, BACKEND_LIVE, MAX_INGRESS_BACKENDS},
     maglev::{populate, MAGLEV_TABLE_SIZE},
     FrontendKey,
 };
@@ -74,8 +74,11 @@ pub fn maglev_id(addr_raw: u32, port_raw: u16) -> u64 {
 }
 
 /// A backend value compared without its generation.
+/// A backend value compared without its generation and its draining mark (a task
+/// that starts draining keeps its id, so its flows keep it).
 fn same_backend(a: &IngressBackend, b: &IngressBackend) -> bool {
-    IngressBackend { gen: 0, ..*a } == IngressBackend { gen: 0, ..*b }
+    let plain = |v: &IngressBackend| IngressBackend { gen: 0, flags: v.flags & !BACKEND_DRAINING, ..*v };
+    plain(a) == plain(b)
 }
 
 /// The Maglev table of `backends` whose ids are `ids` (slot → backend id).
@@ -157,7 +160,14 @@ pub fn plan(actual: &IngressMaps, desired: &BTreeMap<FrontendKey, WantedFrontend
                         .is_some_and(|b| b.flags & BACKEND_LIVE != 0 && same_backend(b, backend))
             });
             let id = match reuse {
-                Some(id) => id,
+                Some(id) => {
+                    // Same task; its draining mark may have changed: rewritten in place,
+                    // same generation (its flows stay).
+                    if let Some(held) = actual.backends.get(&id).filter(|h| h.flags != backend.flags) {
+                        pending.push(Write::PutBackend(id, IngressBackend { gen: held.gen, ..*backend }));
+                    }
+                    id
+                }
                 None => {
                     while next_id < MAX_INGRESS_BACKENDS
                         && (busy.contains(&next_id) || assigned.contains(&next_id))

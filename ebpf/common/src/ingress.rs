@@ -85,6 +85,10 @@ pub const MODE_DSR: u8 = 1;
 pub const BACKEND_LIVE: u16 = 1;
 /// `IngressBackend::flags`: the task runs on this node (redirect, no encapsulation).
 pub const BACKEND_LOCAL: u16 = 2;
+/// `IngressBackend::flags`: the task is draining (`meshctl detach --grace`, `node
+/// drain`): its established flows keep it, but a packet that opens a flow (a SYN on a
+/// client 4-tuple reused from an old flow, any UDP datagram) re-balances away from it.
+pub const BACKEND_DRAINING: u16 = 4;
 
 /// UDP port of VXLAN (IANA), as the kernel's devices use it.
 pub const VXLAN_PORT: u16 = 4789;
@@ -354,10 +358,15 @@ pub enum FlowChoice {
 pub const fn flow_choice(flow: Option<Flow>, backend: Option<IngressBackend>, opens: bool) -> FlowChoice {
     match flow {
         Some(f) => match backend {
-            Some(b) if b.flags & BACKEND_LIVE != 0 && b.gen == f.gen => {
+            Some(b)
+                if b.flags & BACKEND_LIVE != 0
+                    && b.gen == f.gen
+                    && !(opens && b.flags & BACKEND_DRAINING != 0) =>
+            {
                 FlowChoice::Keep { backend: f.backend, nat_port_raw: f.nat_port_raw }
             }
-            // Its backend left or its id went to another task: move the flow.
+            // Its backend left, its id went to another task, or a new connection
+            // reuses the tuple of a flow to a draining task: move the flow.
             _ => FlowChoice::Balance,
         },
         None if opens => FlowChoice::Balance,
@@ -405,6 +414,17 @@ mod tests {
             "reused id"
         );
         assert_eq!(flow_choice(Some(flow), None, true), FlowChoice::Balance, "id out of range");
+    }
+
+    #[test]
+    fn a_draining_backend_keeps_its_flows_but_not_a_reused_tuples_new_connection() {
+        let flow = Flow { backend: 7, gen: 3, nat_port_raw: 0, pad: 0 };
+        let draining = backend(BACKEND_LIVE | BACKEND_DRAINING, 3);
+        assert_eq!(
+            flow_choice(Some(flow), Some(draining), false),
+            FlowChoice::Keep { backend: 7, nat_port_raw: 0 }
+        );
+        assert_eq!(flow_choice(Some(flow), Some(draining), true), FlowChoice::Balance);
     }
 
     #[test]

@@ -96,17 +96,22 @@ pub fn in_netns<T: Send + 'static>(netns: &Path, f: impl FnOnce() -> T + Send + 
 /// Fetches `http://addr/` from inside `netns` and returns the body.
 pub fn http_get(netns: &Path, addr: SocketAddr) -> Result<String> {
     in_netns(netns, move || -> std::io::Result<String> {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        match response.split_once("\r\n\r\n") {
-            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.trim().to_owned()),
-            _ => Err(std::io::Error::other(format!("bad response {response:?}"))),
-        }
+        get_on(TcpStream::connect_timeout(&addr, Duration::from_secs(2))?)
     })?
     .with_context(|| format!("GET http://{addr}/"))
+}
+
+/// Sends `GET /` (HTTP/1.0) on a connected `stream` and returns the body of a 200
+/// answer (read to the end, at most 5 s between reads).
+pub fn get_on(mut stream: TcpStream) -> std::io::Result<String> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.trim().to_owned()),
+        _ => Err(std::io::Error::other(format!("bad response {response:?}"))),
+    }
 }
 
 /// Whether a TCP connect to `addr` from inside `netns` is refused right away.

@@ -159,15 +159,7 @@ fn answering(cluster: &Cluster, i: usize, count: usize) -> Result<BTreeSet<Strin
                 socket.set_reuse_address(true)?;
                 socket.bind(&from.into())?;
                 socket.connect_timeout(&addr.into(), Duration::from_secs(2))?;
-                let mut stream: TcpStream = socket.into();
-                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-                stream.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")?;
-                let mut response = String::new();
-                stream.read_to_string(&mut response)?;
-                match response.split_once("\r\n\r\n") {
-                    Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.trim().to_owned()),
-                    _ => Err(std::io::Error::other(format!("bad response {response:?}"))),
-                }
+                meshd_tests::get_on(socket.into())
             })?
             .with_context(|| format!("GET http://{addr}/ from port {}", from.port()))
         })

@@ -47,6 +47,7 @@ fn cluster(tasks: u32) -> Store {
             mode: Default::default(),
             lb: Default::default(),
             proxy_protocol: false,
+            max_connections: 0,
         }),
     );
     for node in 0..50u32 {

@@ -132,6 +132,9 @@ pub enum Request {
         /// Write a PROXY protocol v2 header to the task.
         #[serde(default)]
         proxy_protocol: bool,
+        /// Most connections at once per node (0: no limit of its own).
+        #[serde(default)]
+        max_connections: u32,
     },
     /// `unpublish PUBLISHED[/proto] [SERVICE]`.
     Unpublish {

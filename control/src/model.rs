@@ -234,6 +234,21 @@ pub struct PublishedPort {
     /// the task before the client's bytes; served by the proxy only. Always encoded.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Most connections the port takes at once on each node (0: no limit of its own,
+    /// only the proxy's global cap); at the limit a new connection is refused at once,
+    /// established ones are unaffected. Counting needs the proxy, so such a port is
+    /// served by the proxy only. Always encoded.
+    #[serde(default)]
+    pub max_connections: u32,
+}
+
+impl PublishedPort {
+    /// Whether only the userspace proxy can serve this port as asked (it writes a
+    /// PROXY header, or counts connections against a limit): the kernel paths (ingress,
+    /// the socket LB's published form) leave it out.
+    pub fn proxy_only(&self) -> bool {
+        self.proxy_protocol || self.max_connections > 0
+    }
 }
 
 /// An address on an overlay network: a task of a service, or a node's own interface.
@@ -458,6 +473,7 @@ mod tests {
             mode,
             lb: Default::default(),
             proxy_protocol: false,
+            max_connections: 0,
         }
     }
 

@@ -223,8 +223,9 @@ pub fn ingress_mode(mode: PublishMode) -> IngressMode {
 fn ingress(store: &Store, live: &BTreeSet<String>, node: &str, so_far: &Dataplane) -> IngressSpec {
     let shadowed = crate::ipam::shadowed(store);
     let mut out = IngressSpec::default();
-    // A port with PROXY protocol v2 is the proxy's alone: only it writes the header.
-    for port in store.published().filter(|p| !p.proxy_protocol) {
+    // A port with PROXY protocol v2 or a connection limit is the proxy's alone: only it
+    // writes the header and counts connections.
+    for port in store.published().filter(|p| !p.proxy_only()) {
         if store.service(&port.service).is_none() {
             continue;
         }
@@ -305,8 +306,8 @@ fn frontends(store: &Store, live: &BTreeSet<String>, joined: &BTreeMap<String, V
             out.insert(Frontend { addr: vip, port: 0, proto }, backends(&service.name, 0));
         }
     }
-    // Local clients of a PROXY v2 port reach the proxy too (it writes the header).
-    for port in store.published().filter(|p| !p.proxy_protocol) {
+    // Local clients of a proxy-only port reach the proxy too (see `proxy_only`).
+    for port in store.published().filter(|p| !p.proxy_only()) {
         if store.service(&port.service).is_none() {
             continue;
         }
@@ -506,6 +507,7 @@ mod tests {
                 mode: crate::model::PublishMode::Snat,
                 lb: Default::default(),
                 proxy_protocol: false,
+                max_connections: 0,
             }),
         );
         s
@@ -645,6 +647,7 @@ mod tests {
                 mode: PublishMode::Dsr,
                 lb: Default::default(),
                 proxy_protocol: false,
+                max_connections: 0,
             }),
         );
         let d = desired(&store, &all(), "n2", 1450);

@@ -21,6 +21,7 @@ struct PublishOptions {
     mode: PublishMode,
     lb: LbPolicy,
     proxy_protocol: bool,
+    max_connections: u32,
 }
 
 /// How long a command waits for every alive node to confirm what it reports.
@@ -67,8 +68,9 @@ impl Agent {
             Request::ServiceRm { name } => self.service_rm(&name).await,
             Request::Attach { service, netns, name, ip } => self.attach(&service, &netns, name, ip).await,
             Request::Detach { name, grace_ms } => self.detach(&name, grace_ms.unwrap_or(0)).await,
-            Request::Publish { spec, service, detach, mode, lb, proxy_protocol } => {
-                self.publish(spec, &service, detach, PublishOptions { mode, lb, proxy_protocol }).await
+            Request::Publish { spec, service, detach, mode, lb, proxy_protocol, max_connections } => {
+                let options = PublishOptions { mode, lb, proxy_protocol, max_connections };
+                self.publish(spec, &service, detach, options).await
             }
             Request::Unpublish { published, proto, service } => {
                 self.unpublish(published, proto, service).await
@@ -609,7 +611,7 @@ impl Agent {
         detach: bool,
         options: PublishOptions,
     ) -> Result<Value> {
-        let PublishOptions { mode, lb, proxy_protocol } = options;
+        let PublishOptions { mode, lb, proxy_protocol, max_connections } = options;
         // Publishing the same port, target and mode for the same service again changes
         // its policy in place (nothing to bind; connections keep their tasks); anything
         // else on a taken port is refused (a mode change would break the kernel path's
@@ -624,7 +626,10 @@ impl Agent {
                     if p.service == service
                         && p.target == spec.target
                         && p.mode == mode
-                        && p.proxy_protocol == proxy_protocol =>
+                        && p.proxy_protocol == proxy_protocol
+                        // A limit may change in place; adding or removing one moves
+                        // the port between the kernel paths and the proxy.
+                        && (p.max_connections > 0) == (max_connections > 0) =>
                 {
                     true
                 }
@@ -645,6 +650,7 @@ impl Agent {
             mode,
             lb,
             proxy_protocol,
+            max_connections,
         };
         // Bind here first: a port held by another process is refused with nothing written.
         let mut plane = self.plane.lock().await;

@@ -94,6 +94,11 @@ enum Command {
         /// by the proxy on every node, not the kernel paths.
         #[arg(long, value_name = "v2", value_parser = ["v2"])]
         proxy_protocol: Option<String>,
+        /// Most connections the port takes at once on each node; at the limit a new
+        /// connection is refused at once and established ones carry on. Such a port is
+        /// served by the proxy on every node. 0: no limit but the proxy's global cap.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        max_connections: u32,
     },
     /// Stop answering a published port.
     Unpublish {
@@ -283,14 +288,17 @@ fn request(command: Command) -> Result<Request, String> {
         Command::Detach { task, grace } => {
             Request::Detach { name: task, grace_ms: Some(grace.as_millis() as u64) }
         }
-        Command::Publish { spec, service, detach, mode, lb, proxy_protocol } => Request::Publish {
-            spec: spec.parse::<PortSpec>()?,
-            service,
-            detach,
-            mode: mode.parse::<PublishMode>()?,
-            lb: lb.parse::<LbPolicy>()?,
-            proxy_protocol: proxy_protocol.is_some(),
-        },
+        Command::Publish { spec, service, detach, mode, lb, proxy_protocol, max_connections } => {
+            Request::Publish {
+                spec: spec.parse::<PortSpec>()?,
+                service,
+                detach,
+                mode: mode.parse::<PublishMode>()?,
+                lb: lb.parse::<LbPolicy>()?,
+                proxy_protocol: proxy_protocol.is_some(),
+                max_connections,
+            }
+        }
         Command::Unpublish { port, service } => {
             let spec: PublishedSpec = port.parse()?;
             Request::Unpublish { published: spec.published, proto: spec.proto, service }

@@ -158,6 +158,10 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: 
         let mut backends: Vec<SocketAddr> = store
             .tasks_of(&port.service)
             .filter(|t| in_rotation(store, live, t))
+            // Reachable only once this node has its own address on the task's network
+            // (until then a connect fails at once, and the node must not report the
+            // port served).
+            .filter(|t| joined.contains_key(&t.network))
             .map(|t| SocketAddr::from((t.ip, port.target)))
             .collect();
         backends.sort();
@@ -288,6 +292,8 @@ fn frontends(store: &Store, live: &BTreeSet<String>, joined: &BTreeMap<String, V
         let mut out: Vec<Backend> = store
             .tasks_of(service)
             .filter(|t| in_rotation(store, live, t) && !shadowed.contains(t.id.as_str()))
+            // Reachable from here only once this node is on the task's network.
+            .filter(|t| joined.contains_key(&t.network))
             .map(|t| Backend { addr: t.ip, port })
             .collect();
         out.sort();
@@ -720,6 +726,10 @@ mod tests {
         assert!(d.overlays.is_empty());
         assert!(d.peers.is_empty());
         assert_eq!(d.listeners.len(), 1);
+        // Its tasks are out of reach until it has an address there: the port listens
+        // (and resets) but is not served, on the proxy and on the socket LB alike.
+        assert_eq!(d.listeners[&(Proto::Tcp, 3000)].backends, vec![]);
+        assert_eq!(d.frontends[&lb([0, 0, 0, 0], 3000, socklb::Proto::Tcp)], vec![]);
     }
 
     #[test]

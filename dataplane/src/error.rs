@@ -39,6 +39,21 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A published port could not be bound by the proxy; names what holds it.
+    #[error(
+        "cannot listen on {addr} ({proto}): {source}{held}; stop what holds the port or publish another port"
+    )]
+    Listen {
+        /// The protocol.
+        proto: crate::proxy::Proto,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+        /// `, held by nginx (pid 12)`, when the port is in use and its holder is seen.
+        held: String,
+    },
     /// The network namespace handed to attach does not exist.
     #[error(
         "network namespace {path:?} does not exist; create it (`ip netns add NAME`) and pass /run/netns/NAME"
@@ -83,3 +98,16 @@ impl Error {
 
 /// The dataplane's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The proxy could not bind `addr`: when the port is in use, find who holds it.
+    pub fn listen(proto: crate::proxy::Proto, addr: SocketAddr, source: io::Error) -> Error {
+        let held = match source.kind() {
+            io::ErrorKind::AddrInUse => {
+                crate::holder::held_by(&crate::holder::port_holders(proto, addr.port()))
+            }
+            _ => String::new(),
+        };
+        Error::Listen { proto, addr, source, held }
+    }
+}

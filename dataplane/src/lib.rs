@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod dns;
 mod error;
+pub mod holder;
 pub mod ingress;
 pub mod lb;
 pub mod natlb;

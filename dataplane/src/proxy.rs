@@ -457,13 +457,14 @@ impl Proxy {
                         Err(source) => {
                             // Nothing half-published: the workers' listeners so far close.
                             listener.abort();
-                            return Err(Error::Bind { addr, source });
+                            return Err(Error::listen(proto, addr, source));
                         }
                     }
                 }
             }
             Proto::Udp => {
-                let socket = UdpSocket::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+                let socket =
+                    UdpSocket::bind(addr).await.map_err(|source| Error::listen(proto, addr, source))?;
                 listener.tasks.push(tokio::spawn(serve_udp(Arc::new(socket), backends, shared)));
             }
         }
@@ -952,7 +953,10 @@ mod tests {
         let held = TcpListener::bind("0.0.0.0:0").await.unwrap();
         let port = held.local_addr().unwrap().port();
         let err = Proxy::default().publish(Proto::Tcp, port, vec![]).await.unwrap_err();
-        assert!(matches!(err, Error::Bind { .. }), "{err}");
+        assert!(matches!(err, Error::Listen { .. }), "{err}");
+        // This test process holds it, and the message says so.
+        let me = format!("(pid {})", std::process::id());
+        assert!(err.to_string().contains("held by ") && err.to_string().contains(&me), "{err}");
     }
 
     #[tokio::test]
@@ -1230,7 +1234,7 @@ mod tests {
         let port = held.local_addr().unwrap().port();
         let mut proxy = quick(ProxyConfig { workers: 2, ..ProxyConfig::default() });
         let err = proxy.publish(Proto::Tcp, port, vec![]).await.unwrap_err();
-        assert!(matches!(err, Error::Bind { .. }), "{err}");
+        assert!(matches!(err, Error::Listen { .. }), "{err}");
         assert_eq!(proxy.ports().count(), 0);
         assert_eq!(listeners_on(port), 1, "only the holder listens");
     }

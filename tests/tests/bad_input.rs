@@ -52,7 +52,10 @@ fn bad_input_is_refused_clearly_and_changes_nothing() -> Result<()> {
             &["publish", "3000:8080", "web"],
             "port 3000/tcp is already published for service web; unpublish it first",
         ),
-        (&["publish", "3001:80", "web"], "another process holds the port"),
+        (
+            &["publish", "3001:80", "web"],
+            "on node n1, cannot listen on 0.0.0.0:3001 (tcp): Address already in use (os error 98), held by",
+        ),
         (
             &["publish", "3002:80", "web", "--lb", "fastest"],
             "unknown load-balancing policy \"fastest\": use rr, leastconn, p2c or maglev",

@@ -257,16 +257,19 @@ fn create_and_publish_return_once_every_node_knows_and_serves() -> Result<()> {
         assert_eq!(http_get(&client, SocketAddr::from((node_addr(i), 3000)))?, "web.1", "n{i}");
     }
 
-    // A node where another process holds the port: publish fails after its wait and
-    // names the node and the reason.
+    // A node where another process holds the port: publish fails as soon as that node
+    // reports it, names the node and the holder, and is rolled back
+    // (tests/publish_conflict.rs checks that nothing stays published).
     let holder =
         meshd_tests::in_netns(&cluster.nodes[3].netns(), || std::net::TcpListener::bind("0.0.0.0:3005"))??;
     let out = cluster.meshctl(1, &["publish", "3005:80", "web"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "publish must fail while n4 cannot listen");
     assert!(
-        stderr.contains("published 3005:80/tcp for service web, but after 10s it is not served on node n4 (published port 3005/tcp:")
-            && stderr.contains("another process holds the port"),
+        stderr.contains(
+            "cannot publish 3005:80/tcp for service web: on node n4, cannot listen on 0.0.0.0:3005 (tcp)"
+        ) && stderr.contains("held by")
+            && stderr.contains("nothing was published"),
         "{stderr}"
     );
     drop(holder);

@@ -652,10 +652,21 @@ impl Agent {
             proxy_protocol,
             max_connections,
         };
-        // Bind here first: a port held by another process is refused with nothing written.
+        // What a node that cannot bind the port (another process holds it there) makes
+        // the publish fail with; the publish is then rolled back: nothing stays published.
+        let conflict = |node: &str, problem: &dyn std::fmt::Display| {
+            format!(
+                "cannot publish {}:{}/{} for service {}: on node {node}, {problem}; nothing was published",
+                port.published, port.target, port.proto, port.service
+            )
+        };
+        // Bind here first: a port held by another process here is refused with nothing
+        // written.
         let mut plane = self.plane.lock().await;
         if !update {
-            plane.proxy.publish(spec.proto, spec.published, Vec::new()).await?;
+            if let Err(error) = plane.proxy.publish(spec.proto, spec.published, Vec::new()).await {
+                return Err(Error::invalid(conflict(&self.cfg.node_name, &error)));
+            }
         }
         self.write(|g, now| g.put(Object::Published(port.clone()), now));
         drop(plane);
@@ -676,7 +687,26 @@ impl Agent {
                 port.published, port.target, port.proto, port.service
             )
         };
-        let nodes = self.wait_for_nodes(|state, _| state.listening.contains(&served), not_served).await?;
+        // Another node that cannot bind the port fails the publish at once.
+        let problem_key = format!("published port {served}: ");
+        let conflicted = std::sync::atomic::AtomicBool::new(false);
+        let refused = |node: &str, state: &NodeState| {
+            let problem = state.problems.iter().find_map(|p| p.strip_prefix(problem_key.as_str()))?;
+            conflicted.store(true, std::sync::atomic::Ordering::Relaxed);
+            Some(conflict(node, &problem))
+        };
+        let listening = self
+            .wait_for_nodes_unless(|state, _| state.listening.contains(&served), refused, not_served)
+            .await;
+        let nodes = match listening {
+            Ok(nodes) => nodes,
+            Err(error) if conflicted.load(std::sync::atomic::Ordering::Relaxed) && !update => {
+                self.write(|g, now| g.delete(&Key::published(port.proto, port.published), now));
+                self.reconcile().await;
+                return Err(error);
+            }
+            Err(error) => return Err(error),
+        };
         let has_tasks = {
             let gossip = self.gossip();
             let live = gossip.live_nodes();
@@ -707,6 +737,18 @@ impl Agent {
         confirmed: impl Fn(&NodeState, u64) -> bool,
         timeout_message: impl FnOnce(String) -> String,
     ) -> Result<usize> {
+        self.wait_for_nodes_unless(confirmed, |_, _| None, timeout_message).await
+    }
+
+    /// [`Self::wait_for_nodes`], failing at once with `refused(node, state)`'s message
+    /// when a node reports, in a confirmation of this node's catalog, that it cannot
+    /// do what is waited for.
+    async fn wait_for_nodes_unless(
+        &self,
+        confirmed: impl Fn(&NodeState, u64) -> bool,
+        refused: impl Fn(&str, &NodeState) -> Option<String>,
+        timeout_message: impl FnOnce(String) -> String,
+    ) -> Result<usize> {
         let deadline = Instant::now() + CONFIRM_WAIT;
         // One nudge (see `wait_for`): confirmations arrive by gossip, which wakes the
         // reconciler, and this node confirms after each reconcile.
@@ -725,6 +767,11 @@ impl Agent {
                 let mut missing = Vec::new();
                 for node in alive {
                     count += 1;
+                    // Only a confirmation of the current catalog speaks of this request.
+                    let current = store.node_state(node).filter(|s| s.catalog == mine);
+                    if let Some(message) = current.and_then(|state| refused(node, state)) {
+                        return Err(Error::invalid(message));
+                    }
                     match store.node_state(node) {
                         Some(state) if confirmed(state, mine) => {}
                         Some(state) if !state.problems.is_empty() => {

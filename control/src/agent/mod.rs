@@ -420,6 +420,11 @@ impl Agent {
                     }
                 }
                 seen.errors.remove("observe");
+                // A port no longer published here has no listener to fail: its error
+                // goes (a later publish of the same port must not read it as current).
+                let wanted: std::collections::BTreeSet<String> =
+                    want.listeners.keys().map(|(p, n)| listen_key(*p, *n)).collect();
+                seen.errors.retain(|key, _| !key.starts_with("published port ") || wanted.contains(key));
             }
             Err(error) => {
                 let message = error.to_string();
@@ -593,6 +598,12 @@ impl Agent {
     }
 }
 
+/// The error key of a published port's listener (`meshctl status`, NodeState problems;
+/// `publish` looks for it).
+fn listen_key(proto: meshd_dataplane::proxy::Proto, port: u16) -> String {
+    format!("published port {port}/{proto}")
+}
+
 fn op_key(op: &Op) -> String {
     match op {
         Op::EnsureOverlay(s) => format!("overlay {}", s.vni),
@@ -600,9 +611,7 @@ fn op_key(op: &Op) -> String {
         Op::AddPeer(p) | Op::RemovePeer(p) => format!("peer {} on {}", p.ip, p.vni),
         Op::EnsureTask(l) => format!("task link {}", l.host_if),
         Op::DetachTask(h) => format!("task link {h}"),
-        Op::Listen { proto, port, .. } | Op::Unlisten { proto, port } => {
-            format!("published port {port}/{proto}")
-        }
+        Op::Listen { proto, port, .. } | Op::Unlisten { proto, port } => listen_key(*proto, *port),
         Op::Isolate(a, b) | Op::Unisolate(a, b) => format!("isolation {a} -> {b}"),
         Op::Frontends(_) => "socket-lb frontends".into(),
         Op::Ingress(_) => "ingress".into(),

@@ -48,6 +48,7 @@ fn cluster(tasks: u32) -> Store {
             lb: Default::default(),
             proxy_protocol: false,
             max_connections: 0,
+            closing_at: None,
         }),
     );
     for node in 0..50u32 {

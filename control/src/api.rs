@@ -144,6 +144,10 @@ pub enum Request {
         proto: meshd_dataplane::proxy::Proto,
         /// If given, the port must be published for this service.
         service: Option<String>,
+        /// Close the port to new connections at once, and let open ones finish for
+        /// this many milliseconds before they are cut. Absent or 0: cut them at once.
+        #[serde(default)]
+        grace_ms: Option<u64>,
     },
     /// `node ls`.
     NodeLs,

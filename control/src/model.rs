@@ -240,6 +240,11 @@ pub struct PublishedPort {
     /// served by the proxy only. Always encoded.
     #[serde(default)]
     pub max_connections: u32,
+    /// Set by `meshctl unpublish --grace`: the port takes no new connection, and
+    /// connections already open may finish until this time (Unix milliseconds), when
+    /// they are cut and the port is removed. Always encoded.
+    #[serde(default)]
+    pub closing_at: Option<u64>,
 }
 
 impl PublishedPort {
@@ -474,6 +479,7 @@ mod tests {
             lb: Default::default(),
             proxy_protocol: false,
             max_connections: 0,
+            closing_at: None,
         }
     }
 

@@ -47,6 +47,9 @@ pub struct Dataplane {
     /// The kernel ingress path (XDP/tc): published ports for external clients, and
     /// the local task veths that get the reply program.
     pub ingress: IngressSpec,
+    /// Ports being unpublished with a grace period: no listener, and the connections
+    /// the proxy relays for them are cut at this time (Unix milliseconds).
+    pub closing: BTreeMap<(Proto, u16), u64>,
 }
 
 /// One change to the dataplane.
@@ -77,12 +80,15 @@ pub enum Op {
     Isolate(Ipv4Net, Ipv4Net),
     /// Drop an isolation rule.
     Unisolate(Ipv4Net, Ipv4Net),
-    /// Stop serving a published port.
+    /// Stop serving a published port: refuse new connections now, cut the relayed
+    /// ones at `cut_at` (Unix milliseconds; `None`: now).
     Unlisten {
         /// Protocol.
         proto: Proto,
         /// Published port.
         port: u16,
+        /// When the connections relayed already are cut.
+        cut_at: Option<u64>,
     },
     /// Make the socket load balancer hold exactly these frontends (one operation for
     /// the whole table: the mechanism writes only the difference, in a safe order).
@@ -153,6 +159,10 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: 
     }
     for port in store.published() {
         if store.service(&port.service).is_none() {
+            continue;
+        }
+        if let Some(at) = port.closing_at {
+            out.closing.insert((port.proto, port.published), at);
             continue;
         }
         let mut backends: Vec<SocketAddr> = store
@@ -233,7 +243,10 @@ fn ingress(store: &Store, live: &BTreeSet<String>, node: &str, so_far: &Dataplan
         if store.service(&port.service).is_none() {
             continue;
         }
-        // Draining tasks stay, flagged: their established flows keep reaching them.
+        // Draining tasks stay, flagged: their established flows keep reaching them. A
+        // closing port (unpublish --grace) drains them all: its established flows
+        // carry on, a new one finds no backend and meets the stack (no listener: reset).
+        let closing = port.closing_at.is_some();
         let mut backends: Vec<IngressBackendSpec> = store
             .tasks_of(&port.service)
             .filter(|t| {
@@ -257,7 +270,7 @@ fn ingress(store: &Store, live: &BTreeSet<String>, node: &str, so_far: &Dataplan
                     gw_mac: gw.node_mac,
                     vni: net.vni,
                     host_if,
-                    draining: !in_rotation(store, live, t),
+                    draining: closing || !in_rotation(store, live, t),
                 })
             })
             .collect();
@@ -312,8 +325,9 @@ fn frontends(store: &Store, live: &BTreeSet<String>, joined: &BTreeMap<String, V
             out.insert(Frontend { addr: vip, port: 0, proto }, backends(&service.name, 0));
         }
     }
-    // Local clients of a proxy-only port reach the proxy too (see `proxy_only`).
-    for port in store.published().filter(|p| !p.proxy_only()) {
+    // Local clients of a proxy-only port reach the proxy too (see `proxy_only`); a
+    // closing port takes no new connection (its established ones never pass here).
+    for port in store.published().filter(|p| !p.proxy_only() && p.closing_at.is_none()) {
         if store.service(&port.service).is_none() {
             continue;
         }
@@ -357,6 +371,7 @@ pub fn actual(
         isolation: observed.isolation,
         frontends,
         ingress: IngressSpec::default(),
+        closing: BTreeMap::new(),
     }
 }
 
@@ -374,7 +389,7 @@ pub fn plan(applied: &Dataplane, desired: &Dataplane) -> Vec<Op> {
     }
     for &(proto, port) in applied.listeners.keys() {
         if !desired.listeners.contains_key(&(proto, port)) {
-            ops.push(Op::Unlisten { proto, port });
+            ops.push(Op::Unlisten { proto, port, cut_at: desired.closing.get(&(proto, port)).copied() });
         }
     }
     for &(a, b) in applied.isolation.difference(&desired.isolation) {
@@ -439,7 +454,7 @@ impl Dataplane {
             Op::Listen { proto, port, spec } => {
                 self.listeners.insert((*proto, *port), spec.clone());
             }
-            Op::Unlisten { proto, port } => {
+            Op::Unlisten { proto, port, .. } => {
                 self.listeners.remove(&(*proto, *port));
             }
             Op::Isolate(a, b) => {
@@ -514,6 +529,7 @@ mod tests {
                 lb: Default::default(),
                 proxy_protocol: false,
                 max_connections: 0,
+                closing_at: None,
             }),
         );
         s
@@ -654,6 +670,7 @@ mod tests {
                 lb: Default::default(),
                 proxy_protocol: false,
                 max_connections: 0,
+                closing_at: None,
             }),
         );
         let d = desired(&store, &all(), "n2", 1450);
@@ -762,6 +779,27 @@ mod tests {
     }
 
     #[test]
+    fn a_closing_port_refuses_new_connections_and_keeps_its_flows_until_the_cut() {
+        let mut store = cluster();
+        let applied = desired(&store, &all(), "n1", 1450);
+        let Some(Object::Published(port)) = store.get("published/tcp/3000").cloned() else { unreachable!() };
+        store.put("n1", Object::Published(PublishedPort { closing_at: Some(1_000), ..port }));
+        let d = desired(&store, &all(), "n1", 1450);
+        // No listener and no socket-LB frontend: a new connection is refused.
+        assert!(d.listeners.is_empty());
+        assert!(!d.frontends.contains_key(&lb([0, 0, 0, 0], 3000, socklb::Proto::Tcp)));
+        // The kernel path keeps every backend, draining: established flows carry on.
+        let kernel = &d.ingress.services[&(socklb::Proto::Tcp, 3000)].backends;
+        assert!(!kernel.is_empty() && kernel.iter().all(|b| b.draining), "{kernel:?}");
+        // The proxy is told when to cut what it relays.
+        let ops = plan(&applied, &d);
+        assert!(
+            ops.contains(&Op::Unlisten { proto: Proto::Tcp, port: 3000, cut_at: Some(1_000) }),
+            "{ops:?}"
+        );
+    }
+
+    #[test]
     fn unpublish_and_detach_become_removals() {
         let mut store = cluster();
         let applied = desired(&store, &all(), "n1", 1450);
@@ -769,7 +807,7 @@ mod tests {
         store.delete("n1", "endpoint/web.2");
         store.delete("n2", "endpoint/web.1");
         let ops = plan(&applied, &desired(&store, &all(), "n1", 1450));
-        assert!(ops.contains(&Op::Unlisten { proto: Proto::Tcp, port: 3000 }));
+        assert!(ops.contains(&Op::Unlisten { proto: Proto::Tcp, port: 3000, cut_at: None }));
         assert!(ops.contains(&Op::DetachTask("mvweb.2".into())));
         assert!(ops.iter().any(|o| matches!(o, Op::RemovePeer(p) if p.ip == Ipv4Addr::new(10, 0, 0, 18))));
     }

@@ -38,7 +38,7 @@ use socket2::{SockRef, TcpKeepalive};
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream, UdpSocket},
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::{watch, OwnedSemaphorePermit, Semaphore},
     task::{JoinHandle, JoinSet},
     time::{sleep_until, timeout, Instant},
 };
@@ -343,6 +343,8 @@ struct Listener {
     proxy_protocol: Arc<AtomicBool>,
     /// The accept loops: one per worker for TCP, one for UDP.
     tasks: Vec<JoinHandle<()>>,
+    /// Set (or dropped) to cut the connections relayed for this port.
+    cut: watch::Sender<bool>,
 }
 
 impl Listener {
@@ -351,6 +353,12 @@ impl Listener {
             task.abort();
         }
     }
+}
+
+/// Resolves when the connections of a listener are to be cut: the flag is set, or
+/// its listener is gone without a grace period (the proxy dropped).
+async fn cut_signal(mut cut: watch::Receiver<bool>) {
+    let _ = cut.wait_for(|cut| *cut).await;
 }
 
 /// All published-port listeners of this node.
@@ -425,12 +433,14 @@ impl Proxy {
         let backends: Backends = Arc::new(RwLock::new(Arc::new(balancer)));
         let shared = self.shared.clone();
         let proxy_protocol = Arc::new(AtomicBool::new(spec.proxy_protocol));
+        let (cut, _) = watch::channel(false);
         let mut listener = Listener {
             backends: backends.clone(),
             loads,
             turn,
             proxy_protocol: proxy_protocol.clone(),
             tasks: Vec::new(),
+            cut,
         };
         match proto {
             Proto::Tcp => {
@@ -453,6 +463,7 @@ impl Proxy {
                             backends.clone(),
                             proxy_protocol.clone(),
                             shared.clone(),
+                            listener.cut.subscribe(),
                         ))),
                         Err(source) => {
                             // Nothing half-published: the workers' listeners so far close.
@@ -474,16 +485,22 @@ impl Proxy {
     }
 
     /// Stops serving `port`: new connections are refused at once and its UDP flows end;
-    /// TCP connections already relayed run on until either side closes (or idles out).
-    pub fn unpublish(&mut self, proto: Proto, port: u16) -> bool {
-        match self.listeners.remove(&(proto, port)) {
-            Some(listener) => {
-                listener.abort();
-                tracing::info!(%proto, port, "stopped serving published port");
-                true
-            }
-            None => false,
+    /// TCP connections already relayed run on for `grace` (until either side closes,
+    /// or idles out), then are cut. Needs a tokio runtime for the grace timer.
+    pub fn unpublish(&mut self, proto: Proto, port: u16, grace: Duration) -> bool {
+        let Some(listener) = self.listeners.remove(&(proto, port)) else { return false };
+        listener.abort();
+        tracing::info!(%proto, port, grace_ms = grace.as_millis() as u64, "stopped serving published port");
+        if grace.is_zero() {
+            listener.cut.send_replace(true);
+        } else {
+            let cut = listener.cut;
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                cut.send_replace(true);
+            });
         }
+        true
     }
 
     /// The ports served now.
@@ -535,6 +552,7 @@ async fn serve_tcp(
     backends: Backends,
     proxy_protocol: Arc<AtomicBool>,
     shared: Arc<Shared>,
+    cut: watch::Receiver<bool>,
 ) {
     // Registered here, so with this worker's runtime.
     let listener = match TcpListener::from_std(listener) {
@@ -579,9 +597,15 @@ async fn serve_tcp(
             .then(|| client.local_addr().ok().map(|local| proxy_protocol::header(peer, local)))
             .flatten();
         let shared = shared.clone();
+        let cut = cut.clone();
         tokio::spawn(async move {
-            if let Err(error) = relay_tcp(client, peer, header, &balancer, &shared, slot).await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
+            let relay = relay_tcp(client, peer, header, &balancer, &shared, slot);
+            tokio::select! {
+                result = relay => if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                },
+                // Unpublished and its grace is over: dropping the relay closes both sides.
+                () = cut_signal(cut) => tracing::debug!(%peer, "connection cut: its port was unpublished"),
             }
         });
     }
@@ -934,13 +958,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn unpublish_lets_relayed_connections_run_for_the_grace_then_cuts_them() {
+        let echo = echo_server().await;
+        let port = free_port().await;
+        let mut proxy = Proxy::default();
+        proxy.publish(Proto::Tcp, port, vec![echo]).await.unwrap();
+        let mut relayed = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        echo_round_trip(&mut relayed, b"before").await.unwrap();
+        let grace = Duration::from_millis(500);
+        let cut_at = Instant::now() + grace;
+        assert!(proxy.unpublish(Proto::Tcp, port, grace));
+        // During the grace: refused for newcomers (once the aborted accept loops are
+        // gone), relayed for the one already in.
+        while TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            assert!(Instant::now() < cut_at, "port still accepts");
+            tokio::task::yield_now().await;
+        }
+        echo_round_trip(&mut relayed, b"during").await.unwrap();
+        assert!(Instant::now() < cut_at, "the check ran past the grace; lengthen it");
+        // At its end: cut (the proxy closes its side; the client reads the end).
+        let mut buf = [0u8; 16];
+        let read = timeout(Duration::from_secs(5), relayed.read(&mut buf)).await.expect("not cut within 5 s");
+        assert!(Instant::now() >= cut_at, "cut before the grace ended");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+
+    #[tokio::test]
     async fn unpublish_refuses_new_connections() {
         let a = named_server("a").await;
         let port = free_port().await;
         let mut proxy = Proxy::default();
         proxy.publish(Proto::Tcp, port, vec![a]).await.unwrap();
         assert_eq!(fetch(port).await, "a");
-        assert!(proxy.unpublish(Proto::Tcp, port));
+        assert!(proxy.unpublish(Proto::Tcp, port, Duration::ZERO));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
         while TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
             assert!(tokio::time::Instant::now() < deadline, "port still accepts");
@@ -1207,7 +1257,7 @@ mod tests {
         for _ in 0..12 {
             assert_eq!(fetch(port).await, "a");
         }
-        assert!(proxy.unpublish(Proto::Tcp, port));
+        assert!(proxy.unpublish(Proto::Tcp, port, Duration::ZERO));
         let deadline = Instant::now() + Duration::from_secs(2);
         while listeners_on(port) > 0 {
             assert!(Instant::now() < deadline, "{} listeners left after unpublish", listeners_on(port));

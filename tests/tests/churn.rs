@@ -397,27 +397,74 @@ fn bad_churn_input_is_refused_and_changes_nothing() -> Result<()> {
     Ok(())
 }
 
-/// `meshctl unpublish` through the proxy (`--xdp off`): a connection relayed before
-/// keeps working (the relay is not cut), a new connection is refused at once.
-/// (No grace cap yet: the relay runs until either side closes. On the kernel path the
-/// frontend's removal cuts its flows: left for the kernel program.)
+/// `meshctl unpublish --grace`, on the proxy (`--xdp off`) and the kernel path: once
+/// the command returns, every node refuses new connections; a keep-alive connection
+/// opened before (through n3, which runs no task: it stays on the network while the
+/// port closes) keeps being served during the grace and is cut when it ends; then the
+/// port is gone from the cluster state.
 #[test]
-fn unpublish_refuses_new_connections_and_lets_a_relayed_one_finish() -> Result<()> {
-    let cluster = web_cluster(false)?;
-    // Through n1, which keeps network `net` for its own task: n3 (no task) leaves the
-    // network with its last published port, which cuts its relays (see the report).
-    let addr = SocketAddr::from((node_addr(1), PORT));
-    let mut stream = in_netns(&cluster.client_netns(), move || {
-        TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-    })??;
+fn unpublish_with_a_grace_refuses_new_connections_and_cuts_open_ones_at_its_end() -> Result<()> {
+    for xdp in [false, true] {
+        unpublish_with_grace(xdp).with_context(|| if xdp { "kernel path" } else { "proxy (--xdp off)" })?;
+    }
+    Ok(())
+}
+
+fn unpublish_with_grace(xdp: bool) -> Result<()> {
+    let cluster = web_cluster(xdp)?;
+    let client = cluster.client_netns();
+    let addr = SocketAddr::from((node_addr(3), PORT));
+    let mut stream = in_netns(&client, move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let task = keepalive_get(&mut stream)?;
-    cluster.meshctl_ok(1, &["unpublish", &PORT.to_string(), "web"])?;
-    poll("n3 refuses new connections to the unpublished port", Duration::from_secs(10), || {
-        ensure!(meshd_tests::refused(&cluster.client_netns(), addr)?, "still accepted");
+    // Bad input: refused, and the port is served as before.
+    for (grace, says) in
+        [("2h", "duration \"2h\" is longer than 3600s"), ("soon", "invalid duration \"soon\"")]
+    {
+        let out = cluster.meshctl(1, &["unpublish", &PORT.to_string(), "--grace", grace]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success() && err.contains(says), "--grace {grace}: {err}");
+    }
+    ensure!(keepalive_get(&mut stream)? == task, "a refused unpublish changed the port");
+    let grace = Duration::from_secs(4);
+    let started = std::time::Instant::now();
+    let out = cluster.meshctl_ok(1, &["unpublish", &PORT.to_string(), "web", "--grace", "4s"])?;
+    ensure!(
+        out.contains("new connections refused on all 3 nodes") && out.contains("may finish for 4.0s"),
+        "{out}"
+    );
+    for i in 1..=3 {
+        let addr = SocketAddr::from((node_addr(i), PORT));
+        ensure!(
+            meshd_tests::refused(&client, addr)?,
+            "n{i} accepted a new connection after unpublish returned"
+        );
+    }
+    ensure!(keepalive_get(&mut stream)? == task, "the open connection moved or failed during the grace");
+    // Publishing it again waits for the close to finish (or `--grace 0`).
+    let out = cluster.meshctl(1, &["publish", &format!("{PORT}:80"), "web"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && err.contains("is being unpublished"), "publish while closing: {err}");
+    ensure!(
+        started.elapsed() < grace,
+        "the checks ran past the grace ({:?}); lengthen it",
+        started.elapsed()
+    );
+    // A request now and then: answered until the grace ends, then cut (the proxy closes
+    // it; on the kernel path the flow's next packet meets the stack, which resets it).
+    let cut_after =
+        poll("the open connection is cut", grace + Duration::from_secs(6), || {
+            match keepalive_get(&mut stream) {
+                Ok(_) => bail!("still served after {:?}", started.elapsed()),
+                Err(_) => Ok(started.elapsed()),
+            }
+        })?;
+    ensure!(cut_after >= grace, "cut after {cut_after:?}, before the {grace:?} grace ended");
+    poll("the port is removed", Duration::from_secs(5), || {
+        let inspect = cluster.meshctl_json(1, &["service", "inspect", "web"])?;
+        ensure!(inspect["published"].as_array().is_some_and(Vec::is_empty), "{}", inspect["published"]);
         Ok(())
     })?;
-    ensure!(keepalive_get(&mut stream)? == task, "the relayed connection moved");
     Ok(())
 }
 

@@ -281,7 +281,7 @@ fn ports_beyond_the_maglev_tables_are_left_to_the_proxy_with_the_reason() -> Res
         }
     })?;
     // Unpublishing the first frees its table for the second.
-    cluster.meshctl_ok(1, &["unpublish", "3000"])?;
+    cluster.meshctl_ok(1, &["unpublish", "3000", "--grace", "0"])?;
     poll("3001 moves to XDP", Duration::from_secs(10), || {
         let status = cluster.meshctl_json(1, &["status"])?;
         match path_of(&status, "3001/tcp") {

@@ -72,8 +72,8 @@ impl Agent {
                 let options = PublishOptions { mode, lb, proxy_protocol, max_connections };
                 self.publish(spec, &service, detach, options).await
             }
-            Request::Unpublish { published, proto, service } => {
-                self.unpublish(published, proto, service).await
+            Request::Unpublish { published, proto, service, grace_ms } => {
+                self.unpublish(published, proto, service, grace_ms.unwrap_or(0)).await
             }
             Request::NodeLs => Ok(self.node_ls()),
             Request::NodeAvailability { name, availability } => {
@@ -622,6 +622,12 @@ impl Agent {
             store.service(service).ok_or_else(|| Self::unknown_service(service))?;
             let taken = store.published().find(|p| p.published == spec.published && p.proto == spec.proto);
             match taken {
+                Some(p) if p.closing_at.is_some() => {
+                    return Err(Error::invalid(format!(
+                        "port {}/{} is being unpublished (its open connections may finish for a while); publish it again once that is done, or end it now with `meshctl unpublish {} --grace 0`",
+                        p.published, p.proto, p.published
+                    )))
+                }
                 Some(p)
                     if p.service == service
                         && p.target == spec.target
@@ -651,6 +657,7 @@ impl Agent {
             lb,
             proxy_protocol,
             max_connections,
+            closing_at: None,
         };
         // What a node that cannot bind the port (another process holds it there) makes
         // the publish fail with; the publish is then rolled back: nothing stays published.
@@ -838,7 +845,13 @@ impl Agent {
         });
     }
 
-    async fn unpublish(&self, published: u16, proto: Proto, service: Option<String>) -> Result<Value> {
+    async fn unpublish(
+        &self,
+        published: u16,
+        proto: Proto,
+        service: Option<String>,
+        grace_ms: u64,
+    ) -> Result<Value> {
         let key = Key::published(proto, published);
         let port = match self.gossip().store().get(&key) {
             Some(Object::Published(p)) => p.clone(),
@@ -854,9 +867,30 @@ impl Agent {
                 port.service, port.service
             )));
         }
-        self.write(|g, now| g.delete(&key, now));
+        if grace_ms == 0 {
+            self.write(|g, now| g.delete(&key, now));
+            self.reconcile().await;
+            return Ok(json!({ "port": port, "grace_ms": 0 }));
+        }
+        // Closed to new connections now; open ones may finish until `closing_at`, when
+        // every node cuts them and the port is removed (`remove_closed_ports`).
+        let closing_at = crate::wall_clock_ms() + grace_ms;
+        let closing = PublishedPort { closing_at: Some(closing_at), ..port.clone() };
+        self.write(|g, now| g.put(Object::Published(closing), now));
         self.reconcile().await;
-        Ok(json!(port))
+        let served = format!("{published}/{proto}");
+        let nodes = self
+            .wait_for_nodes(
+                |state, mine| state.catalog == mine && !state.listening.contains(&served),
+                |missing| {
+                    format!(
+                        "port {served} is being unpublished (open connections are cut in {:.1}s), but after {CONFIRM_WAIT:?} {missing} still accept new connections; see `meshctl status` there",
+                        grace_ms as f64 / 1000.0
+                    )
+                },
+            )
+            .await?;
+        Ok(json!({ "port": port, "grace_ms": grace_ms, "closing_at": closing_at, "refused_on": nodes }))
     }
 
     fn node_ls(&self) -> Value {

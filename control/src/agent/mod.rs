@@ -305,7 +305,7 @@ impl Agent {
         let mut plane = self.plane.lock().await;
         let ports: Vec<_> = plane.proxy.ports().collect();
         for (proto, port) in ports {
-            plane.proxy.unpublish(proto, port);
+            plane.proxy.unpublish(proto, port, Duration::ZERO);
         }
         tracing::info!(
             "keeping overlay links, entries, rules and the pinned socket load balancer in place (remove them with `meshd --cleanup`)"
@@ -349,6 +349,25 @@ impl Agent {
         }
     }
 
+    /// Removes the published ports whose unpublish grace is over. Any node may (the
+    /// delete is the same on all), so a port is removed even if the node that started
+    /// the unpublish went away; a pass runs at least every [`RECONCILE_PERIOD`], so the
+    /// kernel path's flows are cut within that of the deadline (the proxy cuts its
+    /// relays on its own timer, at the deadline).
+    fn remove_closed_ports(&self) {
+        let now = crate::wall_clock_ms();
+        let over: Vec<String> = self
+            .gossip()
+            .store()
+            .published()
+            .filter(|p| p.closing_at.is_some_and(|at| at <= now))
+            .map(|p| Key::published(p.proto, p.published))
+            .collect();
+        if !over.is_empty() {
+            self.write(|g, at| over.iter().fold(false, |changed, key| g.delete(key, at) | changed));
+        }
+    }
+
     /// Whether membership is known again since the start: every node that has
     /// endpoints in the store is a known member (in any state), or the grace is over.
     fn membership_settled(&self) -> bool {
@@ -366,6 +385,7 @@ impl Agent {
     /// back what the node holds, plans the difference, applies it.
     async fn reconcile(&self) {
         self.sync_keyring();
+        self.remove_closed_ports();
         self.ensure_node_addresses();
         // The plane lock is taken before the store is read and the kernel observed, so an
         // attach (which creates its link and writes its endpoint under this lock) is
@@ -497,8 +517,11 @@ impl Agent {
             Op::EnsureTask(link) => self.overlay.attach_task(link).await,
             Op::DetachTask(host_if) => self.overlay.detach_task(host_if).await,
             Op::Listen { proto, port, spec } => plane.proxy.publish_spec(*proto, *port, spec.clone()).await,
-            Op::Unlisten { proto, port } => {
-                plane.proxy.unpublish(*proto, *port);
+            Op::Unlisten { proto, port, cut_at } => {
+                let grace = cut_at.map_or(Duration::ZERO, |at| {
+                    Duration::from_millis(at.saturating_sub(crate::wall_clock_ms()))
+                });
+                plane.proxy.unpublish(*proto, *port, grace);
                 Ok(())
             }
             Op::Isolate(a, b) => self.overlay.isolate(*a, *b).await,
@@ -611,7 +634,7 @@ fn op_key(op: &Op) -> String {
         Op::AddPeer(p) | Op::RemovePeer(p) => format!("peer {} on {}", p.ip, p.vni),
         Op::EnsureTask(l) => format!("task link {}", l.host_if),
         Op::DetachTask(h) => format!("task link {h}"),
-        Op::Listen { proto, port, .. } | Op::Unlisten { proto, port } => listen_key(*proto, *port),
+        Op::Listen { proto, port, .. } | Op::Unlisten { proto, port, .. } => listen_key(*proto, *port),
         Op::Isolate(a, b) | Op::Unisolate(a, b) => format!("isolation {a} -> {b}"),
         Op::Frontends(_) => "socket-lb frontends".into(),
         Op::Ingress(_) => "ingress".into(),

@@ -100,12 +100,18 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = 0)]
         max_connections: u32,
     },
-    /// Stop answering a published port.
+    /// Stop answering a published port: new connections are refused at once on every
+    /// node; connections already open may finish during the grace period, then are cut.
     Unpublish {
         /// PUBLISHED[/tcp|/udp], e.g. 3000.
         port: String,
         /// The service it is published for (checked when given).
         service: Option<String>,
+        /// How long open connections may finish (e.g. 10s, 500ms, 2m; at most 1h);
+        /// 0 cuts them at once. The command returns once every node refuses new
+        /// connections; the port is removed when the grace period ends.
+        #[arg(long, default_value = "10s", value_parser = meshd_control::spec::parse_duration)]
+        grace: Duration,
     },
     /// Manage nodes.
     #[command(subcommand)]
@@ -299,9 +305,10 @@ fn request(command: Command) -> Result<Request, String> {
                 max_connections,
             }
         }
-        Command::Unpublish { port, service } => {
+        Command::Unpublish { port, service, grace } => {
             let spec: PublishedSpec = port.parse()?;
-            Request::Unpublish { published: spec.published, proto: spec.proto, service }
+            let grace_ms = Some(grace.as_millis() as u64);
+            Request::Unpublish { published: spec.published, proto: spec.proto, service, grace_ms }
         }
         Command::Node(NodeCmd::Ls) => Request::NodeLs,
         Command::Node(NodeCmd::Drain { node }) => {
@@ -434,7 +441,14 @@ fn render(request: &Request, result: &Value, format: Format) -> String {
             spec.proto,
             all_nodes(&result["served_on"])
         ),
-        Request::Unpublish { published, proto, .. } => format!("unpublished {published}/{proto}"),
+        Request::Unpublish { published, proto, .. } => match result["grace_ms"].as_u64().unwrap_or(0) {
+            0 => format!("unpublished {published}/{proto}"),
+            grace => format!(
+                "unpublished {published}/{proto}: new connections refused on {}; open connections may finish for {:.1}s, then are cut",
+                all_nodes(&result["refused_on"]),
+                grace as f64 / 1000.0
+            ),
+        },
         Request::KeyLs => table(result, &["key", "primary"]),
         Request::KeyRotate => format!(
             "rotated: every node now seals with key {} (generation {})",

@@ -361,3 +361,145 @@ fn an_out_of_range_proxy_flag_is_refused_before_anything_is_created() -> Result<
     }
     Ok(())
 }
+
+/// meshd's resident memory, in KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or_else(|| anyhow!("no VmRSS"))?;
+    Ok(line.split_whitespace().nth(1).ok_or_else(|| anyhow!("bad VmRSS line {line:?}"))?.parse()?)
+}
+
+/// The proxy's counters from `meshctl status` on node 1.
+fn proxy_counters(cluster: &Cluster) -> Result<serde_json::Value> {
+    Ok(cluster.meshctl_json(1, &["status"])?["proxy"]["counters"].clone())
+}
+
+/// Slowloris-style clients (connect, then send nothing) cannot grow the proxy without
+/// bound: it holds at most `--proxy-tcp-max-connections` of them; each one beyond is
+/// closed at once (the client reads the end instead of hanging) and leaves nothing
+/// behind; the idle timeout closes the held ones, freeing their slots, and the port
+/// then serves a real client again.
+#[test]
+fn idle_clients_are_held_to_the_cap_and_cut_by_the_idle_timeout_with_bounded_memory() -> Result<()> {
+    const CAP: usize = 200;
+    const BEYOND: usize = 3 * CAP;
+    raise_own_nofile((CAP + BEYOND + 64) as u64)?;
+    let meshd_args =
+        ["--xdp", "off", "--proxy-tcp-max-connections", "200", "--proxy-tcp-idle-timeout-secs", "5"]
+            .map(String::from)
+            .to_vec();
+    let mut cluster = Cluster::start_with(1, StartOptions { meshd_args, ..Default::default() })?;
+    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
+    cluster.add_container(1, "web", "web.1")?;
+    cluster.meshctl_ok(1, &["publish", "3000:80", "web"])?;
+    cluster.wait_serving(1, "3000/tcp", 1)?;
+    let pid = cluster.meshd_pid(1).ok_or_else(|| anyhow!("meshd is not running"))?;
+    let addr = SocketAddr::from((node_addr(1), 3000));
+    let client = cluster.client_netns();
+
+    let connect = move |n: usize| -> std::io::Result<Vec<std::net::TcpStream>> {
+        (0..n).map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))).collect()
+    };
+    let held = in_netns(&client, move || connect(CAP))??;
+    let active = poll("the proxy holds every idle client", Duration::from_secs(10), || {
+        let counters = proxy_counters(&cluster)?;
+        ensure!(counters["tcp_active"] == CAP, "{counters}");
+        Ok(counters)
+    })?;
+    let at_cap = rss_kib(pid)?;
+
+    // Beyond the cap: each is accepted by the kernel and closed by the proxy at once.
+    let ends = in_netns(&client, move || -> std::io::Result<Vec<std::io::Result<usize>>> {
+        let streams = connect(BEYOND)?;
+        Ok(streams
+            .into_iter()
+            .map(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.read(&mut [0u8; 1])
+            })
+            .collect())
+    })??;
+    let hung =
+        ends.iter().filter(|e| matches!(e, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)).count();
+    ensure!(hung == 0, "{hung} of {BEYOND} connections beyond the cap were left hanging");
+    ensure!(ends.iter().all(|e| matches!(e, Ok(0) | Err(_))), "a connection beyond the cap got data");
+    let counters = proxy_counters(&cluster)?;
+    let refused = counters["tcp_refused_at_cap"].as_u64().unwrap_or(0)
+        - active["tcp_refused_at_cap"].as_u64().unwrap_or(0);
+    ensure!(refused as usize == BEYOND && counters["tcp_active"] == CAP, "{counters}");
+    let beyond = rss_kib(pid)?;
+    // Nothing kept per refused connection (1 KiB each would be 600 KiB).
+    ensure!(
+        beyond.saturating_sub(at_cap) < 512,
+        "meshd grew from {at_cap} KiB to {beyond} KiB over {BEYOND} refused connections"
+    );
+
+    // The idle timeout frees the slots; the clients read the end.
+    poll("the idle timeout closes the idle clients", Duration::from_secs(15), || {
+        let counters = proxy_counters(&cluster)?;
+        ensure!(counters["tcp_active"] == 0 && counters["tcp_idle_closed"] == CAP, "{counters}");
+        Ok(())
+    })?;
+    for mut stream in held {
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        ensure!(stream.read(&mut [0u8; 1])? == 0, "an idle client was not closed");
+    }
+    let body = meshd_tests::http_get(&client, addr)?;
+    ensure!(body == "web.1", "after the idle clients: {body:?}");
+    eprintln!(
+        "meshd RSS: {at_cap} KiB holding {CAP} idle clients, {beyond} KiB after {BEYOND} more were refused"
+    );
+    Ok(())
+}
+
+/// Half-open connections — clients that vanished without a FIN or a reset (power lost,
+/// cable pulled) — are found by the proxy's keepalive and closed, so they do not pile
+/// up: here 100 of them, gone within the configured 1 s + 2 × 1 s, under an idle
+/// timeout of an hour that would otherwise keep them.
+#[test]
+fn half_open_connections_of_vanished_clients_are_closed_by_keepalive() -> Result<()> {
+    const CLIENTS: usize = 100;
+    let meshd_args = [
+        "--xdp",
+        "off",
+        "--proxy-tcp-keepalive-secs",
+        "1",
+        "--proxy-tcp-keepalive-interval-secs",
+        "1",
+        "--proxy-tcp-keepalive-probes",
+        "2",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut cluster = Cluster::start_with(1, StartOptions { meshd_args, ..Default::default() })?;
+    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
+    cluster.add_container(1, "web", "web.1")?;
+    cluster.meshctl_ok(1, &["publish", "3000:80", "web"])?;
+    cluster.wait_serving(1, "3000/tcp", 1)?;
+    let addr = SocketAddr::from((node_addr(1), 3000));
+    let ghost = cluster.add_underlay_host("ghost", std::net::Ipv4Addr::new(198, 18, 0, 250))?;
+    let held = in_netns(&ghost, move || -> std::io::Result<Vec<std::net::TcpStream>> {
+        (0..CLIENTS).map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))).collect()
+    })??;
+    poll("the proxy relays every client", Duration::from_secs(10), || {
+        let counters = proxy_counters(&cluster)?;
+        ensure!(counters["tcp_active"] == CLIENTS, "{counters}");
+        Ok(())
+    })?;
+    // The clients' host drops off the network: its link goes down, nothing is sent.
+    let ns = ghost.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    meshd_tests::sh("ip", &["-n", &ns, "link", "set", "eth0", "down"])?;
+    let started = Instant::now();
+    poll("keepalive closes the half-open connections", Duration::from_secs(15), || {
+        let counters = proxy_counters(&cluster)?;
+        ensure!(counters["tcp_active"] == 0, "{counters}");
+        Ok(())
+    })?;
+    let counters = proxy_counters(&cluster)?;
+    ensure!(counters["tcp_idle_closed"] == 0, "closed by the idle timeout, not keepalive: {counters}");
+    eprintln!("{CLIENTS} half-open connections closed {:?} after their clients vanished", started.elapsed());
+    drop(held);
+    Ok(())
+}

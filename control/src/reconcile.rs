@@ -175,7 +175,12 @@ pub fn desired(store: &Store, live: &BTreeSet<String>, node: &str, default_mtu: 
             .map(|t| SocketAddr::from((t.ip, port.target)))
             .collect();
         backends.sort();
-        let spec = ListenerSpec { policy: lb_policy(port.lb), backends, proxy_protocol: port.proxy_protocol };
+        let spec = ListenerSpec {
+            policy: lb_policy(port.lb),
+            backends,
+            proxy_protocol: port.proxy_protocol,
+            max_connections: port.max_connections as usize,
+        };
         out.listeners.insert((port.proto, port.published), spec);
     }
     out.frontends = frontends(store, live, &joined);

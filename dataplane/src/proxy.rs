@@ -206,6 +206,10 @@ pub struct ProxyCounters {
     pub tcp_accepted: u64,
     /// TCP connections closed at once because `tcp_max_connections` were open.
     pub tcp_refused_at_cap: u64,
+    /// TCP connections reset at once because their port's own limit
+    /// (`meshctl publish --max-connections`) was reached.
+    #[serde(default)]
+    pub tcp_refused_at_port_limit: u64,
     /// TCP connections closed by the idle timeout.
     pub tcp_idle_closed: u64,
     /// TCP connections closed because no backend accepted them.
@@ -225,6 +229,7 @@ pub struct ProxyCounters {
 struct Counters {
     tcp_accepted: AtomicU64,
     tcp_refused_at_cap: AtomicU64,
+    tcp_refused_at_port_limit: AtomicU64,
     tcp_idle_closed: AtomicU64,
     tcp_no_backend: AtomicU64,
     udp_flows_opened: AtomicU64,
@@ -246,6 +251,8 @@ struct Shared {
     counters: Counters,
     /// Zero of the millisecond timestamps kept in atomics.
     epoch: Instant,
+    /// Each served port's own counters, readable without the proxy's owner.
+    ports: RwLock<std::collections::BTreeMap<(Proto, u16), Arc<PortStats>>>,
 }
 
 impl Shared {
@@ -255,6 +262,7 @@ impl Shared {
             udp_flows: AtomicUsize::new(0),
             counters: Counters::default(),
             epoch: Instant::now(),
+            ports: RwLock::default(),
             config,
         }
     }
@@ -286,6 +294,65 @@ impl Drop for UdpFlowSlot {
     fn drop(&mut self) {
         self.0.udp_flows.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// One published port's limit and counters, shared by its accept loops and the
+/// connections (or UDP flows) they hold.
+#[derive(Default)]
+struct PortStats {
+    /// Most connections (TCP) or flows (UDP) at once; 0: no limit of its own.
+    limit: AtomicUsize,
+    /// Connections or flows held now.
+    active: AtomicUsize,
+    /// Connections accepted and relayed (or tried), flows opened.
+    accepted: AtomicU64,
+    /// Connections reset, or new clients' datagrams dropped, at the limit.
+    refused_at_limit: AtomicU64,
+}
+
+impl PortStats {
+    /// Takes a place under the port's limit, if one is free.
+    fn take(self: &Arc<Self>) -> Option<PortSlot> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (limit == 0 || n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| {
+                bump(&self.accepted);
+                PortSlot(self.clone())
+            })
+    }
+
+    fn snapshot(&self) -> PortCounters {
+        PortCounters {
+            max_connections: self.limit.load(Ordering::Relaxed),
+            active: self.active.load(Ordering::Relaxed) as u64,
+            accepted: self.accepted.load(Ordering::Relaxed),
+            refused_at_limit: self.refused_at_limit.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A connection's or flow's place under its port's limit, given back when it ends.
+struct PortSlot(Arc<PortStats>);
+
+impl Drop for PortSlot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What one published port's listener did since it was published.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortCounters {
+    /// Its own limit of connections (UDP: flows) at once; 0: none.
+    pub max_connections: usize,
+    /// Connections (UDP: flows) held now.
+    pub active: u64,
+    /// Connections accepted (UDP: flows opened).
+    pub accepted: u64,
+    /// Connections reset (UDP: new clients' datagrams dropped) at its limit.
+    pub refused_at_limit: u64,
 }
 
 /// Transport protocol of a published port.
@@ -328,6 +395,9 @@ pub struct ListenerSpec {
     pub backends: Vec<SocketAddr>,
     /// Write a PROXY protocol v2 header to the backend before the client's bytes.
     pub proxy_protocol: bool,
+    /// Most connections (UDP: flows) the port holds at once; 0: no limit of its own
+    /// (the proxy's global caps still apply).
+    pub max_connections: usize,
 }
 
 /// One listener's balancer, swapped whole when its backends or policy change.
@@ -345,6 +415,8 @@ struct Listener {
     tasks: Vec<JoinHandle<()>>,
     /// Set (or dropped) to cut the connections relayed for this port.
     cut: watch::Sender<bool>,
+    /// Its limit and counters.
+    stats: Arc<PortStats>,
 }
 
 impl Listener {
@@ -375,6 +447,11 @@ pub struct Proxy {
 pub struct ProxyStats(Arc<Shared>);
 
 impl ProxyStats {
+    /// Each served port's limit and counters.
+    pub fn ports(&self) -> Vec<((Proto, u16), PortCounters)> {
+        self.0.ports.read().iter().map(|(key, stats)| (*key, stats.snapshot())).collect()
+    }
+
     /// What the proxy has done so far, over all ports.
     pub fn counters(&self) -> ProxyCounters {
         let s = &self.0;
@@ -384,6 +461,7 @@ impl ProxyStats {
             tcp_active: (s.config.tcp_max_connections - s.tcp_slots.available_permits()) as u64,
             tcp_accepted: get(&c.tcp_accepted),
             tcp_refused_at_cap: get(&c.tcp_refused_at_cap),
+            tcp_refused_at_port_limit: get(&c.tcp_refused_at_port_limit),
             tcp_idle_closed: get(&c.tcp_idle_closed),
             tcp_no_backend: get(&c.tcp_no_backend),
             udp_flows_active: s.udp_flows.load(Ordering::Relaxed) as u64,
@@ -412,7 +490,7 @@ impl Proxy {
         self.publish_spec(
             proto,
             port,
-            ListenerSpec { policy: Policy::RoundRobin, backends, proxy_protocol: false },
+            ListenerSpec { policy: Policy::RoundRobin, backends, proxy_protocol: false, max_connections: 0 },
         )
         .await
     }
@@ -424,6 +502,8 @@ impl Proxy {
             let balancer = Balancer::new(spec.policy, spec.backends, &listener.loads, listener.turn.clone());
             *listener.backends.write() = Arc::new(balancer);
             listener.proxy_protocol.store(spec.proxy_protocol, Ordering::Relaxed);
+            // Connections above a lowered limit run on; new ones wait for room.
+            listener.stats.limit.store(spec.max_connections, Ordering::Relaxed);
             return Ok(());
         }
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
@@ -434,6 +514,8 @@ impl Proxy {
         let shared = self.shared.clone();
         let proxy_protocol = Arc::new(AtomicBool::new(spec.proxy_protocol));
         let (cut, _) = watch::channel(false);
+        let stats = Arc::new(PortStats::default());
+        stats.limit.store(spec.max_connections, Ordering::Relaxed);
         let mut listener = Listener {
             backends: backends.clone(),
             loads,
@@ -441,6 +523,7 @@ impl Proxy {
             proxy_protocol: proxy_protocol.clone(),
             tasks: Vec::new(),
             cut,
+            stats: stats.clone(),
         };
         match proto {
             Proto::Tcp => {
@@ -463,6 +546,7 @@ impl Proxy {
                             backends.clone(),
                             proxy_protocol.clone(),
                             shared.clone(),
+                            stats.clone(),
                             listener.cut.subscribe(),
                         ))),
                         Err(source) => {
@@ -476,10 +560,16 @@ impl Proxy {
             Proto::Udp => {
                 let socket =
                     UdpSocket::bind(addr).await.map_err(|source| Error::listen(proto, addr, source))?;
-                listener.tasks.push(tokio::spawn(serve_udp(Arc::new(socket), backends, shared)));
+                listener.tasks.push(tokio::spawn(serve_udp(
+                    Arc::new(socket),
+                    backends,
+                    shared,
+                    stats.clone(),
+                )));
             }
         }
         tracing::info!(%proto, port, "serving published port");
+        self.shared.ports.write().insert((proto, port), stats);
         self.listeners.insert((proto, port), listener);
         Ok(())
     }
@@ -490,6 +580,7 @@ impl Proxy {
     pub fn unpublish(&mut self, proto: Proto, port: u16, grace: Duration) -> bool {
         let Some(listener) = self.listeners.remove(&(proto, port)) else { return false };
         listener.abort();
+        self.shared.ports.write().remove(&(proto, port));
         tracing::info!(%proto, port, grace_ms = grace.as_millis() as u64, "stopped serving published port");
         if grace.is_zero() {
             listener.cut.send_replace(true);
@@ -531,6 +622,7 @@ impl Proxy {
                     policy: balancer.policy(),
                     backends: balancer.backends().to_vec(),
                     proxy_protocol,
+                    max_connections: listener.stats.limit.load(Ordering::Relaxed),
                 },
             )
         })
@@ -552,6 +644,7 @@ async fn serve_tcp(
     backends: Backends,
     proxy_protocol: Arc<AtomicBool>,
     shared: Arc<Shared>,
+    stats: Arc<PortStats>,
     cut: watch::Receiver<bool>,
 ) {
     // Registered here, so with this worker's runtime.
@@ -581,6 +674,16 @@ async fn serve_tcp(
                 continue;
             }
         };
+        let Some(port_slot) = stats.take() else {
+            // At the port's own limit: a reset tells the client at once; the port's
+            // established connections are not touched.
+            bump(&shared.counters.tcp_refused_at_port_limit);
+            bump(&stats.refused_at_limit);
+            tracing::debug!(%peer, "port connection limit reached; resetting the new connection");
+            let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            drop(client);
+            continue;
+        };
         let Ok(slot) = shared.tcp_slots.clone().try_acquire_owned() else {
             // At the cap: closing now tells the client at once (it can try another
             // node), where leaving it in the backlog would stall it for an unknown time.
@@ -599,6 +702,7 @@ async fn serve_tcp(
         let shared = shared.clone();
         let cut = cut.clone();
         tokio::spawn(async move {
+            let _port_slot = port_slot;
             let relay = relay_tcp(client, peer, header, &balancer, &shared, slot);
             tokio::select! {
                 result = relay => if let Err(error) = result {
@@ -699,11 +803,13 @@ struct UdpFlow {
     last_active: AtomicU64,
     /// Counts the flow on its backend (leastconn, p2c) while it lives.
     _load: crate::lb::ActiveGuard,
+    /// Its place under the port's limit.
+    _port: PortSlot,
 }
 
 type UdpFlows = Arc<Mutex<HashMap<SocketAddr, Arc<UdpFlow>>>>;
 
-async fn serve_udp(socket: Arc<UdpSocket>, backends: Backends, shared: Arc<Shared>) {
+async fn serve_udp(socket: Arc<UdpSocket>, backends: Backends, shared: Arc<Shared>, stats: Arc<PortStats>) {
     let flows: UdpFlows = Arc::default();
     // The reply tasks belong to this listener: aborting it (unpublish) ends them all,
     // which closes their sockets and frees their slots.
@@ -726,6 +832,11 @@ async fn serve_udp(socket: Arc<UdpSocket>, backends: Backends, shared: Arc<Share
         let flow = match existing {
             Some(flow) => flow,
             None => {
+                let Some(port_slot) = stats.take() else {
+                    bump(&shared.counters.udp_flows_refused);
+                    bump(&stats.refused_at_limit);
+                    continue;
+                };
                 let Some(slot) = shared.reserve_udp_flow() else {
                     bump(&shared.counters.udp_flows_refused);
                     continue;
@@ -740,8 +851,12 @@ async fn serve_udp(socket: Arc<UdpSocket>, backends: Backends, shared: Arc<Share
                         continue;
                     }
                 };
-                let flow =
-                    Arc::new(UdpFlow { upstream, last_active: AtomicU64::new(now), _load: balancer.hold(i) });
+                let flow = Arc::new(UdpFlow {
+                    upstream,
+                    last_active: AtomicU64::new(now),
+                    _load: balancer.hold(i),
+                    _port: port_slot,
+                });
                 flows.lock().insert(client, flow.clone());
                 bump(&shared.counters.udp_flows_opened);
                 // Reap finished reply tasks only when one is added (not per datagram):

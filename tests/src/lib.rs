@@ -114,6 +114,28 @@ pub fn get_on(mut stream: TcpStream) -> std::io::Result<String> {
     }
 }
 
+/// One HTTP/1.1 keep-alive request on `stream` (left open for the next); the body
+/// of the answer (the answering task's name).
+pub fn keepalive_get(stream: &mut TcpStream) -> Result<String> {
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            bail!("connection closed after {:?}", String::from_utf8_lossy(&buf));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            ensure!(head.starts_with("HTTP/1.1 200"), "bad answer {text:?}");
+            if body.ends_with('\n') {
+                return Ok(body.trim().to_owned());
+            }
+        }
+    }
+}
+
 /// Whether a TCP connect to `addr` from inside `netns` is refused right away.
 pub fn refused(netns: &Path, addr: SocketAddr) -> Result<bool> {
     in_netns(netns, move || {

@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
-use meshd_tests::{in_netns, node_addr, poll, Cluster, StartOptions};
+use meshd_tests::{in_netns, keepalive_get, node_addr, poll, Cluster, StartOptions};
 use socket2::{Domain, Socket, Type};
 
 const SUBNET: &str = "10.77.0.0/24";
@@ -264,27 +264,6 @@ fn node_name(cluster: &Cluster, i: usize) -> Result<String> {
         .find(|r| r["state"] == "self")
         .and_then(|r| r["name"].as_str().map(str::to_owned))
         .ok_or_else(|| anyhow!("no self row in {ls}"))
-}
-
-/// One HTTP/1.1 keep-alive request on `stream`; the answering task.
-fn keepalive_get(stream: &mut TcpStream) -> Result<String> {
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            bail!("connection closed after {:?}", String::from_utf8_lossy(&buf));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            ensure!(head.starts_with("HTTP/1.1 200"), "bad answer {text:?}");
-            if body.ends_with('\n') {
-                return Ok(body.trim().to_owned());
-            }
-        }
-    }
 }
 
 /// An idle keep-alive connection through n3 (no local task) to a task detached with

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{ensure, Result};
-use meshd_tests::{in_netns, node_addr, Cluster};
+use meshd_tests::{in_netns, keepalive_get, node_addr, poll, Cluster};
 
 /// Two nodes started with `args`; service `web` published on 3000 (with `task` on n2
 /// when given), served by n1.
@@ -105,5 +105,84 @@ fn proxy_protocol_v2_tells_the_task_the_clients_address_through_every_node() -> 
     let out = cluster.meshctl(1, &["publish", "3001:80", "web", "--proxy-protocol", "v1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success() && stderr.contains("v2"), "{stderr}");
+    Ok(())
+}
+
+/// A connection from the client to n1:3000, held open.
+fn open(cluster: &Cluster) -> Result<TcpStream> {
+    let addr = SocketAddr::from((node_addr(1), 3000));
+    let stream = in_netns(&cluster.client_netns(), move || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+    })??;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(stream)
+}
+
+/// n1's status line for port 3000.
+fn port_status(cluster: &Cluster) -> Result<serde_json::Value> {
+    let status = cluster.meshctl_json(1, &["status"])?;
+    let paths = status["published_paths"].as_array().cloned().unwrap_or_default();
+    paths
+        .into_iter()
+        .find(|p| p["port"] == "3000/tcp")
+        .ok_or_else(|| anyhow::anyhow!("no 3000/tcp in status"))
+}
+
+#[test]
+fn a_port_at_its_connection_limit_resets_new_connections_and_keeps_the_held_ones() -> Result<()> {
+    // The kernel path is on: a port with a limit is the proxy's all the same.
+    let mut cluster = Cluster::start(2)?;
+    cluster.wait_all_alive(1)?;
+    cluster.meshctl_ok(1, &["network", "create", "net", "--subnet", "10.0.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "net"])?;
+    cluster.add_container(2, "web", "web.1")?;
+    cluster.meshctl_ok(1, &["publish", "3000:80", "web", "--max-connections", "3"])?;
+    let path = cluster.wait_serving(1, "3000/tcp", 1)?;
+    ensure!(
+        path["remote_clients"] == "proxy"
+            && path["max_connections"] == 3
+            && path["kernel_path_reason"].as_str().is_some_and(|r| r.contains("--max-connections")),
+        "{path}"
+    );
+    let mut held: Vec<TcpStream> = (0..3).map(|_| open(&cluster)).collect::<Result<_>>()?;
+    for stream in &mut held {
+        ensure!(keepalive_get(stream)? == "web.1");
+    }
+    // The fourth is reset at once (before it sends anything), and counted.
+    let mut fourth = open(&cluster)?;
+    let got = fourth.read(&mut [0u8; 1]);
+    ensure!(
+        matches!(&got, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "the 4th got {got:?}, not a reset"
+    );
+    let status = port_status(&cluster)?;
+    ensure!(status["proxy"]["active"] == 3 && status["proxy"]["refused_at_limit"] == 1, "{status}");
+    // The held ones are unaffected.
+    for stream in &mut held {
+        ensure!(keepalive_get(stream)? == "web.1", "a held connection broke at the limit");
+    }
+    // One leaves: a newcomer gets its place.
+    drop(held.pop());
+    poll("the freed place is given back", Duration::from_secs(5), || {
+        ensure!(port_status(&cluster)?["proxy"]["active"] == 2);
+        Ok(())
+    })?;
+    held.push(open(&cluster)?);
+    ensure!(keepalive_get(held.last_mut().expect("just pushed"))? == "web.1");
+    // Raised in place: a fourth fits now, the three held stay.
+    cluster.meshctl_ok(1, &["publish", "3000:80", "web", "--max-connections", "4"])?;
+    poll("the new limit is applied", Duration::from_secs(5), || {
+        ensure!(port_status(&cluster)?["proxy"]["max_connections"] == 4);
+        Ok(())
+    })?;
+    let mut fourth = open(&cluster)?;
+    ensure!(keepalive_get(&mut fourth)? == "web.1");
+    for stream in &mut held {
+        ensure!(keepalive_get(stream)? == "web.1");
+    }
+    // Bad input: not a number.
+    let out = cluster.meshctl(1, &["publish", "3001:80", "web", "--max-connections", "many"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && stderr.contains("--max-connections"), "{stderr}");
     Ok(())
 }

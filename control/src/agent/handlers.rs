@@ -936,14 +936,19 @@ impl Agent {
         // Before `seen`: never hold `seen` and the ingress path at once.
         let kernel: Vec<(String, Option<String>)> = ports
             .iter()
-            .map(|p| match p.proxy_protocol {
-                true => (
+            .map(|p| match (p.proxy_protocol, p.max_connections) {
+                (true, _) => (
                     "proxy".to_owned(),
                     Some("--proxy-protocol v2: only the proxy writes the header".to_owned()),
                 ),
-                false => self.kernel_path(p.proto, p.published),
+                (false, 1..) => (
+                    "proxy".to_owned(),
+                    Some("--max-connections: only the proxy counts a port's connections".to_owned()),
+                ),
+                (false, 0) => self.kernel_path(p.proto, p.published),
             })
             .collect();
+        let port_counters: std::collections::BTreeMap<_, _> = self.proxy_stats.ports().into_iter().collect();
         let seen = self.seen.lock();
         let table = &seen.actual.frontends;
         let off = self.socklb_missing.as_ref().map(|why| format!("none: {why}"));
@@ -1017,6 +1022,10 @@ impl Agent {
                     "remote_backends": remote_backends,
                     "kernel_path": kernel_path, "kernel_path_reason": kernel_path_reason,
                     "mode": p.mode, "lb": p.lb, "proxy_protocol": p.proxy_protocol.then_some("v2"),
+                    "max_connections": (p.max_connections > 0).then_some(p.max_connections),
+                    "closing_at": p.closing_at,
+                    // What this node's proxy listener for the port did (none when closed).
+                    "proxy": port_counters.get(&(p.proto, p.published)),
                 })
             })
             .collect();

@@ -6,7 +6,6 @@
 
 use std::{
     collections::BTreeSet,
-    io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     path::Path,
     process::{Command, Output, Stdio},

@@ -8,7 +8,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     str::FromStr,
     sync::{
-        atomic::{AtomicU32, AtomicUsize, Ordering},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
 };
@@ -108,29 +108,88 @@ pub fn maglev_table(backends: &[SocketAddr]) -> Vec<u32> {
     }
 }
 
-/// Active connections per backend address of one listener, kept across backend-list
+/// What one listener did with one backend: the active count the policies read, and
+/// what the metrics endpoint shows. Updated with relaxed atomics (no lock) on the
+/// relay's path: once per connection, and once per transfer for the bytes.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    /// Connections (UDP: flows) relayed to it now, counted from the connect on.
+    pub active: AtomicU32,
+    /// Connections it accepted.
+    pub connections: AtomicU64,
+    /// Connects to it that failed or timed out (the next backend was tried).
+    pub connect_errors: AtomicU64,
+    /// Bytes relayed from clients to it.
+    pub bytes_to_backend: AtomicU64,
+    /// Bytes relayed from it to clients.
+    pub bytes_to_client: AtomicU64,
+}
+
+/// A copy of [`BackendStats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BackendCounters {
+    /// Connections (UDP: flows) now.
+    pub active: u64,
+    /// Connections accepted.
+    pub connections: u64,
+    /// Failed connects.
+    pub connect_errors: u64,
+    /// Bytes from clients.
+    pub bytes_to_backend: u64,
+    /// Bytes to clients.
+    pub bytes_to_client: u64,
+}
+
+impl BackendStats {
+    fn snapshot(&self) -> BackendCounters {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        BackendCounters {
+            active: u64::from(self.active.load(Ordering::Relaxed)),
+            connections: get(&self.connections),
+            connect_errors: get(&self.connect_errors),
+            bytes_to_backend: get(&self.bytes_to_backend),
+            bytes_to_client: get(&self.bytes_to_client),
+        }
+    }
+}
+
+/// Each backend address's [`BackendStats`] for one listener, kept across backend-list
 /// changes (a connection counts on the address it was relayed to until it ends).
 #[derive(Debug, Default)]
-pub struct Loads(parking_lot::Mutex<HashMap<SocketAddr, Arc<AtomicU32>>>);
+pub struct Loads(parking_lot::Mutex<HashMap<SocketAddr, Arc<BackendStats>>>);
 
 impl Loads {
-    /// The counters of `backends`, in order: existing ones kept, new ones at 0, and
+    /// The stats of `backends`, in order: existing ones kept, new ones at 0, and
     /// those of addresses no longer listed dropped from the registry (connections
-    /// still holding them decrement a counter nobody reads).
-    fn for_backends(&self, backends: &[SocketAddr]) -> Box<[Arc<AtomicU32>]> {
+    /// still holding them update stats nobody reads).
+    fn for_backends(&self, backends: &[SocketAddr]) -> Box<[Arc<BackendStats>]> {
         let mut map = self.0.lock();
         map.retain(|addr, _| backends.contains(addr));
         backends.iter().map(|b| map.entry(*b).or_default().clone()).collect()
+    }
+
+    /// Every listed backend's counters, sorted by address.
+    pub fn snapshot(&self) -> Vec<(SocketAddr, BackendCounters)> {
+        let mut out: Vec<_> = self.0.lock().iter().map(|(addr, stats)| (*addr, stats.snapshot())).collect();
+        out.sort_by_key(|(addr, _)| *addr);
+        out
     }
 }
 
 /// Counts one connection on a backend while it lives.
 #[derive(Debug)]
-pub struct ActiveGuard(Arc<AtomicU32>);
+pub struct ActiveGuard(Arc<BackendStats>);
+
+impl ActiveGuard {
+    /// The backend's counters.
+    pub fn stats(&self) -> &BackendStats {
+        &self.0
+    }
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -140,7 +199,7 @@ impl Drop for ActiveGuard {
 pub struct Balancer {
     policy: Policy,
     backends: Arc<[SocketAddr]>,
-    active: Box<[Arc<AtomicU32>]>,
+    active: Box<[Arc<BackendStats>]>,
     /// Maglev's lookup table (only for [`Policy::Maglev`]).
     table: Vec<u32>,
     /// Shared by every balancer of the listener, so turns continue across swaps.
@@ -193,9 +252,14 @@ impl Balancer {
 
     /// Counts a connection on backend `i` until the guard drops.
     pub fn hold(&self, i: usize) -> ActiveGuard {
-        let counter = self.active[i].clone();
-        counter.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard(counter)
+        let stats = self.active[i].clone();
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(stats)
+    }
+
+    /// Backend `i`'s counters.
+    pub fn stats(&self, i: usize) -> &Arc<BackendStats> {
+        &self.active[i]
     }
 
     /// Active connections per backend now, copied without allocating (up to
@@ -217,13 +281,13 @@ enum LoadSnapshot {
 }
 
 impl LoadSnapshot {
-    fn of(counters: &[Arc<AtomicU32>]) -> LoadSnapshot {
+    fn of(counters: &[Arc<BackendStats>]) -> LoadSnapshot {
         let mut inline = [0; 64];
         if counters.len() > inline.len() {
-            return LoadSnapshot::Heap(counters.iter().map(|c| c.load(Ordering::Relaxed)).collect());
+            return LoadSnapshot::Heap(counters.iter().map(|c| c.active.load(Ordering::Relaxed)).collect());
         }
         for (out, c) in inline.iter_mut().zip(counters) {
-            *out = c.load(Ordering::Relaxed);
+            *out = c.active.load(Ordering::Relaxed);
         }
         LoadSnapshot::Inline(inline, counters.len())
     }

@@ -45,7 +45,7 @@ use tokio::{
 
 use crate::{
     backoff::AcceptBackoff,
-    lb::{Balancer, Loads, Policy},
+    lb::{BackendCounters, BackendStats, Balancer, Loads, Policy},
     Error, Result,
 };
 
@@ -300,6 +300,8 @@ impl Drop for UdpFlowSlot {
 /// connections (or UDP flows) they hold.
 #[derive(Default)]
 struct PortStats {
+    /// Each backend's counters (kept across backend-list changes).
+    loads: Loads,
     /// Most connections (TCP) or flows (UDP) at once; 0: no limit of its own.
     limit: AtomicUsize,
     /// Connections or flows held now.
@@ -325,6 +327,7 @@ impl PortStats {
 
     fn snapshot(&self) -> PortCounters {
         PortCounters {
+            backends: self.loads.snapshot(),
             max_connections: self.limit.load(Ordering::Relaxed),
             active: self.active.load(Ordering::Relaxed) as u64,
             accepted: self.accepted.load(Ordering::Relaxed),
@@ -343,8 +346,10 @@ impl Drop for PortSlot {
 }
 
 /// What one published port's listener did since it was published.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PortCounters {
+    /// Each backend's counters, by address.
+    pub backends: Vec<(SocketAddr, BackendCounters)>,
     /// Its own limit of connections (UDP: flows) at once; 0: none.
     pub max_connections: usize,
     /// Connections (UDP: flows) held now.
@@ -405,8 +410,6 @@ type Backends = Arc<RwLock<Arc<Balancer>>>;
 
 struct Listener {
     backends: Backends,
-    /// Active connections per backend address, kept across balancer swaps.
-    loads: Loads,
     /// The round-robin turn, kept across balancer swaps.
     turn: Arc<AtomicUsize>,
     /// Whether connections start with a PROXY v2 header (read per connection).
@@ -499,7 +502,8 @@ impl Proxy {
     /// is served already (connections in flight keep their backend).
     pub async fn publish_spec(&mut self, proto: Proto, port: u16, spec: ListenerSpec) -> Result<()> {
         if let Some(listener) = self.listeners.get(&(proto, port)) {
-            let balancer = Balancer::new(spec.policy, spec.backends, &listener.loads, listener.turn.clone());
+            let balancer =
+                Balancer::new(spec.policy, spec.backends, &listener.stats.loads, listener.turn.clone());
             *listener.backends.write() = Arc::new(balancer);
             listener.proxy_protocol.store(spec.proxy_protocol, Ordering::Relaxed);
             // Connections above a lowered limit run on; new ones wait for room.
@@ -507,18 +511,16 @@ impl Proxy {
             return Ok(());
         }
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-        let loads = Loads::default();
+        let stats = Arc::new(PortStats::default());
+        stats.limit.store(spec.max_connections, Ordering::Relaxed);
         let turn = Arc::<AtomicUsize>::default();
-        let balancer = Balancer::new(spec.policy, spec.backends, &loads, turn.clone());
+        let balancer = Balancer::new(spec.policy, spec.backends, &stats.loads, turn.clone());
         let backends: Backends = Arc::new(RwLock::new(Arc::new(balancer)));
         let shared = self.shared.clone();
         let proxy_protocol = Arc::new(AtomicBool::new(spec.proxy_protocol));
         let (cut, _) = watch::channel(false);
-        let stats = Arc::new(PortStats::default());
-        stats.limit.store(spec.max_connections, Ordering::Relaxed);
         let mut listener = Listener {
             backends: backends.clone(),
-            loads,
             turn,
             proxy_protocol: proxy_protocol.clone(),
             tasks: Vec::new(),
@@ -746,16 +748,24 @@ async fn relay_tcp(
         let backend = balancer.backend(i);
         // Counted from the connect on, so a slow connect already steers leastconn away.
         let _active = balancer.hold(i);
+        let stats = balancer.stats(i);
         match timeout(config.tcp_connect_timeout, TcpStream::connect(backend)).await {
             Ok(Ok(mut upstream)) => {
+                bump(&stats.connections);
                 configure_relayed_socket(&upstream, config.tcp_keepalive.as_ref())?;
                 if let Some(header) = &header {
                     upstream.write_all(header).await?;
                 }
-                return relay_streams(client, upstream, shared).await;
+                return relay_streams(client, upstream, shared, stats).await;
             }
-            Ok(Err(error)) => tracing::debug!(%backend, %error, "backend refused; trying the next"),
-            Err(_) => tracing::debug!(%backend, "backend connect timed out; trying the next"),
+            Ok(Err(error)) => {
+                bump(&stats.connect_errors);
+                tracing::debug!(%backend, %error, "backend refused; trying the next")
+            }
+            Err(_) => {
+                bump(&stats.connect_errors);
+                tracing::debug!(%backend, "backend connect timed out; trying the next")
+            }
         }
     }
     // No backend answered: a reset tells the client at once (a plain close would read
@@ -767,10 +777,17 @@ async fn relay_tcp(
 
 /// Relays both ways until either side closes, an error (a keepalive that found the
 /// peer dead), or the idle timeout; dropping the streams closes both sides.
-async fn relay_streams(mut client: TcpStream, mut upstream: TcpStream, shared: &Shared) -> io::Result<()> {
+async fn relay_streams(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    shared: &Shared,
+    stats: &BackendStats,
+) -> io::Result<()> {
     let last_active = AtomicU64::new(shared.now_ms());
-    let relay = relay::Relay::new(client.split(), upstream.split(), shared.config.bulk, || {
-        last_active.store(shared.now_ms(), Ordering::Relaxed)
+    let relay = relay::Relay::new(client.split(), upstream.split(), shared.config.bulk, |to_client, n| {
+        last_active.store(shared.now_ms(), Ordering::Relaxed);
+        let bytes = if to_client { &stats.bytes_to_client } else { &stats.bytes_to_backend };
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
     });
     let Some(idle) = shared.config.tcp_idle_timeout else {
         return relay.await;
@@ -802,7 +819,7 @@ struct UdpFlow {
     /// When a datagram last passed in either direction (ms since the proxy's epoch).
     last_active: AtomicU64,
     /// Counts the flow on its backend (leastconn, p2c) while it lives.
-    _load: crate::lb::ActiveGuard,
+    load: crate::lb::ActiveGuard,
     /// Its place under the port's limit.
     _port: PortSlot,
 }
@@ -851,10 +868,11 @@ async fn serve_udp(socket: Arc<UdpSocket>, backends: Backends, shared: Arc<Share
                         continue;
                     }
                 };
+                bump(&balancer.stats(i).connections);
                 let flow = Arc::new(UdpFlow {
                     upstream,
                     last_active: AtomicU64::new(now),
-                    _load: balancer.hold(i),
+                    load: balancer.hold(i),
                     _port: port_slot,
                 });
                 flows.lock().insert(client, flow.clone());
@@ -873,7 +891,9 @@ async fn serve_udp(socket: Arc<UdpSocket>, backends: Backends, shared: Arc<Share
                 flow
             }
         };
-        let _ = flow.upstream.send(&buf[..len]).await;
+        if flow.upstream.send(&buf[..len]).await.is_ok() {
+            flow.load.stats().bytes_to_backend.fetch_add(len as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -909,7 +929,9 @@ async fn relay_udp_replies(
                 if ready.is_err() {
                     break;
                 }
-                if relay_ready_replies(&socket, &flow.upstream, client) {
+                let bytes = relay_ready_replies(&socket, &flow.upstream, client);
+                if bytes > 0 {
+                    flow.load.stats().bytes_to_client.fetch_add(bytes, Ordering::Relaxed);
                     flow.last_active.store(shared.now_ms(), Ordering::Relaxed);
                 }
             }
@@ -927,24 +949,25 @@ async fn relay_udp_replies(
 }
 
 /// Sends every reply waiting on `upstream` to `client`, without blocking; returns
-/// whether any arrived. A reply the listener cannot send at once is dropped, as the
+/// how many bytes it sent. A reply the listener cannot send at once is dropped, as the
 /// network may drop any datagram.
-fn relay_ready_replies(socket: &UdpSocket, upstream: &UdpSocket, client: SocketAddr) -> bool {
+fn relay_ready_replies(socket: &UdpSocket, upstream: &UdpSocket, client: SocketAddr) -> u64 {
     REPLY_BUFFER.with_borrow_mut(|buf| {
-        let mut any = false;
+        let mut sent = 0;
         let mut errors = 0;
         loop {
             match upstream.try_recv(buf) {
                 Ok(len) => {
-                    any = true;
-                    let _ = socket.try_send_to(&buf[..len], client);
+                    if socket.try_send_to(&buf[..len], client).is_ok() {
+                        sent += len as u64;
+                    }
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return any,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return sent,
                 // An ICMP error from the backend (port unreachable) surfaces here once;
                 // the flow stays, its next datagram may find the backend back. Bounded,
                 // so an error that does not clear cannot spin this task.
                 Err(_) if errors < 8 => errors += 1,
-                Err(_) => return any,
+                Err(_) => return sent,
             }
         }
     })

@@ -8,6 +8,7 @@ mod api_server;
 mod checker;
 mod handlers;
 mod keys;
+mod metrics;
 mod natlb;
 mod persist;
 mod resolvers;
@@ -88,6 +89,8 @@ pub struct AgentConfig {
     pub dns: meshd_dataplane::dns::ResolverConfig,
     /// The kernel ingress path for published ports (XDP/tc).
     pub ingress: IngressSettings,
+    /// Where the Prometheus metrics endpoint listens (`None`: off).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// The kernel ingress path's settings, from `meshd`'s flags.
@@ -275,6 +278,12 @@ impl Agent {
                 .map_err(|e| Error::io(format!("binding UDP {addr} (is another meshd running here?)"), e))?,
         );
         let api = bind_api_socket(&self.cfg.api_socket).await?;
+        let metrics = match self.cfg.metrics_addr {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                Error::io(format!("listening for metrics on {addr} (--metrics-addr; `off` turns it off)"), e)
+            })?),
+            None => None,
+        };
         tracing::info!(node = %self.cfg.node_name, %addr, api = %self.cfg.api_socket.display(), "meshd running");
 
         let loops = vec![
@@ -286,6 +295,11 @@ impl Agent {
             ("API", tokio::spawn(api_server::serve_api(api, self.clone()))),
             ("health checks", tokio::spawn(self.clone().health_loop())),
         ];
+        let mut loops = loops;
+        if let Some(listener) = metrics {
+            tracing::info!(addr = ?self.cfg.metrics_addr, "serving metrics");
+            loops.push(("metrics", tokio::spawn(metrics::serve_metrics(listener, self.clone()))));
+        }
         let outcome = supervise(loops, shutdown).await;
         match &outcome {
             Ok(()) => tracing::info!("leaving the cluster and shutting down"),

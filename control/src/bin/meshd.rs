@@ -129,10 +129,28 @@ struct Args {
     /// stopped.
     #[arg(long)]
     cleanup: bool,
+    /// Where to serve Prometheus metrics (GET /metrics): the proxy's counters per
+    /// published port and backend, task health, gossip counters. `off` turns it off.
+    #[arg(long, default_value = "127.0.0.1:9946", value_parser = parse_metrics_addr)]
+    metrics_addr: MetricsAddr,
     #[command(flatten)]
     proxy: ProxyArgs,
     #[command(flatten)]
     dns: DnsArgs,
+}
+
+/// `--metrics-addr`: an address, or off.
+#[derive(Clone, Copy, Debug)]
+struct MetricsAddr(Option<std::net::SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    match s {
+        "off" => Ok(MetricsAddr(None)),
+        _ => s
+            .parse()
+            .map(|addr| MetricsAddr(Some(addr)))
+            .map_err(|_| format!("{s:?} is not an address: use IP:PORT (e.g. 127.0.0.1:9946) or off")),
+    }
 }
 
 /// The embedded resolvers (127.0.0.11:53 in every attached container).
@@ -503,6 +521,7 @@ async fn run() -> anyhow::Result<()> {
             underlay_if: args.underlay_if,
             max_ports: args.xdp_max_ports,
         },
+        metrics_addr: args.metrics_addr.0,
     };
     let agent = Agent::new(cfg).await.context("starting meshd")?;
     agent.run(shutdown_signal()).await.context("running meshd")?;

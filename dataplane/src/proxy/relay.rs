@@ -148,7 +148,7 @@ impl Direction {
         src: &mut ReadHalf<'_>,
         dst: &mut WriteHalf<'_>,
         mode: BulkMode,
-        on_data: &impl Fn(),
+        on_data: &impl Fn(usize),
     ) -> Poll<io::Result<()>> {
         loop {
             if let Some(held) = &mut self.held {
@@ -193,7 +193,7 @@ impl Direction {
                         self.read_eof = true;
                     }
                     Ok(n) => {
-                        on_data();
+                        on_data(n);
                         self.pipe = Some(pipe);
                         self.in_pipe = n;
                     }
@@ -218,7 +218,7 @@ impl Direction {
         src: &mut ReadHalf<'_>,
         dst: &mut WriteHalf<'_>,
         mode: BulkMode,
-        on_data: &impl Fn(),
+        on_data: &impl Fn(usize),
     ) -> Poll<io::Result<()>> {
         SHARED_BUFFER.with_borrow_mut(|buf| {
             let mut read = ReadBuf::new(buf);
@@ -228,7 +228,7 @@ impl Direction {
                 self.read_eof = true;
                 return Poll::Ready(Ok(()));
             }
-            on_data();
+            on_data(n);
             if n == buf.len() && mode == BulkMode::Splice {
                 self.bulk = true;
             }
@@ -257,7 +257,8 @@ fn splice_once(from: &impl AsFd, to: &impl AsFd, len: usize) -> io::Result<usize
 }
 
 /// Relays between `client` and `upstream` until both directions have ended (or either
-/// fails); calls `on_data` whenever bytes arrived from either side.
+/// fails); calls `on_data(towards_client, bytes)` whenever bytes arrived from either
+/// side.
 pub struct Relay<'a, F> {
     client: (ReadHalf<'a>, WriteHalf<'a>),
     upstream: (ReadHalf<'a>, WriteHalf<'a>),
@@ -267,7 +268,7 @@ pub struct Relay<'a, F> {
     on_data: F,
 }
 
-impl<'a, F: Fn()> Relay<'a, F> {
+impl<'a, F: Fn(bool, usize)> Relay<'a, F> {
     /// A relay between the halves of two connected streams.
     pub fn new(
         client: (ReadHalf<'a>, WriteHalf<'a>),
@@ -286,17 +287,19 @@ impl<'a, F: Fn()> Relay<'a, F> {
     }
 }
 
-impl<F: Fn() + Unpin> Future for Relay<'_, F> {
+impl<F: Fn(bool, usize) + Unpin> Future for Relay<'_, F> {
     type Output = io::Result<()>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Every field is Unpin (halves, plain state, a closure that must be Unpin too for
         // this to compile): no pinning projection needed.
         let this = self.get_mut();
-        let (mode, on_data) = (this.mode, &this.on_data);
+        let mode = this.mode;
+        let on_data = &this.on_data;
+        let (up, down) = (|n| on_data(false, n), |n| on_data(true, n));
         if !this.to_upstream.done {
             if let Poll::Ready(result) =
-                this.to_upstream.poll_move(cx, &mut this.client.0, &mut this.upstream.1, mode, on_data)
+                this.to_upstream.poll_move(cx, &mut this.client.0, &mut this.upstream.1, mode, &up)
             {
                 result?;
                 this.to_upstream.done = true;
@@ -304,7 +307,7 @@ impl<F: Fn() + Unpin> Future for Relay<'_, F> {
         }
         if !this.to_client.done {
             if let Poll::Ready(result) =
-                this.to_client.poll_move(cx, &mut this.upstream.0, &mut this.client.1, mode, on_data)
+                this.to_client.poll_move(cx, &mut this.upstream.0, &mut this.client.1, mode, &down)
             {
                 result?;
                 this.to_client.done = true;

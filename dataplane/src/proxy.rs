@@ -13,6 +13,7 @@
 //! accepted it. The bytes move through one buffer per thread, or are spliced through a
 //! pipe for bulk flows (see `relay`), so an idle connection holds no buffer.
 
+pub mod handover;
 pub mod proxy_protocol;
 mod relay;
 mod workers;
@@ -443,6 +444,46 @@ pub struct Proxy {
     /// Started with the first TCP port (a node that publishes nothing runs no threads);
     /// dropped last, which ends the connections still relayed.
     workers: Option<workers::Workers>,
+    /// The listener keeper, when listening sockets outlive this process.
+    handover: Option<Handover>,
+}
+
+/// The keeper's key of a published port's `i`-th listening socket.
+fn handover_key(proto: Proto, port: u16, i: usize) -> String {
+    format!("{}{i}", handover_prefix(proto, port))
+}
+
+/// What the keys of a published port's sockets start with.
+fn handover_prefix(proto: Proto, port: u16) -> String {
+    format!("{proto}/{port}/")
+}
+
+/// This process's side of the listener hand-over (see `handover`).
+struct Handover {
+    keeper: handover::Keeper,
+    /// Sockets a previous meshd left with the keeper, not yet served again.
+    adopted: HashMap<String, std::os::fd::OwnedFd>,
+}
+
+impl Handover {
+    /// The adopted sockets of one port, by key.
+    fn take(&mut self, proto: Proto, port: u16) -> HashMap<String, std::os::fd::OwnedFd> {
+        let prefix = handover_prefix(proto, port);
+        let keys: Vec<String> = self.adopted.keys().filter(|k| k.starts_with(&prefix)).cloned().collect();
+        keys.into_iter().filter_map(|k| self.adopted.remove_entry(&k)).collect()
+    }
+
+    fn put(&self, key: &str, socket: &impl AsFd) {
+        if let Err(error) = self.keeper.put(key, socket) {
+            tracing::warn!(%error, key, "cannot hand a listening socket to the keeper; a restart would refuse connections to it");
+        }
+    }
+
+    fn delete(&self, proto: Proto, port: u16) {
+        if let Err(error) = self.keeper.delete(&handover_prefix(proto, port)) {
+            tracing::warn!(%error, %proto, port, "cannot tell the keeper to close a port's sockets");
+        }
+    }
 }
 
 /// Reads a [`Proxy`]'s counters from anywhere (see [`Proxy::stats`]).
@@ -484,7 +525,46 @@ impl Default for Proxy {
 impl Proxy {
     /// A proxy with these limits (checked with [`ProxyConfig::validate`] by the caller).
     pub fn new(config: ProxyConfig) -> Proxy {
-        Proxy { shared: Arc::new(Shared::new(config)), listeners: HashMap::new(), workers: None }
+        Proxy {
+            shared: Arc::new(Shared::new(config)),
+            listeners: HashMap::new(),
+            workers: None,
+            handover: None,
+        }
+    }
+
+    /// Hands listening sockets over through `keeper`: the sockets a previous meshd
+    /// left there are served again by the next publish of their port (instead of
+    /// binding anew), and every new listening socket is given to it too. Returns how
+    /// many sockets were adopted.
+    pub fn with_keeper(&mut self, keeper: handover::Keeper) -> io::Result<usize> {
+        let adopted: HashMap<String, std::os::fd::OwnedFd> = keeper.take_all()?.into_iter().collect();
+        let count = adopted.len();
+        self.handover = Some(Handover { keeper, adopted });
+        Ok(count)
+    }
+
+    /// Closes the adopted sockets of ports no longer published (call after the first
+    /// full reconcile), here and in the keeper.
+    pub fn release_unclaimed(&mut self) {
+        let Some(handover) = &mut self.handover else { return };
+        for key in std::mem::take(&mut handover.adopted).into_keys() {
+            tracing::info!(
+                key,
+                "closing a listening socket left by a previous meshd: its port is no longer published"
+            );
+            if let Err(error) = handover.keeper.delete(&key) {
+                tracing::warn!(%error, key, "cannot tell the keeper to close a socket");
+            }
+        }
+    }
+
+    /// Stops accepting on every port, leaving the keeper's copies open (shutdown: the
+    /// next meshd takes them back).
+    pub fn stop_accepting(&mut self) {
+        for listener in self.listeners.values() {
+            listener.abort();
+        }
     }
 
     /// Starts serving `port` round robin over `backends`, or updates them if it is
@@ -536,14 +616,33 @@ impl Proxy {
                     self.workers = Some(started);
                 }
                 let workers = self.workers.as_ref().expect("just started");
-                for worker in workers.handles() {
+                let handles = workers.handles();
+                // A previous meshd's sockets for this port first (connections queued in
+                // their backlogs are accepted now), then new ones for the other workers;
+                // more adopted sockets than workers are shared out (none is dropped:
+                // its backlog would be lost).
+                let mut adopted = self.handover.as_mut().map(|h| h.take(proto, port)).unwrap_or_default();
+                let count = handles.len().max(adopted.len());
+                for i in 0..count {
+                    let key = handover_key(proto, port, i);
                     let keepalive = shared.config.tcp_keepalive.as_ref();
-                    let socket = workers::reuseport_listener(addr).and_then(|socket| {
+                    let socket = match adopted.remove(&key) {
+                        Some(fd) => {
+                            let socket = std::net::TcpListener::from(fd);
+                            socket.set_nonblocking(true).map(|()| socket)
+                        }
+                        None => workers::reuseport_listener(addr).inspect(|socket| {
+                            if let Some(handover) = &self.handover {
+                                handover.put(&key, socket);
+                            }
+                        }),
+                    }
+                    .and_then(|socket| {
                         configure_relayed_socket(&socket, keepalive)?;
                         Ok(socket)
                     });
                     match socket {
-                        Ok(socket) => listener.tasks.push(worker.spawn(serve_tcp(
+                        Ok(socket) => listener.tasks.push(handles[i % handles.len()].spawn(serve_tcp(
                             socket,
                             backends.clone(),
                             proxy_protocol.clone(),
@@ -554,14 +653,29 @@ impl Proxy {
                         Err(source) => {
                             // Nothing half-published: the workers' listeners so far close.
                             listener.abort();
+                            if let Some(handover) = &self.handover {
+                                handover.delete(proto, port);
+                            }
                             return Err(Error::listen(proto, addr, source));
                         }
                     }
                 }
             }
             Proto::Udp => {
-                let socket =
-                    UdpSocket::bind(addr).await.map_err(|source| Error::listen(proto, addr, source))?;
+                let key = handover_key(proto, port, 0);
+                let adopted = self.handover.as_mut().and_then(|h| h.take(proto, port).remove(&key));
+                let socket = match adopted {
+                    Some(fd) => {
+                        let socket = std::net::UdpSocket::from(fd);
+                        socket.set_nonblocking(true).and_then(|()| UdpSocket::from_std(socket))
+                    }
+                    None => UdpSocket::bind(addr).await.inspect(|socket| {
+                        if let Some(handover) = &self.handover {
+                            handover.put(&key, socket);
+                        }
+                    }),
+                }
+                .map_err(|source| Error::listen(proto, addr, source))?;
                 listener.tasks.push(tokio::spawn(serve_udp(
                     Arc::new(socket),
                     backends,
@@ -583,6 +697,9 @@ impl Proxy {
         let Some(listener) = self.listeners.remove(&(proto, port)) else { return false };
         listener.abort();
         self.shared.ports.write().remove(&(proto, port));
+        if let Some(handover) = &self.handover {
+            handover.delete(proto, port);
+        }
         tracing::info!(%proto, port, grace_ms = grace.as_millis() as u64, "stopped serving published port");
         if grace.is_zero() {
             listener.cut.send_replace(true);

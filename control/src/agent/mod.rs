@@ -91,6 +91,35 @@ pub struct AgentConfig {
     pub ingress: IngressSettings,
     /// Where the Prometheus metrics endpoint listens (`None`: off).
     pub metrics_addr: Option<SocketAddr>,
+    /// How long the listener keeper holds the published ports' sockets once no meshd
+    /// runs (zero: no keeper).
+    pub listener_hold: Duration,
+}
+
+/// The listener keeper's socket, beside the API socket (`meshd --cleanup` knows only
+/// that one).
+pub fn keeper_socket(api_socket: &std::path::Path) -> PathBuf {
+    api_socket.with_extension("keeper")
+}
+
+/// Connects to this node's listener keeper, starting one (this binary with
+/// `--listener-keeper`, in its own process group, so signals meant for meshd do not
+/// reach it) if none runs.
+fn open_keeper(cfg: &AgentConfig) -> std::io::Result<meshd_dataplane::proxy::handover::Keeper> {
+    use std::os::unix::process::CommandExt;
+    let path = keeper_socket(&cfg.api_socket);
+    meshd_dataplane::proxy::handover::Keeper::connect_or_start(&path, || {
+        std::process::Command::new(std::env::current_exe()?)
+            .arg("--listener-keeper")
+            .arg(&path)
+            .arg("--listener-hold-secs")
+            .arg(cfg.listener_hold.as_secs().to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map(|_| ())
+    })
 }
 
 /// The kernel ingress path's settings, from `meshd`'s flags.
@@ -144,6 +173,9 @@ impl AgentConfig {
 /// How often the reconciler reads the kernel back and repairs drift, when no change
 /// wakes it earlier.
 pub const RECONCILE_PERIOD: Duration = Duration::from_secs(1);
+
+/// How long a stopping meshd lets the connections it relays finish.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 
 /// After a start, how long the reconciler treats every node of the persisted store as
 /// alive if the cluster has not answered yet: removing the FDB entries of nodes it has
@@ -241,7 +273,17 @@ impl Agent {
             Instant::now(),
             cfg.gossip.udp_limit + protocol::seal::OVERHEAD,
         ));
-        let proxy = Proxy::new(cfg.proxy.clone());
+        let mut proxy = Proxy::new(cfg.proxy.clone());
+        if !cfg.listener_hold.is_zero() {
+            match open_keeper(&cfg).and_then(|keeper| proxy.with_keeper(keeper)) {
+                Ok(adopted) => {
+                    tracing::info!(adopted, hold_secs = cfg.listener_hold.as_secs(), "listener keeper ready")
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "no listener keeper: a restart of meshd will refuse connections to published ports meanwhile")
+                }
+            }
+        }
         let agent = Agent {
             overlay,
             mtu,
@@ -311,15 +353,25 @@ impl Agent {
         outcome
     }
 
-    /// Stops serving: the published-port listeners close (they live in this process).
+    /// Stops serving: the proxy stops accepting; its listening sockets close with this
+    /// process unless the listener keeper holds copies for the next meshd.
     /// Links, FDB and neighbour entries, rules and the pinned socket load balancer stay
     /// as they are, so containers and local clients keep working while meshd restarts;
     /// the next start adopts them. `meshd --cleanup` removes them.
     async fn teardown(&self) {
         let mut plane = self.plane.lock().await;
-        let ports: Vec<_> = plane.proxy.ports().collect();
-        for (proto, port) in ports {
-            plane.proxy.unpublish(proto, port, Duration::ZERO);
+        // The keeper (if any) keeps its copies: the next meshd accepts what queues.
+        plane.proxy.stop_accepting();
+        // Connections being relayed get a moment to finish (a request in flight is
+        // answered) before they are cut with this process.
+        let deadline = Instant::now() + SHUTDOWN_DRAIN;
+        let mut active = self.proxy_stats.counters().tcp_active;
+        while active > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            active = self.proxy_stats.counters().tcp_active;
+        }
+        if active > 0 {
+            tracing::info!(active, "cutting the connections still relayed after {SHUTDOWN_DRAIN:?}");
         }
         tracing::info!(
             "keeping overlay links, entries, rules and the pinned socket load balancer in place (remove them with `meshd --cleanup`)"
@@ -431,6 +483,9 @@ impl Agent {
                 actual.ingress = ingress;
                 let ops = reconcile::plan(&actual, &want);
                 let errors = self.apply_all(&mut plane, &ops).await;
+                // Every published port has had its listener by now: what a previous
+                // meshd left for a port no longer published is closed.
+                plane.proxy.release_unclaimed();
                 for (op, result) in ops.iter().zip(&errors) {
                     if result.is_none() {
                         actual.record(op);

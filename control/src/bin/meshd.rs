@@ -33,10 +33,10 @@ use meshd_dataplane::{
 struct Args {
     /// This node's unique name in the cluster. With --cleanup: also remove this
     /// node's pinned socket load balancer (its default --bpf-pin-dir).
-    #[arg(long, required_unless_present = "cleanup")]
+    #[arg(long, required_unless_present_any = ["cleanup", "listener_keeper"])]
     node_name: Option<String>,
     /// This node's underlay address: peers reach its control port and VXLAN here.
-    #[arg(long, required_unless_present = "cleanup")]
+    #[arg(long, required_unless_present_any = ["cleanup", "listener_keeper"])]
     advertise_addr: Option<Ipv4Addr>,
     /// A member to join through, as IP or IP:PORT (repeatable).
     #[arg(long = "join", value_name = "ADDR")]
@@ -133,6 +133,15 @@ struct Args {
     /// published port and backend, task health, gossip counters. `off` turns it off.
     #[arg(long, default_value = "127.0.0.1:9946", value_parser = parse_metrics_addr)]
     metrics_addr: MetricsAddr,
+    /// How long the published ports' listening sockets stay open after meshd stops or
+    /// dies, held by a small keeper process, so a restart within that time refuses no
+    /// connection (they queue and the next meshd accepts them). After it, a stopped
+    /// node refuses again. 0: no keeper; sockets close with meshd.
+    #[arg(long, default_value_t = 10)]
+    listener_hold_secs: u64,
+    /// Run as the listener keeper on this socket (started by meshd itself).
+    #[arg(long, hide = true)]
+    listener_keeper: Option<PathBuf>,
     #[command(flatten)]
     proxy: ProxyArgs,
     #[command(flatten)]
@@ -444,6 +453,11 @@ async fn run() -> anyhow::Result<()> {
     {
         bail!("invalid --node-name {name:?}: use letters, digits, '-', '_' or '.', starting with a letter or digit");
     }
+    if let Some(path) = &args.listener_keeper {
+        let hold = std::time::Duration::from_secs(args.listener_hold_secs);
+        return meshd_dataplane::proxy::handover::run_keeper(path, hold)
+            .with_context(|| format!("keeping listening sockets on {}", path.display()));
+    }
     if args.cleanup {
         return cleanup(&args.api_socket, pin_dir.as_deref()).await;
     }
@@ -522,6 +536,7 @@ async fn run() -> anyhow::Result<()> {
             max_ports: args.xdp_max_ports,
         },
         metrics_addr: args.metrics_addr.0,
+        listener_hold: std::time::Duration::from_secs(args.listener_hold_secs),
     };
     let agent = Agent::new(cfg).await.context("starting meshd")?;
     agent.run(shutdown_signal()).await.context("running meshd")?;
@@ -536,6 +551,12 @@ async fn cleanup(api_socket: &std::path::Path, pin_dir: Option<&std::path::Path>
             "meshd is running here (it answers on {}); stop it first, or it re-creates what --cleanup removes",
             api_socket.display()
         );
+    }
+    // A keeper still holding listening sockets for a restart lets them go.
+    let keeper = meshd_control::agent::keeper_socket(api_socket);
+    if let Ok(keeper) = meshd_dataplane::proxy::handover::Keeper::connect(&keeper) {
+        keeper.quit().context("ending the listener keeper")?;
+        eprintln!("meshd: closed the published ports' listening sockets the keeper held");
     }
     let removed = meshd_control::agent::remove_datapath(pin_dir)
         .await

@@ -186,3 +186,61 @@ fn a_port_at_its_connection_limit_resets_new_connections_and_keeps_the_held_ones
     ensure!(!out.status.success() && stderr.contains("--max-connections"), "{stderr}");
     Ok(())
 }
+
+/// One datagram from `socket` (connected to n1's published port, so only replies from
+/// that address are received) and its answer.
+fn udp_ask(socket: &std::net::UdpSocket) -> std::io::Result<String> {
+    socket.send(b"hello")?;
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+}
+
+#[test]
+fn udp_clients_get_sessions_that_answer_from_the_published_address_are_bounded_and_expire() -> Result<()> {
+    let args = ["--xdp", "off", "--proxy-udp-max-flows", "2", "--proxy-udp-idle-timeout-secs", "2"];
+    let mut cluster = Cluster::start_with_args(2, &args)?;
+    cluster.wait_all_alive(1)?;
+    cluster.meshctl_ok(1, &["network", "create", "net", "--subnet", "10.0.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "net"])?;
+    cluster.add_container(2, "web", "web.1")?;
+    cluster.meshctl_ok(1, &["publish", "5353:80/udp", "web"])?;
+    cluster.wait_serving(1, "5353/udp", 1)?;
+    let addr = SocketAddr::from((node_addr(1), 5353));
+    let client = cluster.client_netns();
+    let open = move || -> std::io::Result<std::net::UdpSocket> {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(addr)?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(socket)
+    };
+    // Two clients, each its own session: answered by the task, from the published
+    // address (the sockets are connected to it; anything else would not be received).
+    let sockets = in_netns(&client, move || (0..3).map(|_| open()).collect::<std::io::Result<Vec<_>>>())??;
+    for socket in &sockets[..2] {
+        let said = udp_ask(socket)?;
+        ensure!(said.starts_with("web.1 "), "{said:?}");
+        ensure!(udp_ask(socket)? == said, "a session's second datagram went another way");
+    }
+    let counters = |cluster: &Cluster| -> Result<serde_json::Value> {
+        Ok(cluster.meshctl_json(1, &["status"])?["proxy"]["counters"].clone())
+    };
+    ensure!(counters(&cluster)?["udp_flows_active"] == 2);
+    // A third client finds the table full: its datagram is dropped and counted, the
+    // two sessions carry on.
+    sockets[2].send(b"hello")?;
+    poll("the third client's datagram is refused", Duration::from_secs(5), || {
+        let c = counters(&cluster)?;
+        ensure!(c["udp_flows_refused"] == 1, "{c}");
+        Ok(())
+    })?;
+    ensure!(udp_ask(&sockets[0])?.starts_with("web.1 "), "an existing session broke at the bound");
+    // Silent for the idle timeout, the sessions expire; the client is served again.
+    poll("idle sessions expire", Duration::from_secs(10), || {
+        let c = counters(&cluster)?;
+        ensure!(c["udp_flows_active"] == 0 && c["udp_flows_expired"] == 2, "{c}");
+        Ok(())
+    })?;
+    ensure!(udp_ask(&sockets[2])?.starts_with("web.1 "), "no session after the others expired");
+    Ok(())
+}

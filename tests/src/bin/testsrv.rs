@@ -3,7 +3,8 @@
 //! answering every request with its task name, on `--listen ADDR` (default 0.0.0.0:80).
 //! `GET /peer` answers `TASK PEER_IP:PEER_PORT`: the address the connection came from as
 //! the task sees it, so tests can tell whether a path kept the client's address (or,
-//! after a PROXY protocol v2 header, the client the header names).
+//! after a PROXY protocol v2 header, the client the header names). On UDP at the same
+//! address it answers every datagram with `TASK PEER_IP:PEER_PORT`.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -11,7 +12,7 @@ use meshd_dataplane::proxy::proxy_protocol::{self, SIGNATURE};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpStream, UdpSocket},
 };
 
 /// Index just past the end of the first request head in `buf`, if complete.
@@ -108,6 +109,14 @@ async fn main() -> anyhow::Result<()> {
     }
     let name = Arc::new(name);
     let listener = TcpListener::bind(listen).await?;
+    let udp = UdpSocket::bind(listen).await?;
+    let udp_name = name.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((_, peer)) = udp.recv_from(&mut buf).await {
+            let _ = udp.send_to(format!("{udp_name} {peer}\n").as_bytes(), peer).await;
+        }
+    });
     loop {
         let (stream, _) = listener.accept().await?;
         tokio::spawn(serve(stream, name.clone()));

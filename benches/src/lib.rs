@@ -63,10 +63,35 @@ pub fn parse_wrk(out: &str) -> Result<(f64, String)> {
         .and_then(|l| l.split_whitespace().nth(1))
         .unwrap_or("?")
         .to_owned();
-    if out.contains("Non-2xx") || out.contains("Socket errors") {
-        bail!("wrk saw errors:\n{out}");
+    // Isolated errors happen on every path here, the direct baseline too (one read
+    // error in ~50,000 requests); they are reported in the row. More than one in a
+    // thousand means the path is broken: the benchmark stops.
+    let errors = wrk_errors(out);
+    let requests = out
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in ").map(|(n, _)| n.trim().parse::<u64>()))
+        .and_then(Result::ok)
+        .unwrap_or(0);
+    if errors > 0 && errors * 1000 > requests {
+        bail!("wrk saw {errors} errors in {requests} requests:\n{out}");
     }
-    Ok((rps, format!("mean latency {latency}")))
+    let errors = match errors {
+        0 => String::new(),
+        n => format!(", {n} errors in {requests} requests"),
+    };
+    Ok((rps, format!("mean latency {latency}{errors}")))
+}
+
+/// Socket errors plus non-2xx/3xx answers in wrk's output.
+fn wrk_errors(out: &str) -> u64 {
+    let numbers = |line: &str| -> u64 {
+        line.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u64>().ok()).sum()
+    };
+    out.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("Socket errors:") || l.starts_with("Non-2xx"))
+        .map(|l| numbers(l.split_once(':').map_or("", |(_, rest)| rest)))
+        .sum()
 }
 
 /// iperf3's received throughput in bits per second from its JSON output.
@@ -164,5 +189,16 @@ mod tests {
         assert_eq!(rps, 12345.67);
         assert_eq!(detail, "mean latency 1.20ms");
         assert!(parse_wrk("nothing").is_err());
+    }
+
+    #[test]
+    fn isolated_wrk_errors_are_reported_and_many_stop_the_benchmark() {
+        let out = |errors: &str| {
+            format!("    Latency   1.20ms  0.3ms\n  51215 requests in 3.01s, 4.35MB read\n{errors}Requests/sec:  17000.00\n")
+        };
+        let (_, detail) = parse_wrk(&out("  Socket errors: connect 0, read 1, write 0, timeout 0\n")).unwrap();
+        assert_eq!(detail, "mean latency 1.20ms, 1 errors in 51215 requests");
+        let many = out("  Socket errors: connect 0, read 40, write 0, timeout 2\n  Non-2xx or 3xx responses: 20\n");
+        assert!(parse_wrk(&many).unwrap_err().to_string().contains("62 errors in 51215 requests"));
     }
 }

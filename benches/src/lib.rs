@@ -196,9 +196,11 @@ mod tests {
         let out = |errors: &str| {
             format!("    Latency   1.20ms  0.3ms\n  51215 requests in 3.01s, 4.35MB read\n{errors}Requests/sec:  17000.00\n")
         };
-        let (_, detail) = parse_wrk(&out("  Socket errors: connect 0, read 1, write 0, timeout 0\n")).unwrap();
+        let (_, detail) =
+            parse_wrk(&out("  Socket errors: connect 0, read 1, write 0, timeout 0\n")).unwrap();
         assert_eq!(detail, "mean latency 1.20ms, 1 errors in 51215 requests");
-        let many = out("  Socket errors: connect 0, read 40, write 0, timeout 2\n  Non-2xx or 3xx responses: 20\n");
+        let many =
+            out("  Socket errors: connect 0, read 40, write 0, timeout 2\n  Non-2xx or 3xx responses: 20\n");
         assert!(parse_wrk(&many).unwrap_err().to_string().contains("62 errors in 51215 requests"));
     }
 }

@@ -675,6 +675,18 @@ impl Cluster {
         .map_err(|e| e.context(self.log_tail(i, 40)))
     }
 
+    /// The common fixture: network `net` (10.0.0.0/24), service `web` with task `web.1`
+    /// on node `task_node`, published as 3000:80 and served by node 1; returns the
+    /// task's address.
+    pub fn publish_web(&mut self, task_node: usize) -> Result<Ipv4Addr> {
+        self.meshctl_ok(1, &["network", "create", "net", "--subnet", "10.0.0.0/24"])?;
+        self.meshctl_ok(1, &["service", "create", "web", "--network", "net"])?;
+        let ip = self.add_container(task_node, "web", "web.1")?.ip;
+        self.meshctl_ok(1, &["publish", "3000:80", "web"])?;
+        self.wait_serving(1, "3000/tcp", 1)?;
+        Ok(ip)
+    }
+
     /// Waits until node `i` has programmed `port` (e.g. `"3000/tcp"`) with `n` backends
     /// for local clients and `n` for remote ones (read back from its dataplane, not
     /// the cluster state); returns the port's `published_paths` entry.

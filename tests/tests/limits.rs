@@ -389,11 +389,7 @@ fn idle_clients_are_held_to_the_cap_and_cut_by_the_idle_timeout_with_bounded_mem
             .map(String::from)
             .to_vec();
     let mut cluster = Cluster::start_with(1, StartOptions { meshd_args, ..Default::default() })?;
-    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
-    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
-    cluster.add_container(1, "web", "web.1")?;
-    cluster.meshctl_ok(1, &["publish", "3000:80", "web"])?;
-    cluster.wait_serving(1, "3000/tcp", 1)?;
+    cluster.publish_web(1)?;
     let pid = cluster.meshd_pid(1).ok_or_else(|| anyhow!("meshd is not running"))?;
     let addr = SocketAddr::from((node_addr(1), 3000));
     let client = cluster.client_netns();
@@ -473,11 +469,7 @@ fn half_open_connections_of_vanished_clients_are_closed_by_keepalive() -> Result
     .map(String::from)
     .to_vec();
     let mut cluster = Cluster::start_with(1, StartOptions { meshd_args, ..Default::default() })?;
-    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
-    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
-    cluster.add_container(1, "web", "web.1")?;
-    cluster.meshctl_ok(1, &["publish", "3000:80", "web"])?;
-    cluster.wait_serving(1, "3000/tcp", 1)?;
+    cluster.publish_web(1)?;
     let addr = SocketAddr::from((node_addr(1), 3000));
     let ghost = cluster.add_underlay_host("ghost", std::net::Ipv4Addr::new(198, 18, 0, 250))?;
     let held = in_netns(&ghost, move || -> std::io::Result<Vec<std::net::TcpStream>> {

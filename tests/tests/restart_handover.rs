@@ -67,11 +67,7 @@ fn web_cluster(hold_secs: &str) -> Result<Cluster> {
     let meshd_args = ["--xdp", "off", "--listener-hold-secs", hold_secs].map(String::from).to_vec();
     let mut cluster = Cluster::start_with(2, StartOptions { meshd_args, ..Default::default() })?;
     cluster.wait_all_alive(1)?;
-    cluster.meshctl_ok(1, &["network", "create", "net", "--subnet", "10.0.0.0/24"])?;
-    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "net"])?;
-    cluster.add_container(2, "web", "web.1")?;
-    cluster.meshctl_ok(1, &["publish", "3000:80", "web"])?;
-    cluster.wait_serving(1, "3000/tcp", 1)?;
+    cluster.publish_web(2)?;
     Ok(cluster)
 }
 

@@ -148,9 +148,14 @@ fn a_port_at_its_connection_limit_resets_new_connections_and_keeps_the_held_ones
     for stream in &mut held {
         ensure!(keepalive_get(stream)? == "web.1");
     }
-    // The fourth is reset at once (before it sends anything), and counted.
-    let mut fourth = open(&cluster)?;
-    let got = fourth.read(&mut [0u8; 1]);
+    // The fourth is reset at once (before it sends anything), and counted. The reset
+    // can beat the end of the connect, which then reports it.
+    let addr = SocketAddr::from((node_addr(1), 3000));
+    let got = in_netns(&cluster.client_netns(), move || {
+        let mut fourth = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        fourth.set_read_timeout(Some(Duration::from_secs(5)))?;
+        fourth.read(&mut [0u8; 1])
+    })?;
     ensure!(
         matches!(&got, Err(e) if e.kind() == ErrorKind::ConnectionReset),
         "the 4th got {got:?}, not a reset"

@@ -868,6 +868,11 @@ impl Ingress {
         if ensure_forwarding(FIB_INTERFACE)? {
             tracing::warn!("IPv4 forwarding on lo was turned off; turned it on again (the kernel ingress path's next-hop lookups need it)");
         }
+        // And a detached XDP link is attached again.
+        if let Some(why) = self.xdp_detached() {
+            self.reattach_xdp()?;
+            tracing::warn!(interface = %self.cfg.interface, %why, "attached the XDP program again");
+        }
         let maps = self.maps()?;
         let mut spec = IngressSpec::default();
         for (key, f) in &maps.frontends {
@@ -1135,6 +1140,41 @@ impl Ingress {
         }
     }
 
+    /// Attaches the loaded XDP program to the underlay again, in the same mode, and
+    /// pins the new link where the old one was (someone detached it, `bpftool link
+    /// detach`). If the interface was re-created (another ifindex) the next-hop
+    /// settings in the config map point at the old one: that takes a restart, and the
+    /// error says so.
+    fn reattach_xdp(&mut self) -> Result<()> {
+        let err = ebpf_err("ingress");
+        let ifindex = ifindex_of(&self.cfg.interface)?;
+        if ifindex != self.ifindex {
+            return Err(err(format!(
+                "{} was re-created (ifindex {} → {ifindex}); restart meshd to attach the kernel path to it",
+                self.cfg.interface, self.ifindex
+            )));
+        }
+        let pin = self.cfg.pin_dir.join(self.attached.pin_name());
+        remove_link_pin(&pin)?;
+        let xdp: &mut Xdp = self
+            .ebpf
+            .program_mut(INGRESS_XDP_PROGRAM)
+            .ok_or_else(|| err(format!("{INGRESS_XDP_PROGRAM} missing from the object")))?
+            .try_into()
+            .map_err(|e| err(format!("{INGRESS_XDP_PROGRAM}: wrong program type: {e}")))?;
+        let id = xdp
+            .attach_to_if_index(ifindex, self.attached.aya_mode())
+            .map_err(|e| err(format!("attaching XDP to {} again: {}", self.cfg.interface, chain(&e))))?;
+        let link = xdp
+            .take_link(id)
+            .map_err(|e| e.to_string())
+            .and_then(|l| FdLink::try_from(l).map_err(|e| format!("not a bpf_link: {e}")))
+            .and_then(|l| l.pin(&pin).map_err(|e| format!("pinning: {e}")))
+            .map_err(|e| err(format!("the new XDP link: {e}")))?;
+        self._xdp_link = FdLink::from(link);
+        Ok(())
+    }
+
     /// Why the XDP link no longer serves, if it does not: asked of the kernel (its
     /// interface went away, or someone detached the link).
     fn xdp_detached(&self) -> Option<String> {
@@ -1142,7 +1182,7 @@ impl Ingress {
         match bpf_sys::obj_get(&pin).and_then(|fd| sys::link_ifindex(&fd)) {
             Ok(ifindex) if ifindex == self.ifindex => None,
             Ok(_) => Some(format!(
-                "the XDP link left {} (the interface went away or the link was detached); restart meshd",
+                "the XDP link left {} (the interface went away or the link was detached)",
                 self.cfg.interface
             )),
             Err(e) => {

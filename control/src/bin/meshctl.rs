@@ -28,6 +28,14 @@ struct Cli {
     command: Command,
 }
 
+/// Shells `meshctl completion` writes for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Format {
     Table,
@@ -119,6 +127,13 @@ enum Command {
     /// Manage the cluster keyring that seals all gossip.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Print a shell completion script, e.g.
+    /// `meshctl completion bash > /etc/bash_completion.d/meshctl` or
+    /// `meshctl completion zsh > "${fpath[1]}/_meshctl"`.
+    Completion {
+        /// The shell.
+        shell: CompletionShell,
+    },
     /// Show this node's agent: programs, overlays, published ports, errors.
     Status,
 }
@@ -317,6 +332,7 @@ fn request(command: Command) -> Result<Request, String> {
         Command::Node(NodeCmd::Activate { node }) => {
             Request::NodeAvailability { name: node, availability: Availability::Active }
         }
+        Command::Completion { .. } => return Err("completion needs no meshd; it is answered locally".into()),
         Command::Key(KeyCmd::Rotate) => Request::KeyRotate,
         Command::Key(KeyCmd::Ls) => Request::KeyLs,
         Command::Key(KeyCmd::Install { file }) => {
@@ -510,6 +526,20 @@ fn cell_str(v: &Value) -> String {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Completion { shell } = cli.command {
+        let shell = match shell {
+            CompletionShell::Bash => clap_complete::Shell::Bash,
+            CompletionShell::Zsh => clap_complete::Shell::Zsh,
+            CompletionShell::Fish => clap_complete::Shell::Fish,
+        };
+        clap_complete::generate(
+            shell,
+            &mut <Cli as clap::CommandFactory>::command(),
+            "meshctl",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
     let request = match request(cli.command) {
         Ok(r) => r,
         Err(message) => {

@@ -274,7 +274,16 @@ impl Agent {
             cfg.gossip.udp_limit + protocol::seal::OVERHEAD,
         ));
         let mut proxy = Proxy::new(cfg.proxy.clone());
-        if !cfg.listener_hold.is_zero() {
+        if cfg.listener_hold.is_zero() {
+            // A keeper a previous run left would share our ports (SO_REUSEPORT) and
+            // queue connections nobody accepts: it goes.
+            if let Ok(keeper) =
+                meshd_dataplane::proxy::handover::Keeper::connect(&keeper_socket(&cfg.api_socket))
+            {
+                let _ = keeper.quit();
+                tracing::info!("ended the listener keeper of a previous run (--listener-hold-secs 0)");
+            }
+        } else {
             match open_keeper(&cfg).and_then(|keeper| proxy.with_keeper(keeper)) {
                 Ok(adopted) => {
                     tracing::info!(adopted, hold_secs = cfg.listener_hold.as_secs(), "listener keeper ready")

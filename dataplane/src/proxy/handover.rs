@@ -170,11 +170,16 @@ pub fn run_keeper(path: &Path, hold: Duration) -> std::io::Result<()> {
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
         let timeout =
             PollTimeout::try_from(hold.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
-        if poll(&mut fds, timeout).map_err(io_error)? == 0 {
-            return Ok(());
+        match poll(&mut fds, timeout) {
+            Ok(0) => return Ok(()),
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(io_error(e)),
         }
+        let Ok(raw) = accept(listener.as_raw_fd()) else { continue };
         // SAFETY: accept returned a new descriptor that nothing else owns.
-        let conn = unsafe { OwnedFd::from_raw_fd(accept(listener.as_raw_fd()).map_err(io_error)?) };
+        let conn = unsafe { OwnedFd::from_raw_fd(raw) };
+        // Until this meshd hangs up (or dies: a failed send is the same), then the
+        // next one is waited for; the sockets stay either way.
         loop {
             let Ok(Some((text, fd))) = receive(&conn) else { break };
             let (verb, arg) = text.split_once(' ').unwrap_or((text.as_str(), ""));
@@ -184,10 +189,13 @@ pub fn run_keeper(path: &Path, hold: Duration) -> std::io::Result<()> {
                 }
                 ("DEL", _) => held.retain(|key, _| !key.starts_with(arg)),
                 ("GET", _) => {
-                    for (key, fd) in &held {
-                        send(&conn, &format!("FD {key}"), Some(fd.as_raw_fd()))?;
+                    let sent = held
+                        .iter()
+                        .try_for_each(|(key, fd)| send(&conn, &format!("FD {key}"), Some(fd.as_raw_fd())))
+                        .and_then(|()| send(&conn, "END", None));
+                    if sent.is_err() {
+                        break;
                     }
-                    send(&conn, "END", None)?;
                 }
                 ("QUIT", _) => return Ok(()),
                 _ => {}

@@ -445,7 +445,7 @@ pub struct Proxy {
     /// dropped last, which ends the connections still relayed.
     workers: Option<workers::Workers>,
     /// The listener keeper, when listening sockets outlive this process.
-    handover: Option<Handover>,
+    handover: Option<Arc<handover::Handover>>,
 }
 
 /// The keeper's key of a published port's `i`-th listening socket.
@@ -456,34 +456,6 @@ fn handover_key(proto: Proto, port: u16, i: usize) -> String {
 /// What the keys of a published port's sockets start with.
 fn handover_prefix(proto: Proto, port: u16) -> String {
     format!("{proto}/{port}/")
-}
-
-/// This process's side of the listener hand-over (see `handover`).
-struct Handover {
-    keeper: handover::Keeper,
-    /// Sockets a previous meshd left with the keeper, not yet served again.
-    adopted: HashMap<String, std::os::fd::OwnedFd>,
-}
-
-impl Handover {
-    /// The adopted sockets of one port, by key.
-    fn take(&mut self, proto: Proto, port: u16) -> HashMap<String, std::os::fd::OwnedFd> {
-        let prefix = handover_prefix(proto, port);
-        let keys: Vec<String> = self.adopted.keys().filter(|k| k.starts_with(&prefix)).cloned().collect();
-        keys.into_iter().filter_map(|k| self.adopted.remove_entry(&k)).collect()
-    }
-
-    fn put(&self, key: &str, socket: &impl AsFd) {
-        if let Err(error) = self.keeper.put(key, socket) {
-            tracing::warn!(%error, key, "cannot hand a listening socket to the keeper; a restart would refuse connections to it");
-        }
-    }
-
-    fn delete(&self, proto: Proto, port: u16) {
-        if let Err(error) = self.keeper.delete(&handover_prefix(proto, port)) {
-            tracing::warn!(%error, %proto, port, "cannot tell the keeper to close a port's sockets");
-        }
-    }
 }
 
 /// Reads a [`Proxy`]'s counters from anywhere (see [`Proxy::stats`]).
@@ -533,30 +505,11 @@ impl Proxy {
         }
     }
 
-    /// Hands listening sockets over through `keeper`: the sockets a previous meshd
-    /// left there are served again by the next publish of their port (instead of
-    /// binding anew), and every new listening socket is given to it too. Returns how
-    /// many sockets were adopted.
-    pub fn with_keeper(&mut self, keeper: handover::Keeper) -> io::Result<usize> {
-        let adopted: HashMap<String, std::os::fd::OwnedFd> = keeper.take_all()?.into_iter().collect();
-        let count = adopted.len();
-        self.handover = Some(Handover { keeper, adopted });
-        Ok(count)
-    }
-
-    /// Closes the adopted sockets of ports no longer published (call after the first
-    /// full reconcile), here and in the keeper.
-    pub fn release_unclaimed(&mut self) {
-        let Some(handover) = &mut self.handover else { return };
-        for key in std::mem::take(&mut handover.adopted).into_keys() {
-            tracing::info!(
-                key,
-                "closing a listening socket left by a previous meshd: its port is no longer published"
-            );
-            if let Err(error) = handover.keeper.delete(&key) {
-                tracing::warn!(%error, key, "cannot tell the keeper to close a socket");
-            }
-        }
+    /// Hands listening sockets over through `handover`: the sockets a previous meshd
+    /// left with the keeper are served again by the next publish of their port
+    /// (instead of binding anew), and every new listening socket is given to it too.
+    pub fn set_handover(&mut self, handover: Arc<handover::Handover>) {
+        self.handover = Some(handover);
     }
 
     /// Stops accepting on every port, leaving the keeper's copies open (shutdown: the
@@ -621,7 +574,8 @@ impl Proxy {
                 // their backlogs are accepted now), then new ones for the other workers;
                 // more adopted sockets than workers are shared out (none is dropped:
                 // its backlog would be lost).
-                let mut adopted = self.handover.as_mut().map(|h| h.take(proto, port)).unwrap_or_default();
+                let prefix = handover_prefix(proto, port);
+                let mut adopted = self.handover.as_ref().map(|h| h.claim(&prefix)).unwrap_or_default();
                 let count = handles.len().max(adopted.len());
                 for i in 0..count {
                     let key = handover_key(proto, port, i);
@@ -654,7 +608,7 @@ impl Proxy {
                             // Nothing half-published: the workers' listeners so far close.
                             listener.abort();
                             if let Some(handover) = &self.handover {
-                                handover.delete(proto, port);
+                                handover.delete(&handover_prefix(proto, port));
                             }
                             return Err(Error::listen(proto, addr, source));
                         }
@@ -663,7 +617,8 @@ impl Proxy {
             }
             Proto::Udp => {
                 let key = handover_key(proto, port, 0);
-                let adopted = self.handover.as_mut().and_then(|h| h.take(proto, port).remove(&key));
+                let adopted =
+                    self.handover.as_ref().and_then(|h| h.claim(&handover_prefix(proto, port)).remove(&key));
                 let socket = match adopted {
                     Some(fd) => {
                         let socket = std::net::UdpSocket::from(fd);
@@ -698,7 +653,7 @@ impl Proxy {
         listener.abort();
         self.shared.ports.write().remove(&(proto, port));
         if let Some(handover) = &self.handover {
-            handover.delete(proto, port);
+            handover.delete(&handover_prefix(proto, port));
         }
         tracing::info!(%proto, port, grace_ms = grace.as_millis() as u64, "stopped serving published port");
         if grace.is_zero() {

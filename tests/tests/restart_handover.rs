@@ -4,7 +4,9 @@
 //! them. Through the proxy (`--xdp off`): the kernel path survives restarts by itself.
 //! Without the keeper (`--listener-hold-secs 0`) the same restart refuses connections;
 //! a node stopped for good refuses again once the hold time is over, or at once after
-//! `meshd --cleanup`.
+//! `meshd --cleanup`. The same keeper holds each container's resolver sockets
+//! (`127.0.0.11:53`): a container's DNS queries wait through a restart of its node's
+//! meshd instead of meeting a closed port.
 
 use std::{
     net::SocketAddr,
@@ -15,6 +17,8 @@ use std::{
     thread,
     time::{Duration, Instant},
 };
+
+use std::process::Command;
 
 use anyhow::{ensure, Result};
 use meshd_tests::{http_get, node_addr, poll, refused, Cluster, StartOptions};
@@ -156,5 +160,54 @@ fn without_the_keeper_a_restart_refuses_connections() -> Result<()> {
         failed.len()
     );
     ensure!(!failed.is_empty(), "no request failed without the keeper: the restart test would prove nothing");
+    let (answered, failed) = dns_through_restart(&mut cluster)?;
+    eprintln!("without the keeper, DNS through a kill -9 and restart: {answered} answered, {failed} failed");
+    ensure!(failed > 0, "no DNS query failed without the keeper: the DNS test would prove nothing");
     Ok(())
+}
+
+#[test]
+fn a_containers_dns_queries_wait_through_a_restart_of_its_nodes_meshd() -> Result<()> {
+    let mut cluster = web_cluster("3")?;
+    let (answered, failed) = dns_through_restart(&mut cluster)?;
+    eprintln!("DNS through a kill -9 and restart: {answered} answered, {failed} failed");
+    ensure!(answered > 0 && failed == 0, "{failed} of {} DNS queries failed", answered + failed);
+    Ok(())
+}
+
+/// `dig web` from web.1's container (on n2) in a loop while n2's meshd is killed and
+/// started again: (answered, failed). Each query may take 3 s (one try).
+fn dns_through_restart(cluster: &mut Cluster) -> Result<(usize, usize)> {
+    let netns = cluster.containers[0].netns();
+    let stop = Arc::new(AtomicBool::new(false));
+    let asker = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let (mut answered, mut failed) = (0, 0);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let out = Command::new("nsenter")
+                    .arg(format!("--net={}", netns.display()))
+                    .args(["--", "dig", "+short", "+time=3", "+tries=1", "@127.0.0.11", "web"])
+                    .output();
+                match out {
+                    Ok(o) if o.status.success() && !String::from_utf8_lossy(&o.stdout).trim().is_empty() => {
+                        answered += 1
+                    }
+                    _ => failed += 1,
+                }
+            }
+            (answered, failed)
+        })
+    };
+    cluster.kill_node(2)?;
+    cluster.restart_node(2)?;
+    // Queries keep going a while after the restart.
+    let restarted = Instant::now();
+    poll("a while after the restart", Duration::from_secs(5), || {
+        ensure!(restarted.elapsed() >= Duration::from_millis(1500));
+        Ok(())
+    })?;
+    stop.store(true, Ordering::Relaxed);
+    Ok(asker.join().expect("the DNS client thread panicked"))
 }

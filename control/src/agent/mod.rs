@@ -236,6 +236,8 @@ pub struct Agent {
     store_recovered: Option<String>,
     /// The embedded resolvers, one per local container namespace.
     resolvers: Mutex<resolvers::Resolvers>,
+    /// The listener keeper's hand-over, shared by the proxy and the resolvers.
+    handover: Option<Arc<meshd_dataplane::proxy::handover::Handover>>,
 }
 
 impl Agent {
@@ -283,15 +285,26 @@ impl Agent {
                 let _ = keeper.quit();
                 tracing::info!("ended the listener keeper of a previous run (--listener-hold-secs 0)");
             }
+        }
+        let handover = if cfg.listener_hold.is_zero() {
+            None
         } else {
-            match open_keeper(&cfg).and_then(|keeper| proxy.with_keeper(keeper)) {
-                Ok(adopted) => {
-                    tracing::info!(adopted, hold_secs = cfg.listener_hold.as_secs(), "listener keeper ready")
+            match open_keeper(&cfg).and_then(meshd_dataplane::proxy::handover::Handover::new) {
+                Ok(handover) => {
+                    let adopted = handover.unclaimed();
+                    tracing::info!(adopted, hold_secs = cfg.listener_hold.as_secs(), "listener keeper ready");
+                    proxy.set_handover(handover.clone());
+                    Some(handover)
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "no listener keeper: a restart of meshd will refuse connections to published ports meanwhile")
+                    tracing::warn!(%error, "no listener keeper: while meshd restarts, published ports and container resolvers refuse");
+                    None
                 }
             }
+        };
+        let mut resolvers = resolvers::Resolvers::new(cfg.dns.clone());
+        if let Some(handover) = &handover {
+            resolvers.set_handover(handover.clone());
         }
         let agent = Agent {
             overlay,
@@ -310,7 +323,8 @@ impl Agent {
             key_generation: Mutex::new(0),
             saved_generation: Mutex::new(None),
             store_recovered: loaded.recovered,
-            resolvers: Mutex::new(resolvers::Resolvers::new(cfg.dns.clone())),
+            resolvers: Mutex::new(resolvers),
+            handover,
             cfg,
         };
         Ok(Arc::new(agent))
@@ -492,9 +506,6 @@ impl Agent {
                 actual.ingress = ingress;
                 let ops = reconcile::plan(&actual, &want);
                 let errors = self.apply_all(&mut plane, &ops).await;
-                // Every published port has had its listener by now: what a previous
-                // meshd left for a port no longer published is closed.
-                plane.proxy.release_unclaimed();
                 for (op, result) in ops.iter().zip(&errors) {
                     if result.is_none() {
                         actual.record(op);
@@ -539,6 +550,11 @@ impl Agent {
         // After the task links: a resolver binds on the container's `lo`, which the
         // task link brings up.
         self.reconcile_resolvers(&store, &live).await;
+        // Every published port and container has had its sockets by now: what a
+        // previous meshd left for something gone is closed.
+        if let Some(handover) = &self.handover {
+            handover.release_unclaimed();
+        }
         self.confirm();
         drop(plane);
         let mut saved = self.saved_generation.lock();

@@ -9,7 +9,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use meshd_dataplane::dns::{open_in_netns, NameTable, Resolver, ResolverConfig, TableHandle, RESOLVER_ADDR};
+use meshd_dataplane::{
+    dns::{adopt_sockets, open_in_netns, NameTable, Resolver, ResolverConfig, TableHandle, RESOLVER_ADDR},
+    proxy::handover::Handover,
+};
 
 /// How long `meshctl attach` waits for the new container's resolver.
 pub const RESOLVER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -60,6 +63,14 @@ pub(super) struct Resolvers {
     /// The table last handed to the resolvers (swapped only when it differs).
     current: NameTable,
     running: BTreeMap<String, Running>,
+    /// The listener keeper, so a container's resolver sockets outlive a restart of
+    /// meshd (queries wait in them instead of meeting a closed port).
+    handover: Option<std::sync::Arc<Handover>>,
+}
+
+/// The keeper's keys of a container's resolver sockets start with this.
+fn handover_prefix(netns: &Path) -> String {
+    format!("dns/{}/", netns.display())
 }
 
 impl Resolvers {
@@ -71,7 +82,13 @@ impl Resolvers {
             table: TableHandle::default(),
             current: NameTable::default(),
             running: BTreeMap::new(),
+            handover: None,
         }
+    }
+
+    /// Hands the resolvers' sockets over through `handover` (see [`Handover`]).
+    pub(super) fn set_handover(&mut self, handover: std::sync::Arc<Handover>) {
+        self.handover = Some(handover);
     }
 
     /// Swaps in `table` if it differs from the one served.
@@ -95,6 +112,9 @@ impl Resolvers {
             if let Some(r) = self.running.remove(&ns) {
                 out.stopped.push(r.resolver);
             }
+            if let Some(handover) = &self.handover {
+                handover.delete(&handover_prefix(Path::new(&ns)));
+            }
             out.ok.push(error_key(&ns));
         }
         for (ns, networks) in plan.renetwork {
@@ -117,7 +137,26 @@ impl Resolvers {
     }
 
     fn start(&self, netns: &Path, networks: Vec<String>) -> meshd_dataplane::Result<Resolver> {
-        let sockets = open_in_netns(netns, RESOLVER_ADDR, Some(&self.forward_netns))?;
+        let prefix = handover_prefix(netns);
+        let (udp_key, tcp_key) = (format!("{prefix}udp"), format!("{prefix}tcp"));
+        let mut adopted = self.handover.as_ref().map(|h| h.claim(&prefix)).unwrap_or_default();
+        let sockets = match (adopted.remove(&udp_key), adopted.remove(&tcp_key)) {
+            (Some(udp), Some(tcp)) => adopt_sockets(udp, tcp, &self.forward_netns)?,
+            partial => {
+                // Half a pair (never written so) cannot serve: both go, here and in the
+                // keeper, and the port is bound anew.
+                drop(partial);
+                if let Some(handover) = &self.handover {
+                    handover.delete(&prefix);
+                }
+                let sockets = open_in_netns(netns, RESOLVER_ADDR, Some(&self.forward_netns))?;
+                if let Some(handover) = &self.handover {
+                    handover.put(&udp_key, &sockets.udp);
+                    handover.put(&tcp_key, &sockets.tcp);
+                }
+                sockets
+            }
+        };
         Resolver::start(netns, sockets, self.table.clone(), networks, self.config.clone())
     }
 

@@ -21,6 +21,7 @@ pub use answer::{
     answer, relay_reply, Action, AnswerConfig, Forward, Rcode, Transport, HOP_OPTION, UDP_PAYLOAD_MAX,
 };
 pub use server::{
-    open_in_netns, usable_upstreams, Resolver, ResolverConfig, ResolverSockets, TableHandle, RESOLVER_ADDR,
+    adopt_sockets, open_in_netns, usable_upstreams, Resolver, ResolverConfig, ResolverSockets, TableHandle,
+    RESOLVER_ADDR,
 };
 pub use table::{EndpointMode, NameIndex, NameTable, NetworkNames, ServiceNames};

@@ -160,6 +160,27 @@ pub fn open_in_netns(
     Ok(ResolverSockets { udp, tcp, forward, forward_netns: forward_ns.to_owned() })
 }
 
+/// The resolver's sockets from listening sockets a previous meshd opened (handed over
+/// by the listener keeper: queries that arrived meanwhile wait in them), with a new
+/// forwarding socket in `forward_netns`.
+pub fn adopt_sockets(
+    udp: std::os::fd::OwnedFd,
+    tcp: std::os::fd::OwnedFd,
+    forward_netns: &Path,
+) -> Result<ResolverSockets> {
+    let (udp, tcp) = (std::net::UdpSocket::from(udp), std::net::TcpListener::from(tcp));
+    let listen = udp.local_addr().map_err(|source| Error::Bind { addr: RESOLVER_ADDR.into(), source })?;
+    let wrap = |source| Error::Bind { addr: listen, source };
+    let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
+    let forward = in_netns(forward_netns, move || std::net::UdpSocket::bind(any))
+        .map_err(|source| Error::Bind { addr: any.into(), source })?;
+    for s in [&udp, &forward] {
+        s.set_nonblocking(true).map_err(wrap)?;
+    }
+    tcp.set_nonblocking(true).map_err(wrap)?;
+    Ok(ResolverSockets { udp, tcp, forward, forward_netns: forward_netns.to_owned() })
+}
+
 /// Whether the namespace at `netns` is the one this process runs in.
 fn same_netns(netns: &Path) -> bool {
     use std::os::unix::fs::MetadataExt as _;

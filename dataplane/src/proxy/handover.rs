@@ -155,6 +155,63 @@ impl Keeper {
     }
 }
 
+/// This process's side of the hand-over, shared by the proxy (published ports) and the
+/// resolvers (`127.0.0.11:53` in each container): the sockets a previous meshd left
+/// with the keeper, until each is served again, and the connection for new ones.
+#[derive(Debug)]
+pub struct Handover {
+    keeper: parking_lot::Mutex<Keeper>,
+    adopted: parking_lot::Mutex<std::collections::HashMap<String, OwnedFd>>,
+}
+
+impl Handover {
+    /// Takes every socket `keeper` holds, to be claimed by key.
+    pub fn new(keeper: Keeper) -> std::io::Result<std::sync::Arc<Handover>> {
+        let adopted = keeper.take_all()?.into_iter().collect();
+        Ok(std::sync::Arc::new(Handover {
+            keeper: parking_lot::Mutex::new(keeper),
+            adopted: parking_lot::Mutex::new(adopted),
+        }))
+    }
+
+    /// How many sockets wait to be claimed.
+    pub fn unclaimed(&self) -> usize {
+        self.adopted.lock().len()
+    }
+
+    /// Claims the adopted sockets whose keys start with `prefix`.
+    pub fn claim(&self, prefix: &str) -> std::collections::HashMap<String, OwnedFd> {
+        let mut adopted = self.adopted.lock();
+        let keys: Vec<String> = adopted.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
+        keys.into_iter().filter_map(|k| adopted.remove_entry(&k)).collect()
+    }
+
+    /// Gives the keeper a duplicate of `socket` under `key` (a failure is logged: the
+    /// socket works, only a restart would refuse on it).
+    pub fn put(&self, key: &str, socket: &impl AsFd) {
+        if let Err(error) = self.keeper.lock().put(key, socket) {
+            tracing::warn!(%error, key, "cannot hand a listening socket to the keeper; a restart would refuse on it");
+        }
+    }
+
+    /// Has the keeper close the sockets whose keys start with `prefix`.
+    pub fn delete(&self, prefix: &str) {
+        if let Err(error) = self.keeper.lock().delete(prefix) {
+            tracing::warn!(%error, prefix, "cannot tell the keeper to close sockets");
+        }
+    }
+
+    /// Closes the adopted sockets nobody claimed (what they served is gone), here and
+    /// in the keeper. Call after a whole reconcile pass.
+    pub fn release_unclaimed(&self) {
+        let keys: Vec<String> = std::mem::take(&mut *self.adopted.lock()).into_keys().collect();
+        for key in keys {
+            tracing::info!(key, "closing a socket left by a previous meshd: nothing here serves it any more");
+            self.delete(&key);
+        }
+    }
+}
+
 /// The keeper's main loop (`meshd --listener-keeper PATH`): serves one meshd at a time
 /// and exits `hold` after the last one left with none back, or on `QUIT`.
 pub fn run_keeper(path: &Path, hold: Duration) -> std::io::Result<()> {

@@ -462,6 +462,32 @@ fn switch_xdp_link(xdp: &mut Xdp, path: &Path, ifindex: u32) -> std::result::Res
     FdLink::try_from(link).map(Some).map_err(|e| e.to_string())
 }
 
+/// The object's program `name` as its type `T`.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let err = ebpf_err("ingress");
+    ebpf.program_mut(name)
+        .ok_or_else(|| err(format!("{name} missing from the object")))?
+        .try_into()
+        .map_err(|e| err(format!("{name}: wrong program type: {e}")))
+}
+
+/// Attaches the loaded `xdp` to `ifindex` in `mode` and pins the link at `pin`.
+fn attach_xdp(
+    xdp: &mut Xdp,
+    ifindex: u32,
+    mode: XdpAttached,
+    pin: &Path,
+) -> std::result::Result<FdLink, String> {
+    let id = xdp.attach_to_if_index(ifindex, mode.aya_mode()).map_err(|e| chain(&e))?;
+    let link = xdp.take_link(id).map_err(|e| e.to_string())?;
+    let link = FdLink::try_from(link).map_err(|e| format!("not a bpf_link: {e}"))?;
+    let pinned = link.pin(pin).map_err(|e| format!("pinning: {e}"))?;
+    Ok(FdLink::from(pinned))
+}
+
 /// The tc link pinned at `path` switched in place to `tc` (which must be loaded).
 fn switch_tc_link(tc: &mut SchedClassifier, path: &Path) -> std::result::Result<FdLink, String> {
     let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
@@ -610,20 +636,12 @@ impl Ingress {
             .map_err(|e| err(format!("config map: {e}")))?;
             map.set(0, kernel_cfg, 0).map_err(|e| err(format!("writing the config map: {e}")))?;
         }
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(INGRESS_TC_PROGRAM)
-            .ok_or_else(|| err(format!("{INGRESS_TC_PROGRAM} missing from the object")))?
-            .try_into()
-            .map_err(|e| err(format!("{INGRESS_TC_PROGRAM}: wrong program type: {e}")))?;
+        let tc: &mut SchedClassifier = program(&mut ebpf, INGRESS_TC_PROGRAM)?;
         tc.load()
             .map_err(|e| err(format!("{INGRESS_TC_PROGRAM}: the verifier refused it: {}", chain(&e))))?;
         let tc_tag = tc.info().map_err(|e| err(format!("{INGRESS_TC_PROGRAM}: {e}")))?.tag();
 
-        let xdp: &mut Xdp = ebpf
-            .program_mut(INGRESS_XDP_PROGRAM)
-            .ok_or_else(|| err(format!("{INGRESS_XDP_PROGRAM} missing from the object")))?
-            .try_into()
-            .map_err(|e| err(format!("{INGRESS_XDP_PROGRAM}: wrong program type: {e}")))?;
+        let xdp: &mut Xdp = program(&mut ebpf, INGRESS_XDP_PROGRAM)?;
         xdp.load()
             .map_err(|e| err(format!("{INGRESS_XDP_PROGRAM}: the verifier refused it: {}", chain(&e))))?;
         let xdp_tag = xdp.info().map_err(|e| err(format!("{INGRESS_XDP_PROGRAM}: {e}")))?.tag();
@@ -672,23 +690,12 @@ impl Ingress {
                 let mut failures = Vec::new();
                 let mut done = None;
                 for &mode in modes {
-                    match xdp.attach_to_if_index(ifindex, mode.aya_mode()) {
-                        Ok(id) => {
-                            let link: std::result::Result<FdLink, String> =
-                                xdp.take_link(id).map_err(|e| e.to_string()).and_then(|l| {
-                                    FdLink::try_from(l).map_err(|e| format!("not a bpf_link: {e}"))
-                                });
-                            match link.and_then(|l| {
-                                l.pin(cfg.pin_dir.join(mode.pin_name())).map_err(|e| format!("pinning: {e}"))
-                            }) {
-                                Ok(pinned) => {
-                                    done = Some((mode, FdLink::from(pinned)));
-                                    break;
-                                }
-                                Err(e) => failures.push(format!("{}: {e}", mode.as_str())),
-                            }
+                    match attach_xdp(xdp, ifindex, mode, &cfg.pin_dir.join(mode.pin_name())) {
+                        Ok(link) => {
+                            done = Some((mode, link));
+                            break;
                         }
-                        Err(e) => failures.push(format!("{}: {}", mode.as_str(), chain(&e))),
+                        Err(e) => failures.push(format!("{}: {e}", mode.as_str())),
                     }
                 }
                 let Some((mode, link)) = done else {
@@ -760,12 +767,7 @@ impl Ingress {
                 }
                 None => {
                     // Another program (an upgrade): switched in place, or replaced.
-                    let tc: &mut SchedClassifier = self
-                        .ebpf
-                        .program_mut(INGRESS_TC_PROGRAM)
-                        .ok_or_else(|| err(format!("{INGRESS_TC_PROGRAM} missing from the object")))?
-                        .try_into()
-                        .map_err(|e| err(format!("{INGRESS_TC_PROGRAM}: wrong program type: {e}")))?;
+                    let tc: &mut SchedClassifier = program(&mut self.ebpf, INGRESS_TC_PROGRAM)?;
                     match switch_tc_link(tc, &path) {
                         Ok(link) => {
                             let ifindex =
@@ -1097,12 +1099,7 @@ impl Ingress {
             if !self.tc_links.contains_key(host_if) {
                 let pin = self.cfg.pin_dir.join(format!("tc_{host_if}"));
                 remove_link_pin(&pin)?;
-                let tc: &mut SchedClassifier = self
-                    .ebpf
-                    .program_mut(INGRESS_TC_PROGRAM)
-                    .ok_or_else(|| err(format!("{INGRESS_TC_PROGRAM} missing")))?
-                    .try_into()
-                    .map_err(|e| err(format!("{INGRESS_TC_PROGRAM}: {e}")))?;
+                let tc: &mut SchedClassifier = program(&mut self.ebpf, INGRESS_TC_PROGRAM)?;
                 let attached = tc
                     .attach_with_options(
                         host_if,
@@ -1156,22 +1153,9 @@ impl Ingress {
         }
         let pin = self.cfg.pin_dir.join(self.attached.pin_name());
         remove_link_pin(&pin)?;
-        let xdp: &mut Xdp = self
-            .ebpf
-            .program_mut(INGRESS_XDP_PROGRAM)
-            .ok_or_else(|| err(format!("{INGRESS_XDP_PROGRAM} missing from the object")))?
-            .try_into()
-            .map_err(|e| err(format!("{INGRESS_XDP_PROGRAM}: wrong program type: {e}")))?;
-        let id = xdp
-            .attach_to_if_index(ifindex, self.attached.aya_mode())
-            .map_err(|e| err(format!("attaching XDP to {} again: {}", self.cfg.interface, chain(&e))))?;
-        let link = xdp
-            .take_link(id)
-            .map_err(|e| e.to_string())
-            .and_then(|l| FdLink::try_from(l).map_err(|e| format!("not a bpf_link: {e}")))
-            .and_then(|l| l.pin(&pin).map_err(|e| format!("pinning: {e}")))
-            .map_err(|e| err(format!("the new XDP link: {e}")))?;
-        self._xdp_link = FdLink::from(link);
+        let xdp: &mut Xdp = program(&mut self.ebpf, INGRESS_XDP_PROGRAM)?;
+        self._xdp_link = attach_xdp(xdp, ifindex, self.attached, &pin)
+            .map_err(|e| err(format!("attaching XDP to {} again: {e}", self.cfg.interface)))?;
         Ok(())
     }
 

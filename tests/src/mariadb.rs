@@ -49,12 +49,18 @@ impl MariaDb {
         let data = dir.join("data");
         fs::create_dir_all(&dir)?;
         let data_arg = format!("--datadir={}", data.display());
+        // Its own temporary directory: two servers set up at once (the seed tests run
+        // in parallel) once collided on a temporary table in the shared /tmp.
+        let tmp = dir.join("tmp");
+        fs::create_dir_all(&tmp)?;
+        let tmp_arg = format!("--tmpdir={}", tmp.display());
         sh(
             "mariadb-install-db",
             &[
                 "--no-defaults",
                 "--user=root",
                 &data_arg,
+                &tmp_arg,
                 "--auth-root-authentication-method=socket",
                 "--skip-test-db",
             ],
@@ -66,7 +72,7 @@ impl MariaDb {
             .arg(format!("--net={}", netns.display()))
             .arg("--")
             .arg("mariadbd")
-            .args(["--no-defaults", "--user=root", &data_arg])
+            .args(["--no-defaults", "--user=root", &data_arg, &tmp_arg])
             .arg(format!("--socket={}", socket.display()))
             .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
             .args([

@@ -142,3 +142,21 @@ fn metrics_off_listens_on_nothing_and_a_bad_address_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_kernel_paths_packets_are_counted_by_outcome() -> Result<()> {
+    let mut cluster = Cluster::start(2)?;
+    cluster.wait_all_alive(1)?;
+    cluster.publish_web(2)?;
+    let path = cluster.wait_serving(1, "3000/tcp", 1)?;
+    ensure!(path["remote_clients"].as_str().is_some_and(|p| p.starts_with("xdp")), "{path}");
+    let encap = "meshd_ingress_packets_total{outcome=\"encap\"}";
+    let before = sample(&scrape(&cluster, 1)?, encap);
+    for _ in 0..3 {
+        ensure!(http_get(&cluster.client_netns(), SocketAddr::from((node_addr(1), 3000)))? == "web.1");
+    }
+    // Each request's packets to the task on n2 were encapsulated by n1's XDP program.
+    let after = sample(&scrape(&cluster, 1)?, encap);
+    ensure!(after - before >= 3.0, "encapsulated packets went from {before} to {after}");
+    Ok(())
+}

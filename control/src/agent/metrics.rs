@@ -1,6 +1,7 @@
 //! The metrics endpoint (`meshd --metrics-addr`, default `127.0.0.1:9946`): the proxy's
-//! counters per published port and per backend, each task's health, and the gossip
-//! counters `meshctl status` shows, in the Prometheus/OpenMetrics text format.
+//! counters per published port and per backend, the kernel ingress path's packets by
+//! outcome, each task's health, and the gossip counters `meshctl status` shows, in the
+//! Prometheus/OpenMetrics text format.
 //!
 //! The exposition is built from snapshots at each scrape: the hot path keeps only the
 //! relaxed atomics the proxy has anyway. `prometheus-client` encodes it. The HTTP side is
@@ -146,6 +147,17 @@ impl Agent {
                     false => out.total(&format!("proxy_{name}"), &help, value),
                 }
             }
+        }
+        // The kernel ingress path (XDP/tc) counts packets by outcome, over all ports.
+        let ingress = self.ingress.lock().as_ref().map(|i| i.status().counters);
+        if let Some(Ok(serde_json::Value::Object(outcomes))) = ingress.map(serde_json::to_value) {
+            out.counter(
+                "ingress_packets",
+                "Packets the kernel ingress programs handled, by outcome (meshctl status: ingress.counters)",
+                outcomes
+                    .into_iter()
+                    .filter_map(|(outcome, v)| Some((labels([("outcome", outcome)]), v.as_u64()?))),
+            );
         }
         for (name, value) in self.shared.counters.snapshot() {
             let help = format!("Gossip: {} (meshctl status: gossip.counters)", name.replace('_', " "));

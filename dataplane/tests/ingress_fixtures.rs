@@ -22,10 +22,10 @@ use meshd_common::{
     ingress::{
         reply_key, Flow, FlowKey, IngressBackend, IngressConfig, IngressFrontend, Nat, BACKEND_LIVE,
         BACKEND_LOCAL, INGRESS_BACKENDS_MAP, INGRESS_CONFIG_MAP, INGRESS_FLOWS_MAP, INGRESS_FRONTENDS_MAP,
-        INGRESS_MAGLEV_MAP, INGRESS_NAT_MAP, INGRESS_STATS_MAP, INGRESS_TC_PROGRAM, INGRESS_XDP_PROGRAM,
-        IN_STAT_DROP_MALFORMED, IN_STAT_DSR_RECORDED, IN_STAT_ENCAP, IN_STAT_ENTRIES, IN_STAT_LOCAL,
-        IN_STAT_NO_BACKEND, IN_STAT_PASS, IN_STAT_REPLY_TC, IN_STAT_REPLY_XDP, IN_STAT_UNROUTED, MODE_DSR,
-        MODE_SNAT, NAT_PORT_MAX, NAT_PORT_MIN,
+        INGRESS_MAGLEV_MAP, INGRESS_NAT_MAP, INGRESS_STATS_MAP, INGRESS_TC_PROGRAM,
+        INGRESS_UNDERLAY_TC_PROGRAM, INGRESS_XDP_PROGRAM, IN_STAT_DROP_MALFORMED, IN_STAT_DSR_RECORDED,
+        IN_STAT_ENCAP, IN_STAT_ENTRIES, IN_STAT_LOCAL, IN_STAT_NO_BACKEND, IN_STAT_PASS, IN_STAT_REPLY_TC,
+        IN_STAT_REPLY_XDP, IN_STAT_UNROUTED, MODE_DSR, MODE_SNAT, NAT_PORT_MAX, NAT_PORT_MIN,
     },
     ip4_raw,
     maglev::{flow_hash, MAGLEV_TABLE_SIZE},
@@ -34,10 +34,29 @@ use meshd_common::{
 };
 use meshd_dataplane::{netns::run_in, socklb::OBJECT};
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
+/// The underlay program's verdicts, in XDP's numbers (tc's are mapped to them).
+const DROP: u32 = 1;
+const PASS: u32 = 2;
+const REDIRECT: u32 = 4;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+
+/// Which flavour of the underlay program a fixture runs: `ingress_xdp` or its tc twin
+/// `ingress_tc`. The tests of the forward path run on both and expect the same bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+/// Runs a fixture test on both hooks (the hook is printed, so a failure names it).
+fn on_both_hooks(test: fn(Hook)) {
+    for hook in [Hook::Xdp, Hook::Tc] {
+        eprintln!("--- on the {hook:?} hook");
+        test(hook);
+    }
+}
 
 const NODE: [u8; 4] = [198, 18, 0, 11];
 const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
@@ -128,24 +147,26 @@ impl Drop for Netns {
     }
 }
 
-/// The loaded object, its two ingress programs and the namespace they run in.
+/// The loaded object, its ingress programs and the namespace they run in.
 struct Fixture {
     ns: Netns,
     ebpf: Ebpf,
     /// ifindex of the underlay veth (`u0`) in the namespace.
     underlay: u32,
+    /// Which underlay program [`Fixture::underlay`] runs.
+    hook: Hook,
 }
 
 /// A fixture with one snat frontend `PUBLISHED/proto` served by one local backend.
-fn local_fixture(proto: u8) -> Fixture {
-    let mut f = fixture();
+fn local_fixture(hook: Hook, proto: u8) -> Fixture {
+    let mut f = fixture(hook);
     f.frontend(PUBLISHED, proto, MODE_SNAT, 0);
     f.backend(0, local_backend(f.underlay + 1));
     f.fill_table(0, 0);
     f
 }
 
-fn fixture() -> Fixture {
+fn fixture(hook: Hook) -> Fixture {
     assert!(
         nix::unistd::geteuid().is_root(),
         "the ingress fixture tests load BPF programs: run them as root"
@@ -159,10 +180,12 @@ fn fixture() -> Fixture {
     let xdp: &mut Xdp =
         ebpf.program_mut(INGRESS_XDP_PROGRAM).expect("ingress_xdp in the object").try_into().unwrap();
     xdp.load().expect("verifier accepts ingress_xdp");
-    let tc: &mut SchedClassifier =
-        ebpf.program_mut(INGRESS_TC_PROGRAM).expect("ingress_reply in the object").try_into().unwrap();
-    tc.load().expect("verifier accepts ingress_reply");
-    let mut f = Fixture { ns, ebpf, underlay };
+    for name in [INGRESS_TC_PROGRAM, INGRESS_UNDERLAY_TC_PROGRAM] {
+        let tc: &mut SchedClassifier =
+            ebpf.program_mut(name).unwrap_or_else(|| panic!("{name} in the object")).try_into().unwrap();
+        tc.load().unwrap_or_else(|e| panic!("verifier refuses {name}: {e:?}"));
+    }
+    let mut f = Fixture { ns, ebpf, underlay, hook };
     f.config(IngressConfig {
         node_raw: ip4_raw(NODE),
         ifindex: underlay,
@@ -222,8 +245,25 @@ impl Fixture {
         (0..IN_STAT_ENTRIES).map(|i| self.stat(i)).collect()
     }
 
-    /// Runs `ingress_xdp` on `pkt` as if it arrived on the underlay veth; returns the
-    /// action and the packet as the program left it.
+    /// Runs the underlay program of the fixture's hook on `pkt` as if it arrived on
+    /// the underlay veth; returns the verdict (in XDP's numbers) and the packet as the
+    /// program left it.
+    fn underlay(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        match self.hook {
+            Hook::Xdp => self.xdp(pkt),
+            Hook::Tc => {
+                let (action, out) = self.run_tc(INGRESS_UNDERLAY_TC_PROGRAM, pkt);
+                let verdict = match action {
+                    TC_ACT_OK => PASS,
+                    TC_ACT_SHOT => DROP,
+                    TC_ACT_REDIRECT => REDIRECT,
+                    other => panic!("ingress_tc returned {other}"),
+                };
+                (verdict, out)
+            }
+        }
+    }
+
     fn xdp(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
         let underlay = self.underlay;
         let prog: &mut Xdp = self.ebpf.program_mut(INGRESS_XDP_PROGRAM).unwrap().try_into().unwrap();
@@ -245,14 +285,20 @@ impl Fixture {
 
     /// Runs `ingress_reply` on `pkt` (a frame a local task sent).
     fn tc(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &mut SchedClassifier =
-            self.ebpf.program_mut(INGRESS_TC_PROGRAM).unwrap().try_into().unwrap();
+        self.run_tc(INGRESS_TC_PROGRAM, pkt)
+    }
+
+    /// Runs the tc program `name` on `pkt`.
+    fn run_tc(&mut self, name: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &mut SchedClassifier = self.ebpf.program_mut(name).unwrap().try_into().unwrap();
         self.ns.run(|| {
             let mut out = vec![0u8; pkt.len() + 256];
             let mut opts = TestRunOptions::new();
             opts.data_in = Some(pkt);
             opts.data_out = Some(&mut out);
-            let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN of ingress_reply");
+            let r = prog.test_run(opts).unwrap_or_else(|e| {
+                panic!("BPF_PROG_TEST_RUN of {name} on {} bytes {pkt:02x?}: {e:?}", pkt.len())
+            });
             out.truncate(r.data_size_out as usize);
             (r.return_value, out)
         })
@@ -388,12 +434,16 @@ fn syn_from_client(sport: u16) -> Vec<u8> {
 
 #[test]
 fn syn_to_a_local_backend_is_dnated_and_redirected() {
-    let mut f = fixture();
+    on_both_hooks(syn_to_a_local_backend_is_dnated_and_redirected_on);
+}
+
+fn syn_to_a_local_backend_is_dnated_and_redirected_on(hook: Hook) {
+    let mut f = fixture(hook);
     f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
     f.backend(3, local_backend(f.underlay + 1));
     f.fill_table(0, 3);
-    let (action, out) = f.xdp(&syn_from_client(CPORT));
-    assert_eq!(action, XDP_REDIRECT);
+    let (action, out) = f.underlay(&syn_from_client(CPORT));
+    assert_eq!(action, REDIRECT);
     assert_eq!(
         out,
         tcp(GW_MAC, TASK_MAC, CLIENT, TASK, CPORT, TARGET, Seg::Syn),
@@ -429,25 +479,33 @@ fn syn_to_a_local_backend_is_dnated_and_redirected() {
 
 #[test]
 fn udp_to_a_local_backend_keeps_a_zero_checksum() {
-    let mut f = local_fixture(PROTO_UDP);
+    on_both_hooks(udp_to_a_local_backend_keeps_a_zero_checksum_on);
+}
+
+fn udp_to_a_local_backend_keeps_a_zero_checksum_on(hook: Hook) {
+    let mut f = local_fixture(hook, PROTO_UDP);
     let mut pkt = udp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED);
-    let (action, out) = f.xdp(&pkt);
-    assert_eq!(action, XDP_REDIRECT);
+    let (action, out) = f.underlay(&pkt);
+    assert_eq!(action, REDIRECT);
     assert_eq!(out, udp(GW_MAC, TASK_MAC, CLIENT, TASK, CPORT, TARGET));
     // The same datagram without a checksum: it stays without one.
     pkt[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
-    let (_, out) = f.xdp(&pkt);
+    let (_, out) = f.underlay(&pkt);
     assert_eq!(&out[14 + 20 + 6..14 + 20 + 8], &[0, 0]);
 }
 
 #[test]
 fn syn_to_a_remote_snat_backend_is_encapsulated() {
-    let mut f = fixture();
+    on_both_hooks(syn_to_a_remote_snat_backend_is_encapsulated_on);
+}
+
+fn syn_to_a_remote_snat_backend_is_encapsulated_on(hook: Hook) {
+    let mut f = fixture(hook);
     f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 1);
     f.backend(9, remote_backend(TASK2, TASK2_MAC));
     f.fill_table(1, 9);
-    let (action, out) = f.xdp(&syn_from_client(CPORT));
-    assert_eq!(action, XDP_REDIRECT, "sent out of the FIB's interface (see `transmit` in the program)");
+    let (action, out) = f.underlay(&syn_from_client(CPORT));
+    assert_eq!(action, REDIRECT, "sent out of the FIB's interface (see `transmit` in the program)");
     let inner = tcp(GW_MAC, TASK2_MAC, GW, TASK2, CPORT, TARGET, Seg::Syn);
     let id = u16::from_be_bytes([out[18], out[19]]);
     let hash = flow_hash(ip4_raw(CLIENT), ip4_raw(NODE), port_raw(CPORT), port_raw(PUBLISHED), PROTO_TCP);
@@ -473,8 +531,8 @@ fn syn_to_a_remote_snat_backend_is_encapsulated() {
     // to the client from the published address.
     let back = tcp(TASK2_MAC, GW_MAC, TASK2, GW, TARGET, CPORT, Seg::SynAck);
     let frame = vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 7, 50_123, vxlan_bytes(VNI, None), &back);
-    let (action, out) = f.xdp(&frame);
-    assert_eq!(action, XDP_REDIRECT);
+    let (action, out) = f.underlay(&frame);
+    assert_eq!(action, REDIRECT);
     assert_eq!(
         out,
         tcp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED, CPORT, Seg::SynAck),
@@ -485,8 +543,8 @@ fn syn_to_a_remote_snat_backend_is_encapsulated() {
     // A second client using the same source port gets another NAT port.
     let other = [198, 18, 0, 101];
     let syn2 = tcp(CLIENT_MAC, NODE_MAC, other, NODE, CPORT, PUBLISHED, Seg::Syn);
-    let (action, out) = f.xdp(&syn2);
-    assert_eq!(action, XDP_REDIRECT);
+    let (action, out) = f.underlay(&syn2);
+    assert_eq!(action, REDIRECT);
     let nat_port = u16::from_be_bytes([out[50 + 34], out[50 + 35]]);
     assert!((NAT_PORT_MIN..=NAT_PORT_MAX).contains(&nat_port), "second client got NAT port {nat_port}");
     let key2 = FlowKey { src_raw: ip4_raw(other), ..client_key(CPORT, PUBLISHED, PROTO_TCP) };
@@ -495,12 +553,16 @@ fn syn_to_a_remote_snat_backend_is_encapsulated() {
 
 #[test]
 fn syn_to_a_remote_dsr_backend_keeps_the_client_and_carries_the_mark() {
-    let mut f = fixture();
+    on_both_hooks(syn_to_a_remote_dsr_backend_keeps_the_client_and_carries_the_mark_on);
+}
+
+fn syn_to_a_remote_dsr_backend_keeps_the_client_and_carries_the_mark_on(hook: Hook) {
+    let mut f = fixture(hook);
     f.frontend(PUBLISHED, PROTO_TCP, MODE_DSR, 0);
     f.backend(2, remote_backend(TASK2, TASK2_MAC));
     f.fill_table(0, 2);
-    let (action, out) = f.xdp(&syn_from_client(CPORT));
-    assert_eq!(action, XDP_REDIRECT);
+    let (action, out) = f.underlay(&syn_from_client(CPORT));
+    assert_eq!(action, REDIRECT);
     let inner = tcp(GW_MAC, TASK2_MAC, CLIENT, TASK2, CPORT, TARGET, Seg::Syn);
     let id = u16::from_be_bytes([out[18], out[19]]);
     let sport = u16::from_be_bytes([out[34], out[35]]);
@@ -515,13 +577,17 @@ fn syn_to_a_remote_dsr_backend_keeps_the_client_and_carries_the_mark() {
 
 #[test]
 fn dsr_marked_vxlan_is_recorded_and_unmarked_on_the_backend_node() {
-    let mut f = fixture();
+    on_both_hooks(dsr_marked_vxlan_is_recorded_and_unmarked_on_the_backend_node_on);
+}
+
+fn dsr_marked_vxlan_is_recorded_and_unmarked_on_the_backend_node_on(hook: Hook) {
+    let mut f = fixture(hook);
     // This fixture plays the backend's node: NODE2 encapsulated a client's SYN to our task.
     let inner = tcp(GW_MAC, TASK_MAC, CLIENT, TASK, CPORT, TARGET, Seg::Syn);
     let frame =
         vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 99, 51_000, vxlan_bytes(VNI, Some(PUBLISHED)), &inner);
-    let (action, out) = f.xdp(&frame);
-    assert_eq!(action, XDP_PASS, "the kernel's VXLAN device decapsulates");
+    let (action, out) = f.underlay(&frame);
+    assert_eq!(action, PASS, "the kernel's VXLAN device decapsulates");
     let expected = vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 99, 51_000, vxlan_bytes(VNI, None), &inner);
     assert_eq!(out, expected, "mark cleared, nothing else changed");
     let reply = reply_key(ip4_raw(TASK), port_raw(TARGET), ip4_raw(CLIENT), port_raw(CPORT), PROTO_TCP);
@@ -537,35 +603,39 @@ fn dsr_marked_vxlan_is_recorded_and_unmarked_on_the_backend_node() {
     assert_eq!(out, tcp(NODE_MAC, CLIENT_MAC, NODE2, CLIENT, PUBLISHED, CPORT, Seg::SynAck));
     // Unmarked VXLAN without a NAT entry is the kernel's business.
     let plain = vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 99, 51_000, vxlan_bytes(VNI, None), &inner);
-    assert_eq!(f.xdp(&plain), (XDP_PASS, plain.clone()));
+    assert_eq!(f.underlay(&plain), (PASS, plain.clone()));
 }
 
 #[test]
 fn flows_keep_their_backend_until_it_leaves() {
-    let mut f = fixture();
+    on_both_hooks(flows_keep_their_backend_until_it_leaves_on);
+}
+
+fn flows_keep_their_backend_until_it_leaves_on(hook: Hook) {
+    let mut f = fixture(hook);
     f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
     let b1 = local_backend(f.underlay + 1);
     let b2 = IngressBackend { addr_raw: ip4_raw(TASK2), mac: TASK2_MAC, ..b1 };
     f.backend(1, b1);
     f.fill_table(0, 1);
-    let (action, _) = f.xdp(&syn_from_client(CPORT));
-    assert_eq!(action, XDP_REDIRECT);
+    let (action, _) = f.underlay(&syn_from_client(CPORT));
+    assert_eq!(action, REDIRECT);
 
     // A backend joins and (here) takes every slot: the established flow stays.
     f.backend(2, b2);
     f.fill_table(0, 2);
     let ack = tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED, Seg::Ack);
-    let (action, out) = f.xdp(&ack);
-    assert_eq!(action, XDP_REDIRECT);
+    let (action, out) = f.underlay(&ack);
+    assert_eq!(action, REDIRECT);
     assert_eq!(out, tcp(GW_MAC, TASK_MAC, CLIENT, TASK, CPORT, TARGET, Seg::Ack), "still the first backend");
     // A new flow goes by the table.
-    let (_, out) = f.xdp(&syn_from_client(CPORT + 1));
+    let (_, out) = f.underlay(&syn_from_client(CPORT + 1));
     assert_eq!(out, tcp(GW_MAC, TASK2_MAC, CLIENT, TASK2, CPORT + 1, TARGET, Seg::Syn));
 
     // The first backend is removed (flags 0): its flow re-balances to the table's choice.
     f.backend(1, IngressBackend { flags: 0, ..b1 });
-    let (action, out) = f.xdp(&ack);
-    assert_eq!(action, XDP_REDIRECT);
+    let (action, out) = f.underlay(&ack);
+    assert_eq!(action, REDIRECT);
     assert_eq!(
         out,
         tcp(GW_MAC, TASK2_MAC, CLIENT, TASK2, CPORT, TARGET, Seg::Ack),
@@ -577,31 +647,35 @@ fn flows_keep_their_backend_until_it_leaves() {
     f.backend(2, IngressBackend { gen: 2, ..b2 });
     f.backend(1, b1);
     f.fill_table(0, 1);
-    let (_, out) = f.xdp(&ack);
+    let (_, out) = f.underlay(&ack);
     assert_eq!(out, tcp(GW_MAC, TASK_MAC, CLIENT, TASK, CPORT, TARGET, Seg::Ack), "gen changed: re-balanced");
 
     // A segment of a connection the program never saw open is the stack's (the proxy's).
     let stray = tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT + 7, PUBLISHED, Seg::Ack);
-    assert_eq!(f.xdp(&stray), (XDP_PASS, stray.clone()));
+    assert_eq!(f.underlay(&stray), (PASS, stray.clone()));
     assert!(f.flow(&client_key(CPORT + 7, PUBLISHED, PROTO_TCP)).is_none());
 
     // No live backend at all: new flows pass (the proxy answers), counted.
     f.backend(1, IngressBackend { flags: 0, ..b1 });
     let syn = syn_from_client(CPORT + 8);
-    assert_eq!(f.xdp(&syn), (XDP_PASS, syn.clone()));
+    assert_eq!(f.underlay(&syn), (PASS, syn.clone()));
     assert_eq!(f.stat(IN_STAT_NO_BACKEND), 1);
 }
 
 /// Runs `pkt` through the XDP program and checks it passed unchanged.
 fn assert_passes(f: &mut Fixture, what: &str, pkt: &[u8]) {
-    let (action, out) = f.xdp(pkt);
-    assert_eq!(action, XDP_PASS, "{what}: action");
+    let (action, out) = f.underlay(pkt);
+    assert_eq!(action, PASS, "{what}: action");
     assert_eq!(out, pkt, "{what}: bytes changed");
 }
 
 #[test]
 fn non_matching_traffic_passes_untouched() {
-    let mut f = local_fixture(PROTO_TCP);
+    on_both_hooks(non_matching_traffic_passes_untouched_on);
+}
+
+fn non_matching_traffic_passes_untouched_on(hook: Hook) {
+    let mut f = local_fixture(hook, PROTO_TCP);
     assert_passes(
         &mut f,
         "other port",
@@ -664,7 +738,11 @@ fn fix_ip_checksum(pkt: &mut [u8]) {
 
 #[test]
 fn malformed_input_passes_or_drops_never_crashes() {
-    let mut f = fixture();
+    on_both_hooks(malformed_input_passes_or_drops_never_crashes_on);
+}
+
+fn malformed_input_passes_or_drops_never_crashes_on(hook: Hook) {
+    let mut f = fixture(hook);
     f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
     f.frontend(PUBLISHED, PROTO_UDP, MODE_SNAT, 0);
     f.backend(0, local_backend(f.underlay + 1));
@@ -678,19 +756,19 @@ fn malformed_input_passes_or_drops_never_crashes() {
     // (what, packet, expected action). Each is aimed at a published port, so a
     // program that trusted the header would rewrite it.
     let cases: Vec<(&str, Vec<u8>, u32)> = vec![
-        ("Ethernet only, EtherType IPv4", syn[..14].to_vec(), XDP_DROP),
-        ("IPv4 header cut at 10 bytes", syn[..24].to_vec(), XDP_DROP),
-        ("IPv4 header cut at 19 bytes", syn[..33].to_vec(), XDP_DROP),
-        ("ihl 4", edit(&|p| p[14] = 0x44), XDP_DROP),
-        ("ihl 0", edit(&|p| p[14] = 0x40), XDP_DROP),
-        ("version 6 in an IPv4 EtherType", edit(&|p| p[14] = 0x65), XDP_DROP),
+        ("Ethernet only, EtherType IPv4", syn[..14].to_vec(), DROP),
+        ("IPv4 header cut at 10 bytes", syn[..24].to_vec(), DROP),
+        ("IPv4 header cut at 19 bytes", syn[..33].to_vec(), DROP),
+        ("ihl 4", edit(&|p| p[14] = 0x44), DROP),
+        ("ihl 0", edit(&|p| p[14] = 0x40), DROP),
+        ("version 6 in an IPv4 EtherType", edit(&|p| p[14] = 0x65), DROP),
         (
             "tot_len below the header",
             edit(&|p| {
                 p[16..18].copy_from_slice(&19u16.to_be_bytes());
                 fix_ip_checksum(p)
             }),
-            XDP_DROP,
+            DROP,
         ),
         (
             "ihl 6 (options)",
@@ -698,7 +776,7 @@ fn malformed_input_passes_or_drops_never_crashes() {
                 p[14] = 0x46;
                 fix_ip_checksum(p)
             }),
-            XDP_PASS,
+            PASS,
         ),
         (
             "more fragments",
@@ -706,7 +784,7 @@ fn malformed_input_passes_or_drops_never_crashes() {
                 p[20] |= 0x20;
                 fix_ip_checksum(p)
             }),
-            XDP_PASS,
+            PASS,
         ),
         (
             "fragment offset",
@@ -714,7 +792,7 @@ fn malformed_input_passes_or_drops_never_crashes() {
                 p[21] = 0x10;
                 fix_ip_checksum(p)
             }),
-            XDP_PASS,
+            PASS,
         ),
         (
             "tot_len beyond the frame",
@@ -723,9 +801,9 @@ fn malformed_input_passes_or_drops_never_crashes() {
                 p[16..18].copy_from_slice(&l.to_be_bytes());
                 fix_ip_checksum(p)
             }),
-            XDP_PASS,
+            PASS,
         ),
-        ("frame cut inside TCP", syn[..14 + 20 + 10].to_vec(), XDP_PASS),
+        ("frame cut inside TCP", syn[..14 + 20 + 10].to_vec(), PASS),
         (
             "tot_len leaves 10 bytes of TCP",
             edit(&|p| {
@@ -733,9 +811,9 @@ fn malformed_input_passes_or_drops_never_crashes() {
                 p.truncate(14 + 30);
                 fix_ip_checksum(p)
             }),
-            XDP_PASS,
+            PASS,
         ),
-        ("TCP data offset 4", edit(&|p| p[14 + 20 + 12] = 0x40), XDP_PASS),
+        ("TCP data offset 4", edit(&|p| p[14 + 20 + 12] = 0x40), PASS),
         (
             "UDP cut at 4 bytes",
             {
@@ -745,7 +823,7 @@ fn malformed_input_passes_or_drops_never_crashes() {
                 fix_ip_checksum(&mut p);
                 p
             },
-            XDP_PASS,
+            PASS,
         ),
     ];
     // VXLAN frames whose inner frame is cut short, at every length.
@@ -763,17 +841,24 @@ fn malformed_input_passes_or_drops_never_crashes() {
     let before = f.stats();
     let mut drops = 0;
     for (what, pkt, want) in &cases {
-        let (action, out) = f.xdp(pkt);
+        // Kernel 6.18's BPF_PROG_TEST_RUN refuses, for tc, an IPv4 frame shorter than
+        // Ethernet + 20 bytes (EINVAL, measured for 14..=33 bytes); such a frame still
+        // reaches tc from a veth, and both hooks judge it with the same `parse`, which
+        // the XDP run covers.
+        if hook == Hook::Tc && pkt.len() < 14 + 20 {
+            continue;
+        }
+        let (action, out) = f.underlay(pkt);
         assert_eq!(action, *want, "{what}");
-        if *want == XDP_PASS {
+        if *want == PASS {
             assert_eq!(&out, pkt, "{what}: passed packets are untouched");
         } else {
             drops += 1;
         }
     }
     for (cut, pkt) in &vx_cases {
-        let (action, out) = f.xdp(pkt);
-        assert_eq!(action, XDP_PASS, "VXLAN cut at {cut} bytes");
+        let (action, out) = f.underlay(pkt);
+        assert_eq!(action, PASS, "VXLAN cut at {cut} bytes");
         assert_eq!(&out, pkt, "VXLAN cut at {cut} bytes: untouched");
     }
     let after = f.stats();
@@ -797,7 +882,7 @@ fn run(cmd: &str, args: &[&str], install: &str) {
 /// from the client to the published port reaches the task's listener (DNAT +
 /// redirect, reply through tc), and a UDP datagram to a frontend with a remote
 /// backend comes back out of the underlay to the client namespace, encapsulated.
-fn real_veths(mode: aya::programs::XdpMode) {
+fn real_veths(hook: Hook, mode: aya::programs::XdpMode) {
     use std::{
         io::{Read as _, Write as _},
         net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -895,8 +980,12 @@ fn real_veths(mode: aya::programs::XdpMode) {
     // A veth's sender leaves TCP/UDP checksums partial (CHECKSUM_PARTIAL, completed
     // "by hardware" later). Native XDP sees bare bytes and a redirected frame loses
     // the skb's checksum state, so the task would get a bad checksum: the client
-    // sends complete checksums, as a NIC-attached client always does.
-    run("ip", &["netns", "exec", c, "ethtool", "-K", "u1", "tx", "off"], "apt-get install ethtool");
+    // sends complete checksums, as a NIC-attached client always does. The tc hook
+    // keeps the skb's checksum state: its client keeps the offload on (GSO packets
+    // of up to 64 KiB, partial checksums).
+    if hook == Hook::Xdp {
+        run("ip", &["netns", "exec", c, "ethtool", "-K", "u1", "tx", "off"], "apt-get install ethtool");
+    }
 
     let ebpf = EbpfLoader::new()
         .map_max_entries(INGRESS_MAGLEV_MAP, TABLES * MAGLEV_TABLE_SIZE)
@@ -904,7 +993,7 @@ fn real_veths(mode: aya::programs::XdpMode) {
         .expect("loading the embedded kernel object");
     let underlay = node.ifindex("u0");
     let host_veth = node.ifindex("t0");
-    let mut f = Fixture { ns: node, ebpf, underlay };
+    let mut f = Fixture { ns: node, ebpf, underlay, hook };
     f.config(IngressConfig {
         node_raw: ip4_raw(NODE),
         ifindex: underlay,
@@ -918,16 +1007,7 @@ fn real_veths(mode: aya::programs::XdpMode) {
     f.frontend(PUBLISHED + 1, PROTO_UDP, MODE_SNAT, 1);
     f.backend(1, remote_backend(TASK2, TASK2_MAC));
     f.fill_table(1, 1);
-    let Fixture { ns, ebpf, .. } = &mut f;
-    ns.run(|| {
-        let xdp: &mut Xdp = ebpf.program_mut(INGRESS_XDP_PROGRAM).unwrap().try_into().unwrap();
-        xdp.load().expect("verifier accepts ingress_xdp");
-        xdp.attach("u0", mode)
-            .unwrap_or_else(|e| panic!("attaching ingress_xdp to u0 in {mode:?} mode: {e}"));
-        let tc: &mut SchedClassifier = ebpf.program_mut(INGRESS_TC_PROGRAM).unwrap().try_into().unwrap();
-        tc.load().expect("verifier accepts ingress_reply");
-        tc.attach("t0", aya::programs::TcAttachType::Ingress).expect("attaching ingress_reply to t0");
-    });
+    attach(&mut f, mode, Some("t0"));
 
     // TCP through the published port to the local task, which reports its peer.
     let listener = task.run(|| TcpListener::bind((Ipv4Addr::from(TASK), TARGET)).expect("task listener"));
@@ -946,9 +1026,10 @@ fn real_veths(mode: aya::programs::XdpMode) {
         s.write_all(&answer).expect("reply");
     });
     let published: SocketAddr = (Ipv4Addr::from(NODE), PUBLISHED).into();
-    let mut stream = client
-        .run(|| TcpStream::connect_timeout(&published, Duration::from_secs(5)))
-        .unwrap_or_else(|e| panic!("client → {published} ({mode:?} XDP): {e}; counters {:?}", f.stats()));
+    let mut stream =
+        client.run(|| TcpStream::connect_timeout(&published, Duration::from_secs(5))).unwrap_or_else(|e| {
+            panic!("client → {published} ({hook:?}, {mode:?}): {e}; counters {:?}", f.stats())
+        });
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     stream.write_all(&(0..BULK).map(pattern).collect::<Vec<_>>()).unwrap();
     let mut answer = Vec::new();
@@ -981,7 +1062,7 @@ fn real_veths(mode: aya::programs::XdpMode) {
             String::from_utf8_lossy(&o.stdout).into_owned()
         };
         panic!(
-            "no encapsulated datagram ({mode:?} XDP): {e}; counters {:?}\nu0: {}\nu1: {}\n{}",
+            "no encapsulated datagram ({hook:?}, {mode:?}): {e}; counters {:?}\nu0: {}\nu1: {}\n{}",
             f.stats(),
             dbg(n, &["ethtool", "-S", "u0"]),
             dbg(c, &["ethtool", "-S", "u1"]),
@@ -1005,27 +1086,39 @@ fn real_veths(mode: aya::programs::XdpMode) {
     let mut masked = got.to_vec();
     masked[14 + 4..14 + 8].copy_from_slice(&inner[14 + 4..14 + 8]);
     masked[14 + 10..14 + 12].copy_from_slice(&inner[14 + 10..14 + 12]);
+    if hook == Hook::Tc {
+        // The client's UDP checksum is partial (offload on) and stays so, with the skb
+        // marked CHECKSUM_PARTIAL, through the rewrite and the encapsulation: a NIC
+        // (or the stack, for one without tunnel offload) completes it on the wire, and
+        // the receiving VXLAN device trusts it across veths (`two_nodes` checks that
+        // delivery end to end). This socket reads the raw bytes: masked.
+        masked[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&inner[14 + 20 + 6..14 + 20 + 8]);
+    }
     assert_eq!(masked, inner, "inner frame after snat (id, flags, IPv4 checksum masked)");
     let ip = Ipv4Header::from_slice(&got[14..]).unwrap().0;
     assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "inner IPv4 checksum");
 
     let stats = f.stats();
-    assert!(
-        stats[IN_STAT_LOCAL as usize] >= (BULK / 1500) as u64,
-        "every upload segment took the XDP path: {stats:?}"
-    );
+    // XDP sees every MTU-sized segment; tc sees the client's GSO packets whole.
+    let segments = if hook == Hook::Xdp { (BULK / 1500) as u64 } else { (BULK / 65536) as u64 };
+    assert!(stats[IN_STAT_LOCAL as usize] >= segments, "the whole upload took the kernel path: {stats:?}");
     assert!(stats[IN_STAT_REPLY_TC as usize] >= 2, "{stats:?}");
     assert_eq!(stats[IN_STAT_ENCAP as usize], 1, "{stats:?}");
 }
 
 #[test]
 fn native_xdp_on_veth_serves_a_local_task_and_transmits_encapsulated() {
-    real_veths(aya::programs::XdpMode::Driver);
+    real_veths(Hook::Xdp, aya::programs::XdpMode::Driver);
 }
 
 #[test]
 fn generic_xdp_on_veth_serves_a_local_task_and_transmits_encapsulated() {
-    real_veths(aya::programs::XdpMode::Skb);
+    real_veths(Hook::Xdp, aya::programs::XdpMode::Skb);
+}
+
+#[test]
+fn tc_on_veth_serves_a_local_task_and_transmits_encapsulated_with_offloads_on() {
+    real_veths(Hook::Tc, aya::programs::XdpMode::Driver);
 }
 
 /// A router on the client's side of the path.
@@ -1048,20 +1141,24 @@ fn frag_needed(smac: [u8; 6], dmac: [u8; 6], src: [u8; 4], dst: [u8; 4], quoted:
 
 #[test]
 fn icmp_errors_follow_their_flow() {
-    let mut f = local_fixture(PROTO_TCP);
+    on_both_hooks(icmp_errors_follow_their_flow_on);
+}
+
+fn icmp_errors_follow_their_flow_on(hook: Hook) {
+    let mut f = local_fixture(hook, PROTO_TCP);
     f.frontend(PUBLISHED + 1, PROTO_TCP, MODE_SNAT, 1);
     f.backend(1, remote_backend(TASK2, TASK2_MAC));
     f.fill_table(1, 1);
-    assert_eq!(f.xdp(&syn_from_client(CPORT)).0, XDP_REDIRECT);
+    assert_eq!(f.underlay(&syn_from_client(CPORT)).0, REDIRECT);
     let syn_remote = tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED + 1, Seg::Syn);
-    assert_eq!(f.xdp(&syn_remote).0, XDP_REDIRECT);
+    assert_eq!(f.underlay(&syn_remote).0, REDIRECT);
 
     // A router could not forward the node's reply to the client (local backend): the
     // error goes to the task, quoting the task's own packet.
     let sent = tcp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED, CPORT, Seg::SynAck);
     let icmp = frag_needed(CLIENT_MAC, NODE_MAC, ROUTER, NODE, &sent);
-    let (action, out) = f.xdp(&icmp);
-    assert_eq!(action, XDP_REDIRECT);
+    let (action, out) = f.underlay(&icmp);
+    assert_eq!(action, REDIRECT);
     let as_task_sent = tcp(TASK_MAC, GW_MAC, TASK, CLIENT, TARGET, CPORT, Seg::SynAck);
     assert_eq!(out, frag_needed(GW_MAC, TASK_MAC, ROUTER, TASK, &as_task_sent), "ICMP for the local task");
 
@@ -1069,8 +1166,8 @@ fn icmp_errors_follow_their_flow() {
     // encapsulated (without a DSR mark) to its node.
     let sent = tcp(NODE_MAC, CLIENT_MAC, NODE, CLIENT, PUBLISHED + 1, CPORT, Seg::SynAck);
     let icmp = frag_needed(CLIENT_MAC, NODE_MAC, ROUTER, NODE, &sent);
-    let (action, out) = f.xdp(&icmp);
-    assert_eq!(action, XDP_REDIRECT);
+    let (action, out) = f.underlay(&icmp);
+    assert_eq!(action, REDIRECT);
     let as_task_sent = tcp(TASK2_MAC, GW_MAC, TASK2, GW, TARGET, CPORT, Seg::SynAck);
     let inner = frag_needed(GW_MAC, TASK2_MAC, ROUTER, TASK2, &as_task_sent);
     let id = u16::from_be_bytes([out[18], out[19]]);
@@ -1089,8 +1186,12 @@ fn icmp_errors_follow_their_flow() {
 
 #[test]
 fn tc_rewrites_udp_replies_and_keeps_a_zero_checksum() {
-    let mut f = local_fixture(PROTO_UDP);
-    assert_eq!(f.xdp(&udp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED)).0, XDP_REDIRECT);
+    on_both_hooks(tc_rewrites_udp_replies_and_keeps_a_zero_checksum_on);
+}
+
+fn tc_rewrites_udp_replies_and_keeps_a_zero_checksum_on(hook: Hook) {
+    let mut f = local_fixture(hook, PROTO_UDP);
+    assert_eq!(f.underlay(&udp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED)).0, REDIRECT);
     let mut reply = udp(TASK_MAC, GW_MAC, TASK, CLIENT, TARGET, CPORT);
     let (action, out) = f.tc(&reply);
     assert_eq!(action, TC_ACT_REDIRECT);
@@ -1103,14 +1204,18 @@ fn tc_rewrites_udp_replies_and_keeps_a_zero_checksum() {
 
 #[test]
 fn dsr_mark_with_an_outer_udp_checksum_is_cleared_to_none() {
-    let mut f = fixture();
+    on_both_hooks(dsr_mark_with_an_outer_udp_checksum_is_cleared_to_none_on);
+}
+
+fn dsr_mark_with_an_outer_udp_checksum_is_cleared_to_none_on(hook: Hook) {
+    let mut f = fixture(hook);
     let inner = tcp(GW_MAC, TASK_MAC, CLIENT, TASK, CPORT, TARGET, Seg::Syn);
     let mut frame =
         vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 99, 51_000, vxlan_bytes(VNI, Some(PUBLISHED)), &inner);
     // Some senders checksum the outer UDP header; clearing the mark would break it.
     frame[40..42].copy_from_slice(&[0x12, 0x34]);
-    let (action, out) = f.xdp(&frame);
-    assert_eq!(action, XDP_PASS);
+    let (action, out) = f.underlay(&frame);
+    assert_eq!(action, PASS);
     let expected = vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 99, 51_000, vxlan_bytes(VNI, None), &inner);
     assert_eq!(out, expected, "mark cleared and the outer UDP checksum set to none (valid over IPv4)");
 }
@@ -1121,7 +1226,11 @@ fn dsr_mark_with_an_outer_udp_checksum_is_cleared_to_none() {
 /// `make bench`, not by a timed test.
 #[test]
 fn common_paths_keep_their_verdict_over_a_million_runs() {
-    let mut f = local_fixture(PROTO_TCP);
+    on_both_hooks(common_paths_keep_their_verdict_over_a_million_runs_on);
+}
+
+fn common_paths_keep_their_verdict_over_a_million_runs_on(hook: Hook) {
+    let mut f = local_fixture(hook, PROTO_TCP);
     // A frontend whose backend is itself (same address, port and MACs): the rewrite
     // leaves the packet as it was, so every repetition takes the whole established-
     // flow path (flow lookup, backend check, rewrite, redirect).
@@ -1137,18 +1246,18 @@ fn common_paths_keep_their_verdict_over_a_million_runs() {
     f.fill_table(1, 1);
     let established = tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED + 1, Seg::Ack);
     assert_eq!(
-        f.xdp(&tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED + 1, Seg::Syn)).0,
-        XDP_REDIRECT
+        f.underlay(&tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, PUBLISHED + 1, Seg::Syn)).0,
+        REDIRECT
     );
     let inner = tcp(GW_MAC, TASK_MAC, CLIENT, TASK2, CPORT, TARGET, Seg::Ack);
     let cases = [
-        ("TCP to another port", tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, 22, Seg::Ack), XDP_PASS),
+        ("TCP to another port", tcp(CLIENT_MAC, NODE_MAC, CLIENT, NODE, CPORT, 22, Seg::Ack), PASS),
         (
             "overlay VXLAN, no NAT entry",
             vxlan(NODE2_MAC, NODE_MAC, NODE2, NODE, 1, 50_000, vxlan_bytes(VNI, None), &inner),
-            XDP_PASS,
+            PASS,
         ),
-        ("established flow, local backend", established, XDP_REDIRECT),
+        ("established flow, local backend", established, REDIRECT),
     ];
     let underlay = f.underlay;
     for (what, pkt, want) in cases {
@@ -1170,13 +1279,17 @@ fn common_paths_keep_their_verdict_over_a_million_runs() {
 
 #[test]
 fn a_remote_backend_without_a_resolved_next_hop_leaves_the_packet_to_the_stack() {
-    let mut f = fixture();
+    on_both_hooks(a_remote_backend_without_a_resolved_next_hop_leaves_the_packet_to_the_stack_on);
+}
+
+fn a_remote_backend_without_a_resolved_next_hop_leaves_the_packet_to_the_stack_on(hook: Hook) {
+    let mut f = fixture(hook);
     f.frontend(PUBLISHED, PROTO_TCP, MODE_SNAT, 0);
     // 198.18.0.50 is on the underlay's subnet but has no neighbour entry.
     f.backend(0, IngressBackend { vtep_raw: ip4_raw([198, 18, 0, 50]), ..remote_backend(TASK2, TASK2_MAC) });
     f.fill_table(0, 0);
     let syn = syn_from_client(CPORT);
-    assert_eq!(f.xdp(&syn), (XDP_PASS, syn.clone()), "passed untouched");
+    assert_eq!(f.underlay(&syn), (PASS, syn.clone()), "passed untouched");
     assert_eq!(f.stat(IN_STAT_UNROUTED), 1);
     assert!(f.flow(&client_key(CPORT, PUBLISHED, PROTO_TCP)).is_none(), "no flow recorded");
     let reply = reply_key(ip4_raw(TASK2), port_raw(TARGET), ip4_raw(GW), port_raw(CPORT), PROTO_TCP);
@@ -1185,12 +1298,12 @@ fn a_remote_backend_without_a_resolved_next_hop_leaves_the_packet_to_the_stack()
 
 /// Loads the object (maps only; programs are loaded and attached by the caller) and
 /// writes the config of a node at `node` with underlay ifindex `underlay`.
-fn node_fixture(ns: Netns, node: [u8; 4], underlay: u32) -> Fixture {
+fn node_fixture(ns: Netns, node: [u8; 4], underlay: u32, hook: Hook) -> Fixture {
     let ebpf = EbpfLoader::new()
         .map_max_entries(INGRESS_MAGLEV_MAP, TABLES * MAGLEV_TABLE_SIZE)
         .load(OBJECT)
         .expect("loading the embedded kernel object");
-    let mut f = Fixture { ns, ebpf, underlay };
+    let mut f = Fixture { ns, ebpf, underlay, hook };
     f.config(IngressConfig {
         node_raw: ip4_raw(node),
         ifindex: underlay,
@@ -1201,13 +1314,26 @@ fn node_fixture(ns: Netns, node: [u8; 4], underlay: u32) -> Fixture {
     f
 }
 
-/// Attaches `ingress_xdp` (native) to `u0` and, if given, `ingress_reply` to a host veth.
-fn attach(f: &mut Fixture, host_veth: Option<&str>) {
-    let Fixture { ns, ebpf, .. } = f;
+/// Attaches the fixture's underlay program to `u0` (XDP in `mode`, or tc at TCX
+/// ingress) and, if given, `ingress_reply` to a host veth.
+fn attach(f: &mut Fixture, mode: aya::programs::XdpMode, host_veth: Option<&str>) {
+    let Fixture { ns, ebpf, hook, .. } = f;
+    let hook = *hook;
     ns.run(|| {
-        let xdp: &mut Xdp = ebpf.program_mut(INGRESS_XDP_PROGRAM).unwrap().try_into().unwrap();
-        xdp.load().expect("verifier accepts ingress_xdp");
-        xdp.attach("u0", aya::programs::XdpMode::Driver).expect("attaching ingress_xdp natively to u0");
+        match hook {
+            Hook::Xdp => {
+                let xdp: &mut Xdp = ebpf.program_mut(INGRESS_XDP_PROGRAM).unwrap().try_into().unwrap();
+                xdp.load().expect("verifier accepts ingress_xdp");
+                xdp.attach("u0", mode)
+                    .unwrap_or_else(|e| panic!("attaching ingress_xdp to u0 in {mode:?} mode: {e}"));
+            }
+            Hook::Tc => {
+                let tc: &mut SchedClassifier =
+                    ebpf.program_mut(INGRESS_UNDERLAY_TC_PROGRAM).unwrap().try_into().unwrap();
+                tc.load().expect("verifier accepts ingress_tc");
+                tc.attach("u0", aya::programs::TcAttachType::Ingress).expect("attaching ingress_tc to u0");
+            }
+        }
         if let Some(dev) = host_veth {
             let tc: &mut SchedClassifier = ebpf.program_mut(INGRESS_TC_PROGRAM).unwrap().try_into().unwrap();
             tc.load().expect("verifier accepts ingress_reply");
@@ -1229,7 +1355,7 @@ const NODE1_GW_MAC: [u8; 6] = [0x02, 0x42, 10, 0, 0, 0xfe];
 ///   published address.
 /// - snat: the task sees node 1's address on the network; its reply goes back over
 ///   VXLAN to node 1, whose program decapsulates and rewrites it to the client.
-fn two_nodes(dsr: bool) {
+fn two_nodes(dsr: bool, hook: Hook) {
     use std::{
         io::{Read as _, Write as _},
         net::{SocketAddr, TcpListener, TcpStream},
@@ -1265,11 +1391,13 @@ fn two_nodes(dsr: bool) {
         // Native XDP on u0 sends into the switch port: NAPI (GRO) on it.
         run("ip", &["netns", "exec", &s, "ethtool", "-K", port, "gro", "on"], "apt-get install ethtool");
     }
-    // Everything on the underlay carries complete checksums, as from a NIC (see
-    // `real_veths`): without it, a task's snat reply leaves node 2's VXLAN device with
-    // its inner checksum partial, and node 1's native XDP, rewriting bare bytes, sends
-    // the client a bad one (seen: SYN-ACKs rewritten, connection timed out).
-    for ns in [&client, &node1, &node2] {
+    // For XDP, everything on the underlay carries complete checksums, as from a NIC
+    // (see `real_veths`): without it, a task's snat reply leaves node 2's VXLAN device
+    // with its inner checksum partial, and node 1's native XDP, rewriting bare bytes,
+    // sends the client a bad one (seen: SYN-ACKs rewritten, connection timed out).
+    // The tc hook keeps the skb's checksum state: offloads stay on.
+    let complete_checksums: &[&Netns] = if hook == Hook::Xdp { &[&client, &node1, &node2] } else { &[] };
+    for ns in complete_checksums {
         run(
             "ip",
             &["netns", "exec", &ns.name, "ethtool", "-K", "u0", "tx", "off"],
@@ -1348,15 +1476,15 @@ fn two_nodes(dsr: bool) {
 
     let u1 = node1.ifindex("u0");
     let u2 = node2.ifindex("u0");
-    let mut f1 = node_fixture(node1, NODE, u1);
-    let mut f2 = node_fixture(node2, NODE2, u2);
+    let mut f1 = node_fixture(node1, NODE, u1, hook);
+    let mut f2 = node_fixture(node2, NODE2, u2, hook);
     f1.frontend(PUBLISHED, PROTO_TCP, if dsr { MODE_DSR } else { MODE_SNAT }, 0);
     let backend =
         IngressBackend { gw_raw: ip4_raw(NODE1_GW), gw_mac: NODE1_GW_MAC, ..remote_backend(TASK, TASK_MAC) };
     f1.backend(0, backend);
     f1.fill_table(0, 0);
-    attach(&mut f1, None);
-    attach(&mut f2, Some("t0"));
+    attach(&mut f1, aya::programs::XdpMode::Driver, None);
+    attach(&mut f2, aya::programs::XdpMode::Driver, Some("t0"));
 
     let listener = task.run(|| TcpListener::bind((Ipv4Addr::from(TASK), TARGET)).expect("task listener"));
     let server = std::thread::spawn(move || {
@@ -1398,10 +1526,10 @@ fn two_nodes(dsr: bool) {
 
 #[test]
 fn dsr_through_a_kernel_vxlan_device_reaches_the_task_and_replies_directly() {
-    two_nodes(true);
+    on_both_hooks(|hook| two_nodes(true, hook));
 }
 
 #[test]
 fn snat_through_a_kernel_vxlan_device_reaches_the_task_and_replies_through_the_ingress_node() {
-    two_nodes(false);
+    on_both_hooks(|hook| two_nodes(false, hook));
 }

@@ -62,6 +62,9 @@ pub const INGRESS_STATS_MAP: &str = "IN_STATS";
 pub const INGRESS_XDP_PROGRAM: &str = "ingress_xdp";
 /// Name of the tc (ingress hook) program attached to each local task's host veth.
 pub const INGRESS_TC_PROGRAM: &str = "ingress_reply";
+/// The tc (TCX ingress) flavour of the underlay program, where XDP costs more than it
+/// saves (see `dataplane::ingress`).
+pub const INGRESS_UNDERLAY_TC_PROGRAM: &str = "ingress_tc";
 
 /// Frontends (published ports) the kernel path can serve at once.
 pub const MAX_INGRESS_FRONTENDS: u32 = 1024;

@@ -152,7 +152,9 @@ pub struct QuoteChecks {
 /// The checksums of an ICMP error whose quoted packet's addresses and ports change from
 /// `old` to `new`: the quoted IPv4 header's and (UDP) transport checksums as for the
 /// packet itself, and the ICMP checksum (no pseudo-header: it sums the quoted bytes)
-/// over every quoted word that changed.
+/// over every quoted word that changed. Always inlined: six arguments are more than a
+/// BPF function call can pass.
+#[inline(always)]
 pub const fn quote_checks_after(
     icmp_raw: u16,
     ip_raw: u16,

@@ -31,18 +31,21 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, bpf_redir_neigh, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, bpf_redir_neigh, xdp_action,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_ADJ_ROOM_DECAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_NOEXIST, TC_ACT_OK,
         TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
+    bpf_f_adj_room_encap_l2,
     helpers::{
         bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
-        bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_redirect_peer, bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
-    EbpfContext as _,
+    EbpfContext,
 };
 use meshd_common::{
     ingress::{
@@ -105,6 +108,9 @@ const L4_OFF: usize = ETH_LEN + IPV4_LEN;
 const VXLAN_OFF: usize = ETH_LEN + IPV4_LEN + UDP_LEN;
 /// Where the inner Ethernet frame starts.
 const INNER_OFF: usize = VXLAN_OFF + VXLAN_LEN;
+/// Bytes the tc program wants in an skb's linear part: an encapsulated TCP packet's
+/// headers up to its inner flags (an ICMP error's quote needs fewer).
+const TC_HEADERS: usize = INNER_OFF + ETH_LEN + IPV4_LEN + TCP_LEN;
 
 const _: () = assert!(OUTER_LEN == VXLAN_OVERHEAD && INNER_OFF == VXLAN_OVERHEAD);
 
@@ -141,6 +147,201 @@ fn write<T>(start: usize, end: usize, off: usize, v: T) -> Option<()> {
     at::<T>(start, end, off).map(|p| unsafe { core::ptr::write_unaligned(p, v) })
 }
 
+/// What the forward path needs of a packet, in its two hooks: XDP (bare bytes) and tc
+/// (an skb, whose GSO super-packets pass as one and whose checksum state the kernel's
+/// helpers keep right). Everything else — parsing, lookups, decisions, the bytes
+/// written — is shared.
+trait Frame: EbpfContext {
+    type Action: Copy;
+    /// Hand the packet to the stack.
+    const PASS: Self::Action;
+    /// Drop it.
+    const DROP: Self::Action;
+
+    /// The directly readable bytes `[start, end)`.
+    fn bounds(&self) -> (usize, usize);
+
+    /// The packet's length (an skb may hold more than its linear part).
+    fn packet_len(&self) -> usize;
+
+    /// Reads a `T` at `off`, bounds-checked against the current data pointers.
+    #[inline(always)]
+    fn get<T: Copy>(&self, off: usize) -> Option<T> {
+        let (start, end) = self.bounds();
+        read(start, end, off)
+    }
+
+    /// Writes a `T` at `off` (tc: keeping a complete checksum of the skb right).
+    fn put<T>(&self, off: usize, v: T) -> Option<()>;
+
+    /// Rewrites the addresses and ports of the IPv4 TCP/UDP packet whose IPv4 header is
+    /// at `ip_off` from `old` to `new`, with both checksums updated.
+    fn rewrite(&self, ip_off: usize, proto: u8, old: &Tuple, new: &Tuple) -> Option<()>;
+
+    /// Cuts anything after the first `frame_len` bytes (Ethernet padding) and makes
+    /// room for the outer headers: afterwards bytes `0..OUTER_LEN` are to be written
+    /// and the inner IPv4 header is at `INNER_OFF + ETH_LEN`.
+    fn push_outer(&self, frame_len: usize) -> Option<()>;
+
+    /// Removes the outer headers and the inner Ethernet header's place: afterwards
+    /// the inner IPv4 header is at `IP_OFF`, behind 14 bytes for an Ethernet header
+    /// (to be written: its addresses are stale, its EtherType is IPv4).
+    fn pop_outer(&self) -> Option<()>;
+
+    /// Sends the packet out of `ifindex` (the next hop's interface).
+    fn transmit(&self, ifindex: u32) -> Self::Action;
+
+    /// Delivers the packet to the task behind host veth `ifindex`.
+    fn deliver(&self, ifindex: u32) -> Self::Action;
+}
+
+impl Frame for XdpContext {
+    type Action = u32;
+    const PASS: u32 = xdp_action::XDP_PASS;
+    const DROP: u32 = xdp_action::XDP_DROP;
+
+    #[inline(always)]
+    fn bounds(&self) -> (usize, usize) {
+        (self.data(), self.data_end())
+    }
+
+    #[inline(always)]
+    fn packet_len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+
+    #[inline(always)]
+    fn put<T>(&self, off: usize, v: T) -> Option<()> {
+        let (start, end) = self.bounds();
+        write(start, end, off, v)
+    }
+
+    #[inline(always)]
+    fn rewrite(&self, ip_off: usize, proto: u8, old: &Tuple, new: &Tuple) -> Option<()> {
+        let (start, end) = self.bounds();
+        let l4 = ip_off + IPV4_LEN;
+        let csum_off = if proto == IPPROTO_TCP { l4 + 16 } else { l4 + 6 };
+        let l4_check: u16 = read(start, end, csum_off)?;
+        let ip_check: u16 = read(start, end, ip_off + 10)?;
+        write(start, end, csum_off, l4_check_after(l4_check, proto, old, new))?;
+        write(start, end, ip_off + 10, ipv4_check_after(ip_check, old, new))?;
+        write(start, end, ip_off + 12, new.src_raw)?;
+        write(start, end, ip_off + 16, new.dst_raw)?;
+        write(start, end, l4, new.sport_raw)?;
+        write(start, end, l4 + 2, new.dport_raw)
+    }
+
+    #[inline(always)]
+    fn push_outer(&self, frame_len: usize) -> Option<()> {
+        let excess = self.packet_len() as i64 - frame_len as i64;
+        // SAFETY (both helpers): called with the program's own context.
+        if excess > 0 && unsafe { bpf_xdp_adjust_tail(self.ctx, -(excess as i32)) } != 0 {
+            return None;
+        }
+        (unsafe { bpf_xdp_adjust_head(self.ctx, -(VXLAN_OVERHEAD as i32)) } == 0).then_some(())
+    }
+
+    #[inline(always)]
+    fn pop_outer(&self) -> Option<()> {
+        // SAFETY: called with the program's own context.
+        (unsafe { bpf_xdp_adjust_head(self.ctx, VXLAN_OVERHEAD as i32) } == 0).then_some(())
+    }
+
+    /// A redirect, also when that is the interface the frame came in on. Not XDP_TX:
+    /// on a veth in native mode (kernel 6.18) an XDP_TX frame is counted as sent
+    /// (`xdp_tx`) but the peer drops it (`rx dropped`), while a redirect to the same
+    /// device is delivered; on NICs a redirect to the receiving device costs about
+    /// what XDP_TX does.
+    #[inline(always)]
+    fn transmit(&self, ifindex: u32) -> u32 {
+        // SAFETY: helper without preconditions; it returns XDP_REDIRECT or XDP_ABORTED.
+        unsafe { bpf_redirect(ifindex, 0) as u32 }
+    }
+
+    #[inline(always)]
+    fn deliver(&self, ifindex: u32) -> u32 {
+        self.transmit(ifindex)
+    }
+}
+
+impl Frame for TcContext {
+    type Action = i32;
+    const PASS: i32 = TC_ACT_OK;
+    const DROP: i32 = TC_ACT_SHOT;
+
+    #[inline(always)]
+    fn bounds(&self) -> (usize, usize) {
+        (self.data(), self.data_end())
+    }
+
+    #[inline(always)]
+    fn packet_len(&self) -> usize {
+        self.len() as usize
+    }
+
+    #[inline(always)]
+    fn put<T>(&self, off: usize, v: T) -> Option<()> {
+        self.store(off, &v, BPF_F_RECOMPUTE_CSUM as u64).ok()
+    }
+
+    /// With the kernel's checksum helpers, which also handle the partial checksums of
+    /// GSO packets and a task's own packets (`CHECKSUM_PARTIAL`: only the
+    /// pseudo-header's part changes) and keep a complete one right.
+    #[inline(always)]
+    fn rewrite(&self, ip_off: usize, proto: u8, old: &Tuple, new: &Tuple) -> Option<()> {
+        let l4 = ip_off + IPV4_LEN;
+        let csum = if proto == IPPROTO_TCP { l4 + 16 } else { l4 + 6 };
+        // UDP: a zero checksum means none and stays zero; a computed zero becomes 0xffff.
+        let mangled = if proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+        let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled;
+        self.l4_csum_replace(csum, old.src_raw as u64, new.src_raw as u64, pseudo | 4).ok()?;
+        self.l4_csum_replace(csum, old.dst_raw as u64, new.dst_raw as u64, pseudo | 4).ok()?;
+        self.l4_csum_replace(csum, old.sport_raw as u64, new.sport_raw as u64, mangled | 2).ok()?;
+        self.l4_csum_replace(csum, old.dport_raw as u64, new.dport_raw as u64, mangled | 2).ok()?;
+        self.l3_csum_replace(ip_off + 10, old.src_raw as u64, new.src_raw as u64, 4).ok()?;
+        self.l3_csum_replace(ip_off + 10, old.dst_raw as u64, new.dst_raw as u64, 4).ok()?;
+        self.store(ip_off + 12, &new.src_raw, 0).ok()?;
+        self.store(ip_off + 16, &new.dst_raw, 0).ok()?;
+        self.store(l4, &new.sport_raw, 0).ok()?;
+        self.store(l4 + 2, &new.dport_raw, 0).ok()
+    }
+
+    /// Room after the Ethernet header, marked as a VXLAN (UDP, Ethernet-in) tunnel so
+    /// a GSO packet is segmented as one with its MSS lowered by the 50 bytes.
+    #[inline(always)]
+    fn push_outer(&self, frame_len: usize) -> Option<()> {
+        if self.packet_len() > frame_len {
+            // SAFETY: called with the program's own context.
+            if unsafe { bpf_skb_change_tail(self.as_ptr() as *mut _, frame_len as u32, 0) } != 0 {
+                return None;
+            }
+        }
+        let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH)
+            as u64
+            | bpf_f_adj_room_encap_l2(ETH_LEN as u64);
+        self.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags).ok()
+    }
+
+    #[inline(always)]
+    fn pop_outer(&self) -> Option<()> {
+        self.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64).ok()
+    }
+
+    #[inline(always)]
+    fn transmit(&self, ifindex: u32) -> i32 {
+        // SAFETY: helper without preconditions; it returns TC_ACT_REDIRECT or TC_ACT_SHOT.
+        unsafe { bpf_redirect(ifindex, 0) as i32 }
+    }
+
+    /// Straight into the task's namespace (`bpf_redirect_peer`: the veth's peer
+    /// receives it in this softirq, no second pass through a backlog queue).
+    #[inline(always)]
+    fn deliver(&self, ifindex: u32) -> i32 {
+        // SAFETY: helper without preconditions; it returns TC_ACT_REDIRECT or TC_ACT_SHOT.
+        unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
+    }
+}
+
 /// The next hop toward `dst_raw` from `src_raw`: the route lookup of a packet the
 /// node itself sends (input interface the loopback, no output interface forced), so
 /// it neither depends on where the packet came in nor needs forwarding on any real
@@ -171,11 +372,12 @@ enum NextHop {
     /// Route and neighbour known: `smac`/`dmac` are filled in.
     Resolved(FibParams),
     /// Route known, neighbour not resolved (yet): only tc can hand the packet to the
-    /// neighbour subsystem (`bpf_redirect_neigh`); XDP leaves it to the stack.
+    /// neighbour subsystem (`bpf_redirect_neigh`); the forward path leaves it to the
+    /// stack.
     Unresolved(FibParams),
 }
 
-/// The next hop toward `dst_raw` with its neighbour resolved (the XDP paths).
+/// The next hop toward `dst_raw` with its neighbour resolved (the forward path).
 #[inline(always)]
 fn fib_resolved(
     ctx: *mut core::ffi::c_void,
@@ -190,22 +392,6 @@ fn fib_resolved(
     }
 }
 
-/// Rewrites the addresses and ports of the IPv4 TCP/UDP packet whose IPv4 header is at
-/// `ip_off` from `old` to `new`, with both checksums updated incrementally.
-#[inline(always)]
-fn rewrite(start: usize, end: usize, ip_off: usize, proto: u8, old: &Tuple, new: &Tuple) -> Option<()> {
-    let l4 = ip_off + IPV4_LEN;
-    let csum_off = if proto == IPPROTO_TCP { l4 + 16 } else { l4 + 6 };
-    let l4_check: u16 = read(start, end, csum_off)?;
-    let ip_check: u16 = read(start, end, ip_off + 10)?;
-    write(start, end, csum_off, l4_check_after(l4_check, proto, old, new))?;
-    write(start, end, ip_off + 10, ipv4_check_after(ip_check, old, new))?;
-    write(start, end, ip_off + 12, new.src_raw)?;
-    write(start, end, ip_off + 16, new.dst_raw)?;
-    write(start, end, l4, new.sport_raw)?;
-    write(start, end, l4 + 2, new.dport_raw)
-}
-
 /// What a plain IPv4 TCP/UDP frame at the start of the packet holds.
 struct Parsed {
     tuple: Tuple,
@@ -218,61 +404,76 @@ struct Parsed {
 /// Parses Ethernet, IPv4 and the transport ports of the frame whose IPv4 header is at
 /// `ip_off`. `Err` carries the outcome for a packet that is not for the fast path.
 #[inline(always)]
-fn parse(start: usize, end: usize, ip_off: usize) -> Result<Parsed, Outcome<u32>> {
-    const PASS: Outcome<u32> = (xdp_action::XDP_PASS, IN_STAT_PASS);
-    let eth_type: [u8; 2] = read(start, end, ip_off - 2).ok_or(PASS)?;
+fn parse<C: Frame>(ctx: &C, ip_off: usize) -> Result<Parsed, Outcome<C::Action>> {
+    let pass = (C::PASS, IN_STAT_PASS);
+    let (start, end) = ctx.bounds();
+    let eth_type: [u8; 2] = read(start, end, ip_off - 2).ok_or(pass)?;
     if eth_type != ETH_P_IP_BYTES {
-        return Err(PASS);
+        return Err(pass);
     }
     // The EtherType promised IPv4 but the header is cut short: nobody can use it.
-    let hdr: [u8; IPV4_LEN] =
-        read(start, end, ip_off).ok_or((xdp_action::XDP_DROP, IN_STAT_DROP_MALFORMED))?;
-    let (proto, tot_len) = match check_ipv4(&hdr, end - start - ip_off) {
+    let hdr: [u8; IPV4_LEN] = read(start, end, ip_off).ok_or((C::DROP, IN_STAT_DROP_MALFORMED))?;
+    let (proto, tot_len) = match check_ipv4(&hdr, ctx.packet_len().saturating_sub(ip_off)) {
         Ipv4Verdict::Plain { proto, tot_len } => (proto, tot_len),
-        Ipv4Verdict::Pass => return Err(PASS),
-        Ipv4Verdict::Malformed => return Err((xdp_action::XDP_DROP, IN_STAT_DROP_MALFORMED)),
+        Ipv4Verdict::Pass => return Err(pass),
+        Ipv4Verdict::Malformed => return Err((C::DROP, IN_STAT_DROP_MALFORMED)),
     };
     let l4 = ip_off + IPV4_LEN;
     let l4_len = tot_len as usize - IPV4_LEN;
     let flags = match proto {
         IPPROTO_TCP => {
             if l4_len < TCP_LEN {
-                return Err(PASS);
+                return Err(pass);
             }
-            let off_flags: [u8; 2] = read(start, end, l4 + 12).ok_or(PASS)?;
+            let off_flags: [u8; 2] = read(start, end, l4 + 12).ok_or(pass)?;
             if !tcp_doff_valid(off_flags[0]) {
-                return Err(PASS);
+                return Err(pass);
             }
             // The checksum field must be inside the packet for a rewrite.
-            read::<u16>(start, end, l4 + 16).ok_or(PASS)?;
+            read::<u16>(start, end, l4 + 16).ok_or(pass)?;
             off_flags[1]
         }
         IPPROTO_UDP => {
             if l4_len < UDP_LEN {
-                return Err(PASS);
+                return Err(pass);
             }
-            read::<u16>(start, end, l4 + 6).ok_or(PASS)?;
+            read::<u16>(start, end, l4 + 6).ok_or(pass)?;
             0
         }
         // Its "ports" are type, code and checksum: only `handle_icmp` looks at it.
         IPPROTO_ICMP => 0,
-        _ => return Err(PASS),
+        _ => return Err(pass),
     };
-    let ports: [u16; 2] = read(start, end, l4).ok_or(PASS)?;
+    let ports: [u16; 2] = read(start, end, l4).ok_or(pass)?;
     Ok(Parsed { tuple: Tuple::of_ipv4(&hdr, ports), proto, tot_len, flags })
 }
 
 /// XDP on the underlay interface: published-port traffic in, snat replies back.
 #[xdp]
 pub fn ingress_xdp(ctx: XdpContext) -> u32 {
-    let (action, stat) = try_ingress_xdp(&ctx);
+    let (action, stat) = try_underlay(&ctx);
     count(stat);
     action
 }
 
-fn try_ingress_xdp(ctx: &XdpContext) -> Outcome<u32> {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let p = match parse(start, end, IP_OFF) {
+/// tc (TCX ingress) on the underlay interface: the same path as [`ingress_xdp`], on
+/// skbs. Where XDP costs more than it saves (a veth: its native XDP turns every GRO
+/// or GSO super-packet into MTU-sized frames and copies them), this keeps them whole.
+#[classifier]
+pub fn ingress_tc(ctx: TcContext) -> i32 {
+    // The headers the path reads must be in the linear part (they normally are).
+    let want = TC_HEADERS.min(ctx.len() as usize);
+    if ctx.data_end() - ctx.data() < want && ctx.pull_data(want as u32).is_err() {
+        count(IN_STAT_PASS);
+        return TC_ACT_OK;
+    }
+    let (action, stat) = try_underlay(&ctx);
+    count(stat);
+    action
+}
+
+fn try_underlay<C: Frame>(ctx: &C) -> Outcome<C::Action> {
+    let p = match parse(ctx, IP_OFF) {
         Ok(p) => p,
         Err(outcome) => return outcome,
     };
@@ -286,10 +487,13 @@ fn try_ingress_xdp(ctx: &XdpContext) -> Outcome<u32> {
     let Some(fe) =
         (unsafe { IN_FRONTENDS.get(frontend_key(p.tuple.dst_raw, p.tuple.dport_raw, p.proto)) }).copied()
     else {
-        return (xdp_action::XDP_PASS, IN_STAT_PASS);
+        return (C::PASS, IN_STAT_PASS);
     };
     handle_frontend(ctx, &fe, &p)
 }
+
+/// Why a new flow gets no backend (the caller's action is always "pass").
+type NoBackend = u32;
 
 /// The backend id for this packet's flow, its NAT port, and whether the flow is new
 /// (to be recorded). Its own BPF function: its stack frame is gone by the time the
@@ -300,23 +504,22 @@ fn choose_backend(
     key: &FlowKey,
     hash: u32,
     opens: bool,
-) -> Result<(u32, u16, bool), Outcome<u32>> {
+) -> Result<(u32, u16, bool), NoBackend> {
     // SAFETY: read-only lookups, copied out.
     let flow = unsafe { IN_FLOWS.get(key) }.copied();
     let flow_backend = flow.and_then(|f| IN_BACKENDS.get(f.backend).copied());
     match flow_choice(flow, flow_backend, opens) {
-        FlowChoice::Pass => Err((xdp_action::XDP_PASS, IN_STAT_PASS)),
+        FlowChoice::Pass => Err(IN_STAT_PASS),
         // `flow_choice` keeps only a flow whose backend it was given.
         FlowChoice::Keep { backend, nat_port_raw } => Ok((backend, nat_port_raw, false)),
         FlowChoice::Balance => {
             if fe.count == 0 {
-                return Err((xdp_action::XDP_PASS, IN_STAT_NO_BACKEND));
+                return Err(IN_STAT_NO_BACKEND);
             }
-            let id =
-                *IN_MAGLEV.get(maglev_slot(fe, hash)).ok_or((xdp_action::XDP_PASS, IN_STAT_NO_BACKEND))?;
-            let b = IN_BACKENDS.get(id).ok_or((xdp_action::XDP_PASS, IN_STAT_NO_BACKEND))?;
+            let id = *IN_MAGLEV.get(maglev_slot(fe, hash)).ok_or(IN_STAT_NO_BACKEND)?;
+            let b = IN_BACKENDS.get(id).ok_or(IN_STAT_NO_BACKEND)?;
             if b.flags & BACKEND_LIVE == 0 {
-                return Err((xdp_action::XDP_PASS, IN_STAT_NO_BACKEND));
+                return Err(IN_STAT_NO_BACKEND);
             }
             Ok((id, 0, true))
         }
@@ -346,7 +549,7 @@ struct Job {
     syn: bool,
 }
 
-fn handle_frontend(ctx: &XdpContext, fe: &IngressFrontend, p: &Parsed) -> Outcome<u32> {
+fn handle_frontend<C: Frame>(ctx: &C, fe: &IngressFrontend, p: &Parsed) -> Outcome<C::Action> {
     let t = &p.tuple;
     let key = FlowKey {
         src_raw: t.src_raw,
@@ -360,9 +563,9 @@ fn handle_frontend(ctx: &XdpContext, fe: &IngressFrontend, p: &Parsed) -> Outcom
     let hash = flow_hash(t.src_raw, t.dst_raw, t.sport_raw, t.dport_raw, p.proto);
     let (id, nat_port_raw, new) = match choose_backend(fe, &key, hash, opens) {
         Ok(c) => c,
-        Err(outcome) => return outcome,
+        Err(stat) => return (C::PASS, stat),
     };
-    let Some(b) = IN_BACKENDS.get(id) else { return (xdp_action::XDP_PASS, IN_STAT_NO_BACKEND) };
+    let Some(b) = IN_BACKENDS.get(id) else { return (C::PASS, IN_STAT_NO_BACKEND) };
     let local = b.flags & BACKEND_LOCAL != 0;
     let syn = p.proto == IPPROTO_TCP && opens;
     let job = Job { key, hash, id, nat_port_raw, new, dsr: fe.mode == MODE_DSR, icmp: false, syn };
@@ -371,16 +574,16 @@ fn handle_frontend(ctx: &XdpContext, fe: &IngressFrontend, p: &Parsed) -> Outcom
     }
     let mut hop = Hop::default();
     if prepare_remote(ctx, p, &job, &mut hop).is_none() {
-        return (xdp_action::XDP_PASS, IN_STAT_UNROUTED);
+        return (C::PASS, IN_STAT_UNROUTED);
     }
     encap_remote(ctx, p, &job, &hop)
 }
 
 /// Local backend: DNAT to the task, redirect into its host veth.
 #[inline(never)]
-fn handle_local(ctx: &XdpContext, p: &Parsed, job: &Job) -> Outcome<u32> {
+fn handle_local<C: Frame>(ctx: &C, p: &Parsed, job: &Job) -> Outcome<C::Action> {
     // The map value itself, not a copy: no stack.
-    let Some(b) = IN_BACKENDS.get(job.id) else { return (xdp_action::XDP_PASS, IN_STAT_NO_BACKEND) };
+    let Some(b) = IN_BACKENDS.get(job.id) else { return (C::PASS, IN_STAT_NO_BACKEND) };
     let t = &p.tuple;
     let to = Tuple { src_raw: t.src_raw, dst_raw: b.addr_raw, sport_raw: t.sport_raw, dport_raw: b.port_raw };
     if job.new || job.syn {
@@ -400,19 +603,16 @@ fn handle_local(ctx: &XdpContext, p: &Parsed, job: &Job) -> Outcome<u32> {
                 .insert(job.key, Flow { backend: job.id, gen: b.gen, nat_port_raw: 0, pad: 0 }, 0)
                 .is_err()
         {
-            return (xdp_action::XDP_PASS, IN_STAT_UNROUTED);
+            return (C::PASS, IN_STAT_UNROUTED);
         }
     }
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if rewrite(start, end, IP_OFF, p.proto, t, &to).is_none()
-        || write(start, end, 0, b.mac).is_none()
-        || write(start, end, 6, b.gw_mac).is_none()
+    if ctx.rewrite(IP_OFF, p.proto, t, &to).is_none()
+        || ctx.put(0, b.mac).is_none()
+        || ctx.put(6, b.gw_mac).is_none()
     {
-        return (xdp_action::XDP_DROP, IN_STAT_DROP_MALFORMED);
+        return (C::DROP, IN_STAT_DROP_MALFORMED);
     }
-    // SAFETY: helper without preconditions; it returns XDP_REDIRECT or XDP_ABORTED.
-    let action = unsafe { bpf_redirect(b.ifindex, 0) } as u32;
-    (action, IN_STAT_LOCAL)
+    (ctx.deliver(b.ifindex), IN_STAT_LOCAL)
 }
 
 /// snat to a remote backend: a reply key `task:target → gw:port` that is free (or
@@ -466,7 +666,7 @@ struct Hop {
 /// Split from [`encap_remote`] so the two frames never stack up (the verifier allows
 /// 512 bytes for a whole call chain).
 #[inline(never)]
-fn prepare_remote(ctx: &XdpContext, p: &Parsed, job: &Job, hop: &mut Hop) -> Option<()> {
+fn prepare_remote<C: Frame>(ctx: &C, p: &Parsed, job: &Job, hop: &mut Hop) -> Option<()> {
     let b = IN_BACKENDS.get(job.id)?;
     let cfg = IN_CONFIG.get(0)?;
     let outer_len = (ETH_LEN + p.tot_len as usize + IPV4_LEN + UDP_LEN + VXLAN_LEN) as u16;
@@ -487,32 +687,22 @@ fn prepare_remote(ctx: &XdpContext, p: &Parsed, job: &Job, hop: &mut Hop) -> Opt
 
 /// Remote backend: rewrite, encapsulate toward the backend's node, send back out.
 #[inline(never)]
-fn encap_remote(ctx: &XdpContext, p: &Parsed, job: &Job, hop: &Hop) -> Outcome<u32> {
-    const BAD: Outcome<u32> = (xdp_action::XDP_DROP, IN_STAT_DROP_MALFORMED);
-    let Some(b) = IN_BACKENDS.get(job.id) else { return (xdp_action::XDP_PASS, IN_STAT_NO_BACKEND) };
-    let Some(cfg) = IN_CONFIG.get(0) else { return (xdp_action::XDP_PASS, IN_STAT_UNROUTED) };
+fn encap_remote<C: Frame>(ctx: &C, p: &Parsed, job: &Job, hop: &Hop) -> Outcome<C::Action> {
+    let bad = (C::DROP, IN_STAT_DROP_MALFORMED);
+    let Some(b) = IN_BACKENDS.get(job.id) else { return (C::PASS, IN_STAT_NO_BACKEND) };
+    let Some(cfg) = IN_CONFIG.get(0) else { return (C::PASS, IN_STAT_UNROUTED) };
     let t = &p.tuple;
     let to = if job.dsr {
         Tuple { src_raw: t.src_raw, dst_raw: b.addr_raw, sport_raw: t.sport_raw, dport_raw: b.port_raw }
     } else {
         Tuple { src_raw: b.gw_raw, dst_raw: b.addr_raw, sport_raw: hop.nat_port_raw, dport_raw: b.port_raw }
     };
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if (!job.icmp && rewrite(start, end, IP_OFF, p.proto, t, &to).is_none())
-        || write(start, end, 0, b.mac).is_none()
-        || write(start, end, 6, b.gw_mac).is_none()
-    {
-        return BAD;
+    if !job.icmp && ctx.rewrite(IP_OFF, p.proto, t, &to).is_none() {
+        return bad;
     }
     let inner_len = (ETH_LEN + p.tot_len as usize) as u16;
-    // Ethernet padding after the IPv4 packet would ride inside the tunnel: cut it.
-    let excess = (end - start) as i64 - inner_len as i64;
-    // SAFETY (both helpers): called with the program's own context.
-    if excess > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -(excess as i32)) } != 0 {
-        return BAD;
-    }
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(VXLAN_OVERHEAD as i32)) } != 0 {
-        return BAD;
+    if ctx.push_outer(inner_len as usize).is_none() {
+        return bad;
     }
     let outer = Outer {
         dmac: hop.dmac,
@@ -526,39 +716,35 @@ fn encap_remote(ctx: &XdpContext, p: &Parsed, job: &Job, hop: &Hop) -> Outcome<u
         vni: b.vni,
         dsr_port_raw: if job.dsr && !job.icmp { Some(t.dport_raw) } else { None },
     };
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let Some(h) = at::<[u8; OUTER_LEN]>(start, end, 0) else { return BAD };
+    let (start, end) = ctx.bounds();
+    let Some(h) = at::<[u8; OUTER_LEN]>(start, end, 0) else { return bad };
     // SAFETY: `at` checked the 50 bytes lie inside the packet.
     write_outer_headers(unsafe { &mut *h }, &outer);
-    (transmit(hop.ifindex), IN_STAT_ENCAP)
-}
-
-/// Sends the rewritten frame out of `out_ifindex` (the FIB's answer) by a redirect,
-/// also when that is the interface the frame came in on. Not XDP_TX: on a veth in
-/// native mode (kernel 6.18) an XDP_TX frame is counted as sent (`xdp_tx`) but the
-/// peer drops it (`rx dropped`), while a redirect to the same device is delivered;
-/// on NICs a redirect to the receiving device costs about what XDP_TX does.
-#[inline(always)]
-fn transmit(out_ifindex: u32) -> u32 {
-    // SAFETY: helper without preconditions; it returns XDP_REDIRECT or XDP_ABORTED.
-    unsafe { bpf_redirect(out_ifindex, 0) as u32 }
+    // The inner Ethernet header, toward the task from its network's gateway (tc's
+    // room is blank: the EtherType too).
+    if write(start, end, INNER_OFF, b.mac).is_none()
+        || write(start, end, INNER_OFF + 6, b.gw_mac).is_none()
+        || write(start, end, INNER_OFF + 12, ETH_P_IP_BYTES).is_none()
+    {
+        return bad;
+    }
+    (ctx.transmit(hop.ifindex), IN_STAT_ENCAP)
 }
 
 #[inline(never)]
 /// VXLAN on the underlay: a DSR-marked packet for a local task (record, unmark, let
 /// the kernel decapsulate), or an snat reply to decapsulate and send to the client.
-fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
-    const PASS: Outcome<u32> = (xdp_action::XDP_PASS, IN_STAT_PASS);
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let Some(vx) = read::<[u8; VXLAN_LEN]>(start, end, VXLAN_OFF) else { return PASS };
+fn handle_vxlan<C: Frame>(ctx: &C, outer: &Parsed) -> Outcome<C::Action> {
+    let pass = (C::PASS, IN_STAT_PASS);
+    let Some(vx) = ctx.get::<[u8; VXLAN_LEN]>(VXLAN_OFF) else { return pass };
     // The inner frame is the kernel VXLAN device's business unless it is a plain
     // TCP/UDP packet; a malformed inner frame is passed, not dropped, for the same reason.
-    let inner = match parse(start, end, INNER_OFF + ETH_LEN) {
+    let inner = match parse(ctx, INNER_OFF + ETH_LEN) {
         Ok(p) => p,
-        Err(_) => return PASS,
+        Err(_) => return pass,
     };
     if inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP {
-        return PASS;
+        return pass;
     }
     let t = &inner.tuple;
     if let Some(published_raw) = vxlan_dsr_port(&vx) {
@@ -566,7 +752,7 @@ fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
         // forwarding on, packets in transit cross this program too).
         match IN_CONFIG.get(0) {
             Some(cfg) if cfg.node_raw == outer.tuple.dst_raw => {}
-            _ => return PASS,
+            _ => return pass,
         }
         let reply = reply_key(t.dst_raw, t.dport_raw, t.src_raw, t.sport_raw, inner.proto);
         let want = Nat {
@@ -584,18 +770,16 @@ fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
             // SAFETY: helper without preconditions.
             let now = unsafe { bpf_ktime_get_ns() };
             if IN_NAT.insert(reply, Nat { created_ns: now, ..want }, 0).is_err() {
-                return (xdp_action::XDP_PASS, IN_STAT_UNROUTED);
+                return (C::PASS, IN_STAT_UNROUTED);
             }
         }
         // The kernel's VXLAN device drops frames with reserved bits set: clear the
         // mark. Our encapsulation sends UDP checksum 0; a sender that set one gets
         // it cleared (0 is valid for UDP over IPv4) rather than recomputed.
-        if write(start, end, VXLAN_OFF + 1, [0u8; 3]).is_none()
-            || write(start, end, L4_OFF + 6, 0u16).is_none()
-        {
-            return PASS;
+        if ctx.put(VXLAN_OFF + 1, [0u8; 3]).is_none() || ctx.put(L4_OFF + 6, 0u16).is_none() {
+            return pass;
         }
-        return (xdp_action::XDP_PASS, IN_STAT_DSR_RECORDED);
+        return (C::PASS, IN_STAT_DSR_RECORDED);
     }
     let key = FlowKey {
         src_raw: t.src_raw,
@@ -605,7 +789,7 @@ fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
         proto: inner.proto,
         pad: [0; 3],
     };
-    let Some(entry) = IN_NAT.get_ptr_mut(key) else { return PASS };
+    let Some(entry) = IN_NAT.get_ptr_mut(key) else { return pass };
     // SAFETY: a pointer to the map value from the lookup; copied out.
     let nat = unsafe { *entry };
     // A reply proves the translation in use: keep its NAT port from being taken over
@@ -622,21 +806,16 @@ fn handle_vxlan(ctx: &XdpContext, outer: &Parsed) -> Outcome<u32> {
         dport_raw: nat.dport_raw,
     };
     let Some(next) = fib_resolved(ctx.as_ptr(), nat.src_raw, nat.dst_raw, inner.proto, inner.tot_len) else {
-        return (xdp_action::XDP_PASS, IN_STAT_UNROUTED);
+        return (C::PASS, IN_STAT_UNROUTED);
     };
-    const BAD: Outcome<u32> = (xdp_action::XDP_DROP, IN_STAT_DROP_MALFORMED);
-    if rewrite(start, end, INNER_OFF + ETH_LEN, inner.proto, t, &to).is_none() {
-        return BAD;
+    let bad = (C::DROP, IN_STAT_DROP_MALFORMED);
+    if ctx.rewrite(INNER_OFF + ETH_LEN, inner.proto, t, &to).is_none() || ctx.pop_outer().is_none() {
+        return bad;
     }
-    // SAFETY: called with the program's own context.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, VXLAN_OVERHEAD as i32) } != 0 {
-        return BAD;
+    if ctx.put(0, next.dmac).is_none() || ctx.put(6, next.smac).is_none() {
+        return bad;
     }
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if write(start, end, 0, next.dmac).is_none() || write(start, end, 6, next.smac).is_none() {
-        return BAD;
-    }
-    (transmit(next.ifindex), IN_STAT_REPLY_XDP)
+    (ctx.transmit(next.ifindex), IN_STAT_REPLY_XDP)
 }
 
 /// Where the packet an ICMP error quotes starts (its IPv4 header).
@@ -648,8 +827,8 @@ const QUOTE_OFF: usize = L4_OFF + ICMP_LEN;
 /// backend's own packet, redirected to a local task or encapsulated to a remote one.
 /// Anything else passes.
 #[inline(always)]
-fn handle_icmp(ctx: &XdpContext, p: &Parsed) -> Outcome<u32> {
-    const BAD: Outcome<u32> = (xdp_action::XDP_DROP, IN_STAT_DROP_MALFORMED);
+fn handle_icmp<C: Frame>(ctx: &C, p: &Parsed) -> Outcome<C::Action> {
+    let bad = (C::DROP, IN_STAT_DROP_MALFORMED);
     let mut job = Job {
         key: FlowKey::default(),
         hash: 0,
@@ -662,46 +841,45 @@ fn handle_icmp(ctx: &XdpContext, p: &Parsed) -> Outcome<u32> {
     };
     let local = match icmp_lookup(ctx, p, &mut job) {
         Ok(local) => local,
-        Err(outcome) => return outcome,
+        Err(()) => return (C::PASS, IN_STAT_PASS),
     };
     if local {
         if icmp_rewrite(ctx, p, &job, false).is_none() {
-            return BAD;
+            return bad;
         }
-        let Some(b) = IN_BACKENDS.get(job.id) else { return BAD };
-        return (transmit(b.ifindex), IN_STAT_LOCAL);
+        let Some(b) = IN_BACKENDS.get(job.id) else { return bad };
+        return (ctx.deliver(b.ifindex), IN_STAT_LOCAL);
     }
     let mut hop = Hop::default();
     if prepare_remote(ctx, p, &job, &mut hop).is_none() {
-        return (xdp_action::XDP_PASS, IN_STAT_UNROUTED);
+        return (C::PASS, IN_STAT_UNROUTED);
     }
     job.nat_port_raw = hop.nat_port_raw;
     if icmp_rewrite(ctx, p, &job, true).is_none() {
-        return BAD;
+        return bad;
     }
     encap_remote(ctx, p, &job, &hop)
 }
 
-/// The flow an ICMP error is about, into `job`; whether its backend is local.
+/// The flow an ICMP error is about, into `job`; whether its backend is local. `Err`:
+/// not about a flow of ours (pass).
 #[inline(always)]
-fn icmp_lookup(ctx: &XdpContext, p: &Parsed, job: &mut Job) -> Result<bool, Outcome<u32>> {
-    const PASS: Outcome<u32> = (xdp_action::XDP_PASS, IN_STAT_PASS);
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let icmp: [u8; ICMP_LEN] = read(start, end, L4_OFF).ok_or(PASS)?;
+fn icmp_lookup<C: Frame>(ctx: &C, p: &Parsed, job: &mut Job) -> Result<bool, ()> {
+    let icmp: [u8; ICMP_LEN] = ctx.get(L4_OFF).ok_or(())?;
     if !icmp_is_flow_error(icmp[0]) {
-        return Err(PASS);
+        return Err(());
     }
-    let q: [u8; IPV4_LEN] = read(start, end, QUOTE_OFF).ok_or(PASS)?;
+    let q: [u8; IPV4_LEN] = ctx.get(QUOTE_OFF).ok_or(())?;
     let proto = q[9];
     if q[0] != 0x45 || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
-        return Err(PASS);
+        return Err(());
     }
     // The quoted transport header's first 8 bytes (ports; UDP's checksum).
-    let ports: [u16; 4] = read(start, end, QUOTE_OFF + IPV4_LEN).ok_or(PASS)?;
+    let ports: [u16; 4] = ctx.get(QUOTE_OFF + IPV4_LEN).ok_or(())?;
     let Tuple { src_raw: q_src, dst_raw: q_dst, .. } = Tuple::of_ipv4(&q, [ports[0], ports[1]]);
     // Only errors about a packet this address sent.
     if q_src != p.tuple.dst_raw {
-        return Err(PASS);
+        return Err(());
     }
     let key = FlowKey {
         src_raw: q_dst,
@@ -712,13 +890,13 @@ fn icmp_lookup(ctx: &XdpContext, p: &Parsed, job: &mut Job) -> Result<bool, Outc
         pad: [0; 3],
     };
     // SAFETY: read-only lookups, copied out.
-    let flow = unsafe { IN_FLOWS.get(key) }.copied().ok_or(PASS)?;
-    let b = IN_BACKENDS.get(flow.backend).ok_or(PASS)?;
+    let flow = unsafe { IN_FLOWS.get(key) }.copied().ok_or(())?;
+    let b = IN_BACKENDS.get(flow.backend).ok_or(())?;
     if b.flags & BACKEND_LIVE == 0 || b.gen != flow.gen {
-        return Err(PASS);
+        return Err(());
     }
     // SAFETY: read-only lookup.
-    let fe = unsafe { IN_FRONTENDS.get(frontend_key(q_src, ports[0], proto)) }.ok_or(PASS)?;
+    let fe = unsafe { IN_FRONTENDS.get(frontend_key(q_src, ports[0], proto)) }.ok_or(())?;
     job.key = key;
     job.hash = flow_hash(key.src_raw, key.dst_raw, key.sport_raw, key.dport_raw, proto);
     job.id = flow.backend;
@@ -731,33 +909,32 @@ fn icmp_lookup(ctx: &XdpContext, p: &Parsed, job: &mut Job) -> Result<bool, Outc
 /// packet as the task sent it (source `task:target`; for a remote snat backend,
 /// destination `gw:natport`), all checksums, and the Ethernet header toward the task.
 #[inline(never)]
-fn icmp_rewrite(ctx: &XdpContext, p: &Parsed, job: &Job, remote: bool) -> Option<()> {
+fn icmp_rewrite<C: Frame>(ctx: &C, p: &Parsed, job: &Job, remote: bool) -> Option<()> {
     let b = IN_BACKENDS.get(job.id)?;
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let q: [u8; IPV4_LEN] = read(start, end, QUOTE_OFF)?;
-    let ports: [u16; 4] = read(start, end, QUOTE_OFF + IPV4_LEN)?;
+    let q: [u8; IPV4_LEN] = ctx.get(QUOTE_OFF)?;
+    let ports: [u16; 4] = ctx.get(QUOTE_OFF + IPV4_LEN)?;
+    let icmp_check: u16 = ctx.get(L4_OFF + 2)?;
+    let outer_check: u16 = ctx.get(IP_OFF + 10)?;
     let old = Tuple::of_ipv4(&q, [ports[0], ports[1]]);
     let new = if remote && !job.dsr {
         Tuple { src_raw: b.addr_raw, dst_raw: b.gw_raw, sport_raw: b.port_raw, dport_raw: job.nat_port_raw }
     } else {
         Tuple { src_raw: b.addr_raw, dst_raw: old.dst_raw, sport_raw: b.port_raw, dport_raw: old.dport_raw }
     };
-    let icmp_check: u16 = read(start, end, L4_OFF + 2)?;
     let ip_check = u16::from_ne_bytes([q[10], q[11]]);
     let checks = quote_checks_after(icmp_check, ip_check, ports[3], q[9], &old, &new);
-    write(start, end, L4_OFF + 2, checks.icmp_raw)?;
-    write(start, end, QUOTE_OFF + 10, checks.ip_raw)?;
-    write(start, end, QUOTE_OFF + 12, new.src_raw)?;
-    write(start, end, QUOTE_OFF + 16, new.dst_raw)?;
-    write(start, end, QUOTE_OFF + IPV4_LEN, [new.sport_raw, new.dport_raw, ports[2], checks.l4_raw])?;
     // The outer header: only the destination changes (ICMP has no pseudo-header).
     let outer_old = Tuple { src_raw: p.tuple.src_raw, dst_raw: p.tuple.dst_raw, sport_raw: 0, dport_raw: 0 };
     let outer_new = Tuple { dst_raw: b.addr_raw, ..outer_old };
-    let outer_check: u16 = read(start, end, IP_OFF + 10)?;
-    write(start, end, IP_OFF + 10, ipv4_check_after(outer_check, &outer_old, &outer_new))?;
-    write(start, end, IP_OFF + 16, b.addr_raw)?;
-    write(start, end, 0, b.mac)?;
-    write(start, end, 6, b.gw_mac)
+    ctx.put(L4_OFF + 2, checks.icmp_raw)?;
+    ctx.put(QUOTE_OFF + 10, checks.ip_raw)?;
+    ctx.put(QUOTE_OFF + 12, new.src_raw)?;
+    ctx.put(QUOTE_OFF + 16, new.dst_raw)?;
+    ctx.put(QUOTE_OFF + IPV4_LEN, [new.sport_raw, new.dport_raw, ports[2], checks.l4_raw])?;
+    ctx.put(IP_OFF + 10, ipv4_check_after(outer_check, &outer_old, &outer_new))?;
+    ctx.put(IP_OFF + 16, b.addr_raw)?;
+    ctx.put(0, b.mac)?;
+    ctx.put(6, b.gw_mac)
 }
 
 /// tc ingress on a local task's host veth: the task's replies to ingress clients.
@@ -770,19 +947,18 @@ pub fn ingress_reply(ctx: TcContext) -> i32 {
 
 fn try_ingress_reply(ctx: &TcContext) -> Outcome<i32> {
     const OK: Outcome<i32> = (TC_ACT_OK, IN_STAT_PASS);
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let Some(eth_type) = read::<[u8; 2]>(start, end, 12) else { return OK };
+    let Some(eth_type) = ctx.get::<[u8; 2]>(12) else { return OK };
     if eth_type != ETH_P_IP_BYTES {
         return OK;
     }
-    let Some(hdr) = read::<[u8; IPV4_LEN]>(start, end, IP_OFF) else { return OK };
+    let Some(hdr) = ctx.get::<[u8; IPV4_LEN]>(IP_OFF) else { return OK };
     // The skb's length, not the linear part: a task's TCP reply may be a GSO packet.
-    let avail = (ctx.len() as usize).saturating_sub(ETH_LEN);
+    let avail = ctx.packet_len().saturating_sub(ETH_LEN);
     let proto = match check_ipv4(&hdr, avail) {
         Ipv4Verdict::Plain { proto, .. } if proto == IPPROTO_TCP || proto == IPPROTO_UDP => proto,
         _ => return OK,
     };
-    let Some(ports) = read::<[u16; 2]>(start, end, L4_OFF) else { return OK };
+    let Some(ports) = ctx.get::<[u16; 2]>(L4_OFF) else { return OK };
     let t = Tuple::of_ipv4(&hdr, ports);
     let key = reply_key(t.src_raw, t.sport_raw, t.dst_raw, t.dport_raw, proto);
     // SAFETY: read-only lookup, copied out.
@@ -791,17 +967,21 @@ fn try_ingress_reply(ctx: &TcContext) -> Outcome<i32> {
     let Some(next) = fib(ctx.as_ptr(), nat.src_raw, nat.dst_raw, proto, 0) else {
         return (TC_ACT_OK, IN_STAT_UNROUTED);
     };
-    let resolved = match &next {
-        NextHop::Resolved(p) => Some(p),
-        NextHop::Unresolved(_) => None,
+    let to = Tuple {
+        src_raw: nat.src_raw,
+        dst_raw: nat.dst_raw,
+        sport_raw: nat.sport_raw,
+        dport_raw: nat.dport_raw,
     };
-    if reply_rewrite(ctx, proto, &t, &nat, resolved).is_err() {
+    if ctx.rewrite(IP_OFF, proto, &t, &to).is_none() {
         return (TC_ACT_OK, IN_STAT_UNROUTED);
     }
     match next {
         NextHop::Resolved(p) => {
-            // SAFETY: helper without preconditions.
-            unsafe { bpf_redirect(p.ifindex, 0) };
+            if ctx.put(0, p.dmac).is_none() || ctx.put(6, p.smac).is_none() {
+                return (TC_ACT_OK, IN_STAT_UNROUTED);
+            }
+            (ctx.transmit(p.ifindex), IN_STAT_REPLY_TC)
         }
         NextHop::Unresolved(p) => {
             // A DSR reply leaves a node that never talked to the client: let the
@@ -821,39 +1001,7 @@ fn try_ingress_reply(ctx: &TcContext) -> Outcome<i32> {
             if rc != TC_ACT_REDIRECT as i64 {
                 return (TC_ACT_SHOT, IN_STAT_UNROUTED);
             }
+            (TC_ACT_REDIRECT, IN_STAT_REPLY_TC)
         }
     }
-    (TC_ACT_REDIRECT, IN_STAT_REPLY_TC)
-}
-
-/// Rewrites a reply with the kernel's checksum helpers, which also handle the
-/// partial checksums a local task's packets carry (`CHECKSUM_PARTIAL`).
-#[inline(always)]
-fn reply_rewrite(
-    ctx: &TcContext,
-    proto: u8,
-    t: &Tuple,
-    nat: &Nat,
-    next: Option<&FibParams>,
-) -> Result<(), i64> {
-    let csum = if proto == IPPROTO_TCP { L4_OFF + 16 } else { L4_OFF + 6 };
-    // UDP: a zero checksum means none and stays zero; a computed zero becomes 0xffff.
-    let mangled = if proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
-    let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled;
-    ctx.l4_csum_replace(csum, t.src_raw as u64, nat.src_raw as u64, pseudo | 4)?;
-    ctx.l4_csum_replace(csum, t.dst_raw as u64, nat.dst_raw as u64, pseudo | 4)?;
-    ctx.l4_csum_replace(csum, t.sport_raw as u64, nat.sport_raw as u64, mangled | 2)?;
-    ctx.l4_csum_replace(csum, t.dport_raw as u64, nat.dport_raw as u64, mangled | 2)?;
-    ctx.l3_csum_replace(IP_OFF + 10, t.src_raw as u64, nat.src_raw as u64, 4)?;
-    ctx.l3_csum_replace(IP_OFF + 10, t.dst_raw as u64, nat.dst_raw as u64, 4)?;
-    ctx.store(IP_OFF + 12, &nat.src_raw, 0)?;
-    ctx.store(IP_OFF + 16, &nat.dst_raw, 0)?;
-    ctx.store(L4_OFF, &nat.sport_raw, 0)?;
-    ctx.store(L4_OFF + 2, &nat.dport_raw, 0)?;
-    // Unresolved: `bpf_redirect_neigh` writes the Ethernet header itself.
-    if let Some(next) = next {
-        ctx.store(0, &next.dmac, 0)?;
-        ctx.store(6, &next.smac, 0)?;
-    }
-    Ok(())
 }

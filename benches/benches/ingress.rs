@@ -1,14 +1,15 @@
 //! Ingress benchmark (#6): an external client reaching a published port through
 //!
-//! - **direct**: servers on a node's own underlay address, on n3 (no XDP program there:
+//! - **direct**: servers on a node's own underlay address, on n3 (no program there:
 //!   the nearest thing to "a backend" an external client can reach without a mesh, one
 //!   veth hop from the client like the ingress node, no program on the way);
-//! - **XDP snat / XDP dsr**: n1's published ports, served by the XDP program on n1's
-//!   underlay interface and VXLAN to the task on n2 (snat: replies come back through
-//!   n1; dsr: n2 answers the client straight from the published address);
-//! - **XDP snat, local task**: n2's published port of another service, its task on n2
-//!   itself (DNAT and redirect to its veth, tc on the way back): the same program
-//!   without the overlay;
+//! - **tc snat / tc dsr**: n1's published ports (`--xdp auto`: the tc twin on a veth),
+//!   VXLAN to the task on n2 (snat: replies come back through n1; dsr: n2 answers the
+//!   client straight from the published address); **tc local**: n2's published port
+//!   of another service, its task on n2 itself (DNAT and redirect to its veth);
+//! - **XDP (native) snat / dsr / local**: the same rows through n4, started with
+//!   `--xdp native` (its remote rows reach their own task on n2, its local row a task
+//!   on n4), so both hooks are compared in one run;
 //! - **userspace proxy**: the same published port on n3, whose meshd runs with
 //!   `--xdp off` (the fallback every node keeps).
 //!
@@ -16,19 +17,17 @@
 //! path, so drifting load hits them alike; medians and the median per-round ratio):
 //! TCP throughput (iperf3), new connections per second (wrk, `Connection: close`),
 //! the forwarding rate in packets per second (trafgen from the client, a fixed UDP
-//! flow: into n1's published UDP port with the task on n1 (XDP DNAT + redirect to the
-//! task's veth) vs the same generator into a bare host on the switch (no program) vs
+//! flow: into a published UDP port with its task on the ingress node, n1 for tc and
+//! n4 for XDP, vs the same generator into a bare host on the switch (no program) vs
 //! through a router namespace with `ip_forward=1` (the kernel's own forwarding), rx
 //! packets counted at each receiver), and non-matching traffic (iperf3 to a port
-//! nothing publishes) on n1 (program attached natively) and n4 (`--xdp generic`) vs
-//! n3 (no program).
+//! nothing publishes) on n1 (tc) and n4 (native XDP) vs n3 (no program).
 //!
-//! The XDP rows are checked to have gone through the kernel path: n1's `ingress`
-//! counters (`encap`, `reply_xdp`, `local`) and n2's (`dsr_recorded`, `reply_tc`) moved
-//! and n1's proxy accepted no connection.
+//! The kernel rows are checked to have gone through the kernel path: the `ingress`
+//! counters of n1, n2 and n4 moved and their proxies accepted no connection.
 //!
 //! `make bench ONLY=ingress` writes `benches/results/ingress.md` and its README
-//! section. About 2–3 minutes.
+//! section. About 4–5 minutes.
 
 use std::{
     fs,
@@ -37,7 +36,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, ensure, Context as _, Result};
+use anyhow::{anyhow, ensure, Context as _, Result};
 use meshd_benches::{in_ns, median, parse_iperf3, parse_wrk, write_results, Row};
 use meshd_tests::{http_get, node_addr, poll, sh, spawn_in, Cluster, StartOptions, CLIENT_ADDR};
 use serde_json::Value;
@@ -72,6 +71,16 @@ const UDP_SINK: u16 = 7000;
 /// other's TIME_WAIT.
 const HTTP_LOCAL: u16 = 3002;
 const IPERF_LOCAL: u16 = 5204;
+/// The XDP node's remote rows (service `web4`, its task on n2).
+const HTTP_SNAT4: u16 = 3010;
+const HTTP_DSR4: u16 = 3011;
+const IPERF_SNAT4: u16 = 5210;
+const IPERF_DSR4: u16 = 5211;
+/// The same for the XDP node's local row (service `near4`, its task on n4), and its
+/// UDP port for trafgen (service `sink4`, task on n4).
+const HTTP_LOCAL4: u16 = 3004;
+const IPERF_LOCAL4: u16 = 5206;
+const UDP_SINK4: u16 = 7004;
 /// Servers on the nodes' own addresses: direct HTTP, and iperf3 for direct and
 /// non-matching traffic (nothing is published on these ports).
 const DIRECT_HTTP: u16 = 8080;
@@ -109,104 +118,94 @@ struct PpsPath {
 }
 
 fn main() -> Result<()> {
-    let meshd = meshd_tests::bin_path("meshd")?;
-    let help = sh(&meshd.to_string_lossy(), &["--help"])?;
-    // Until #6's loader lands the agent has no `--xdp`: the baseline rows still run.
-    let has_xdp = help.contains("--xdp");
-    // n3 runs without XDP (the proxy's row, direct and non-matching baselines); n4 with
-    // XDP in generic mode, for the non-matching row only.
+    // n1 and n2: `--xdp auto`, which on their veth underlay is the tc hook (the rows
+    // below are why); n3: no kernel path (the proxy's row, direct and non-matching
+    // baselines); n4: native XDP, the same rows through the XDP program.
     let flag = |mode: &str| vec!["--xdp".to_owned(), mode.to_owned()];
-    let node_args = if has_xdp { vec![(3, flag("off")), (4, flag("generic"))] } else { vec![] };
-    let nodes = if has_xdp { 4 } else { 3 };
-    let mut cluster = Cluster::start_with(nodes, StartOptions { node_args, ..StartOptions::default() })?;
+    let node_args = vec![(3, flag("off")), (4, flag("native"))];
+    let mut cluster = Cluster::start_with(4, StartOptions { node_args, ..StartOptions::default() })?;
     cluster.wait_all_alive(1)?;
     cluster.meshctl_ok(1, &["network", "create", "benchnet", "--subnet", "10.0.0.0/24"])?;
-    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "benchnet"])?;
-    cluster.meshctl_ok(1, &["service", "create", "sink", "--network", "benchnet"])?;
-    cluster.meshctl_ok(1, &["service", "create", "near", "--network", "benchnet"])?;
+    // `web4`: the XDP node's remote task, its own (on n2 too) because the dsr rows
+    // show the task the client's own address and port, and a shared task would meet
+    // one row's client ports in the other's TIME_WAIT (measured: the second dsr row
+    // fell to 0.23× with one task for both).
+    for service in ["web", "web4", "sink", "sink4", "near", "near4"] {
+        cluster.meshctl_ok(1, &["service", "create", service, "--network", "benchnet"])?;
+    }
     let web = cluster.add_container(2, "web", "web.1")?.netns();
+    let web4 = cluster.add_container(2, "web4", "web4.1")?.netns();
     let near = cluster.add_container(2, "near", "near.1")?.netns();
+    let near4 = cluster.add_container(4, "near4", "near4.1")?.netns();
     let sink_task = cluster.add_container(1, "sink", "sink.1")?.netns();
+    let sink4_task = cluster.add_container(4, "sink4", "sink4.1")?.netns();
     let testsrv = meshd_tests::bin_path("meshd-testsrv")?;
     let testsrv = testsrv.to_string_lossy();
-    let (n1, n3) = (cluster.nodes[0].netns(), cluster.nodes[2].netns());
+    let (n1, n3, n4) = (cluster.nodes[0].netns(), cluster.nodes[2].netns(), cluster.nodes[3].netns());
     let client = cluster.client_netns();
     let mut servers = vec![
         spawn_in(&web, "iperf3", &["-s", "-p", &DIRECT_IPERF.to_string()])?,
+        spawn_in(&web4, "iperf3", &["-s", "-p", &DIRECT_IPERF.to_string()])?,
         spawn_in(&near, "iperf3", &["-s", "-p", &DIRECT_IPERF.to_string()])?,
+        spawn_in(&near4, "iperf3", &["-s", "-p", &DIRECT_IPERF.to_string()])?,
         spawn_in(&n3, "iperf3", &["-s", "-p", &DIRECT_IPERF.to_string()])?,
         spawn_in(&n3, &testsrv, &["--name", "n3", "--listen", &format!("0.0.0.0:{DIRECT_HTTP}")])?,
-        spawn_in(&n1, "iperf3", &["-s", "-p", &UNPUBLISHED_IPERF.to_string()])?,
-        spawn_in(&n3, "iperf3", &["-s", "-p", &UNPUBLISHED_IPERF.to_string()])?,
     ];
-    if has_xdp {
-        let n4 = cluster.nodes[3].netns();
-        servers.push(spawn_in(&n4, "iperf3", &["-s", "-p", &UNPUBLISHED_IPERF.to_string()])?);
-        let xdp = cluster.meshctl_json(4, &["status"])?["ingress"]["xdp"].clone();
-        ensure!(xdp == "generic", "n4 was started with --xdp generic but reports {xdp}");
+    for node in [&n1, &n3, &n4] {
+        servers.push(spawn_in(node, "iperf3", &["-s", "-p", &UNPUBLISHED_IPERF.to_string()])?);
+    }
+    for (i, hook) in [(1, "tc"), (2, "tc"), (4, "xdp-native")] {
+        let got = cluster.meshctl_json(i, &["status"])?["ingress"]["hook"].clone();
+        ensure!(got == hook, "n{i} should serve through {hook} but reports {got}");
     }
 
-    let mode = |m: &'static str| if has_xdp { vec!["--mode", m] } else { vec![] };
     for (spec, service, m) in [
         (format!("{HTTP_SNAT}:80"), "web", "snat"),
         (format!("{IPERF_SNAT}:{DIRECT_IPERF}"), "web", "snat"),
+        (format!("{HTTP_DSR}:80"), "web", "dsr"),
+        (format!("{IPERF_DSR}:{DIRECT_IPERF}"), "web", "dsr"),
+        (format!("{HTTP_SNAT4}:80"), "web4", "snat"),
+        (format!("{IPERF_SNAT4}:{DIRECT_IPERF}"), "web4", "snat"),
+        (format!("{HTTP_DSR4}:80"), "web4", "dsr"),
+        (format!("{IPERF_DSR4}:{DIRECT_IPERF}"), "web4", "dsr"),
+        (format!("{HTTP_LOCAL}:80"), "near", "snat"),
+        (format!("{IPERF_LOCAL}:{DIRECT_IPERF}"), "near", "snat"),
+        (format!("{HTTP_LOCAL4}:80"), "near4", "snat"),
+        (format!("{IPERF_LOCAL4}:{DIRECT_IPERF}"), "near4", "snat"),
         (format!("{UDP_SINK}:{UDP_SINK}/udp"), "sink", "snat"),
-    ]
-    .into_iter()
-    .chain(has_xdp.then(|| (format!("{HTTP_DSR}:80"), "web", "dsr")))
-    .chain(has_xdp.then(|| (format!("{IPERF_DSR}:{DIRECT_IPERF}"), "web", "dsr")))
-    .chain(has_xdp.then(|| (format!("{HTTP_LOCAL}:80"), "near", "snat")))
-    .chain(has_xdp.then(|| (format!("{IPERF_LOCAL}:{DIRECT_IPERF}"), "near", "snat")))
-    {
-        let mut args = vec!["publish", spec.as_str(), service];
-        args.extend(mode(m));
-        cluster.meshctl_ok(1, &args)?;
+        (format!("{UDP_SINK4}:{UDP_SINK}/udp"), "sink4", "snat"),
+    ] {
+        cluster.meshctl_ok(1, &["publish", spec.as_str(), service, "--mode", m])?;
     }
     // The client's ephemeral ports: every path shares the client's 4-tuple space.
     meshd_tests::in_netns(&client, || fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535"))?
         .context("widening the client namespace's ephemeral port range")?;
 
-    let (n1a, n3a) = (node_addr(1), node_addr(3));
-    let mut routes = vec![Route {
-        name: "direct to a server on n3's address (no program)".into(),
-        http: (n3a, DIRECT_HTTP).into(),
-        iperf: (n3a, DIRECT_IPERF).into(),
-        baseline: true,
-    }];
-    if has_xdp {
-        wait_kernel_paths(
-            &cluster,
-            &[HTTP_SNAT, HTTP_DSR, IPERF_SNAT, IPERF_DSR, UDP_SINK, HTTP_LOCAL, IPERF_LOCAL],
-        )?;
-        routes.push(Route {
-            name: "XDP snat via n1 → task on n2 (goal ≥ 0.9×)".into(),
-            http: (n1a, HTTP_SNAT).into(),
-            iperf: (n1a, IPERF_SNAT).into(),
-            baseline: false,
-        });
-        routes.push(Route {
-            name: "XDP dsr via n1 → task on n2 (goal ≥ 0.9×)".into(),
-            http: (n1a, HTTP_DSR).into(),
-            iperf: (n1a, IPERF_DSR).into(),
-            baseline: false,
-        });
-        // The same program without the overlay hop: the task runs on the ingress node.
-        routes.push(Route {
-            name: "XDP snat via n2 → task on n2 (local: DNAT + redirect, no VXLAN)".into(),
-            http: (node_addr(2), HTTP_LOCAL).into(),
-            iperf: (node_addr(2), IPERF_LOCAL).into(),
-            baseline: false,
-        });
-    }
-    routes.push(Route {
-        name: format!(
-            "userspace proxy via {} → task on n2",
-            if has_xdp { "n3 (--xdp off)" } else { "n3 (no XDP in this build)" }
-        ),
-        http: (n3a, HTTP_SNAT).into(),
-        iperf: (n3a, IPERF_SNAT).into(),
+    let (n1a, n2a, n3a, n4a) = (node_addr(1), node_addr(2), node_addr(3), node_addr(4));
+    let remote = [HTTP_SNAT, HTTP_DSR, IPERF_SNAT, IPERF_DSR];
+    wait_kernel_paths(&cluster, 1, &[&remote[..], &[UDP_SINK]].concat(), "tc")?;
+    wait_kernel_paths(&cluster, 2, &[HTTP_LOCAL, IPERF_LOCAL], "tc")?;
+    let remote4 = [HTTP_SNAT4, HTTP_DSR4, IPERF_SNAT4, IPERF_DSR4, HTTP_LOCAL4, IPERF_LOCAL4, UDP_SINK4];
+    wait_kernel_paths(&cluster, 4, &remote4, "xdp-native")?;
+    let route = |name: &str, addr: Ipv4Addr, http: u16, iperf: u16| Route {
+        name: name.into(),
+        http: (addr, http).into(),
+        iperf: (addr, iperf).into(),
         baseline: false,
-    });
+    };
+    let routes = vec![
+        Route {
+            baseline: true,
+            ..route("direct to a server on n3's address (no program)", n3a, DIRECT_HTTP, DIRECT_IPERF)
+        },
+        route("tc snat via n1 → task on n2 (goal ≥ 0.9×)", n1a, HTTP_SNAT, IPERF_SNAT),
+        route("tc dsr via n1 → task on n2 (goal ≥ 0.9×)", n1a, HTTP_DSR, IPERF_DSR),
+        route("tc snat via n2 → task on n2 (local: DNAT + redirect, no VXLAN)", n2a, HTTP_LOCAL, IPERF_LOCAL),
+        route("XDP (native) snat via n4 → task on n2", n4a, HTTP_SNAT4, IPERF_SNAT4),
+        route("XDP (native) dsr via n4 → task on n2", n4a, HTTP_DSR4, IPERF_DSR4),
+        route("XDP (native) snat via n4 → task on n4 (local)", n4a, HTTP_LOCAL4, IPERF_LOCAL4),
+        route("userspace proxy via n3 (--xdp off) → task on n2", n3a, HTTP_SNAT, IPERF_SNAT),
+    ];
     for route in &routes {
         poll(&format!("{} answers", route.name), Duration::from_secs(20), || http_get(&client, route.http))?;
     }
@@ -242,34 +241,13 @@ fn main() -> Result<()> {
     push_rows(&mut rows, group, "Mbit/s", routes.iter().map(|r| (r.name.as_str(), r.baseline)), samples);
     let after_tcp = Counters::read(&cluster)?;
 
-    // Non-matching traffic: a port nothing publishes, on a node with the program and on
-    // one without.
-    let mut plain = vec![
-        Route {
-            name: "n3, no XDP program".into(),
-            http: (n3a, 0).into(),
-            iperf: (n3a, UNPUBLISHED_IPERF).into(),
-            baseline: true,
-        },
-        Route {
-            name: if has_xdp {
-                "n1, XDP program attached natively (goal ≥ 0.95×)".into()
-            } else {
-                "n1 (no XDP in this build)".into()
-            },
-            http: (n1a, 0).into(),
-            iperf: (n1a, UNPUBLISHED_IPERF).into(),
-            baseline: false,
-        },
+    // Non-matching traffic: a port nothing publishes, on nodes with each hook and on
+    // one without a program.
+    let plain = vec![
+        Route { baseline: true, ..route("n3, no program", n3a, 0, UNPUBLISHED_IPERF) },
+        route("n1, tc program attached (goal ≥ 0.95×)", n1a, 0, UNPUBLISHED_IPERF),
+        route("n4, XDP program attached natively", n4a, 0, UNPUBLISHED_IPERF),
     ];
-    if has_xdp {
-        plain.push(Route {
-            name: "n4, XDP program attached in generic mode (--xdp generic)".into(),
-            http: (node_addr(4), 0).into(),
-            iperf: (node_addr(4), UNPUBLISHED_IPERF).into(),
-            baseline: false,
-        });
-    }
     let group = "Non-matching TCP through the node (iperf3 to an unpublished port, 2 s)";
     let samples = interleaved(&plain, IPERF_ROUNDS, |round, route| {
         let mbps = iperf3(&client_ns, route.iperf).with_context(|| route.name.clone())?;
@@ -278,7 +256,7 @@ fn main() -> Result<()> {
     })?;
     push_rows(&mut rows, group, "Mbit/s", plain.iter().map(|r| (r.name.as_str(), r.baseline)), samples);
 
-    // Forwarding rate: a bare receiver and a router on the switch, beside n1.
+    // Forwarding rate: a bare receiver and a router on the switch, beside n1 and n4.
     let sink = cluster.add_underlay_host("sink", SINK_ADDR)?;
     let router = cluster.add_underlay_host("rtr", ROUTER_ADDR)?;
     let routed = cluster.add_netns("routed")?;
@@ -287,7 +265,7 @@ fn main() -> Result<()> {
     // The router resolves the receiver before the generator starts (its first
     // packets would otherwise wait on ARP).
     in_ns(&ns_name(&router), "ping", &["-c1", "-W2", &ROUTED_ADDR.to_string()])?;
-    let mut pps_paths = vec![
+    let pps_paths = vec![
         PpsPath {
             name: "bare veth: a host on the switch, no program".into(),
             dst_mac: mac_of(&sink, "eth0")?,
@@ -302,114 +280,132 @@ fn main() -> Result<()> {
             receiver: (ns_name(&routed), "eth0".into()),
             baseline: false,
         },
-    ];
-    pps_paths.push(PpsPath {
-        name: if has_xdp {
-            "XDP: n1's published UDP port → DNAT + redirect to the task's veth (goal ≥ 0.8× bare, ≥ 2× kernel forwarding)".into()
-        } else {
-            "n1's published UDP port (no XDP in this build: the proxy's socket)".into()
+        PpsPath {
+            name: "tc: n1's published UDP port → DNAT + redirect to the task (goal ≥ 0.8× bare, ≥ 2× kernel forwarding)"
+                .into(),
+            dst_mac: mac_of(&n1, "eth0")?,
+            dst: (n1a, UDP_SINK).into(),
+            receiver: (ns_name(&sink_task), "eth0".into()),
+            baseline: false,
         },
-        dst_mac: mac_of(&n1, "eth0")?,
-        dst: (n1a, UDP_SINK).into(),
-        receiver: (ns_name(&sink_task), "eth0".into()),
-        baseline: false,
-    });
+        PpsPath {
+            name: "XDP (native): n4's published UDP port → DNAT + redirect to the task's veth".into(),
+            dst_mac: mac_of(&n4, "eth0")?,
+            dst: (n4a, UDP_SINK4).into(),
+            receiver: (ns_name(&sink4_task), "eth0".into()),
+            baseline: false,
+        },
+    ];
     let trafgen_conf = cluster.dir.join("trafgen");
     fs::create_dir_all(&trafgen_conf)?;
     let client_mac = mac_of(&client, "eth0")?;
     let group = "Forwarding rate (trafgen, one UDP flow of 64-byte frames, rx at the receiver)";
     let samples = interleaved_pps(&pps_paths, PPS_ROUNDS, |round, path| {
-        let conf = trafgen_conf.join(format!("{}.cfg", path.dst.port()));
+        let conf = trafgen_conf.join(format!("{}-{}.cfg", path.dst.ip(), path.dst.port()));
         fs::write(&conf, trafgen_frame(&path.dst_mac, &client_mac, CLIENT_ADDR, path.dst))?;
         let (pps, offered) = forwarding_rate(&client, &conf, &path.receiver)?;
         println!("{group}: {:<50} round {round}: {pps:>10.0} pps (offered {offered:.0})", path.name);
         Ok((pps, format!("offered {offered:.0} pps")))
     })?;
-    // The goal's second ratio: XDP against the kernel's own forwarding, paired by round.
-    let (kernel, xdp) = (&samples[1], &samples[2]);
-    let mut vs_kernel: Vec<(f64, String)> =
-        xdp.iter().zip(kernel).map(|(x, k)| (x.0 / k.0, String::new())).collect();
-    let (vs_kernel, _) = median(&mut vs_kernel);
+    // The goal's second ratio: each program against the kernel's own forwarding,
+    // paired by round.
+    let vs_kernel: Vec<f64> = samples[2..]
+        .iter()
+        .map(|program| {
+            let mut r: Vec<(f64, String)> =
+                program.iter().zip(&samples[1]).map(|(x, k)| (x.0 / k.0, String::new())).collect();
+            median(&mut r).0
+        })
+        .collect();
     push_rows(&mut rows, group, "pps", pps_paths.iter().map(|p| (p.name.as_str(), p.baseline)), samples);
-    if let Some(row) = rows.last_mut() {
-        row.detail.push_str(&format!("; per-round ratio to kernel forwarding: median {vs_kernel:.2}×"));
+    let n = rows.len();
+    for (row, ratio) in rows[n - 2..].iter_mut().zip(vs_kernel) {
+        row.detail.push_str(&format!("; per-round ratio to kernel forwarding: median {ratio:.2}×"));
     }
     let after = Counters::read(&cluster)?;
 
-    if has_xdp {
-        let note = after_tcp.kernel_path_note(&before)?;
-        for row in rows.iter_mut().filter(|r| r.path.starts_with("XDP") && r.unit != "pps") {
-            row.detail.push_str(&format!("; {note}"));
-        }
-        let local = after.n1["local"].as_u64().unwrap_or(0) - after_tcp.n1["local"].as_u64().unwrap_or(0);
+    let note = after_tcp.kernel_path_note(&before)?;
+    for row in
+        rows.iter_mut().filter(|r| (r.path.starts_with("tc") || r.path.starts_with("XDP")) && r.unit != "pps")
+    {
+        row.detail.push_str(&format!("; {note}"));
+    }
+    for (node, i, which) in [(&after.n1, 0, "tc"), (&after.n4, 3, "XDP")] {
+        let then = [&after_tcp.n1, &after_tcp.n2, &after_tcp.n2, &after_tcp.n4][i];
+        let local = node["local"].as_u64().unwrap_or(0) - then["local"].as_u64().unwrap_or(0);
         ensure!(
             local > 0,
-            "n1's XDP program redirected no packet to the local task: the XDP pps row did not go through it"
+            "n{}'s program redirected no packet to the local task: the {which} pps row did not go through it",
+            i + 1
         );
-        if let Some(row) = rows.iter_mut().find(|r| r.path.starts_with("XDP") && r.unit == "pps") {
-            row.detail.push_str(&format!("; n1 local +{local}"));
+        if let Some(row) = rows.iter_mut().find(|r| r.path.starts_with(which) && r.unit == "pps") {
+            row.detail.push_str(&format!("; n{} local +{local}", i + 1));
         }
     }
     drop(servers.drain(..));
     let text = write_results(
         "ingress",
-        "Ingress: XDP/tc vs direct, the proxy, a bare veth and kernel forwarding",
+        "Ingress: tc and XDP vs direct, the proxy, a bare veth and kernel forwarding",
         &rows,
     )?;
     println!("\n{text}");
-    if !has_xdp {
-        bail!("meshd has no --xdp flag: only the baseline rows ran (the XDP rows need #6's loader)");
-    }
     Ok(())
 }
 
-/// The ingress and proxy counters of n1 and n2 at one moment.
+/// The ingress and proxy counters of n1, n2 and n4 at one moment.
 struct Counters {
     n1: Value,
     n2: Value,
-    n1_proxy_accepted: u64,
-    n2_proxy_accepted: u64,
+    n4: Value,
+    /// Connections the proxies of n1, n2 and n4 accepted.
+    proxy_accepted: u64,
 }
 
 impl Counters {
     fn read(cluster: &Cluster) -> Result<Counters> {
-        let s1 = cluster.meshctl_json(1, &["status"])?;
-        let s2 = cluster.meshctl_json(2, &["status"])?;
+        let mut status = Vec::new();
+        for i in [1, 2, 4] {
+            status.push(cluster.meshctl_json(i, &["status"])?);
+        }
+        let proxy_accepted =
+            status.iter().map(|s| s["proxy"]["counters"]["tcp_accepted"].as_u64().unwrap_or(0)).sum();
         Ok(Counters {
-            n1: s1["ingress"]["counters"].clone(),
-            n2: s2["ingress"]["counters"].clone(),
-            n1_proxy_accepted: s1["proxy"]["counters"]["tcp_accepted"].as_u64().unwrap_or(0),
-            n2_proxy_accepted: s2["proxy"]["counters"]["tcp_accepted"].as_u64().unwrap_or(0),
+            n1: status[0]["ingress"]["counters"].clone(),
+            n2: status[1]["ingress"]["counters"].clone(),
+            n4: status[2]["ingress"]["counters"].clone(),
+            proxy_accepted,
         })
     }
 
-    /// Checks that the TCP rows through n1 were carried by the kernel path, and says by
-    /// how much each counter moved.
+    /// Checks that the TCP rows through n1, n2 and n4 were carried by the kernel path,
+    /// and says by how much each counter moved.
     fn kernel_path_note(&self, before: &Counters) -> Result<String> {
         let delta = |now: &Value, then: &Value, k: &str| {
             now[k].as_u64().unwrap_or(0).saturating_sub(then[k].as_u64().unwrap_or(0))
         };
-        let encap = delta(&self.n1, &before.n1, "encap");
-        let reply_xdp = delta(&self.n1, &before.n1, "reply_xdp");
-        let dsr = delta(&self.n2, &before.n2, "dsr_recorded");
-        let reply_tc = delta(&self.n2, &before.n2, "reply_tc");
-        let local = delta(&self.n2, &before.n2, "local");
-        let proxied = (self.n1_proxy_accepted - before.n1_proxy_accepted)
-            + (self.n2_proxy_accepted - before.n2_proxy_accepted);
-        ensure!(
-            encap > 0 && reply_xdp > 0 && dsr > 0 && reply_tc > 0 && local > 0 && proxied == 0,
-            "the XDP rows did not all go through the kernel path: n1 encap +{encap}, reply_xdp +{reply_xdp}; n2 local +{local}, dsr_recorded +{dsr}, reply_tc +{reply_tc}; n1's and n2's proxies accepted +{proxied}"
+        let moved = |now: &Value, then: &Value| {
+            ["encap", "reply_xdp", "local", "dsr_recorded", "reply_tc"].map(|k| delta(now, then, k))
+        };
+        let [e1, r1, _, _, _] = moved(&self.n1, &before.n1);
+        let [e4, r4, l4, _, t4] = moved(&self.n4, &before.n4);
+        let [_, _, l2, d2, t2] = moved(&self.n2, &before.n2);
+        let proxied = self.proxy_accepted - before.proxy_accepted;
+        let text = format!(
+            "kernel path over the TCP runs: n1 (tc) encap +{e1}, reply_xdp +{r1}; n2 (tc) local +{l2}, dsr_recorded +{d2}, reply_tc +{t2}; n4 (XDP) encap +{e4}, reply_xdp +{r4}, local +{l4}, reply_tc +{t4}; the proxies of n1, n2 and n4 accepted +{proxied}"
         );
-        Ok(format!(
-            "kernel path over the TCP runs: n1 encap +{encap}, reply_xdp +{reply_xdp}; n2 local +{local}, dsr_recorded +{dsr}, reply_tc +{reply_tc}; n1's and n2's proxies accepted +0"
-        ))
+        ensure!(
+            [e1, r1, l2, d2, t2, e4, r4, l4, t4].iter().all(|&c| c > 0) && proxied == 0,
+            "the kernel rows did not all go through the kernel path: {text}"
+        );
+        Ok(text)
     }
 }
 
-/// Waits until n1 serves every port in `ports` through XDP (`kernel_path` `xdp-*`).
-fn wait_kernel_paths(cluster: &Cluster, ports: &[u16]) -> Result<()> {
-    poll("n1 serves the published ports through XDP", Duration::from_secs(20), || {
-        let status = cluster.meshctl_json(1, &["status"])?;
+/// Waits until node `i` serves every port in `ports` through `hook` (its
+/// `kernel_path`).
+fn wait_kernel_paths(cluster: &Cluster, i: usize, ports: &[u16], hook: &str) -> Result<()> {
+    poll(&format!("n{i} serves the published ports through {hook}"), Duration::from_secs(20), || {
+        let status = cluster.meshctl_json(i, &["status"])?;
         let paths = status["published_paths"].as_array().cloned().unwrap_or_default();
         for port in ports {
             let path = paths
@@ -417,7 +413,7 @@ fn wait_kernel_paths(cluster: &Cluster, ports: &[u16]) -> Result<()> {
                 .find(|p| p["port"].as_str().is_some_and(|s| s.starts_with(&format!("{port}/"))))
                 .ok_or_else(|| anyhow!("port {port} not in published_paths: {status}"))?;
             let kernel = path["kernel_path"].as_str().unwrap_or("");
-            ensure!(kernel.starts_with("xdp-"), "port {port} is served by {kernel:?}: {}", status["ingress"]);
+            ensure!(kernel == hook, "port {port} is served by {kernel:?}: {}", status["ingress"]);
         }
         Ok(())
     })

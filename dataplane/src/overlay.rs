@@ -162,10 +162,36 @@ pub fn enable_task_gro(netns: &std::path::Path) -> Result<()> {
         .map_err(|e| Error::io(format!("enabling GRO on {TASK_IF} in {}", netns.display()), e))
 }
 
+/// Runs one `SIOCETHTOOL` request on interface `name` of the calling thread's
+/// namespace; `cmd` is the ethtool structure the kernel reads and writes (its first
+/// field the command).
+fn ethtool<T>(name: &str, cmd: &mut T) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    /// `struct ifreq` with `ifr_data`: name, then the pointer, padded to 40 bytes.
+    #[repr(C)]
+    struct IfReq<T> {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut T,
+        pad: [u8; 16],
+    }
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::other(format!("interface name {name:?} too long")));
+    }
+    let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+    let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: cmd as *mut T, pad: [0; 16] };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: `req` and the structure it points to live across the call; SIOCETHTOOL
+    // reads the name and reads/writes the structure of the command it holds.
+    let ret = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCETHTOOL as _, &mut req as *mut IfReq<T>) };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Reads GRO on interface `name` of the calling thread's namespace and turns it on
 /// if `on` and it is off.
 fn ethtool_gro(name: &str, on: bool) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd as _;
     const ETHTOOL_GGRO: u32 = 0x2b;
     const ETHTOOL_SGRO: u32 = 0x2c;
     /// `struct ethtool_value`.
@@ -174,33 +200,44 @@ fn ethtool_gro(name: &str, on: bool) -> std::io::Result<()> {
         cmd: u32,
         data: u32,
     }
-    /// `struct ifreq` with `ifr_data`: name, then the pointer, padded to 40 bytes.
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; libc::IFNAMSIZ],
-        data: *mut EthtoolValue,
-        pad: [u8; 16],
-    }
-    if name.len() >= libc::IFNAMSIZ {
-        return Err(std::io::Error::other(format!("interface name {name:?} too long")));
-    }
-    let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
-    let call = |cmd: u32, data: u32| -> std::io::Result<u32> {
-        let mut value = EthtoolValue { cmd, data };
-        let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &mut value, pad: [0; 16] };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: `req` and the value it points to live across the call; SIOCETHTOOL
-        // reads the name and reads/writes the ethtool_value.
-        let ret = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCETHTOOL as _, &mut req as *mut IfReq) };
-        if ret < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(value.data)
-    };
-    if call(ETHTOOL_GGRO, 0)? == 0 && on {
-        call(ETHTOOL_SGRO, 1)?;
+    let mut value = EthtoolValue { cmd: ETHTOOL_GGRO, data: 0 };
+    ethtool(name, &mut value)?;
+    if value.data == 0 && on {
+        ethtool(name, &mut EthtoolValue { cmd: ETHTOOL_SGRO, data: 1 })?;
     }
     Ok(())
+}
+
+/// The driver of interface `name` in the calling thread's namespace and its bus
+/// (empty for a virtual device: veth, bridge, VXLAN), as `ethtool -i` shows them.
+pub fn driver_info(name: &str) -> std::io::Result<(String, String)> {
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    /// `struct ethtool_drvinfo`.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        counts: [u32; 5],
+    }
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        version: [0; 32],
+        fw_version: [0; 32],
+        bus_info: [0; 32],
+        erom_version: [0; 32],
+        reserved2: [0; 12],
+        counts: [0; 5],
+    };
+    ethtool(name, &mut info)?;
+    let text =
+        |b: &[u8]| String::from_utf8_lossy(b.split(|&c| c == 0).next().unwrap_or_default()).into_owned();
+    Ok((text(&info.driver), text(&info.bus_info)))
 }
 
 /// Name of the bridge of network `vni`.

@@ -1,10 +1,10 @@
-//! The kernel routing mesh (#6) end to end: real meshd nodes with the XDP program on
+//! The kernel routing mesh (#6) end to end: real meshd nodes with the underlay program (XDP, or its tc twin) on
 //! their underlay `eth0` and the tc program on their tasks' host veths, an external
 //! client (`198.18.0.100`) using real `curl` and `iperf3`, and `meshd-testsrv` tasks
 //! that report the address each connection came from (`GET /peer`).
 //!
-//! What the tests read from meshd (`meshctl status`): `ingress.xdp`
-//! (`native`/`generic`/`off`), `ingress.counters` (packets per outcome of the kernel
+//! What the tests read from meshd (`meshctl status`): `ingress.hook`
+//! (`xdp-native`/`xdp-generic`/`tc`/`off`), `ingress.counters` (packets per outcome of the kernel
 //! programs), `published_paths[i].kernel_path` and `.mode`, and the proxy's
 //! `proxy.counters.tcp_accepted` — which must not move while the kernel path serves.
 
@@ -61,18 +61,18 @@ fn published_path(status: &Value, port: u16) -> Option<Value> {
         .cloned()
 }
 
-/// Waits until node `i` serves `port` through XDP with `backends` task addresses, in
-/// `mode`; returns the kernel path (`xdp-native` or `xdp-generic`).
+/// Waits until node `i` serves `port` through the kernel path with `backends` task
+/// addresses, in `mode`; returns the kernel path (`xdp-native`, `xdp-generic`, `tc`).
 fn wait_kernel_path(cluster: &Cluster, i: usize, port: u16, mode: &str, backends: usize) -> Result<String> {
     poll(
-        &format!("n{i} serves {port}/tcp through XDP ({mode}, {backends} backends)"),
+        &format!("n{i} serves {port}/tcp through the kernel ({mode}, {backends} backends)"),
         Duration::from_secs(20),
         || {
             let status = status(cluster, i)?;
             let path = published_path(&status, port).ok_or_else(|| anyhow!("no {port}/tcp in {status}"))?;
             let kernel = path["kernel_path"].as_str().unwrap_or_default().to_owned();
             ensure!(
-                kernel.starts_with("xdp-"),
+                kernel.starts_with("xdp-") || kernel == "tc",
                 "kernel_path {kernel:?}: {path}; ingress: {}",
                 status["ingress"]
             );
@@ -102,9 +102,10 @@ fn overlay_addr(cluster: &Cluster, i: usize) -> Result<Ipv4Addr> {
 
 /// Sets up three nodes, network `net`, service `web` with `web.1` on n1 and `web.2` on
 /// n2 (n3 runs none: every path through it is remote), published on `SNAT_PORT`
-/// (snat) and `DSR_PORT` (dsr), served through XDP on every node.
-fn web_cluster() -> Result<Cluster> {
-    let mut cluster = Cluster::start(3)?;
+/// (snat) and `DSR_PORT` (dsr), served through the underlay program attached by
+/// `--xdp hook` on every node.
+fn web_cluster(hook: &str) -> Result<Cluster> {
+    let mut cluster = Cluster::start_with_args(3, &["--xdp", hook])?;
     cluster.wait_all_alive(1)?;
     cluster.meshctl_ok(1, &["network", "create", "net", "--subnet", SUBNET])?;
     cluster.meshctl_ok(1, &["service", "create", "web", "--network", "net"])?;
@@ -122,14 +123,15 @@ fn web_cluster() -> Result<Cluster> {
 /// The external client reaches every task of `web` through every node on `port`
 /// (published in `mode`) with `curl`, each task seeing the address `mode` promises;
 /// every node's kernel path carried it and no proxy accepted a connection.
-fn reaches_every_backend_through_every_node(port: u16, mode: &str) -> Result<()> {
-    let cluster = web_cluster()?;
+fn reaches_every_backend_through_every_node(port: u16, mode: &str, hook: &str) -> Result<()> {
+    let cluster = web_cluster(hook)?;
+    let want = if hook == "tc" { "tc" } else { "xdp-native" };
     let task_node: BTreeMap<String, usize> =
         cluster.containers.iter().map(|c| (c.task.clone(), c.node)).collect();
     let before: Vec<Value> = (1..=3).map(|i| status(&cluster, i)).collect::<Result<_>>()?;
     for (i, s) in before.iter().enumerate() {
-        let xdp = s["ingress"]["xdp"].as_str().unwrap_or_default();
-        assert_eq!(xdp, "native", "n{}'s XDP on a veth underlay must be native: {}", i + 1, s["ingress"]);
+        let got = s["ingress"]["hook"].as_str().unwrap_or_default();
+        assert_eq!(got, want, "n{}'s hook: {}", i + 1, s["ingress"]);
     }
     for i in 1..=3 {
         let gw = overlay_addr(&cluster, i)?;
@@ -194,16 +196,27 @@ fn reaches_every_backend_through_every_node(port: u16, mode: &str) -> Result<()>
 
 #[test]
 fn snat_reaches_every_backend_through_every_node() -> Result<()> {
-    reaches_every_backend_through_every_node(SNAT_PORT, "snat")
+    reaches_every_backend_through_every_node(SNAT_PORT, "snat", "native")
 }
 
 #[test]
 fn dsr_reaches_every_backend_through_every_node_and_keeps_the_client_address() -> Result<()> {
-    reaches_every_backend_through_every_node(DSR_PORT, "dsr")
+    reaches_every_backend_through_every_node(DSR_PORT, "dsr", "native")
 }
 
 #[test]
-fn iperf3_through_one_node_rides_the_xdp_path() -> Result<()> {
+fn snat_reaches_every_backend_through_every_node_on_the_tc_hook() -> Result<()> {
+    reaches_every_backend_through_every_node(SNAT_PORT, "snat", "tc")
+}
+
+#[test]
+fn dsr_reaches_every_backend_through_every_node_and_keeps_the_client_address_on_the_tc_hook() -> Result<()> {
+    reaches_every_backend_through_every_node(DSR_PORT, "dsr", "tc")
+}
+
+/// (Started with `--xdp auto`: the tc hook on these veths, the bulk case it is for.)
+#[test]
+fn iperf3_through_one_node_rides_the_kernel_path() -> Result<()> {
     let mut cluster = Cluster::start(2)?;
     cluster.wait_all_alive(1)?;
     cluster.meshctl_ok(1, &["network", "create", "net", "--subnet", SUBNET])?;
@@ -290,7 +303,8 @@ fn reaches(cluster: &Cluster, addr: SocketAddr, task: &str) -> Result<()> {
 /// `mode`) keep their backend while web.3 joins and web.1 leaves; no new connection
 /// reaches web.1 once n3's table lost it.
 fn flows_keep_their_backend_while_backends_change(port: u16, mode: &str) -> Result<()> {
-    let mut cluster = web_cluster()?;
+    // The default hook on these veths (the same decisions serve both hooks).
+    let mut cluster = web_cluster("tc")?;
     let via = SocketAddr::from((node_addr(3), port));
     let mut held: Vec<Held> = (0..16).map(|_| Held::open(&cluster, via)).collect::<Result<_>>()?;
     let spread: BTreeSet<&str> = held.iter().map(|h| h.backend.as_str()).collect();
@@ -374,7 +388,7 @@ fn tc_ingress_programs(cluster: &Cluster, i: usize, dev: &str) -> Result<Vec<Str
 
 #[test]
 fn programs_are_attached_in_the_kernel_and_keep_serving_after_kill_9() -> Result<()> {
-    let mut cluster = web_cluster()?;
+    let mut cluster = web_cluster("native")?;
     for i in 1..=3 {
         let link = sh("ip", &["-n", &cluster.nodes[i - 1].ns, "-d", "link", "show", "eth0"])?;
         assert!(link.contains("prog/xdp id"), "n{i}'s eth0 has no native XDP program:\n{link}");
@@ -410,7 +424,7 @@ fn programs_are_attached_in_the_kernel_and_keep_serving_after_kill_9() -> Result
     // A restarted meshd adopts the programs: still native XDP, counters kept going.
     cluster.restart_node(3)?;
     let s = status(&cluster, 3)?;
-    assert_eq!(s["ingress"]["xdp"], "native", "after the restart: {}", s["ingress"]);
+    assert_eq!(s["ingress"]["hook"], "xdp-native", "after the restart: {}", s["ingress"]);
     assert!(counter(&s, "encap") > 0, "the restarted meshd reads no encap count: {}", s["ingress"]);
     Ok(())
 }

@@ -106,13 +106,13 @@ fn path_of<'a>(status: &'a Value, port: &str) -> Option<&'a Value> {
 
 #[test]
 fn xdp_and_tc_are_attached_ports_written_in_their_mode_and_status_says_so() -> Result<()> {
-    let mut cluster = Cluster::start(2)?;
+    let mut cluster = Cluster::start_with_args(2, &["--xdp", "native"])?;
     // Before anything is published: XDP is attached natively on each node's eth0.
     for i in 1..=2 {
         let status = cluster.meshctl_json(i, &["status"])?;
         let ingress = &status["ingress"];
         ensure!(
-            ingress["xdp"] == "native" && ingress["interface"] == "eth0" && ingress["reason"].is_null(),
+            ingress["hook"] == "xdp-native" && ingress["interface"] == "eth0" && ingress["reason"].is_null(),
             "n{i}: {ingress}"
         );
         native_xdp_program(&cluster, i)?;
@@ -242,7 +242,7 @@ fn xdp_off_leaves_published_ports_to_the_proxy_and_says_why() -> Result<()> {
     let cluster = Cluster::start_with_args(1, &["--xdp", "off"])?;
     let status = cluster.meshctl_json(1, &["status"])?;
     let ingress = &status["ingress"];
-    ensure!(ingress["xdp"] == "off", "{ingress}");
+    ensure!(ingress["hook"] == "off", "{ingress}");
     ensure!(ingress["reason"].as_str().is_some_and(|r| r.contains("--xdp off")), "{ingress}");
     let link = underlay_link(&cluster, 1)?;
     ensure!(!link.contains("prog/xdp"), "no XDP program with --xdp off:\n{link}");
@@ -259,7 +259,7 @@ fn xdp_off_leaves_published_ports_to_the_proxy_and_says_why() -> Result<()> {
 
 #[test]
 fn ports_beyond_the_maglev_tables_are_left_to_the_proxy_with_the_reason() -> Result<()> {
-    let mut cluster = Cluster::start_with_args(1, &["--xdp-max-ports", "1"])?;
+    let mut cluster = Cluster::start_with_args(1, &["--xdp-max-ports", "1", "--xdp", "native"])?;
     cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
     cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
     cluster.add_container(1, "web", "web.1")?;
@@ -300,7 +300,7 @@ fn ports_beyond_the_maglev_tables_are_left_to_the_proxy_with_the_reason() -> Res
         let port = path_of(&status, "3001/tcp").ok_or_else(|| anyhow!("{status}"))?;
         ensure!(
             link.contains("prog/xdp")
-                && status["ingress"]["xdp"] == "native"
+                && status["ingress"]["hook"] == "xdp-native"
                 && port["kernel_path"] == "xdp-native",
             "{link}\n{}\n{port}",
             status["ingress"]
@@ -308,7 +308,7 @@ fn ports_beyond_the_maglev_tables_are_left_to_the_proxy_with_the_reason() -> Res
         Ok(())
     })?;
     ensure!(
-        std::fs::read_to_string(&cluster.nodes[0].log)?.contains("attached the XDP program again"),
+        std::fs::read_to_string(&cluster.nodes[0].log)?.contains("attached the ingress program again"),
         "the repair is not in the log"
     );
     Ok(())
@@ -343,13 +343,6 @@ fn bad_ingress_flags_are_refused_before_anything_is_created() -> Result<()> {
     Ok(())
 }
 
-/// The id of the XDP link pinned for node `i` (native mode).
-fn native_xdp_link(cluster: &Cluster, i: usize) -> Result<u32> {
-    let pin = cluster.nodes[i - 1].pin_dir.join("ingress").join("xdp_native");
-    let link = aya::programs::links::FdLink::from(aya::programs::links::PinnedLink::from_pin(&pin)?);
-    Ok(link.info()?.id())
-}
-
 /// One keep-alive request on `stream` (meshd-testsrv's `/peer`); the answer's body.
 fn ask_peer(stream: &mut std::io::BufReader<std::net::TcpStream>) -> Result<String> {
     use std::io::{BufRead as _, Read as _, Write as _};
@@ -371,23 +364,42 @@ fn ask_peer(stream: &mut std::io::BufReader<std::net::TcpStream>) -> Result<Stri
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
-#[test]
-fn a_new_program_takes_over_the_pinned_link_in_place() -> Result<()> {
-    let mut cluster = Cluster::start(1)?;
+/// The ids of the underlay link pinned for node 1 as `pin` and of the program it runs.
+fn pinned_underlay(cluster: &Cluster, pin: &str) -> Result<(u32, u32)> {
+    let pin = cluster.nodes[0].pin_dir.join("ingress").join(pin);
+    let link = aya::programs::links::FdLink::from(aya::programs::links::PinnedLink::from_pin(&pin)?);
+    let info = link.info()?;
+    Ok((info.id(), info.program_id()))
+}
+
+/// A one-node cluster started with `--xdp hook`, `web.1` published on 3000 and served
+/// by the kernel path `path`.
+fn one_node_web(hook: &str, path: &'static str) -> Result<Cluster> {
+    let cluster = Cluster::start_with_args(1, &["--xdp", hook])?;
     cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
     cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
+    let mut cluster = cluster;
     cluster.add_container(1, "web", "web.1")?;
     cluster.meshctl_ok(1, &["publish", "3000:80", "web"])?;
-    let served_by_xdp = |cluster: &Cluster| {
-        poll("n1 serves 3000 by XDP", Duration::from_secs(10), || {
-            let status = cluster.meshctl_json(1, &["status"])?;
-            match path_of(&status, "3000/tcp") {
-                Some(p) if p["kernel_path"] == "xdp-native" => Ok(()),
-                _ => Err(anyhow!("{} {}", status["ingress"], status["published_paths"])),
-            }
-        })
-    };
-    served_by_xdp(&cluster)?;
+    served_by(&cluster, path)?;
+    Ok(cluster)
+}
+
+/// Waits until node 1 serves 3000/tcp by `path`.
+fn served_by(cluster: &Cluster, path: &str) -> Result<()> {
+    poll(&format!("n1 serves 3000 by {path}"), Duration::from_secs(10), || {
+        let status = cluster.meshctl_json(1, &["status"])?;
+        match path_of(&status, "3000/tcp") {
+            Some(p) if p["kernel_path"] == path && status["ingress"]["hook"] == path => Ok(()),
+            _ => Err(anyhow!("{} {}", status["ingress"], status["published_paths"])),
+        }
+    })
+}
+
+/// An upgrade switches the program in the pinned link of `hook` in place, and a held
+/// connection never notices.
+fn new_program_takes_over_in_place(hook: &str, pin: &str, path: &'static str) -> Result<()> {
+    let mut cluster = one_node_web(hook, path)?;
     let addr = std::net::SocketAddr::from((node_addr(1), 3000));
     let stream = meshd_tests::in_netns(&cluster.client_netns(), move || {
         std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
@@ -396,19 +408,85 @@ fn a_new_program_takes_over_the_pinned_link_in_place() -> Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(3)))?;
     let mut held = std::io::BufReader::new(stream);
     ensure!(ask_peer(&mut held)?.starts_with("web.1 "), "the held connection reaches web.1");
-    let (link, program) = (native_xdp_link(&cluster, 1)?, native_xdp_program(&cluster, 1)?);
+    let (link, program) = pinned_underlay(&cluster, pin)?;
 
     // What an upgrade looks like to the loader: the pinned link runs a program that is
     // not this meshd's (here: one of its maps was replaced while meshd was down).
     cluster.kill_node(1)?;
     std::fs::remove_file(cluster.nodes[0].pin_dir.join("ingress").join("IN_MAGLEV"))?;
     cluster.restart_node(1)?;
-    served_by_xdp(&cluster)?;
-    ensure!(native_xdp_program(&cluster, 1)? != program, "the new meshd runs its own program");
-    ensure!(
-        native_xdp_link(&cluster, 1)? == link,
-        "the program was switched in the same link (BPF_LINK_UPDATE), never detached"
-    );
+    served_by(&cluster, path)?;
+    let (new_link, new_program) = pinned_underlay(&cluster, pin)?;
+    ensure!(new_program != program, "the new meshd runs its own program");
+    ensure!(new_link == link, "the program was switched in the same link (BPF_LINK_UPDATE), never detached");
     ensure!(ask_peer(&mut held)?.starts_with("web.1 "), "the held connection still works");
+    Ok(())
+}
+
+#[test]
+fn a_new_program_takes_over_the_pinned_link_in_place() -> Result<()> {
+    new_program_takes_over_in_place("native", "xdp_native", "xdp-native")
+}
+
+#[test]
+fn a_new_program_takes_over_the_pinned_tc_link_in_place() -> Result<()> {
+    new_program_takes_over_in_place("tc", "underlay_tc", "tc")
+}
+
+/// The names of the programs at TCX ingress of node 1's `eth0`, asked of the kernel.
+fn underlay_tcx_programs(cluster: &Cluster) -> Result<Vec<String>> {
+    let tcx = meshd_tests::in_netns(&cluster.nodes[0].netns(), || {
+        aya::programs::SchedClassifier::query_tcx("eth0", aya::programs::tc::TcAttachType::Ingress)
+    })?
+    .context("querying eth0's TCX ingress programs")?;
+    Ok(tcx.1.iter().filter_map(|p| p.name_as_str().map(str::to_owned)).collect())
+}
+
+#[test]
+fn auto_on_a_veth_underlay_attaches_the_tc_twin_and_keeps_it_attached() -> Result<()> {
+    // `--xdp auto` (the default): a veth has no bus, so tc comes first.
+    let mut cluster = Cluster::start(1)?;
+    let status = cluster.meshctl_json(1, &["status"])?;
+    ensure!(
+        status["ingress"]["hook"] == "tc" && status["ingress"]["reason"].is_null(),
+        "auto on a veth: {}",
+        status["ingress"]
+    );
+    ensure!(underlay_tcx_programs(&cluster)? == ["ingress_tc"], "eth0's TCX ingress runs ingress_tc");
+    ensure!(!underlay_link(&cluster, 1)?.contains("prog/xdp"), "no XDP program beside it");
+    cluster.meshctl_ok(1, &["network", "create", "backend", "--subnet", "10.0.0.0/24"])?;
+    cluster.meshctl_ok(1, &["service", "create", "web", "--network", "backend"])?;
+    cluster.add_container(1, "web", "web.1")?;
+    cluster.meshctl_ok(1, &["publish", "3000:80", "web"])?;
+    served_by(&cluster, "tc")?;
+    let addr = std::net::SocketAddr::from((node_addr(1), 3000));
+    let before = cluster.meshctl_json(1, &["status"])?["ingress"]["counters"]["local"].as_u64().unwrap_or(0);
+    ensure!(meshd_tests::http_get(&cluster.client_netns(), addr)?.contains("web.1"), "3000 reaches web.1");
+    let after = cluster.meshctl_json(1, &["status"])?["ingress"]["counters"]["local"].as_u64().unwrap_or(0);
+    ensure!(after > before, "the request went through the tc program (local {before} → {after})");
+
+    // Detached behind meshd's back: the closed loop attaches it again.
+    let pin = cluster.nodes[0].pin_dir.join("ingress").join("underlay_tc");
+    meshd_tests::sh("bpftool", &["link", "detach", "pinned", &pin.to_string_lossy()])
+        .context("detaching the tc link (bpftool comes with Debian's `bpftool`)")?;
+    poll("meshd attaches tc again", Duration::from_secs(10), || {
+        ensure!(underlay_tcx_programs(&cluster)? == ["ingress_tc"], "eth0 runs no ingress_tc");
+        Ok(())
+    })?;
+    served_by(&cluster, "tc")?;
+
+    // kill -9: the pinned link keeps serving; a restart adopts it.
+    cluster.kill_node(1)?;
+    ensure!(underlay_tcx_programs(&cluster)? == ["ingress_tc"], "the tc program went with meshd");
+    ensure!(
+        meshd_tests::http_get(&cluster.client_netns(), addr)?.contains("web.1"),
+        "served with meshd dead"
+    );
+    cluster.restart_node(1)?;
+    served_by(&cluster, "tc")?;
+    ensure!(
+        std::fs::read_to_string(&cluster.nodes[0].log)?.contains("adopted the pinned underlay link"),
+        "the restart adopted the link"
+    );
     Ok(())
 }

@@ -149,7 +149,7 @@ fn the_kernel_paths_packets_are_counted_by_outcome() -> Result<()> {
     cluster.wait_all_alive(1)?;
     cluster.publish_web(2)?;
     let path = cluster.wait_serving(1, "3000/tcp", 1)?;
-    ensure!(path["remote_clients"].as_str().is_some_and(|p| p.starts_with("xdp")), "{path}");
+    ensure!(path["remote_clients"].as_str().is_some_and(|p| p.starts_with("xdp") || p == "tc"), "{path}");
     let encap = "meshd_ingress_packets_total{outcome=\"encap\"}";
     let before = sample(&scrape(&cluster, 1)?, encap);
     for _ in 0..3 {

@@ -989,9 +989,9 @@ impl Agent {
                     .get(&frontend)
                     .map(|b| b.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect())
                     .unwrap_or_default();
-                // Remote clients arrive on the underlay: the XDP program takes them
-                // when it serves the port, the proxy's listener otherwise.
-                let xdp = kernel_path.starts_with("xdp");
+                // Remote clients arrive on the underlay: the underlay program (XDP
+                // or tc) takes them when it serves the port, the proxy otherwise.
+                let xdp = kernel_path != "proxy";
                 let remote = if xdp { kernel_path.clone() } else { "proxy".to_owned() };
                 // The backends remote clients reach through that path, as this node
                 // programmed them (the ingress maps or the proxy's listener).

@@ -791,7 +791,7 @@ fn open_ingress(cfg: &AgentConfig) -> (Option<Ingress>, Option<(Option<String>, 
             match Ingress::open(ingress_cfg) {
                 Ok(ingress) => {
                     tracing::info!(
-                        xdp = ingress.attached().as_str(), interface = %name, adopted = ingress.adopted(),
+                        hook = ingress.attached().as_str(), interface = %name, adopted = ingress.adopted(),
                         "kernel ingress path ready"
                     );
                     return (Some(ingress), None);
@@ -885,14 +885,14 @@ impl Agent {
         let status = match (self.ingress.lock().as_ref().map(Ingress::status), &self.ingress_off) {
             (Some(status), _) => status,
             (None, Some((interface, why))) => IngressStatus {
-                xdp: "off".into(),
+                hook: "off".into(),
                 interface: interface.clone().unwrap_or_default(),
                 reason: Some(why.clone()),
                 tc_links: 0,
                 counters: Default::default(),
             },
             (None, None) => IngressStatus {
-                xdp: "off".into(),
+                hook: "off".into(),
                 interface: String::new(),
                 reason: Some("the kernel ingress path was not opened".into()),
                 tc_links: 0,
@@ -903,11 +903,11 @@ impl Agent {
     }
 
     /// Which path serves `proto/port`'s external clients here (`xdp-native`,
-    /// `xdp-generic` or `proxy`), and why the proxy.
+    /// `xdp-generic`, `tc` or `proxy`), and why the proxy.
     fn kernel_path(&self, proto: meshd_dataplane::proxy::Proto, port: u16) -> (String, Option<String>) {
         let guard = self.ingress.lock();
         match guard.as_ref().map(|i| i.kernel_path(reconcile::lb_proto(proto), port)) {
-            Some(KernelPath::Xdp(mode)) => (format!("xdp-{}", mode.as_str()), None),
+            Some(KernelPath::Kernel(hook)) => (hook.as_str().to_owned(), None),
             Some(KernelPath::Proxy(why)) => ("proxy".into(), Some(why)),
             None => (
                 "proxy".into(),

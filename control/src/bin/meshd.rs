@@ -62,10 +62,11 @@ struct Args {
     /// /sys/fs/bpf/meshd/NODE_NAME]. With --cleanup: the pins to remove.
     #[arg(long)]
     bpf_pin_dir: Option<PathBuf>,
-    /// The kernel ingress path for published ports (XDP on the underlay interface, tc
-    /// on task veths): `auto` attaches XDP natively where the driver can, else in
-    /// generic mode, else leaves published ports to the proxy; `native` and `generic`
-    /// try only that mode; `off` never loads it (and removes a previous run's pins).
+    /// The kernel ingress path for published ports (XDP or its tc twin on the underlay
+    /// interface, tc on task veths): `auto` attaches native XDP on a NIC and tc on a
+    /// virtual interface (a veth: its XDP loses GSO), each falling back to the other,
+    /// else leaves published ports to the proxy; `native`, `generic` and `tc` try only
+    /// that hook; `off` never loads it (and removes a previous run's pins).
     #[arg(long, value_enum, default_value_t = XdpArg::Auto)]
     xdp: XdpArg,
     /// The underlay interface XDP attaches to [default: the interface holding
@@ -254,6 +255,8 @@ enum XdpArg {
     Native,
     /// Generic only.
     Generic,
+    /// The tc twin of the program (TCX ingress) only.
+    Tc,
     /// No kernel ingress path.
     Off,
 }
@@ -530,6 +533,7 @@ async fn run() -> anyhow::Result<()> {
                 XdpArg::Auto => XdpSetting::Auto,
                 XdpArg::Native => XdpSetting::Native,
                 XdpArg::Generic => XdpSetting::Generic,
+                XdpArg::Tc => XdpSetting::Tc,
                 XdpArg::Off => XdpSetting::Off,
             },
             underlay_if: args.underlay_if,

@@ -64,9 +64,9 @@ use meshd_common::{
         maglev_index, FlowKey, IngressBackend, IngressConfig as KernelConfig, IngressFrontend, Nat,
         BACKEND_DRAINING, BACKEND_LIVE, BACKEND_LOCAL, DEFAULT_INGRESS_TABLES, INGRESS_BACKENDS_MAP,
         INGRESS_CONFIG_MAP, INGRESS_FLOWS_MAP, INGRESS_FRONTENDS_MAP, INGRESS_MAGLEV_MAP, INGRESS_NAT_MAP,
-        INGRESS_STATS_MAP, INGRESS_TC_PROGRAM, INGRESS_XDP_PROGRAM, IN_STAT_ENTRIES, MAX_INGRESS_BACKENDS,
-        MAX_INGRESS_FLOWS, MAX_INGRESS_FRONTENDS, MAX_INGRESS_NAT, MODE_DSR, MODE_SNAT, NAT_PORT_MAX,
-        NAT_PORT_MIN,
+        INGRESS_STATS_MAP, INGRESS_TC_PROGRAM, INGRESS_UNDERLAY_TC_PROGRAM, INGRESS_XDP_PROGRAM,
+        IN_STAT_ENTRIES, MAX_INGRESS_BACKENDS, MAX_INGRESS_FLOWS, MAX_INGRESS_FRONTENDS, MAX_INGRESS_NAT,
+        MODE_DSR, MODE_SNAT, NAT_PORT_MAX, NAT_PORT_MIN,
     },
     ip4_octets, ip4_raw,
     maglev::MAGLEV_TABLE_SIZE,
@@ -89,17 +89,20 @@ pub fn pin_dir_in(node_pin_dir: &Path) -> PathBuf {
     node_pin_dir.join("ingress")
 }
 
-/// `--xdp`: how the XDP program attaches to the underlay interface.
+/// `--xdp`: which hook the underlay program attaches to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpSetting {
-    /// Native if the driver can, else generic, else none (the proxy serves).
+    /// The hook that serves the interface best ([`auto_hooks`]), falling back to the
+    /// others, else none (the proxy serves).
     #[default]
     Auto,
-    /// Native only.
+    /// Native XDP only.
     Native,
-    /// Generic (in the stack, any driver) only.
+    /// Generic XDP (in the stack, any driver) only.
     Generic,
+    /// The tc twin (`ingress_tc` at TCX ingress) only.
+    Tc,
     /// No kernel ingress path: the proxy serves published ports.
     Off,
 }
@@ -111,27 +114,32 @@ impl std::str::FromStr for XdpSetting {
             "auto" => Ok(Self::Auto),
             "native" => Ok(Self::Native),
             "generic" => Ok(Self::Generic),
+            "tc" => Ok(Self::Tc),
             "off" => Ok(Self::Off),
-            other => Err(format!("unknown XDP mode {other:?}: use auto, native, generic or off")),
+            other => Err(format!("unknown ingress hook {other:?}: use auto, native, generic, tc or off")),
         }
     }
 }
 
-/// How the XDP program is attached.
+/// Where the underlay program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum XdpAttached {
-    /// In the driver (`XDP_FLAGS_DRV_MODE`).
+pub enum Hook {
+    /// `ingress_xdp` in the driver (`XDP_FLAGS_DRV_MODE`).
     Native,
-    /// In the stack (`XDP_FLAGS_SKB_MODE`).
+    /// `ingress_xdp` in the stack (`XDP_FLAGS_SKB_MODE`).
     Generic,
+    /// `ingress_tc` at tc ingress (a TCX link).
+    Tc,
 }
 
-impl XdpAttached {
+impl Hook {
+    const ALL: [Hook; 3] = [Hook::Native, Hook::Generic, Hook::Tc];
+
     fn aya_mode(self) -> XdpMode {
         match self {
-            Self::Native => XdpMode::Driver,
             Self::Generic => XdpMode::Skb,
+            Self::Native | Self::Tc => XdpMode::Driver,
         }
     }
 
@@ -139,15 +147,41 @@ impl XdpAttached {
         match self {
             Self::Native => "xdp_native",
             Self::Generic => "xdp_generic",
+            Self::Tc => "underlay_tc",
         }
     }
 
-    /// `native` or `generic`.
+    fn program(self) -> &'static str {
+        match self {
+            Self::Native | Self::Generic => INGRESS_XDP_PROGRAM,
+            Self::Tc => INGRESS_UNDERLAY_TC_PROGRAM,
+        }
+    }
+
+    /// `xdp-native`, `xdp-generic` or `tc`: what `meshctl status` shows as the
+    /// ingress hook and as each kernel-served port's `kernel_path`.
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::Native => "native",
-            Self::Generic => "generic",
+            Self::Native => "xdp-native",
+            Self::Generic => "xdp-generic",
+            Self::Tc => "tc",
         }
+    }
+}
+
+/// The hooks `--xdp auto` tries on `interface`, best first.
+///
+/// A virtual interface (no bus: a veth, as in containers, VMs' host sides and the
+/// test topology) gets tc first: native XDP on a veth turns every GRO/GSO
+/// super-packet into MTU-sized frames and copies them, so it costs more than it
+/// saves (`make bench ONLY=ingress` measures both hooks in the same run: see the
+/// README's ingress table). A NIC (a bus address, as `ethtool -i` shows) gets native
+/// XDP first. Generic XDP runs where tc does with less to work with: never picked by
+/// `auto`, only by `--xdp generic`.
+pub fn auto_hooks(interface: &str) -> Vec<Hook> {
+    match crate::overlay::driver_info(interface) {
+        Ok((_, bus)) if !bus.is_empty() => vec![Hook::Native, Hook::Tc],
+        _ => vec![Hook::Tc, Hook::Native],
     }
 }
 
@@ -258,8 +292,8 @@ pub struct IngressSpec {
 /// Which path serves a published port's external clients on this node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelPath {
-    /// The XDP program, attached in this mode.
-    Xdp(XdpAttached),
+    /// The underlay program, on this hook.
+    Kernel(Hook),
     /// The userspace proxy, and why.
     Proxy(String),
 }
@@ -273,9 +307,10 @@ pub struct IngressCounters {
     pub local: u64,
     /// Packets encapsulated to a remote backend.
     pub encap: u64,
-    /// snat replies sent to the client by the XDP program.
+    /// snat replies decapsulated and sent to the client by the underlay program
+    /// (XDP or its tc twin).
     pub reply_xdp: u64,
-    /// Replies sent to the client by the tc program.
+    /// Replies sent to the client by the tc program on a task veth.
     pub reply_tc: u64,
     /// DSR packets recorded on the backend's node.
     pub dsr_recorded: u64,
@@ -290,11 +325,12 @@ pub struct IngressCounters {
 /// What `meshctl status` shows about the ingress path.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IngressStatus {
-    /// `native`, `generic` or `off`.
-    pub xdp: String,
+    /// The underlay program's hook: `xdp-native`, `xdp-generic`, `tc` or `off`.
+    pub hook: String,
     /// The underlay interface.
     pub interface: String,
-    /// Why not native (or why off); `None` when native.
+    /// Why this hook and not the first choice (or why off); `None` when the first
+    /// choice serves.
     pub reason: Option<String>,
     /// tc links attached on local task veths.
     pub tc_links: usize,
@@ -315,10 +351,10 @@ pub struct Ingress {
     ebpf: Ebpf,
     cfg: IngressConfig,
     ifindex: u32,
-    attached: XdpAttached,
+    attached: Hook,
     reason: Option<String>,
     adopted: bool,
-    _xdp_link: FdLink,
+    _underlay_link: FdLink,
     tc_tag: u64,
     map_ids: Vec<u32>,
     tc_links: BTreeMap<String, TcLink>,
@@ -445,9 +481,14 @@ fn adoptable(path: &Path, tag: u64, map_ids: &[u32], ifindex: Option<u32>) -> Op
     (program.tag() == tag && used.iter().all(|id| map_ids.binary_search(id).is_ok())).then_some(link)
 }
 
-/// The XDP link pinned at `path`, if it is attached to `ifindex`, switched in place to
-/// `xdp` (which must be loaded); `None` if there is no such link.
-fn switch_xdp_link(xdp: &mut Xdp, path: &Path, ifindex: u32) -> std::result::Result<Option<FdLink>, String> {
+/// The underlay link pinned at `path`, if it is attached to `ifindex`, switched in
+/// place to `hook`'s program (which must be loaded); `None` if there is no such link.
+fn switch_underlay_link(
+    ebpf: &mut Ebpf,
+    hook: Hook,
+    path: &Path,
+    ifindex: u32,
+) -> std::result::Result<Option<FdLink>, String> {
     if !path.exists() {
         return Ok(None);
     }
@@ -455,11 +496,21 @@ fn switch_xdp_link(xdp: &mut Xdp, path: &Path, ifindex: u32) -> std::result::Res
     if !here {
         return Ok(None);
     }
-    let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
-    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
-    let id = xdp.attach_to_link(link).map_err(|e| e.to_string())?;
-    let link = xdp.take_link(id).map_err(|e| e.to_string())?;
-    FdLink::try_from(link).map(Some).map_err(|e| e.to_string())
+    match hook {
+        Hook::Native | Hook::Generic => {
+            let xdp: &mut Xdp = program(ebpf, INGRESS_XDP_PROGRAM).map_err(|e| e.to_string())?;
+            let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
+            let id = xdp.attach_to_link(link).map_err(|e| e.to_string())?;
+            let link = xdp.take_link(id).map_err(|e| e.to_string())?;
+            FdLink::try_from(link).map(Some).map_err(|e| e.to_string())
+        }
+        Hook::Tc => {
+            let tc: &mut SchedClassifier =
+                program(ebpf, INGRESS_UNDERLAY_TC_PROGRAM).map_err(|e| e.to_string())?;
+            switch_tc_link(tc, path).map(Some)
+        }
+    }
 }
 
 /// The object's program `name` as its type `T`.
@@ -474,16 +525,36 @@ where
         .map_err(|e| err(format!("{name}: wrong program type: {e}")))
 }
 
-/// Attaches the loaded `xdp` to `ifindex` in `mode` and pins the link at `pin`.
-fn attach_xdp(
-    xdp: &mut Xdp,
+/// Attaches `hook`'s loaded program to `interface` (`ifindex`) and pins the link at
+/// `pin`.
+fn attach_underlay(
+    ebpf: &mut Ebpf,
+    hook: Hook,
+    interface: &str,
     ifindex: u32,
-    mode: XdpAttached,
     pin: &Path,
 ) -> std::result::Result<FdLink, String> {
-    let id = xdp.attach_to_if_index(ifindex, mode.aya_mode()).map_err(|e| chain(&e))?;
-    let link = xdp.take_link(id).map_err(|e| e.to_string())?;
-    let link = FdLink::try_from(link).map_err(|e| format!("not a bpf_link: {e}"))?;
+    let link = match hook {
+        Hook::Native | Hook::Generic => {
+            let xdp: &mut Xdp = program(ebpf, INGRESS_XDP_PROGRAM).map_err(|e| e.to_string())?;
+            let id = xdp.attach_to_if_index(ifindex, hook.aya_mode()).map_err(|e| chain(&e))?;
+            let link = xdp.take_link(id).map_err(|e| e.to_string())?;
+            FdLink::try_from(link).map_err(|e| format!("not a bpf_link: {e}"))?
+        }
+        Hook::Tc => {
+            let tc: &mut SchedClassifier =
+                program(ebpf, INGRESS_UNDERLAY_TC_PROGRAM).map_err(|e| e.to_string())?;
+            let id = tc
+                .attach_with_options(
+                    interface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| chain(&e))?;
+            let link: SchedClassifierLink = tc.take_link(id).map_err(|e| e.to_string())?;
+            FdLink::try_from(link).map_err(|e| format!("not a bpf_link (TCX needs Linux 6.6): {e}"))?
+        }
+    };
     let pinned = link.pin(pin).map_err(|e| format!("pinning: {e}"))?;
     Ok(FdLink::from(pinned))
 }
@@ -527,7 +598,7 @@ pub fn cleanup_pins(pin_dir: &Path) -> Result<()> {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
-        if name.starts_with("xdp_") || name.starts_with("tc_") {
+        if name.starts_with("xdp_") || name.starts_with("tc_") || name.starts_with("underlay_") {
             remove_link_pin(&path)?;
         } else if maps.contains(&name.as_str()) {
             std::fs::remove_file(&path).map_err(|e| err(format!("removing pin {}: {e}", path.display())))?;
@@ -584,10 +655,11 @@ impl Ingress {
     pub fn open(cfg: IngressConfig) -> Result<Self> {
         cfg.validate()?;
         let err = ebpf_err("ingress");
-        let modes: &[XdpAttached] = match cfg.xdp {
-            XdpSetting::Auto => &[XdpAttached::Native, XdpAttached::Generic],
-            XdpSetting::Native => &[XdpAttached::Native],
-            XdpSetting::Generic => &[XdpAttached::Generic],
+        let hooks: Vec<Hook> = match cfg.xdp {
+            XdpSetting::Auto => auto_hooks(&cfg.interface),
+            XdpSetting::Native => vec![Hook::Native],
+            XdpSetting::Generic => vec![Hook::Generic],
+            XdpSetting::Tc => vec![Hook::Tc],
             XdpSetting::Off => {
                 return Err(Error::Config {
                     setting: "--xdp",
@@ -641,87 +713,101 @@ impl Ingress {
             .map_err(|e| err(format!("{INGRESS_TC_PROGRAM}: the verifier refused it: {}", chain(&e))))?;
         let tc_tag = tc.info().map_err(|e| err(format!("{INGRESS_TC_PROGRAM}: {e}")))?.tag();
 
-        let xdp: &mut Xdp = program(&mut ebpf, INGRESS_XDP_PROGRAM)?;
-        xdp.load()
-            .map_err(|e| err(format!("{INGRESS_XDP_PROGRAM}: the verifier refused it: {}", chain(&e))))?;
-        let xdp_tag = xdp.info().map_err(|e| err(format!("{INGRESS_XDP_PROGRAM}: {e}")))?.tag();
+        let mut tags = BTreeMap::new();
+        for name in [INGRESS_XDP_PROGRAM, INGRESS_UNDERLAY_TC_PROGRAM] {
+            let loaded = if name == INGRESS_XDP_PROGRAM {
+                let xdp: &mut Xdp = program(&mut ebpf, name)?;
+                xdp.load().and_then(|()| xdp.info())
+            } else {
+                let tc: &mut SchedClassifier = program(&mut ebpf, name)?;
+                tc.load().and_then(|()| tc.info())
+            };
+            let info = loaded.map_err(|e| err(format!("{name}: the verifier refused it: {}", chain(&e))))?;
+            tags.insert(name, info.tag());
+        }
+        let tag = |hook: Hook| tags[hook.program()];
 
-        // Adopt: the first allowed mode whose pinned link runs this program on our maps.
+        // Adopt: the first allowed hook whose pinned link runs its program on our maps.
         let mut found = None;
-        for &mode in modes {
-            let pin = cfg.pin_dir.join(mode.pin_name());
-            if let Some(link) = adoptable(&pin, xdp_tag, &map_ids, Some(ifindex)) {
-                found = Some((mode, link));
+        for &hook in &hooks {
+            let pin = cfg.pin_dir.join(hook.pin_name());
+            if let Some(link) = adoptable(&pin, tag(hook), &map_ids, Some(ifindex)) {
+                found = Some((hook, link));
                 break;
             }
         }
-        // An upgrade (or maps replaced): a pinned link of an allowed mode on this
+        // An upgrade (or maps replaced): a pinned link of an allowed hook on this
         // interface runs another program. Switch it in place (BPF_LINK_UPDATE): no
         // moment without a program, when established flows would meet the stack.
         if found.is_none() {
-            for &mode in modes {
-                let pin = cfg.pin_dir.join(mode.pin_name());
-                match switch_xdp_link(xdp, &pin, ifindex) {
+            for &hook in &hooks {
+                let pin = cfg.pin_dir.join(hook.pin_name());
+                match switch_underlay_link(&mut ebpf, hook, &pin, ifindex) {
                     Ok(Some(link)) => {
-                        found = Some((mode, link));
+                        found = Some((hook, link));
                         break;
                     }
                     Ok(None) => {}
                     Err(error) => {
-                        tracing::warn!(mode = mode.as_str(), %error, "switching the pinned XDP link in place failed; re-attaching")
+                        tracing::warn!(hook = hook.as_str(), %error, "switching the pinned underlay link in place failed; re-attaching")
                     }
                 }
             }
         }
+        let explicit = |hook: Hook| match cfg.xdp {
+            XdpSetting::Generic => Some("--xdp generic".to_owned()),
+            XdpSetting::Native | XdpSetting::Tc => None,
+            _ if hook == hooks[0] => None,
+            _ => Some(format!("adopted the {} link of the previous run", hook.as_str())),
+        };
         let (attached, link, reason, adopted) = match found {
-            Some((mode, link)) => {
-                tracing::info!(mode = mode.as_str(), interface = %cfg.interface, "adopted the pinned XDP link");
-                let reason = (mode == XdpAttached::Generic).then(|| match cfg.xdp {
-                    XdpSetting::Generic => "--xdp generic".to_owned(),
-                    _ => "adopted the generic-mode link of the previous run".to_owned(),
-                });
-                (mode, link, reason, true)
+            Some((hook, link)) => {
+                tracing::info!(hook = hook.as_str(), interface = %cfg.interface, "adopted the pinned underlay link");
+                // Other hooks' links (a previous run's other setting): ours, gone.
+                for other in Hook::ALL.into_iter().filter(|h| h.pin_name() != hook.pin_name()) {
+                    remove_link_pin(&cfg.pin_dir.join(other.pin_name()))?;
+                }
+                (hook, link, explicit(hook), true)
             }
             None => {
-                // Links of other modes or interfaces, or of an older program: ours, replaced.
-                for mode in [XdpAttached::Native, XdpAttached::Generic] {
-                    remove_link_pin(&cfg.pin_dir.join(mode.pin_name()))?;
+                // Links of other hooks or interfaces, or of an older program: ours, replaced.
+                for hook in Hook::ALL {
+                    remove_link_pin(&cfg.pin_dir.join(hook.pin_name()))?;
                 }
                 let mut failures = Vec::new();
                 let mut done = None;
-                for &mode in modes {
-                    match attach_xdp(xdp, ifindex, mode, &cfg.pin_dir.join(mode.pin_name())) {
+                for &hook in &hooks {
+                    let pin = cfg.pin_dir.join(hook.pin_name());
+                    match attach_underlay(&mut ebpf, hook, &cfg.interface, ifindex, &pin) {
                         Ok(link) => {
-                            done = Some((mode, link));
+                            done = Some((hook, link));
                             break;
                         }
-                        Err(e) => failures.push(format!("{}: {e}", mode.as_str())),
+                        Err(e) => failures.push(format!("{}: {e}", hook.as_str())),
                     }
                 }
-                let Some((mode, link)) = done else {
+                let Some((hook, link)) = done else {
                     return Err(err(format!(
-                        "XDP could not attach to {} ({})",
+                        "the ingress program could not attach to {} ({})",
                         cfg.interface,
                         failures.join("; ")
                     )));
                 };
-                let reason = match (mode, cfg.xdp) {
-                    (XdpAttached::Native, _) => None,
-                    (XdpAttached::Generic, XdpSetting::Generic) => Some("--xdp generic".to_owned()),
-                    (XdpAttached::Generic, _) => {
-                        Some(format!("native XDP failed on {} ({})", cfg.interface, failures.join("; ")))
-                    }
+                let reason = if failures.is_empty() {
+                    explicit(hook)
+                } else {
+                    Some(format!("{} on {}", failures.join("; "), cfg.interface))
                 };
-                (mode, link, reason, false)
+                (hook, link, reason, false)
             }
         };
         match &reason {
             Some(why) => tracing::warn!(
-                mode = attached.as_str(), interface = %cfg.interface, %why,
-                "XDP ingress attached, not in native mode"
+                hook = attached.as_str(), interface = %cfg.interface, %why,
+                "kernel ingress attached, not on its first-choice hook"
             ),
             None => {
-                tracing::info!(interface = %cfg.interface, adopted, "XDP ingress attached in native mode")
+                tracing::info!(hook = attached.as_str(), interface = %cfg.interface, adopted, "kernel ingress attached")
             }
         }
         let mut ingress = Ingress {
@@ -730,7 +816,7 @@ impl Ingress {
             attached,
             reason,
             adopted,
-            _xdp_link: link,
+            _underlay_link: link,
             tc_tag,
             map_ids,
             tc_links: BTreeMap::new(),
@@ -870,10 +956,10 @@ impl Ingress {
         if ensure_forwarding(FIB_INTERFACE)? {
             tracing::warn!("IPv4 forwarding on lo was turned off; turned it on again (the kernel ingress path's next-hop lookups need it)");
         }
-        // And a detached XDP link is attached again.
-        if let Some(why) = self.xdp_detached() {
-            self.reattach_xdp()?;
-            tracing::warn!(interface = %self.cfg.interface, %why, "attached the XDP program again");
+        // And a detached underlay link is attached again.
+        if let Some(why) = self.underlay_detached() {
+            self.reattach_underlay()?;
+            tracing::warn!(interface = %self.cfg.interface, hook = self.attached.as_str(), %why, "attached the ingress program again");
         }
         let maps = self.maps()?;
         let mut spec = IngressSpec::default();
@@ -1137,12 +1223,12 @@ impl Ingress {
         }
     }
 
-    /// Attaches the loaded XDP program to the underlay again, in the same mode, and
-    /// pins the new link where the old one was (someone detached it, `bpftool link
+    /// Attaches the loaded underlay program to the underlay again, on the same hook,
+    /// and pins the new link where the old one was (someone detached it, `bpftool link
     /// detach`). If the interface was re-created (another ifindex) the next-hop
     /// settings in the config map point at the old one: that takes a restart, and the
     /// error says so.
-    fn reattach_xdp(&mut self) -> Result<()> {
+    fn reattach_underlay(&mut self) -> Result<()> {
         let err = ebpf_err("ingress");
         let ifindex = ifindex_of(&self.cfg.interface)?;
         if ifindex != self.ifindex {
@@ -1153,32 +1239,37 @@ impl Ingress {
         }
         let pin = self.cfg.pin_dir.join(self.attached.pin_name());
         remove_link_pin(&pin)?;
-        let xdp: &mut Xdp = program(&mut self.ebpf, INGRESS_XDP_PROGRAM)?;
-        self._xdp_link = attach_xdp(xdp, ifindex, self.attached, &pin)
-            .map_err(|e| err(format!("attaching XDP to {} again: {e}", self.cfg.interface)))?;
+        self._underlay_link =
+            attach_underlay(&mut self.ebpf, self.attached, &self.cfg.interface, ifindex, &pin).map_err(
+                |e| err(format!("attaching {} to {} again: {e}", self.attached.as_str(), self.cfg.interface)),
+            )?;
         Ok(())
     }
 
-    /// Why the XDP link no longer serves, if it does not: asked of the kernel (its
-    /// interface went away, or someone detached the link).
-    fn xdp_detached(&self) -> Option<String> {
+    /// Why the underlay link no longer serves, if it does not: asked of the kernel
+    /// (its interface went away, or someone detached the link).
+    fn underlay_detached(&self) -> Option<String> {
         let pin = self.cfg.pin_dir.join(self.attached.pin_name());
         match bpf_sys::obj_get(&pin).and_then(|fd| sys::link_ifindex(&fd)) {
             Ok(ifindex) if ifindex == self.ifindex => None,
             Ok(_) => Some(format!(
-                "the XDP link left {} (the interface went away or the link was detached)",
+                "the {} link left {} (the interface went away or the link was detached)",
+                self.attached.as_str(),
                 self.cfg.interface
             )),
-            Err(e) => {
-                Some(format!("the XDP link pinned at {} cannot be read ({e}); restart meshd", pin.display()))
-            }
+            Err(e) => Some(format!(
+                "the {} link pinned at {} cannot be read ({e}); restart meshd",
+                self.attached.as_str(),
+                pin.display()
+            )),
         }
     }
 
-    /// Which path serves `proto/port`'s external clients: XDP once its frontend is
-    /// in the map with backends and its table verified; otherwise the proxy, and why.
+    /// Which path serves `proto/port`'s external clients: the kernel's once its
+    /// frontend is in the map with backends and its table verified; otherwise the
+    /// proxy, and why.
     pub fn kernel_path(&self, proto: Proto, port: u16) -> KernelPath {
-        if let Some(why) = self.xdp_detached() {
+        if let Some(why) = self.underlay_detached() {
             return KernelPath::Proxy(why);
         }
         let key = self.key(proto, port);
@@ -1192,12 +1283,12 @@ impl Ingress {
         match frontends.get(&key) {
             None => KernelPath::Proxy("not written to the kernel yet".into()),
             Some(f) if f.count == 0 => KernelPath::Proxy("no backend reachable from this node".into()),
-            Some(f) if self.verified.contains_key(&f.table) => KernelPath::Xdp(self.attached),
+            Some(f) if self.verified.contains_key(&f.table) => KernelPath::Kernel(self.attached),
             Some(_) => KernelPath::Proxy("its Maglev table is not verified yet".into()),
         }
     }
 
-    /// The XDP mode, interface, why not native, tc links and counters.
+    /// The hook, interface, why not the first choice, tc links and counters.
     pub fn status(&self) -> IngressStatus {
         let mut c = [0u64; IN_STAT_ENTRIES as usize];
         if let Some(Ok(map)) = self.ebpf.map(INGRESS_STATS_MAP).map(PerCpuArray::<_, u64>::try_from) {
@@ -1207,9 +1298,9 @@ impl Ingress {
                 }
             }
         }
-        let detached = self.xdp_detached();
+        let detached = self.underlay_detached();
         IngressStatus {
-            xdp: if detached.is_some() { "off".into() } else { self.attached.as_str().into() },
+            hook: if detached.is_some() { "off".into() } else { self.attached.as_str().into() },
             interface: self.cfg.interface.clone(),
             reason: detached.or_else(|| self.reason.clone()),
             tc_links: self.tc_links.len(),
@@ -1227,8 +1318,8 @@ impl Ingress {
         }
     }
 
-    /// The XDP mode in use.
-    pub fn attached(&self) -> XdpAttached {
+    /// The hook in use.
+    pub fn attached(&self) -> Hook {
         self.attached
     }
 }

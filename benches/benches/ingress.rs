@@ -3,7 +3,7 @@
 //! - **direct**: servers on a node's own underlay address, on n3 (no program there:
 //!   the nearest thing to "a backend" an external client can reach without a mesh, one
 //!   veth hop from the client like the ingress node, no program on the way);
-//! - **tc snat / tc dsr**: n1's published ports (`--xdp auto`: the tc twin on a veth),
+//! - **tc snat / tc dsr**: n1's published ports (`--xdp tc`),
 //!   VXLAN to the task on n2 (snat: replies come back through n1; dsr: n2 answers the
 //!   client straight from the published address); **tc local**: n2's published port
 //!   of another service, its task on n2 itself (DNAT and redirect to its veth);
@@ -118,11 +118,11 @@ struct PpsPath {
 }
 
 fn main() -> Result<()> {
-    // n1 and n2: `--xdp auto`, which on their veth underlay is the tc hook (the rows
-    // below are why); n3: no kernel path (the proxy's row, direct and non-matching
-    // baselines); n4: native XDP, the same rows through the XDP program.
+    // n1 and n2: the tc twin (`--xdp tc`); n3: no kernel path (the proxy's row, direct
+    // and non-matching baselines); n4: native XDP (`auto`'s first choice), the same rows
+    // through the XDP program.
     let flag = |mode: &str| vec!["--xdp".to_owned(), mode.to_owned()];
-    let node_args = vec![(3, flag("off")), (4, flag("native"))];
+    let node_args = vec![(1, flag("tc")), (2, flag("tc")), (3, flag("off")), (4, flag("native"))];
     let mut cluster = Cluster::start_with(4, StartOptions { node_args, ..StartOptions::default() })?;
     cluster.wait_all_alive(1)?;
     cluster.meshctl_ok(1, &["network", "create", "benchnet", "--subnet", "10.0.0.0/24"])?;

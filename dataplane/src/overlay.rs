@@ -208,38 +208,6 @@ fn ethtool_gro(name: &str, on: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The driver of interface `name` in the calling thread's namespace and its bus
-/// (empty for a virtual device: veth, bridge, VXLAN), as `ethtool -i` shows them.
-pub fn driver_info(name: &str) -> std::io::Result<(String, String)> {
-    const ETHTOOL_GDRVINFO: u32 = 0x3;
-    /// `struct ethtool_drvinfo`.
-    #[repr(C)]
-    struct DrvInfo {
-        cmd: u32,
-        driver: [u8; 32],
-        version: [u8; 32],
-        fw_version: [u8; 32],
-        bus_info: [u8; 32],
-        erom_version: [u8; 32],
-        reserved2: [u8; 12],
-        counts: [u32; 5],
-    }
-    let mut info = DrvInfo {
-        cmd: ETHTOOL_GDRVINFO,
-        driver: [0; 32],
-        version: [0; 32],
-        fw_version: [0; 32],
-        bus_info: [0; 32],
-        erom_version: [0; 32],
-        reserved2: [0; 12],
-        counts: [0; 5],
-    };
-    ethtool(name, &mut info)?;
-    let text =
-        |b: &[u8]| String::from_utf8_lossy(b.split(|&c| c == 0).next().unwrap_or_default()).into_owned();
-    Ok((text(&info.driver), text(&info.bus_info)))
-}
-
 /// Name of the bridge of network `vni`.
 pub fn bridge_name(vni: u32) -> String {
     format!("mbr{vni}")

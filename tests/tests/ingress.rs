@@ -214,7 +214,6 @@ fn dsr_reaches_every_backend_through_every_node_and_keeps_the_client_address_on_
     reaches_every_backend_through_every_node(DSR_PORT, "dsr", "tc")
 }
 
-/// (Started with `--xdp auto`: the tc hook on these veths, the bulk case it is for.)
 #[test]
 fn iperf3_through_one_node_rides_the_kernel_path() -> Result<()> {
     let mut cluster = Cluster::start(2)?;
@@ -303,7 +302,8 @@ fn reaches(cluster: &Cluster, addr: SocketAddr, task: &str) -> Result<()> {
 /// `mode`) keep their backend while web.3 joins and web.1 leaves; no new connection
 /// reaches web.1 once n3's table lost it.
 fn flows_keep_their_backend_while_backends_change(port: u16, mode: &str) -> Result<()> {
-    // The default hook on these veths (the same decisions serve both hooks).
+    // On the tc twin (native XDP has the reach and kill -9 tests; the decisions are
+    // shared).
     let mut cluster = web_cluster("tc")?;
     let via = SocketAddr::from((node_addr(3), port));
     let mut held: Vec<Held> = (0..16).map(|_| Held::open(&cluster, via)).collect::<Result<_>>()?;

@@ -106,7 +106,8 @@ fn path_of<'a>(status: &'a Value, port: &str) -> Option<&'a Value> {
 
 #[test]
 fn xdp_and_tc_are_attached_ports_written_in_their_mode_and_status_says_so() -> Result<()> {
-    let mut cluster = Cluster::start_with_args(2, &["--xdp", "native"])?;
+    // `--xdp auto` (the default): native XDP on these veths.
+    let mut cluster = Cluster::start(2)?;
     // Before anything is published: XDP is attached natively on each node's eth0.
     for i in 1..=2 {
         let status = cluster.meshctl_json(i, &["status"])?;
@@ -443,13 +444,12 @@ fn underlay_tcx_programs(cluster: &Cluster) -> Result<Vec<String>> {
 }
 
 #[test]
-fn auto_on_a_veth_underlay_attaches_the_tc_twin_and_keeps_it_attached() -> Result<()> {
-    // `--xdp auto` (the default): a veth has no bus, so tc comes first.
-    let mut cluster = Cluster::start(1)?;
+fn the_tc_twin_attaches_serves_and_stays_attached() -> Result<()> {
+    let mut cluster = Cluster::start_with_args(1, &["--xdp", "tc"])?;
     let status = cluster.meshctl_json(1, &["status"])?;
     ensure!(
         status["ingress"]["hook"] == "tc" && status["ingress"]["reason"].is_null(),
-        "auto on a veth: {}",
+        "--xdp tc: {}",
         status["ingress"]
     );
     ensure!(underlay_tcx_programs(&cluster)? == ["ingress_tc"], "eth0's TCX ingress runs ingress_tc");

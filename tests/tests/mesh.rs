@@ -85,7 +85,7 @@ fn status_shows_the_loaded_program_and_paths_sigterm_keeps_the_data_path_and_cle
     let task_ns = cluster.add_container(1, "web", "web.1")?.netns();
     cluster.meshctl_ok(1, &["publish", "3000:80", "web"])?;
     // Which path serves what: the VIP and local clients of 3000 by the socket LB,
-    // remote clients of 3000 by the underlay program (its tc twin on a veth, `auto`).
+    // remote clients of 3000 by the XDP program on the underlay (native on veth).
     poll("status lists the serving paths", std::time::Duration::from_secs(5), || {
         let status = cluster.meshctl_json(1, &["status"])?;
         let vip = &status["vips"][0];
@@ -95,7 +95,7 @@ fn status_shows_the_loaded_program_and_paths_sigterm_keeps_the_data_path_and_cle
             && vip["backends"].as_array().is_some_and(|b| b.len() == 1)
             && port["port"] == "3000/tcp"
             && port["local_clients"] == "socket-lb"
-            && port["remote_clients"] == "tc";
+            && port["remote_clients"] == "xdp-native";
         ok.then_some(()).ok_or_else(|| anyhow!("{} {}", status["vips"], status["published_paths"]))
     })?;
     let node_ns = cluster.nodes[0].netns();

@@ -63,10 +63,10 @@ struct Args {
     #[arg(long)]
     bpf_pin_dir: Option<PathBuf>,
     /// The kernel ingress path for published ports (XDP or its tc twin on the underlay
-    /// interface, tc on task veths): `auto` attaches native XDP on a NIC and tc on a
-    /// virtual interface (a veth: its XDP loses GSO), each falling back to the other,
-    /// else leaves published ports to the proxy; `native`, `generic` and `tc` try only
-    /// that hook; `off` never loads it (and removes a previous run's pins).
+    /// interface, tc on task veths): `auto` attaches native XDP where the driver can,
+    /// else the tc twin, else leaves published ports to the proxy; `native`, `generic`
+    /// and `tc` try only that hook; `off` never loads it (and removes a previous run's
+    /// pins).
     #[arg(long, value_enum, default_value_t = XdpArg::Auto)]
     xdp: XdpArg,
     /// The underlay interface XDP attaches to [default: the interface holding

@@ -108,9 +108,15 @@ const L4_OFF: usize = ETH_LEN + IPV4_LEN;
 const VXLAN_OFF: usize = ETH_LEN + IPV4_LEN + UDP_LEN;
 /// Where the inner Ethernet frame starts.
 const INNER_OFF: usize = VXLAN_OFF + VXLAN_LEN;
-/// Bytes the tc program wants in an skb's linear part: an encapsulated TCP packet's
-/// headers up to its inner flags (an ICMP error's quote needs fewer).
-const TC_HEADERS: usize = INNER_OFF + ETH_LEN + IPV4_LEN + TCP_LEN;
+/// Bytes of a plain TCP/UDP packet the path reads: Ethernet, IPv4 and the transport
+/// header up to TCP's checksum.
+const PLAIN_HEADERS: usize = L4_OFF + TCP_LEN;
+/// Bytes of an encapsulated TCP packet the path reads: its headers up to the inner
+/// TCP header.
+const VXLAN_HEADERS: usize = INNER_OFF + ETH_LEN + IPV4_LEN + TCP_LEN;
+/// Bytes of an ICMP error the path reads: up to the quoted transport header's first
+/// 8 bytes.
+const ICMP_HEADERS: usize = L4_OFF + ICMP_LEN + IPV4_LEN + 8;
 
 const _: () = assert!(OUTER_LEN == VXLAN_OVERHEAD && INNER_OFF == VXLAN_OVERHEAD);
 
@@ -163,6 +169,14 @@ trait Frame: EbpfContext {
 
     /// The packet's length (an skb may hold more than its linear part).
     fn packet_len(&self) -> usize;
+
+    /// Makes the first `len` bytes (or the whole packet, if shorter) directly
+    /// readable; `false` if that failed. A no-op for XDP, whose frame is one buffer;
+    /// an skb may hold only part of its headers in its linear part, and pulling more
+    /// costs a copy, so it is asked for only as far as a path reads.
+    fn reach(&self, _len: usize) -> bool {
+        true
+    }
 
     /// Reads a `T` at `off`, bounds-checked against the current data pointers.
     #[inline(always)]
@@ -277,6 +291,12 @@ impl Frame for TcContext {
     #[inline(always)]
     fn packet_len(&self) -> usize {
         self.len() as usize
+    }
+
+    #[inline(always)]
+    fn reach(&self, len: usize) -> bool {
+        let want = len.min(self.packet_len());
+        self.data_end() - self.data() >= want || self.pull_data(want as u32).is_ok()
     }
 
     #[inline(always)]
@@ -463,18 +483,17 @@ pub fn ingress_xdp(ctx: XdpContext) -> u32 {
 /// or GSO super-packet into MTU-sized frames and copies them), this keeps them whole.
 #[classifier]
 pub fn ingress_tc(ctx: TcContext) -> i32 {
-    // The headers the path reads must be in the linear part (they normally are).
-    let want = TC_HEADERS.min(ctx.len() as usize);
-    if ctx.data_end() - ctx.data() < want && ctx.pull_data(want as u32).is_err() {
-        count(IN_STAT_PASS);
-        return TC_ACT_OK;
-    }
     let (action, stat) = try_underlay(&ctx);
     count(stat);
     action
 }
 
 fn try_underlay<C: Frame>(ctx: &C) -> Outcome<C::Action> {
+    // The headers of a plain packet are in an skb's linear part as a rule (a pull,
+    // a copy, only where they are not).
+    if !ctx.reach(PLAIN_HEADERS) {
+        return (C::PASS, IN_STAT_PASS);
+    }
     let p = match parse(ctx, IP_OFF) {
         Ok(p) => p,
         Err(outcome) => return outcome,
@@ -738,6 +757,9 @@ fn encap_remote<C: Frame>(ctx: &C, p: &Parsed, job: &Job, hop: &Hop) -> Outcome<
 /// the kernel decapsulate), or an snat reply to decapsulate and send to the client.
 fn handle_vxlan<C: Frame>(ctx: &C, outer: &Parsed) -> Outcome<C::Action> {
     let pass = (C::PASS, IN_STAT_PASS);
+    if !ctx.reach(VXLAN_HEADERS) {
+        return pass;
+    }
     let Some(vx) = ctx.get::<[u8; VXLAN_LEN]>(VXLAN_OFF) else { return pass };
     // The inner frame is the kernel VXLAN device's business unless it is a plain
     // TCP/UDP packet; a malformed inner frame is passed, not dropped, for the same reason.
@@ -867,6 +889,9 @@ fn handle_icmp<C: Frame>(ctx: &C, p: &Parsed) -> Outcome<C::Action> {
 /// not about a flow of ours (pass).
 #[inline(always)]
 fn icmp_lookup<C: Frame>(ctx: &C, p: &Parsed, job: &mut Job) -> Result<bool, ()> {
+    if !ctx.reach(ICMP_HEADERS) {
+        return Err(());
+    }
     let icmp: [u8; ICMP_LEN] = ctx.get(L4_OFF).ok_or(())?;
     if !icmp_is_flow_error(icmp[0]) {
         return Err(());

@@ -174,13 +174,16 @@ impl Hook {
 /// generic`).
 ///
 /// Measured on veth underlays (`make bench ONLY=ingress`, both hooks in one run,
-/// 2026-11-22): tc forwards small packets at 0.98× a bare veth's receive rate against
-/// XDP's 0.76×, takes new connections at about XDP's rate (0.71× vs 0.68× of direct
-/// through the overlay, 0.90× vs 0.88× to a local task), ties on bulk through the
-/// overlay (0.52×) and loses on bulk to a local task (0.61× vs 0.75×: XDP's redirect
-/// feeds the task's GRO); and under `meshctl detach` churn with three loaded nodes
-/// one request in ~45,000 through a tc node was reset (`tests/tests/churn.rs`, twice
-/// in two full runs; XDP: none). Until that is understood, XDP stays first.
+/// 2026-11-22 19:15 UTC): tc passes non-matching traffic at 0.94× (XDP 0.80×),
+/// forwards small packets at 1.04× a bare veth's receive rate (XDP 0.76×), bulk
+/// through the overlay at 0.58× of direct (XDP 0.52×), new connections at 0.71–0.83×
+/// (XDP 0.69–0.78×); it loses on bulk to a local task (0.68× vs 0.75×: XDP's redirect
+/// feeds the task's GRO). But with the previous build (which pulled 104 header bytes
+/// into every skb's linear part) one request in ~45,000 through a tc node was reset
+/// under `meshctl detach` churn with three loaded nodes (`tests/tests/churn.rs`, in
+/// two of two full runs; XDP: none) — plausibly a failed pull passing a mid-flow
+/// packet to the stack, where the proxy's listener resets it. Until that churn test
+/// runs clean on tc, XDP stays first.
 pub fn auto_hooks() -> Vec<Hook> {
     vec![Hook::Native, Hook::Tc]
 }

